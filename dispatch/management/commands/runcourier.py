@@ -1,0 +1,94 @@
+"""Run all of Courier in one terminal: migrations, an admin login, web and worker.
+
+Ctrl-C stops everything. For production, run the web server and the workers under a
+supervisor instead (see the README's deployment section).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.core.management.base import BaseCommand
+
+
+class Command(BaseCommand):
+    help = "Migrate, ensure an admin login, then run the web server and the huey worker."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--addr", default=os.environ.get("COURIER_ADDR", "127.0.0.1:8000"))
+        parser.add_argument("--workers", type=int, default=None,
+                            help="worker threads (default from settings)")
+
+    def handle(self, *args, addr: str, workers: int | None, **options):
+        call_command("migrate", interactive=False, verbosity=0)
+        self.ensure_admin()
+        manage = [sys.executable, str(settings.BASE_DIR / "manage.py")]
+        worker_cmd = manage + ["run_huey"]
+        if workers:
+            worker_cmd += ["--workers", str(workers)]
+        commands = {
+            "web": manage + ["runserver", "--noreload", addr],
+            "worker": worker_cmd,
+        }
+        commands.update(self.extra_processes(manage))
+        procs = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}
+        self.stdout.write(self.style.SUCCESS(
+            f"Courier is running: http://{addr}/admin/  (Ctrl-C stops it)"))
+        stopping = False
+
+        def stop(*_):
+            nonlocal stopping
+            stopping = True
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+        try:
+            while not stopping:
+                for name, proc in procs.items():
+                    if proc.poll() is not None:
+                        self.stderr.write(f"{name} exited with {proc.returncode}; stopping")
+                        stopping = True
+                time.sleep(0.5)
+        finally:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + 15
+            for proc in procs.values():
+                try:
+                    proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+    def extra_processes(self, manage: list[str]) -> dict[str, list[str]]:
+        """Further processes to run beside web and worker (e.g. the DICOM receiver)."""
+        return {}
+
+    def ensure_admin(self) -> None:
+        User = get_user_model()
+        username = os.environ.get("COURIER_ADMIN_USER", "admin")
+        password = os.environ.get("COURIER_ADMIN_PASSWORD")
+        if User.objects.filter(is_superuser=True).exists() and not password:
+            return
+        user, created = User.objects.get_or_create(
+            username=username, defaults={"is_staff": True, "is_superuser": True}
+        )
+        if created or password:
+            shown = password is None
+            password = password or secrets.token_urlsafe(12)
+            user.set_password(password)
+            user.is_staff = user.is_superuser = True
+            user.save()
+            if shown:
+                # Printed once, on the operator's terminal, so the first login works.
+                self.stdout.write(self.style.WARNING(
+                    f"Admin login created: user {username!r}, password {password!r} "
+                    "(set COURIER_ADMIN_PASSWORD to choose it)."))

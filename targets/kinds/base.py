@@ -1,0 +1,188 @@
+"""The handler contract every target kind implements.
+
+A handler wraps one target: `send(series)` delivers files and reports per instance,
+`test()` checks the target for real and returns named checks; `query()`/`retrieve()`
+exist only where the kind can be queried. Errors carry a hint in words, never a secret.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from targets.models import Target
+    from targets.series import Instance, Series
+
+
+class TargetError(Exception):
+    """A send or check failed. `permanent` errors are not worth retrying as they are."""
+
+    def __init__(self, message: str, *, permanent: bool = False):
+        super().__init__(message)
+        self.message = message
+        self.permanent = permanent
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# -- test results ---------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    message: str = ""
+    duration_ms: float = 0.0
+    # Informational checks (e.g. ICMP ping) are shown but never fail the test.
+    informational: bool = False
+    # Extra facts for the admin (e.g. a host key fingerprint to pin).
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class TestResult:
+    __test__ = False  # not a pytest test class
+
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(c.ok for c in self.checks if not c.informational)
+
+    @property
+    def summary(self) -> str:
+        failed = [c for c in self.checks if not c.ok and not c.informational]
+        if not failed:
+            return "All checks passed."
+        first = failed[0]
+        return f"{first.name} failed: {first.message}"
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, "checks": [asdict(c) for c in self.checks]}
+
+    @contextmanager
+    def check(self, name: str, *, informational: bool = False) -> Iterator[Check]:
+        """Time a check; a `TargetError` inside it marks the check failed.
+
+        Use it as `with result.check("TCP connect") as c: ...; c.message = "..."`.
+        After a failed (non-informational) check, `result.stopped` is true and later
+        checks that depend on it should not run.
+        """
+        check = Check(name=name, ok=True, informational=informational)
+        start = time.perf_counter()
+        try:
+            yield check
+        except TargetError as exc:
+            check.ok = False
+            check.message = exc.message
+        finally:
+            check.duration_ms = round((time.perf_counter() - start) * 1000, 1)
+            self.checks.append(check)
+
+    @property
+    def stopped(self) -> bool:
+        return any(not c.ok and not c.informational for c in self.checks)
+
+
+# -- send results --------------------------------------------------------------------
+
+SENT = "sent"
+WARNING = "warning"
+FAILED = "failed"
+PRESENT = "present"  # already at the target (a retry found it there)
+
+
+@dataclass
+class Outcome:
+    """What happened to one instance (one file) of a send."""
+
+    path: str
+    status: str  # SENT | WARNING | FAILED | PRESENT
+    message: str = ""
+    bytes: int = 0
+    sop_instance_uid: str = ""
+
+
+@dataclass
+class SendResult:
+    outcomes: list[Outcome] = field(default_factory=list)
+    # Things worth telling about the send as a whole (e.g. a stalled association
+    # that was aborted and resumed on a new one).
+    notes: list[str] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(1 for o in self.outcomes if o.status == status)
+
+    @property
+    def sent(self) -> int:
+        return self.count(SENT) + self.count(WARNING)
+
+    @property
+    def warnings(self) -> int:
+        return self.count(WARNING)
+
+    @property
+    def failed(self) -> int:
+        return self.count(FAILED)
+
+    @property
+    def present(self) -> int:
+        return self.count(PRESENT)
+
+    @property
+    def bytes(self) -> int:
+        return sum(o.bytes for o in self.outcomes if o.status in (SENT, WARNING))
+
+
+ProgressCallback = Callable[["Outcome"], None]
+
+
+@dataclass
+class SendContext:
+    """Values from how the series arrived, for the pass-incoming switches."""
+
+    calling_aet: str = ""
+    called_aet: str = ""
+
+
+class Handler:
+    """Base class of the per-kind handlers."""
+
+    def __init__(self, target: Target):
+        self.target = target
+
+    def send(
+        self,
+        series: Series,
+        *,
+        progress: ProgressCallback | None = None,
+        context: SendContext | None = None,
+    ) -> SendResult:
+        """Deliver `series.instances` to the target.
+
+        Call `progress(outcome)` for each instance as soon as its fate is known and
+        return all outcomes. Raise `TargetError` when the target cannot be used (or
+        stops being usable part-way): the outcomes already reported through
+        `progress` stand, so a retry needs to send only the rest.
+        """
+        raise NotImplementedError
+
+    def test(self) -> TestResult:
+        """Check the target for real; never raise for a target-side problem."""
+        raise NotImplementedError
+
+
+def instance_outcome(instance: Instance, status: str, message: str = "") -> Outcome:
+    return Outcome(
+        path=str(instance.path),
+        status=status,
+        message=message,
+        bytes=instance.size if status in (SENT, WARNING) else 0,
+        sop_instance_uid=instance.sop_instance_uid,
+    )

@@ -1,0 +1,501 @@
+"""Targets: one concrete table, one proxy model per kind.
+
+Per-kind settings are nullable columns on `Target`, shared where the meaning is shared
+(host, port, username, path, url, ...). Each proxy pins its kind, filters its manager,
+validates in `clean()` and declares the admin fieldsets for its settings.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, ClassVar
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models.functions import Lower
+
+from .secrets import EncryptedTextField
+from .validators import validate_ae_title, validate_globs, validate_host
+
+if TYPE_CHECKING:
+    from .kinds.base import Handler
+
+
+class Kind(models.TextChoices):
+    DICOM = "dicom", "DICOM"
+    DICOM_TLS = "dicom_tls", "DICOM+TLS"
+    DICOMWEB = "dicomweb", "DICOMweb"
+    FOLDER = "folder", "Folder"
+    RSYNC = "rsync", "rsync"
+    S3 = "s3", "S3"
+    SFTP = "sftp", "SFTP"
+    XNAT = "xnat", "XNAT"
+
+
+class Direction(models.TextChoices):
+    STORE = "store", "Store"
+    QUERY = "query", "Query"
+    BOTH = "both", "Both"
+
+
+# Handler classes by kind, imported lazily so `import targets` stays light
+# (no boto3, paramiko or xnat until a target of that kind is used).
+HANDLERS: dict[str, str] = {
+    Kind.DICOM: "targets.kinds.dicom.DicomHandler",
+    Kind.DICOM_TLS: "targets.kinds.dicom_tls.DicomTlsHandler",
+    Kind.DICOMWEB: "targets.kinds.dicomweb.DicomWebHandler",
+    Kind.FOLDER: "targets.kinds.folder.FolderHandler",
+    Kind.RSYNC: "targets.kinds.rsync.RsyncHandler",
+    Kind.S3: "targets.kinds.s3.S3Handler",
+    Kind.SFTP: "targets.kinds.sftp.SftpHandler",
+    Kind.XNAT: "targets.kinds.xnat.XnatHandler",
+}
+
+# The kinds that can be a query source (the product page's "Pull" column).
+QUERYABLE_KINDS = {Kind.DICOM, Kind.DICOMWEB}
+
+DEFAULT_LAYOUT = "{StudyInstanceUID}/{SeriesInstanceUID}"
+
+
+def _default_calling_aet() -> str:
+    return settings.COURIER_AE_TITLE
+
+
+class Target(models.Model):
+    # -- common ----------------------------------------------------------------
+    name = models.CharField(max_length=64, help_text="Unique, case-insensitive.")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    direction = models.CharField(
+        max_length=8, choices=Direction.choices, default=Direction.STORE,
+        help_text="Store: a routing target. Query: a query-tool source only. Both.",
+    )
+    enabled = models.BooleanField(default=True)
+    contact_email = models.EmailField("contact e-mail", blank=True)
+    description = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    last_test_at = models.DateTimeField("last tested", null=True, blank=True, editable=False)
+    last_test_ok = models.BooleanField("last test passed", null=True, editable=False)
+    last_test_message = models.TextField(blank=True, editable=False)
+    last_test_result = models.JSONField(null=True, blank=True, editable=False)
+
+    # -- network (DICOM, DICOM+TLS, SFTP, rsync) -----------------------------------
+    host = models.CharField(max_length=255, blank=True, validators=[validate_host])
+    port = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1), MaxValueValidator(65535)]
+    )
+    connect_timeout = models.FloatField(
+        "connection timeout (s)", default=10.0, validators=[MinValueValidator(0.1)]
+    )
+
+    # -- DICOM -----------------------------------------------------------------
+    called_aet = models.CharField(
+        "Target AET", max_length=16, blank=True, validators=[validate_ae_title],
+        help_text="The AE title of the receiver (called AE title).",
+    )
+    calling_aet = models.CharField(
+        "Source AET", max_length=16, blank=True, default=_default_calling_aet,
+        validators=[validate_ae_title],
+        help_text="Courier's AE title towards this target (calling AE title).",
+    )
+    pass_calling_aet = models.BooleanField(
+        "pass incoming Source AET", default=False,
+        help_text="Send with the calling AE title the series arrived with.",
+    )
+    pass_called_aet = models.BooleanField(
+        "pass incoming Target AET", default=False,
+        help_text="Send with the called AE title the series arrived with.",
+    )
+    acse_timeout = models.FloatField(
+        "association timeout (s)", default=30.0, validators=[MinValueValidator(0.1)]
+    )
+    dimse_timeout = models.FloatField(
+        "DIMSE timeout (s)", default=30.0, validators=[MinValueValidator(0.1)],
+        help_text="How long to wait for each response before aborting.",
+    )
+    max_pdu = models.PositiveIntegerField(
+        "max PDU (bytes)", default=131072,
+        validators=[MinValueValidator(0), MaxValueValidator(2**32 - 1)],
+        help_text="Largest PDU Courier accepts; 0 means unlimited.",
+    )
+
+    # -- DICOM+TLS ---------------------------------------------------------------
+    tls_client_key = models.CharField("client key", max_length=500, blank=True,
+                                      help_text="Path on the server.")
+    tls_client_cert = models.CharField("client certificate", max_length=500, blank=True,
+                                       help_text="Path on the server.")
+    tls_ca_cert = models.CharField("CA certificate", max_length=500, blank=True,
+                                   help_text="Path on the server.")
+    tls_verify_hostname = models.BooleanField("verify server host name", default=True)
+    key_passphrase = EncryptedTextField("key passphrase")
+
+    # -- files (Folder, SFTP, rsync) ----------------------------------------------
+    path = models.CharField("folder", max_length=1000, blank=True)
+    exclude = models.CharField(
+        "exclusion filter", max_length=500, blank=True, validators=[validate_globs],
+        help_text="Comma-separated globs of files not to send, e.g. *.png, *.json",
+    )
+    layout = models.CharField(
+        max_length=300, blank=True, default=DEFAULT_LAYOUT,
+        help_text="Folders under the path, from DICOM tags in braces.",
+    )
+    write_complete_marker = models.BooleanField(
+        "write .complete marker", default=False,
+        help_text="Create a .complete file in each series folder when it is complete.",
+    )
+
+    # -- HTTP (DICOMweb, XNAT) -----------------------------------------------------
+    url = models.CharField("URL", max_length=1000, blank=True)
+    qido_prefix = models.CharField("QIDO prefix", max_length=100, blank=True)
+    wado_prefix = models.CharField("WADO prefix", max_length=100, blank=True)
+    stow_prefix = models.CharField("STOW prefix", max_length=100, blank=True)
+    auth = models.CharField(
+        "authentication", max_length=8, blank=True, default="none",
+        choices=[("none", "None"), ("basic", "Basic"), ("bearer", "Bearer token")],
+    )
+    token = EncryptedTextField("bearer token")
+    verify_tls = models.BooleanField("verify TLS certificates", default=True)
+    ca_bundle = models.CharField("CA bundle", max_length=500, blank=True,
+                                 help_text="Path on the server; empty uses the system's.")
+    request_timeout = models.FloatField(
+        "request timeout (s)", default=60.0, validators=[MinValueValidator(0.1)]
+    )
+    stow_batch_size = models.PositiveIntegerField(
+        "instances per STOW request", default=50, validators=[MinValueValidator(1)]
+    )
+    stow_max_bytes = models.PositiveBigIntegerField(
+        "max STOW request size (bytes)", default=100 * 1024 * 1024,
+        validators=[MinValueValidator(1024)],
+    )
+
+    # -- login (SFTP, rsync, DICOMweb basic, XNAT) -------------------------------------
+    username = models.CharField(max_length=150, blank=True)
+    password = EncryptedTextField()
+
+    # -- SSH (SFTP, rsync) -----------------------------------------------------------
+    host_key = models.CharField(
+        "pinned host key", max_length=200, blank=True,
+        help_text="SHA256 fingerprint of the server's host key, pinned from a Test.",
+    )
+    host_key_type = models.CharField(max_length=40, blank=True, editable=False)
+    host_key_data = models.TextField(blank=True, editable=False)
+    private_key_path = models.CharField("private key file", max_length=500, blank=True,
+                                        help_text="Path on the server.")
+    private_key = EncryptedTextField("private key (pasted)")
+    run_on_complete = models.BooleanField("execute shell command after transfer",
+                                          default=False)
+    complete_script = models.CharField(
+        "completion script", max_length=200, blank=True, default="mercure_complete.sh",
+        help_text="Run from the target folder as <script> <destination_folder> <target_name>.",
+    )
+
+    # -- S3 ------------------------------------------------------------------------
+    bucket = models.CharField(max_length=63, blank=True)
+    region = models.CharField(max_length=40, blank=True)
+    prefix = models.CharField(max_length=500, blank=True)
+    endpoint_url = models.CharField("endpoint URL", max_length=500, blank=True,
+                                    help_text="Empty for AWS; any S3-compatible endpoint otherwise.")
+    addressing_style = models.CharField(
+        max_length=8, blank=True, default="auto",
+        choices=[("auto", "Auto"), ("path", "Path"), ("virtual", "Virtual host")],
+    )
+    access_key_id = models.CharField("access key id", max_length=128, blank=True)
+    secret_key = EncryptedTextField("secret access key")
+    storage_class = models.CharField(max_length=40, blank=True)
+    server_side_encryption = models.CharField(max_length=40, blank=True)
+
+    # -- XNAT ------------------------------------------------------------------------
+    project = models.CharField("project id", max_length=100, blank=True)
+    import_handler = models.CharField(
+        max_length=20, blank=True, default="DICOM-zip",
+        choices=[("DICOM-zip", "DICOM-zip"), ("gradual-DICOM", "gradual-DICOM")],
+    )
+    subject_template = models.CharField(max_length=200, blank=True, default="{PatientID}")
+    session_template = models.CharField(
+        max_length=200, blank=True, default="{PatientID}_{StudyDate}_{AccessionNumber}",
+    )
+    overwrite = models.CharField(
+        max_length=8, blank=True, default="none",
+        choices=[("none", "None"), ("append", "Append"), ("delete", "Delete")],
+    )
+    destination = models.CharField(
+        max_length=12, blank=True, default="prearchive",
+        choices=[("prearchive", "Prearchive"), ("archive", "Archive")],
+    )
+
+    # -- dispatch policy -------------------------------------------------------------
+    max_associations = models.PositiveSmallIntegerField(
+        "parallel connections", default=1,
+        validators=[MinValueValidator(1), MaxValueValidator(32)],
+        help_text="Jobs (and DICOM associations) sent to this target at once.",
+    )
+    retry_max_attempts = models.PositiveSmallIntegerField(
+        "max attempts", default=10, validators=[MinValueValidator(1)]
+    )
+    retry_base_delay = models.PositiveIntegerField(
+        "first retry after (s)", default=30, validators=[MinValueValidator(1)]
+    )
+    retry_max_delay = models.PositiveIntegerField(
+        "longest retry delay (s)", default=3600, validators=[MinValueValidator(1)]
+    )
+    paused = models.BooleanField(
+        default=False, help_text="Jobs for a paused target wait until it is resumed."
+    )
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(
+                Lower("name"), name="target_name_unique_ci",
+                violation_error_message="A target with this name already exists.",
+            ),
+        ]
+
+    # Set by each proxy.
+    KIND: ClassVar[str | None] = None
+    # Admin fieldsets for the kind's own settings (the "connection" part).
+    connection_fields: ClassVar[tuple[str, ...]] = ()
+    # Fields whose emptiness is a form error for this kind.
+    required_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.KIND and not self.kind:
+            self.kind = self.KIND
+
+    # -- kind dispatch ---------------------------------------------------------------
+    def as_kind(self) -> Target:
+        """Return this row as the proxy instance of its kind."""
+        proxy = PROXIES[self.kind]
+        if type(self) is proxy:
+            return self
+        obj = proxy.__new__(proxy)
+        obj.__dict__ = self.__dict__.copy()
+        obj._state = self._state
+        return obj
+
+    @property
+    def handler(self) -> Handler:
+        return get_handler_class(self.kind)(self.as_kind())
+
+    @property
+    def can_query(self) -> bool:
+        return self.kind in QUERYABLE_KINDS
+
+    @property
+    def can_store(self) -> bool:
+        return self.direction in (Direction.STORE, Direction.BOTH)
+
+    @property
+    def is_query_source(self) -> bool:
+        return self.can_query and self.direction in (Direction.QUERY, Direction.BOTH)
+
+    @property
+    def address(self) -> str:
+        """A one-line address for overviews; never contains a secret."""
+        proxy = self.as_kind()
+        if type(proxy).address is not Target.address:
+            return proxy.address
+        return ""
+
+    # -- validation ---------------------------------------------------------------------
+    def clean(self) -> None:
+        super().clean()
+        errors: dict[str, list[str]] = {}
+        if self.direction in (Direction.QUERY, Direction.BOTH) and not self.can_query:
+            errors.setdefault("direction", []).append(
+                f"{self.get_kind_display()} targets can only be stored to; "
+                "choose direction Store."
+            )
+        for field in self.required_fields:
+            value = getattr(self, field)
+            if value in (None, ""):
+                label = self._meta.get_field(field).verbose_name
+                errors.setdefault(field, []).append(
+                    f"A {self.get_kind_display()} target needs a {label}."
+                )
+        if errors:
+            raise ValidationError(errors)
+
+
+class KindManager(models.Manager):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def get_queryset(self):
+        return super().get_queryset().filter(kind=self.kind)
+
+
+def _kind_manager(kind: str) -> KindManager:
+    return KindManager(kind)
+
+
+class DicomTarget(Target):
+    KIND = Kind.DICOM
+    objects = _kind_manager(Kind.DICOM)
+    connection_fields = (
+        "host", "port", "called_aet", "calling_aet", "pass_calling_aet",
+        "pass_called_aet", "connect_timeout", "acse_timeout", "dimse_timeout",
+        "max_pdu",
+    )
+    required_fields = ("host", "port", "called_aet")
+
+    class Meta:
+        proxy = True
+        verbose_name = "DICOM target"
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in (self.host or "") else self.host
+        return f"{host}:{self.port} {self.called_aet}"
+
+
+class DicomTlsTarget(DicomTarget):
+    KIND = Kind.DICOM_TLS
+    objects = _kind_manager(Kind.DICOM_TLS)
+    connection_fields = DicomTarget.connection_fields + (
+        "tls_client_key", "tls_client_cert", "tls_ca_cert", "key_passphrase",
+        "tls_verify_hostname",
+    )
+    required_fields = DicomTarget.required_fields + ("tls_ca_cert",)
+
+    class Meta:
+        proxy = True
+        verbose_name = "DICOM+TLS target"
+
+
+class DicomWebTarget(Target):
+    KIND = Kind.DICOMWEB
+    objects = _kind_manager(Kind.DICOMWEB)
+    connection_fields = (
+        "url", "qido_prefix", "wado_prefix", "stow_prefix", "auth", "username",
+        "password", "token", "verify_tls", "ca_bundle", "request_timeout",
+        "stow_batch_size", "stow_max_bytes",
+    )
+    required_fields = ("url",)
+
+    class Meta:
+        proxy = True
+        verbose_name = "DICOMweb target"
+
+    @property
+    def address(self) -> str:
+        return self.url
+
+
+class FolderTarget(Target):
+    KIND = Kind.FOLDER
+    objects = _kind_manager(Kind.FOLDER)
+    connection_fields = ("path", "layout", "exclude", "write_complete_marker")
+    required_fields = ("path",)
+
+    class Meta:
+        proxy = True
+        verbose_name = "Folder target"
+
+    @property
+    def address(self) -> str:
+        return self.path
+
+    def clean(self) -> None:
+        super().clean()
+        if self.path and not self.path.startswith("/"):
+            raise ValidationError({"path": "Enter an absolute path (starting with /)."})
+
+
+class RsyncTarget(Target):
+    KIND = Kind.RSYNC
+    objects = _kind_manager(Kind.RSYNC)
+    connection_fields = (
+        "host", "port", "username", "password", "private_key_path", "private_key",
+        "host_key", "path", "layout", "exclude", "run_on_complete", "complete_script",
+        "connect_timeout",
+    )
+    required_fields = ("host", "username", "path")
+
+    class Meta:
+        proxy = True
+        verbose_name = "rsync target"
+
+    @property
+    def address(self) -> str:
+        return f"{self.username}@{self.host}:{self.path}"
+
+
+class S3Target(Target):
+    KIND = Kind.S3
+    objects = _kind_manager(Kind.S3)
+    connection_fields = (
+        "bucket", "region", "prefix", "endpoint_url", "addressing_style",
+        "access_key_id", "secret_key", "storage_class", "server_side_encryption",
+        "exclude",
+    )
+    required_fields = ("bucket", "access_key_id")
+
+    class Meta:
+        proxy = True
+        verbose_name = "S3 target"
+
+    @property
+    def address(self) -> str:
+        where = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        return f"{where} ({self.endpoint_url})" if self.endpoint_url else where
+
+
+class SftpTarget(Target):
+    KIND = Kind.SFTP
+    objects = _kind_manager(Kind.SFTP)
+    connection_fields = RsyncTarget.connection_fields[:-4] + (
+        "write_complete_marker", "connect_timeout",
+    )
+    required_fields = ("host", "username", "path")
+
+    class Meta:
+        proxy = True
+        verbose_name = "SFTP target"
+
+    @property
+    def address(self) -> str:
+        return f"{self.username}@{self.host}:{self.path}"
+
+
+class XnatTarget(Target):
+    KIND = Kind.XNAT
+    objects = _kind_manager(Kind.XNAT)
+    connection_fields = (
+        "url", "project", "username", "password", "import_handler", "subject_template",
+        "session_template", "overwrite", "destination", "verify_tls", "request_timeout",
+    )
+    required_fields = ("url", "project", "username")
+
+    class Meta:
+        proxy = True
+        verbose_name = "XNAT target"
+
+    @property
+    def address(self) -> str:
+        return f"{self.url} project {self.project}"
+
+
+PROXIES: dict[str, type[Target]] = {
+    Kind.DICOM: DicomTarget,
+    Kind.DICOM_TLS: DicomTlsTarget,
+    Kind.DICOMWEB: DicomWebTarget,
+    Kind.FOLDER: FolderTarget,
+    Kind.RSYNC: RsyncTarget,
+    Kind.S3: S3Target,
+    Kind.SFTP: SftpTarget,
+    Kind.XNAT: XnatTarget,
+}
+
+
+def get_handler_class(kind: str) -> type[Handler]:
+    module_name, _, class_name = HANDLERS[kind].rpartition(".")
+    return getattr(importlib.import_module(module_name), class_name)
