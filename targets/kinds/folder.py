@@ -1,0 +1,328 @@
+"""Folder targets: one file per instance under `<path>/<layout>/`, a series at a time.
+
+A consumer watching the folder must never see half a series, and an image that was
+reported as delivered must survive a power cut. So each series is written into a
+hidden temporary folder beside its final place, every file and the folder are
+fsynced, and only then is the folder renamed into place (or, when the series folder
+already exists from an earlier send, the new files are moved in one by one). Outcomes
+are reported only once the files are in their final place.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from targets.models import DEFAULT_LAYOUT
+from targets.series import Instance, LayoutError, Series, render_layout, safe_path_part
+from targets.validators import split_globs
+
+from .base import (
+    FAILED,
+    PRESENT,
+    SENT,
+    Handler,
+    Outcome,
+    ProgressCallback,
+    SendContext,
+    SendResult,
+    TargetError,
+    TestResult,
+    instance_outcome,
+)
+
+log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = ".complete"
+# Temporary series folders start with a dot so that consumers globbing for series
+# folders skip them; the suffix makes leftovers of a crash easy to recognise.
+TMP_PREFIX = ".courier-tmp-"
+
+# Below either figure the free-space check warns (it still passes: the writable probe
+# already proved a file fits).
+LOW_SPACE_BYTES = 1024**3
+LOW_SPACE_FRACTION = 0.05
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy_durably(src: Path, dst: Path) -> None:
+    """Copy `src` to a new file `dst` and fsync it before returning."""
+    with open(src, "rb") as fsrc, open(dst, "xb") as fdst:
+        size = os.fstat(fsrc.fileno()).st_size
+        offset = 0
+        try:
+            while offset < size:
+                sent = os.sendfile(fdst.fileno(), fsrc.fileno(), offset, size - offset)
+                if sent == 0:
+                    break
+                offset += sent
+        except OSError as exc:
+            # sendfile is not supported between every pair of file systems.
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EXDEV) or offset:
+                raise
+            shutil.copyfileobj(fsrc, fdst, 1024 * 1024)
+        fdst.flush()
+        os.fsync(fdst.fileno())
+
+
+def _error(exc: OSError, doing: str) -> TargetError:
+    """Turn an OSError into a TargetError in words: disk full retries, denial does not."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in _DISK_FULL:
+        return TargetError(
+            f"disk full while {doing}{where}: free some space on the target folder's "
+            "disk; the send will be retried",
+        )
+    if exc.errno == errno.EROFS:
+        return TargetError(
+            f"read-only file system while {doing}{where}", permanent=True
+        )
+    if exc.errno in _DENIED:
+        return TargetError(
+            f"permission denied while {doing}{where}: Courier's user cannot write "
+            "there",
+            permanent=True,
+        )
+    return TargetError(f"{exc.strerror or exc} while {doing}{where}")
+
+
+def instance_file_name(instance: Instance) -> str:
+    return safe_path_part(instance.sop_instance_uid) + ".dcm"
+
+
+class FolderHandler(Handler):
+    @property
+    def root(self) -> Path:
+        return Path(self.target.path)
+
+    # -- send -------------------------------------------------------------------------
+    def send(
+        self,
+        series: Series,
+        *,
+        progress: ProgressCallback | None = None,
+        context: SendContext | None = None,
+    ) -> SendResult:
+        result = SendResult()
+
+        def report(outcome: Outcome) -> None:
+            result.outcomes.append(outcome)
+            if progress:
+                progress(outcome)
+
+        self._check_root()
+        series = series.excluding(split_globs(self.target.exclude))
+        layout = self.target.layout or DEFAULT_LAYOUT
+
+        # A source folder may hold more than one series (a study): group by the
+        # folder each instance belongs in.
+        groups: dict[str, list[Instance]] = {}
+        for inst in series.instances:
+            try:
+                rel = render_layout(layout, inst.tags)
+            except LayoutError as exc:
+                report(instance_outcome(inst, FAILED, str(exc)))
+                continue
+            groups.setdefault(rel, []).append(inst)
+
+        for rel, instances in groups.items():
+            self._send_group(self.root / rel if rel else self.root, instances, report)
+        return result
+
+    def _check_root(self) -> None:
+        root = self.root
+        if not root.is_absolute():
+            raise TargetError(f"folder {root} is not an absolute path", permanent=True)
+        if not root.exists():
+            # Never create the root: it may be a mount point that is not mounted now,
+            # and writing under it would hide the files from the real file system.
+            raise TargetError(
+                f"folder {root} does not exist (not mounted?); the send will be retried"
+            )
+        if not root.is_dir():
+            raise TargetError(f"{root} is not a folder", permanent=True)
+
+    def _send_group(
+        self,
+        dest: Path,
+        instances: list[Instance],
+        report: Callable[[Outcome], None],
+    ) -> None:
+        if dest == self.root:
+            # A layout of "" writes straight into the root: no folder to rename.
+            self._send_in_place(dest, instances, report)
+            return
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _error(exc, f"creating {dest.parent}") from None
+
+        outcomes: list[Outcome] = []
+        to_write: list[tuple[Instance, str]] = []
+        seen: set[str] = set()
+        for inst in instances:
+            name = instance_file_name(inst)
+            if name in seen:
+                # Two files with one SOP Instance UID: the first one wins.
+                outcomes.append(
+                    instance_outcome(inst, PRESENT, "duplicate SOP Instance UID")
+                )
+                continue
+            seen.add(name)
+            existing = dest / name
+            try:
+                if existing.stat().st_size == inst.size:
+                    outcomes.append(instance_outcome(inst, PRESENT))
+                    continue
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise _error(exc, f"checking {existing}") from None
+            to_write.append((inst, name))
+
+        if to_write:
+            tmp = dest.parent / f"{TMP_PREFIX}{dest.name}-{uuid.uuid4().hex[:12]}"
+            try:
+                tmp.mkdir()
+                for inst, name in to_write:
+                    _copy_durably(inst.path, tmp / name)
+                    outcomes.append(instance_outcome(inst, SENT))
+                if self.target.write_complete_marker:
+                    self._write_marker(tmp)
+                _fsync_dir(tmp)
+                self._move_into_place(tmp, dest)
+            except OSError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise _error(exc, f"writing into {dest}") from None
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        elif (
+            self.target.write_complete_marker and not (dest / COMPLETE_MARKER).exists()
+        ):
+            try:
+                self._write_marker(dest)
+                _fsync_dir(dest)
+            except OSError as exc:
+                raise _error(exc, f"writing the marker into {dest}") from None
+
+        for outcome in outcomes:
+            report(outcome)
+
+    def _write_marker(self, folder: Path) -> None:
+        with open(folder / COMPLETE_MARKER, "wb") as f:
+            os.fsync(f.fileno())
+
+    def _move_into_place(self, tmp: Path, dest: Path) -> None:
+        try:
+            # Renaming onto a missing (or empty) folder is atomic.
+            os.rename(tmp, dest)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            # The series folder exists from an earlier send: move file by file,
+            # the marker last so that it still means "complete".
+            names = sorted(os.listdir(tmp), key=lambda n: n == COMPLETE_MARKER)
+            for name in names:
+                os.replace(tmp / name, dest / name)
+            _fsync_dir(dest)
+            os.rmdir(tmp)
+        _fsync_dir(dest.parent)
+
+    def _send_in_place(
+        self,
+        dest: Path,
+        instances: list[Instance],
+        report: Callable[[Outcome], None],
+    ) -> None:
+        for inst in instances:
+            final = dest / instance_file_name(inst)
+            try:
+                if final.exists() and final.stat().st_size == inst.size:
+                    report(instance_outcome(inst, PRESENT))
+                    continue
+                part = dest / f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:12]}"
+                try:
+                    _copy_durably(inst.path, part)
+                    os.replace(part, final)
+                except BaseException:
+                    part.unlink(missing_ok=True)
+                    raise
+            except OSError as exc:
+                raise _error(exc, f"writing {final}") from None
+            report(instance_outcome(inst, SENT))
+        try:
+            _fsync_dir(dest)
+        except OSError as exc:
+            raise _error(exc, f"writing into {dest}") from None
+
+    # -- test -------------------------------------------------------------------------
+    def test(self) -> TestResult:
+        result = TestResult()
+        root = self.root
+        with result.check("folder exists") as c:
+            if not root.is_absolute():
+                raise TargetError(f"{root} is not an absolute path")
+            if not root.exists():
+                raise TargetError(f"{root} does not exist (not mounted?)")
+            c.message = str(root)
+        if result.stopped:
+            return result
+        with result.check("is a folder") as c:
+            if not root.is_dir():
+                raise TargetError(f"{root} is a file, not a folder")
+        if result.stopped:
+            return result
+        with result.check("writable") as c:
+            probe = root / f"{TMP_PREFIX}probe-{uuid.uuid4().hex[:12]}"
+            try:
+                with open(probe, "xb") as f:
+                    f.write(b"courier write probe\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as exc:
+                raise TargetError(_error(exc, "writing a probe file").message) from None
+            finally:
+                try:
+                    probe.unlink(missing_ok=True)
+                except OSError:
+                    log.warning("could not remove probe file %s", probe)
+            c.message = "probe file written and removed"
+        if result.stopped:
+            return result
+        with result.check("free space") as c:
+            try:
+                usage = shutil.disk_usage(root)
+            except OSError as exc:
+                raise TargetError(f"cannot read free space: {exc.strerror}") from None
+            c.message = f"{_size(usage.free)} free of {_size(usage.total)}"
+            c.details = {"free_bytes": usage.free, "total_bytes": usage.total}
+            low = usage.free < LOW_SPACE_BYTES or (
+                usage.total and usage.free / usage.total < LOW_SPACE_FRACTION
+            )
+            if low:
+                c.message = f"warning: low disk space, only {c.message}"
+        return result
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
