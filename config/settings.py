@@ -141,6 +141,11 @@ COURIER_AE_TITLE = env.str("COURIER_AE_TITLE", default="COURIER")
 COURIER_SPOOL_DIR = Path(env.str("COURIER_SPOOL_DIR", default=str(DATA_DIR / "spool")))
 # DIMSE timeout default: short, so a peer that stops answering frees the worker soon.
 COURIER_DIMSE_TIMEOUT = env.float("COURIER_DIMSE_TIMEOUT", default=30.0)
+# Dispatch: a worker's claim on a job lasts this long unless renewed (it renews every
+# third of it while sending); after a worker dies its jobs resume once it expires.
+COURIER_JOB_LEASE = env.float("COURIER_JOB_LEASE", default=120.0)
+# Spool folders of failed or cancelled jobs are kept this many days, then deleted.
+COURIER_FAILED_RETENTION_DAYS = env.float("COURIER_FAILED_RETENTION_DAYS", default=14.0)
 
 LOGGING = {
     "version": 1,

@@ -1,0 +1,880 @@
+"""Dispatch services: create jobs, run them, retry them, report on them.
+
+Plain functions called by the huey tasks, the management commands, the admin and the
+receiver. The job row is the source of truth; a huey message only says "look at job
+N". Any number of workers (threads, processes, machines) may run `run_job` for the same
+job at once: exactly one claims it, through one conditional UPDATE, and holds a lease
+it renews while sending. A worker that dies leaves an expired lease, and whichever
+worker looks next resumes the job, sending only the instances not yet confirmed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import random
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import Count, F, Min, Q, Sum
+from django.utils import timezone
+
+from targets.kinds.base import (
+    FAILED,
+    PRESENT,
+    SENT,
+    WARNING,
+    Outcome,
+    SendContext,
+    TargetError,
+)
+from targets.models import Target
+from targets.series import Series, scan_folder
+from targets.validators import split_globs
+
+from .models import (
+    FINISHED_STATES,
+    SUCCESS_STATES,
+    Attempt,
+    InstanceState,
+    Job,
+    JobInstance,
+    Source,
+    State,
+)
+
+log = logging.getLogger("courier.dispatch")
+
+ProgressHook = Callable[[Outcome], None]
+
+_INSTANCE_STATE = {
+    SENT: InstanceState.SENT,
+    WARNING: InstanceState.WARNING,
+    PRESENT: InstanceState.PRESENT,
+    FAILED: InstanceState.FAILED,
+}
+
+
+class DispatchError(Exception):
+    """A send cannot even be queued (unknown folder, query-only target, ...)."""
+
+
+class _SendAborted(Exception):
+    """Raised into the handler's thread when the job was cancelled or its lease lost."""
+
+
+# -- small helpers -----------------------------------------------------------------
+
+
+def worker_id() -> str:
+    """Name this worker thread in attempts, leases and logs."""
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.current_thread().name}"
+
+
+def _kv(**fields) -> str:
+    """Format key=value pairs a log collector can parse; quote values with spaces."""
+    parts = []
+    for key, value in fields.items():
+        text = "" if value is None else str(value)
+        if text == "" or any(c in text for c in ' "=\n'):
+            text = (
+                '"'
+                + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+                + '"'
+            )
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def job_limit(target: Target) -> int:
+    """Jobs sent to `target` at once, across every worker process."""
+    return max(1, target.max_associations or 1)
+
+
+def backoff_delay(target: Target, attempt: int) -> float:
+    """Seconds before retry number `attempt` (1 = first retry): doubling, jittered."""
+    base = float(target.retry_base_delay)
+    cap = float(target.retry_max_delay)
+    delay = min(cap, base * 2 ** max(0, attempt - 1))
+    # Jitter spreads the retries of many jobs that failed together (a peer restart)
+    # so they do not all hit the peer in the same second.
+    return max(1.0, min(cap, delay * random.uniform(0.8, 1.2)))
+
+
+def _lease() -> timedelta:
+    return timedelta(seconds=float(settings.COURIER_JOB_LEASE))
+
+
+def _send_refusal(target: Target) -> str:
+    if not target.can_store:
+        return (
+            f"target {target.name} is query-only (direction "
+            f"{target.get_direction_display()}): Courier does not send to it"
+        )
+    return ""
+
+
+def _wait_reason(target: Target) -> str:
+    if not target.enabled:
+        return f"target {target.name} is disabled; the job waits until it is enabled"
+    if target.paused:
+        return f"target {target.name} is paused; the job waits until it is resumed"
+    return ""
+
+
+def _scan(folder: str | Path, target: Target) -> Series:
+    series = scan_folder(folder)
+    return series.excluding(split_globs(target.exclude))
+
+
+# -- creating jobs -----------------------------------------------------------------
+
+
+def create_jobs(
+    folder: str | Path,
+    targets: Iterable[Target],
+    *,
+    context: SendContext | None = None,
+    owned_spool: bool = True,
+    source: str = Source.ROUTE,
+    series: Series | None = None,
+    enqueue_now: bool = True,
+) -> list[Job]:
+    """Create one queued job per target for the series in `folder` and queue them.
+
+    `owned_spool` means Courier owns the folder: it is deleted once every job for it
+    is done (and kept for `COURIER_FAILED_RETENTION_DAYS` if one failed). Pass the
+    already scanned `series` to avoid reading the folder again. Raise `DispatchError`
+    for a missing folder or a query-only target; a disabled or paused target gets a
+    job that waits.
+    """
+    folder = Path(folder).resolve()
+    if not folder.is_dir():
+        raise DispatchError(f"folder {folder} does not exist")
+    targets = [t.as_kind() for t in targets]
+    for target in targets:
+        refusal = _send_refusal(target)
+        if refusal:
+            raise DispatchError(refusal)
+    context = context or SendContext()
+    scanned = series if series is not None else scan_folder(folder)
+    first = scanned.instances[0].tags if scanned.instances else {}
+    jobs = []
+    with transaction.atomic():
+        for target in targets:
+            own = scanned.excluding(split_globs(target.exclude))
+            job = Job.objects.create(
+                target=target,
+                folder=str(folder),
+                owned_spool=owned_spool,
+                source=source,
+                study_uid=first.get("StudyInstanceUID", "")[:64],
+                series_uid=first.get("SeriesInstanceUID", "")[:64],
+                series_description=first.get("SeriesDescription", "")[:200],
+                calling_aet=context.calling_aet or "",
+                called_aet=context.called_aet or "",
+                total=len(own.instances),
+                skipped=len(scanned.skipped),
+            )
+            JobInstance.objects.bulk_create(
+                JobInstance(
+                    job=job, path=str(i.path), sop_instance_uid=i.sop_instance_uid
+                )
+                for i in own.instances
+            )
+            jobs.append(job)
+        if enqueue_now:
+            for job in jobs:
+                enqueue(job)
+    return jobs
+
+
+def enqueue(job: Job | int, *, eta=None) -> None:
+    """Ask a worker to look at the job (after the current transaction commits)."""
+    from . import tasks
+
+    job_id = job if isinstance(job, int) else job.pk
+
+    def send_message() -> None:
+        if eta is None:
+            tasks.run_job_task(job_id)
+        else:
+            tasks.run_job_task.schedule((job_id,), eta=eta)
+
+    transaction.on_commit(send_message)
+
+
+def kick_target(target_id: int) -> int:
+    """Queue the oldest jobs of a target that may run now, up to its free slots."""
+    now = timezone.now()
+    target = Target.objects.filter(pk=target_id).first()
+    if target is None or _wait_reason(target):
+        return 0
+    active = Job.objects.filter(
+        target_id=target_id, state=State.SENDING, lease_expires_at__gt=now
+    ).count()
+    free = job_limit(target) - active
+    if free <= 0:
+        return 0
+    due = Job.objects.filter(target_id=target_id).filter(_claimable_q(now))
+    ids = list(due.order_by("not_before", "id").values_list("id", flat=True)[:free])
+    for job_id in ids:
+        enqueue(job_id)
+    return len(ids)
+
+
+def _claimable_q(now) -> Q:
+    return Q(state__in=[State.QUEUED, State.RETRY_WAIT], not_before__lte=now) | Q(
+        state=State.SENDING, lease_expires_at__lt=now
+    )
+
+
+# -- running a job -----------------------------------------------------------------
+
+
+@dataclass
+class _Claim:
+    job: Job
+    target: Target
+    interrupted: list[Attempt] = field(default_factory=list)
+
+
+def _claim(job_id: int, worker: str, respect_limit: bool) -> _Claim | None:
+    """Take the job for `worker` if it may run now; None if not (or taken)."""
+    now = timezone.now()
+    with transaction.atomic():
+        job = Job.objects.filter(pk=job_id).first()
+        if job is None:
+            return None
+        # Lock the target row so that counting its running jobs and claiming one is
+        # one step for every worker process (PostgreSQL; SQLite's write transaction
+        # already serialises this).
+        target = Target.objects.select_for_update().get(pk=job.target_id).as_kind()
+        refusal = _send_refusal(target)
+        if refusal:
+            Job.objects.filter(pk=job_id).exclude(state__in=FINISHED_STATES).update(
+                state=State.FAILED, last_error=refusal, finished_at=now
+            )
+            return None
+        waiting = _wait_reason(target)
+        if waiting:
+            Job.objects.filter(
+                pk=job_id, state__in=[State.QUEUED, State.RETRY_WAIT]
+            ).update(state=State.PAUSED, last_error=waiting)
+            return None
+        if respect_limit:
+            active = (
+                Job.objects.filter(
+                    target_id=target.pk, state=State.SENDING, lease_expires_at__gt=now
+                )
+                .exclude(pk=job_id)
+                .count()
+            )
+            if active >= job_limit(target):
+                return None
+        claimed = (
+            Job.objects.filter(pk=job_id)
+            .filter(_claimable_q(now))
+            .update(
+                state=State.SENDING,
+                lease_owner=worker,
+                lease_expires_at=now + _lease(),
+                attempt_count=F("attempt_count") + 1,
+                updated_at=now,
+            )
+        )
+        if not claimed:
+            return None
+        job.refresh_from_db()
+        # Attempts left open by a worker that died (its lease expired).
+        interrupted = list(job.attempts.filter(ended_at__isnull=True))
+        for attempt in interrupted:
+            attempt.ended_at = now
+            attempt.outcome = "interrupted"
+            attempt.error = (
+                f"worker {attempt.worker} stopped answering (lease expired); "
+                "the job was resumed"
+            )
+            attempt.save(update_fields=["ended_at", "outcome", "error"])
+        return _Claim(job=job, target=target, interrupted=interrupted)
+
+
+def run_job(
+    job_id: int,
+    *,
+    worker: str | None = None,
+    progress: ProgressHook | None = None,
+    respect_limit: bool = True,
+    retry: bool = True,
+) -> Job | None:
+    """Claim the job and make one attempt; return the job, or None if not claimed.
+
+    Reads the target fresh from the database, sends the job's pending instances,
+    records the attempt and each instance's outcome, then sets the job's state:
+    done / done-with-warnings / failed, or retry-wait (transient error, `retry`
+    true and attempts left), scheduling the next attempt with backoff.
+    """
+    worker = worker or worker_id()
+    claim = _claim(job_id, worker, respect_limit)
+    if claim is None:
+        return None
+    job, target = claim.job, claim.target
+    attempt = Attempt.objects.create(job=job, number=job.attempt_count, worker=worker)
+    started = time.monotonic()
+    error: TargetError | None = None
+    aborted = False
+    try:
+        folder = Path(job.folder)
+        if not folder.is_dir():
+            raise TargetError(f"folder {folder} no longer exists", permanent=True)
+        pending = set(
+            job.instances.filter(state=InstanceState.PENDING).values_list(
+                "path", flat=True
+            )
+        )
+        if pending:
+            series = _scan(folder, target).only(pending)
+            missing = pending - {str(i.path) for i in series.instances}
+            if missing:
+                _mark_missing(job, missing)
+            if series.instances:
+                aborted = _send(job, target, series, attempt, worker, progress)
+    except TargetError as exc:
+        error = exc
+    except _SendAborted:
+        aborted = True
+    except Exception as exc:  # a bug or an unexpected library error: retry it
+        log.exception("dispatch unexpected error %s", _kv(job=job.pk))
+        error = TargetError(f"unexpected error: {type(exc).__name__}: {exc}")
+    return _finish(job, target, attempt, worker, error, aborted, retry, started)
+
+
+def _mark_missing(job: Job, paths: set[str]) -> None:
+    JobInstance.objects.filter(job=job, path__in=paths).update(
+        state=InstanceState.FAILED,
+        message="file is gone from the folder or is no longer DICOM",
+    )
+
+
+def _send(
+    job: Job,
+    target: Target,
+    series: Series,
+    attempt: Attempt,
+    worker: str,
+    progress: ProgressHook | None,
+) -> bool:
+    """Run the handler in a thread; record outcomes and renew the lease here.
+
+    All database work stays in this (the worker's) thread, whichever thread the
+    handler reports from. Return True if the send was aborted (cancel, lease lost).
+    """
+    outcomes: queue.Queue[Outcome | None] = queue.Queue()
+    stop = threading.Event()
+    failure: list[BaseException] = []
+    context = SendContext(calling_aet=job.calling_aet, called_aet=job.called_aet)
+
+    def report(outcome: Outcome) -> None:
+        if stop.is_set():
+            raise _SendAborted("job cancelled or taken over")
+        outcomes.put(outcome)
+
+    def sender() -> None:
+        try:
+            target.handler.send(series, progress=report, context=context)
+        except BaseException as exc:  # handed to the worker thread below
+            failure.append(exc)
+        finally:
+            outcomes.put(None)
+
+    thread = threading.Thread(target=sender, name=f"send-job-{job.pk}", daemon=True)
+    thread.start()
+    lease = _lease().total_seconds()
+    renew_every = max(0.5, lease / 3)
+    next_renew = time.monotonic() + renew_every
+    next_flush = time.monotonic() + 1.0
+    while True:
+        try:
+            outcome = outcomes.get(timeout=0.5)
+        except queue.Empty:
+            outcome = False
+        if outcome is None:
+            break
+        if outcome:
+            _record_outcome(job, attempt, outcome)
+            if progress:
+                progress(outcome)
+        now = time.monotonic()
+        if now >= next_flush:
+            _save_attempt(attempt)
+            next_flush = now + 1.0
+        if now >= next_renew and not stop.is_set():
+            renewed = Job.objects.filter(
+                pk=job.pk, lease_owner=worker, state=State.SENDING
+            ).update(lease_expires_at=timezone.now() + _lease())
+            if not renewed:
+                stop.set()
+            next_renew = now + renew_every
+    thread.join()
+    _save_attempt(attempt)
+    if failure:
+        exc = failure[0]
+        if isinstance(exc, _SendAborted) or stop.is_set():
+            return True
+        raise exc
+    return stop.is_set()
+
+
+def _record_outcome(job: Job, attempt: Attempt, outcome: Outcome) -> None:
+    state = _INSTANCE_STATE.get(outcome.status, InstanceState.FAILED)
+    JobInstance.objects.filter(job=job, path=outcome.path).update(
+        state=state,
+        message=outcome.message[:2000],
+        bytes=outcome.bytes,
+        updated_at=timezone.now(),
+    )
+    if outcome.status in (SENT, WARNING):
+        attempt.sent += 1
+        attempt.bytes_sent += outcome.bytes
+    if outcome.status == WARNING:
+        attempt.warnings += 1
+    elif outcome.status == PRESENT:
+        attempt.present += 1
+    elif outcome.status == FAILED:
+        attempt.failed += 1
+
+
+def _save_attempt(attempt: Attempt) -> None:
+    attempt.save(update_fields=["sent", "present", "warnings", "failed", "bytes_sent"])
+
+
+def _refresh_counts(job: Job) -> dict:
+    rows = dict(job.instances.values_list("state").annotate(n=Count("id")).order_by())
+    counts = {
+        "total": sum(rows.values()),
+        "sent": rows.get(InstanceState.SENT, 0) + rows.get(InstanceState.WARNING, 0),
+        "warnings": rows.get(InstanceState.WARNING, 0),
+        "present": rows.get(InstanceState.PRESENT, 0),
+        "failed": rows.get(InstanceState.FAILED, 0),
+        "pending": rows.get(InstanceState.PENDING, 0),
+        "bytes_sent": job.instances.filter(
+            state__in=[InstanceState.SENT, InstanceState.WARNING]
+        ).aggregate(b=Sum("bytes"))["b"]
+        or 0,
+    }
+    return counts
+
+
+def _failed_listing(job: Job, limit: int = 5) -> str:
+    failed = list(
+        job.instances.filter(state=InstanceState.FAILED).values_list("path", "message")[
+            : limit + 1
+        ]
+    )
+    lines = [f"{Path(p).name}: {m}" for p, m in failed[:limit]]
+    if len(failed) > limit:
+        lines.append("…")
+    return "; ".join(lines)
+
+
+def _finish(
+    job: Job,
+    target: Target,
+    attempt: Attempt,
+    worker: str,
+    error: TargetError | None,
+    aborted: bool,
+    retry: bool,
+    started: float,
+) -> Job:
+    now = timezone.now()
+    if aborted:
+        job.refresh_from_db()
+        attempt.ended_at = now
+        attempt.outcome = "cancelled" if job.state == State.CANCELLED else "taken over"
+        attempt.error = "stopped: " + attempt.outcome
+        attempt.save()
+        _log_attempt(job, target, attempt, started)
+        return job
+
+    if error is None:
+        # Instances the handler said nothing about did not get through.
+        job.instances.filter(state=InstanceState.PENDING).update(
+            state=InstanceState.FAILED,
+            message="the target's handler reported no outcome for this file",
+        )
+    counts = _refresh_counts(job)
+    retry_at = None
+    if error is not None:
+        if error.permanent:
+            state, message = State.FAILED, error.message
+        elif retry and job.attempt_count < target.retry_max_attempts:
+            delay = backoff_delay(target, job.attempt_count)
+            retry_at = now + timedelta(seconds=delay)
+            state = State.RETRY_WAIT
+            message = (
+                f"{error.message} (attempt {job.attempt_count}; next in {delay:.0f} s)"
+            )
+        else:
+            state = State.FAILED
+            message = (
+                error.message
+                if not retry
+                else f"gave up after {job.attempt_count} attempts: {error.message}"
+            )
+        attempt.outcome = "failed" if state == State.FAILED else "error"
+        attempt.error = error.message
+    elif counts["failed"]:
+        state = State.FAILED
+        message = (
+            f"{counts['failed']} of {counts['total']} instances failed: "
+            + _failed_listing(job)
+        )
+        attempt.outcome = "failed"
+        attempt.error = message
+    else:
+        state = State.DONE_WITH_WARNINGS if counts["warnings"] else State.DONE
+        message = ""
+        if counts["warnings"]:
+            warned = job.instances.filter(state=InstanceState.WARNING).values_list(
+                "path", "message"
+            )[:5]
+            message = f"{counts['warnings']} instances stored with a warning: " + (
+                "; ".join(f"{Path(p).name}: {m}" for p, m in warned)
+            )
+        attempt.outcome = state
+
+    attempt.ended_at = now
+    attempt.save()
+    fields = {
+        "state": state,
+        "last_error": message,
+        "lease_owner": "",
+        "lease_expires_at": None,
+        "updated_at": now,
+        "total": counts["total"],
+        "sent": counts["sent"],
+        "warnings": counts["warnings"],
+        "present": counts["present"],
+        "failed": counts["failed"],
+        "bytes_sent": counts["bytes_sent"],
+    }
+    if state in FINISHED_STATES:
+        fields["finished_at"] = now
+    if retry_at:
+        fields["not_before"] = retry_at
+    owned = Job.objects.filter(pk=job.pk, lease_owner=worker, state=State.SENDING)
+    updated = owned.update(**fields)
+    job.refresh_from_db()
+    _log_attempt(job, target, attempt, started)
+    if not updated:
+        return job  # cancelled or taken over meanwhile: leave the row as it is
+    if retry_at:
+        enqueue(job, eta=retry_at)
+    if state in SUCCESS_STATES and job.owned_spool:
+        cleanup_spool(job.folder)
+    kick_target(target.pk)
+    return job
+
+
+def _log_attempt(job: Job, target: Target, attempt: Attempt, started: float) -> None:
+    log.info(
+        "dispatch attempt %s",
+        _kv(
+            job=job.pk,
+            attempt=attempt.number,
+            target=target.name,
+            kind=target.kind,
+            series=job.series_label,
+            outcome=attempt.outcome,
+            state=job.state,
+            sent=attempt.sent,
+            present=attempt.present,
+            warnings=attempt.warnings,
+            failed=attempt.failed,
+            bytes=attempt.bytes_sent,
+            duration=f"{time.monotonic() - started:.2f}",
+            worker=attempt.worker,
+            error=attempt.error,
+        ),
+    )
+
+
+# -- spool -------------------------------------------------------------------------
+
+
+def _inside_spool(folder: Path) -> bool:
+    spool = Path(settings.COURIER_SPOOL_DIR).resolve()
+    return folder.resolve().is_relative_to(spool) and folder.resolve() != spool
+
+
+def cleanup_spool(folder: str) -> bool:
+    """Delete a spool folder once every job for it is done; True if deleted."""
+    jobs = Job.objects.filter(folder=folder, owned_spool=True)
+    if jobs.exclude(state__in=SUCCESS_STATES).exists():
+        return False
+    path = Path(folder)
+    if not path.exists() or not _inside_spool(path):
+        # Never delete outside the spool, whatever a row says.
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    log.info("dispatch spool deleted %s", _kv(folder=folder))
+    return True
+
+
+def expire_spool(now=None) -> int:
+    """Delete spool folders of failed or cancelled jobs older than the retention."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(days=float(settings.COURIER_FAILED_RETENTION_DAYS))
+    folders = (
+        Job.objects.filter(owned_spool=True, state__in=FINISHED_STATES)
+        .values("folder")
+        .annotate(last=Min("finished_at"))
+        .filter(last__lt=cutoff)
+        .values_list("folder", flat=True)
+    )
+    deleted = 0
+    for folder in folders:
+        path = Path(folder)
+        if not path.exists() or not _inside_spool(path):
+            continue
+        jobs = Job.objects.filter(folder=folder)
+        if jobs.exclude(state__in=FINISHED_STATES).exists():
+            continue
+        if jobs.filter(finished_at__gte=cutoff).exists():
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("dispatch spool expired %s", _kv(folder=folder))
+        deleted += 1
+    return deleted
+
+
+# -- sweeping, operator actions ----------------------------------------------------
+
+
+def sweep(now=None) -> int:
+    """Requeue what fell through the cracks; return how many jobs were queued.
+
+    Due retry-wait jobs, jobs whose worker died (lease expired), paused jobs whose
+    target is active again, and queued jobs whose message was lost (a queue flushed
+    or a machine restarted). Safe to run anywhere, any number of times.
+    """
+    now = now or timezone.now()
+    active_targets = Target.objects.filter(enabled=True, paused=False)
+    Job.objects.filter(state=State.PAUSED, target__in=active_targets).update(
+        state=State.QUEUED, last_error="", updated_at=now
+    )
+    target_ids = set(
+        Job.objects.filter(_claimable_q(now)).values_list("target_id", flat=True)
+    )
+    queued = sum(kick_target(tid) for tid in target_ids)
+    # Lease holders that are still alive get a look right after their lease ends,
+    # so a restarted worker resumes a killed one's job without waiting a minute.
+    for job_id, expires in Job.objects.filter(
+        state=State.SENDING, lease_expires_at__gte=now
+    ).values_list("id", "lease_expires_at"):
+        enqueue(job_id, eta=expires + timedelta(seconds=0.5))
+    expire_spool(now)
+    return queued
+
+
+def retry_now(jobs: Iterable[Job]) -> int:
+    """Queue failed, waiting or cancelled jobs again, failed instances included."""
+    count = 0
+    now = timezone.now()
+    for job in jobs:
+        if job.state == State.SENDING:
+            continue
+        with transaction.atomic():
+            job.instances.filter(state=InstanceState.FAILED).update(
+                state=InstanceState.PENDING, message=""
+            )
+            Job.objects.filter(pk=job.pk).update(
+                state=State.QUEUED,
+                not_before=now,
+                finished_at=None,
+                # A new budget of attempts: the operator decided to try again.
+                attempt_count=0
+                if job.state in (State.FAILED, State.CANCELLED)
+                else job.attempt_count,
+                updated_at=now,
+            )
+            kick_target(job.target_id)
+        count += 1
+    return count
+
+
+def cancel(jobs: Iterable[Job]) -> int:
+    """Cancel jobs that are not finished; a sending one stops at its next instance."""
+    now = timezone.now()
+    ids = [j.pk for j in jobs]
+    return (
+        Job.objects.filter(pk__in=ids)
+        .exclude(state__in=FINISHED_STATES)
+        .update(
+            state=State.CANCELLED,
+            finished_at=now,
+            updated_at=now,
+            last_error="cancelled by an operator",
+        )
+    )
+
+
+def pause_targets(targets: Iterable[Target]) -> int:
+    ids = [t.pk for t in targets]
+    return Target.objects.filter(pk__in=ids).update(paused=True)
+
+
+def resume_targets(targets: Iterable[Target]) -> int:
+    ids = [t.pk for t in targets]
+    n = Target.objects.filter(pk__in=ids).update(paused=False)
+    now = timezone.now()
+    for target in Target.objects.filter(pk__in=ids, enabled=True):
+        target.jobs.filter(state=State.PAUSED).update(
+            state=State.QUEUED, last_error="", updated_at=now
+        )
+        kick_target(target.pk)
+    return n
+
+
+# -- the synchronous send (send_series) ----------------------------------------------
+
+
+@dataclass
+class SendReport:
+    job: Job
+    skipped: list[tuple[Path, str]]
+    seconds: float
+
+
+def send_series(
+    target: Target,
+    folder: str | Path,
+    *,
+    context: SendContext | None = None,
+    progress: ProgressHook | None = None,
+    on_start: Callable[[Job], None] | None = None,
+) -> SendReport:
+    """Send every DICOM file under `folder` to `target` now, recording a job.
+
+    The job and its attempt are the record shown in the admin. No automatic retry:
+    the caller sees what happened. Raise `DispatchError` for an empty folder or a
+    target that cannot be sent to (query-only, disabled, paused).
+    """
+    target = target.as_kind()
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DispatchError(f"{folder} is not a folder")
+    waiting = _wait_reason(target)
+    if waiting:
+        raise DispatchError(waiting.split(";")[0] + "; enable or resume it first")
+    series = scan_folder(folder)
+    if not series.instances:
+        raise DispatchError(
+            f"no DICOM files in {folder}"
+            + (
+                f" ({len(series.skipped)} other files skipped)"
+                if series.skipped
+                else ""
+            )
+        )
+    start = time.monotonic()
+    (job,) = create_jobs(
+        folder,
+        [target],
+        context=context,
+        owned_spool=False,
+        source=Source.SEND_SERIES,
+        series=series,
+        enqueue_now=False,
+    )
+    if on_start:
+        on_start(job)
+    result = run_job(job.pk, progress=progress, respect_limit=False, retry=False)
+    job.refresh_from_db()
+    if result is None and job.state == State.QUEUED:
+        # Not claimed (cannot happen without a limit, but never leave it orphaned).
+        enqueue(job)
+    return SendReport(job=job, skipped=series.skipped, seconds=time.monotonic() - start)
+
+
+def queue_series(
+    target: Target, folder: str | Path, *, context: SendContext | None = None
+) -> Job:
+    """Queue the folder for `target` as a job for the workers (send_series --queue)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DispatchError(f"{folder} is not a folder")
+    series = scan_folder(folder)
+    if not series.instances:
+        raise DispatchError(f"no DICOM files in {folder}")
+    (job,) = create_jobs(
+        folder,
+        [target],
+        context=context,
+        owned_spool=False,
+        source=Source.QUEUE,
+        series=series,
+    )
+    return job
+
+
+# -- status ------------------------------------------------------------------------
+
+
+def status_summary(now=None) -> dict:
+    """Counts for the dispatch page, `dispatch_status` and monitoring."""
+    now = now or timezone.now()
+    day_ago = now - timedelta(hours=24)
+    by_state = dict(Job.objects.values_list("state").annotate(n=Count("id")).order_by())
+    oldest = Job.objects.filter(state__in=[State.QUEUED, State.RETRY_WAIT]).aggregate(
+        t=Min("created_at")
+    )["t"]
+    return {
+        "queued": by_state.get(State.QUEUED, 0),
+        "sending": by_state.get(State.SENDING, 0),
+        "retry_wait": by_state.get(State.RETRY_WAIT, 0),
+        "paused": by_state.get(State.PAUSED, 0),
+        "failed_24h": Job.objects.filter(
+            state=State.FAILED, finished_at__gte=day_ago
+        ).count(),
+        "done_24h": Job.objects.filter(
+            state__in=SUCCESS_STATES, finished_at__gte=day_ago
+        ).count(),
+        "oldest_queued_age_s": round((now - oldest).total_seconds(), 1)
+        if oldest
+        else None,
+    }
+
+
+def health() -> tuple[bool, dict]:
+    """Whether the database and the queue answer, and how old the oldest job is."""
+    report: dict = {"database": "ok", "queue": "ok"}
+    ok = True
+    try:
+        connection.ensure_connection()
+        summary = status_summary()
+        report["oldest_queued_age_s"] = summary["oldest_queued_age_s"]
+        report["queued"] = summary["queued"]
+        report["sending"] = summary["sending"]
+    except Exception as exc:
+        ok = False
+        report["database"] = f"error: {type(exc).__name__}"
+    try:
+        from huey.contrib.djhuey import HUEY
+
+        report["queue_pending"] = HUEY.pending_count()
+    except Exception as exc:
+        ok = False
+        report["queue"] = f"error: {type(exc).__name__}"
+    report["ok"] = ok
+    return ok, report

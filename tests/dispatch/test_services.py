@@ -1,0 +1,296 @@
+"""Dispatch services in process, with Folder targets (real files, no peer needed)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from django.utils import timezone
+
+from dispatch import services
+from dispatch.models import Attempt, InstanceState, Job, State
+from targets.kinds.base import SendContext
+from targets.models import Direction, FolderTarget, Target
+from tests.dicomgen import make_series
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def folder_target(path: Path, **kw) -> Target:
+    path.mkdir(parents=True, exist_ok=True)
+    return FolderTarget.objects.create(
+        name=kw.pop("name", f"folder-{path.name}"), path=str(path), **kw
+    )
+
+
+def delivered(root: Path) -> list[Path]:
+    return sorted(
+        p for p in root.rglob("*") if p.is_file() and ".courier" not in str(p)
+    )
+
+
+def test_a_queued_series_is_sent_and_recorded(tmp_path, immediate_huey):
+    series = make_series(tmp_path / "in", 5)
+    target = folder_target(tmp_path / "out")
+    (job,) = services.create_jobs(series.folder, [target], owned_spool=False)
+    job.refresh_from_db()
+    assert job.state == State.DONE
+    assert (job.total, job.sent, job.failed) == (5, 5, 0)
+    assert job.bytes_sent == series.total_bytes
+    assert len(delivered(tmp_path / "out")) == 5
+    attempt = job.attempts.get()
+    assert attempt.outcome == State.DONE and attempt.sent == 5 and attempt.ended_at
+    assert not job.lease_owner
+
+
+def test_a_retry_sends_only_the_instances_not_yet_confirmed(tmp_path, immediate_huey):
+    series = make_series(tmp_path / "in", 6)
+    target = folder_target(tmp_path / "out")
+    (job,) = services.create_jobs(
+        series.folder, [target], owned_spool=False, enqueue_now=False
+    )
+    # Two instances were confirmed by an earlier attempt.
+    done = list(job.instances.order_by("path")[:2])
+    for inst in done:
+        inst.state = InstanceState.SENT
+        inst.save()
+    services.run_job(job.pk)
+    job.refresh_from_db()
+    assert job.state == State.DONE
+    assert job.attempts.get().sent == 4
+    assert len(delivered(tmp_path / "out")) == 4
+
+
+def test_a_transient_error_waits_and_the_next_attempt_completes(
+    tmp_path, immediate_huey
+):
+    series = make_series(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    target = folder_target(out, retry_base_delay=1, retry_max_delay=2)
+    out.rmdir()  # the mount is missing: a transient error
+    (job,) = services.create_jobs(series.folder, [target], owned_spool=False)
+    job.refresh_from_db()
+    assert job.state == State.RETRY_WAIT
+    assert "does not exist" in job.last_error
+    assert job.not_before > timezone.now()
+    out.mkdir()
+    Job.objects.filter(pk=job.pk).update(not_before=timezone.now())
+    services.sweep()
+    job.refresh_from_db()
+    assert job.state == State.DONE and job.attempt_count == 2
+    assert [a.outcome for a in job.attempts.all()] == ["error", "done"]
+
+
+def test_it_gives_up_after_the_targets_max_attempts(tmp_path, immediate_huey):
+    series = make_series(tmp_path / "in", 1)
+    target = folder_target(tmp_path / "out", retry_max_attempts=2)
+    (tmp_path / "out").rmdir()
+    (job,) = services.create_jobs(series.folder, [target], owned_spool=False)
+    Job.objects.filter(pk=job.pk).update(not_before=timezone.now())
+    services.run_job(job.pk)
+    job.refresh_from_db()
+    assert job.state == State.FAILED
+    assert job.last_error.startswith("gave up after 2 attempts")
+
+
+def test_a_permanent_error_fails_at_once_with_the_hint(tmp_path, immediate_huey):
+    series = make_series(tmp_path / "in", 1)
+    target = folder_target(tmp_path / "out")
+    file_instead = tmp_path / "file"
+    file_instead.write_text("x")
+    Target.objects.filter(pk=target.pk).update(path=str(file_instead))
+    (job,) = services.create_jobs(series.folder, [target], owned_spool=False)
+    job.refresh_from_db()
+    assert job.state == State.FAILED
+    assert "is not a folder" in job.last_error
+    assert job.attempt_count == 1
+
+
+def test_a_paused_target_keeps_its_jobs_waiting_until_resumed(tmp_path, immediate_huey):
+    series = make_series(tmp_path / "in", 2)
+    target = folder_target(tmp_path / "out", paused=True)
+    (job,) = services.create_jobs(series.folder, [target], owned_spool=False)
+    job.refresh_from_db()
+    assert job.state == State.PAUSED and "paused" in job.last_error
+    assert not job.attempts.exists()
+    services.resume_targets([target])
+    job.refresh_from_db()
+    assert job.state == State.DONE
+
+
+def test_a_disabled_target_keeps_its_jobs_waiting(tmp_path, immediate_huey):
+    series = make_series(tmp_path / "in", 1)
+    target = folder_target(tmp_path / "out", enabled=False)
+    (job,) = services.create_jobs(series.folder, [target], owned_spool=False)
+    job.refresh_from_db()
+    assert job.state == State.PAUSED and "disabled" in job.last_error
+    Target.objects.filter(pk=target.pk).update(enabled=True)
+    services.sweep()
+    job.refresh_from_db()
+    assert job.state == State.DONE
+
+
+def test_a_query_only_target_is_refused_with_the_reason(tmp_path):
+    series = make_series(tmp_path / "in", 1)
+    target = folder_target(tmp_path / "out")
+    Target.objects.filter(pk=target.pk).update(direction=Direction.QUERY)
+    target.refresh_from_db()
+    with pytest.raises(services.DispatchError, match="query-only"):
+        services.create_jobs(series.folder, [target])
+
+
+def test_exactly_one_worker_claims_a_job(tmp_path):
+    series = make_series(tmp_path / "in", 1)
+    target = folder_target(tmp_path / "out")
+    (job,) = services.create_jobs(
+        series.folder, [target], owned_spool=False, enqueue_now=False
+    )
+    first = services._claim(job.pk, "worker-a", True)
+    second = services._claim(job.pk, "worker-b", True)
+    assert first is not None and second is None
+    job.refresh_from_db()
+    assert job.lease_owner == "worker-a" and job.state == State.SENDING
+
+
+def test_the_per_target_limit_holds_jobs_back(tmp_path):
+    target = folder_target(tmp_path / "out", max_associations=1)
+    jobs = [
+        services.create_jobs(
+            make_series(tmp_path / f"in{i}", 1).folder,
+            [target],
+            owned_spool=False,
+            enqueue_now=False,
+        )[0]
+        for i in range(2)
+    ]
+    assert services._claim(jobs[0].pk, "a", True) is not None
+    assert services._claim(jobs[1].pk, "b", True) is None
+    Target.objects.filter(pk=target.pk).update(max_associations=2)
+    assert services._claim(jobs[1].pk, "b", True) is not None
+
+
+def test_an_expired_lease_is_taken_over_and_the_old_attempt_closed(
+    tmp_path, immediate_huey
+):
+    series = make_series(tmp_path / "in", 3)
+    target = folder_target(tmp_path / "out")
+    (job,) = services.create_jobs(
+        series.folder, [target], owned_spool=False, enqueue_now=False
+    )
+    assert services._claim(job.pk, "dead-worker", True)
+    Attempt.objects.create(job=job, number=1, worker="dead-worker")
+    Job.objects.filter(pk=job.pk).update(
+        lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    services.sweep()
+    job.refresh_from_db()
+    assert job.state == State.DONE and job.lease_owner == ""
+    first, second = job.attempts.all()
+    assert first.outcome == "interrupted" and "dead-worker" in first.error
+    assert second.outcome == "done" and second.sent == 3
+
+
+def test_spool_is_deleted_only_when_every_job_of_the_series_is_done(
+    tmp_path, spool, immediate_huey
+):
+    folder = spool / "series-1"
+    make_series(folder, 2)
+    good = folder_target(tmp_path / "good")
+    bad = folder_target(tmp_path / "bad")
+    (tmp_path / "bad").rmdir()
+    jobs = services.create_jobs(folder, [good, bad], owned_spool=True)
+    states = {j.target_id: Job.objects.get(pk=j.pk).state for j in jobs}
+    assert states == {good.pk: State.DONE, bad.pk: State.RETRY_WAIT}
+    assert folder.exists()
+    (tmp_path / "bad").mkdir()
+    Job.objects.filter(pk=jobs[1].pk).update(not_before=timezone.now())
+    services.sweep()
+    assert Job.objects.get(pk=jobs[1].pk).state == State.DONE
+    assert not folder.exists()
+
+
+def test_failed_spool_is_kept_until_the_retention_ends(tmp_path, spool, settings):
+    folder = spool / "series-2"
+    make_series(folder, 1)
+    target = folder_target(tmp_path / "out")
+    (job,) = services.create_jobs(folder, [target], enqueue_now=False)
+    services.cancel([job])
+    services.expire_spool()
+    assert folder.exists()
+    Job.objects.filter(pk=job.pk).update(
+        finished_at=timezone.now() - timedelta(days=15)
+    )
+    settings.COURIER_FAILED_RETENTION_DAYS = 14
+    services.expire_spool()
+    assert not folder.exists()
+
+
+def test_a_folder_outside_the_spool_is_never_deleted(tmp_path, spool, immediate_huey):
+    series = make_series(tmp_path / "mine", 1)
+    target = folder_target(tmp_path / "out")
+    services.create_jobs(series.folder, [target], owned_spool=True)
+    assert series.folder.exists()
+
+
+def test_the_incoming_aets_are_kept_on_the_job(tmp_path):
+    series = make_series(tmp_path / "in", 1)
+    target = folder_target(tmp_path / "out")
+    (job,) = services.create_jobs(
+        series.folder,
+        [target],
+        context=SendContext(calling_aet="MODALITY", called_aet="COURIER"),
+        enqueue_now=False,
+    )
+    assert (job.calling_aet, job.called_aet) == ("MODALITY", "COURIER")
+
+
+def test_backoff_doubles_with_jitter_and_stops_at_the_cap():
+    target = Target(retry_base_delay=30, retry_max_delay=3600)
+    delays = [services.backoff_delay(target, n) for n in range(1, 10)]
+    assert 24 <= delays[0] <= 36
+    assert 48 <= delays[1] <= 72
+    assert all(d <= 3600 for d in delays)
+    assert delays[-1] >= 2880
+
+
+def test_cancel_stops_a_job_and_retry_now_queues_it_again(tmp_path, immediate_huey):
+    series = make_series(tmp_path / "in", 2)
+    target = folder_target(tmp_path / "out", paused=True)
+    (job,) = services.create_jobs(series.folder, [target], owned_spool=False)
+    assert services.cancel([job]) == 1
+    job.refresh_from_db()
+    assert job.state == State.CANCELLED
+    Target.objects.filter(pk=target.pk).update(paused=False)
+    services.retry_now([job])
+    job.refresh_from_db()
+    assert job.state == State.DONE
+
+
+def test_the_summary_counts_states_and_failures_of_the_last_day(tmp_path):
+    target = folder_target(tmp_path / "out")
+    for state in (State.QUEUED, State.QUEUED, State.SENDING, State.FAILED):
+        Job.objects.create(
+            target=target,
+            folder=str(tmp_path),
+            source="queue",
+            state=state,
+            finished_at=timezone.now() if state == State.FAILED else None,
+        )
+    summary = services.status_summary()
+    assert (summary["queued"], summary["sending"], summary["failed_24h"]) == (2, 1, 1)
+    assert summary["oldest_queued_age_s"] is not None
+
+
+def test_non_dicom_files_are_counted_as_skipped(tmp_path):
+    series = make_series(tmp_path / "in", 1)
+    (series.folder / "notes.txt").write_text("hello")
+    target = folder_target(tmp_path / "out")
+    (job,) = services.create_jobs(series.folder, [target], enqueue_now=False)
+    assert job.skipped == 1 and job.total == 1
+
+
+def test_it_refuses_a_missing_folder(tmp_path):
+    target = folder_target(tmp_path / "out")
+    with pytest.raises(services.DispatchError, match="does not exist"):
+        services.create_jobs(tmp_path / "nope", [target])
