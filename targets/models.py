@@ -389,6 +389,86 @@ class DicomWebTarget(Target):
     def address(self) -> str:
         return self.url
 
+    def clean(self) -> None:
+        super().clean()
+        errors: dict[str, list[str]] = {}
+        url_error = _http_or_file_url_error(self.url, allow_file=True)
+        if url_error:
+            errors.setdefault("url", []).append(url_error)
+        for field in ("qido_prefix", "wado_prefix", "stow_prefix"):
+            value = (getattr(self, field) or "").strip().strip("/")
+            if any(c in value for c in "?#") or " " in value:
+                errors.setdefault(field, []).append(
+                    "A prefix is a path such as dicom-web or rs (no spaces, ? or #)."
+                )
+            setattr(self, field, value)
+        if not (self.url or "").lower().startswith("file://"):
+            if self.auth == "basic":
+                if not self.username:
+                    errors.setdefault("username", []).append(
+                        "Basic authentication needs a username."
+                    )
+                if not self.password:
+                    errors.setdefault("password", []).append(
+                        "Basic authentication needs a password."
+                    )
+            elif self.auth == "bearer" and not self.token:
+                errors.setdefault("token", []).append(
+                    "Bearer authentication needs a token."
+                )
+            ca_error = _ca_bundle_error(self.ca_bundle)
+            if ca_error:
+                errors.setdefault("ca_bundle", []).append(ca_error)
+        if errors:
+            raise ValidationError(errors)
+
+
+def _http_or_file_url_error(url: str, *, allow_file: bool) -> str | None:
+    """Return why `url` is not a usable http(s) (or file://) URL, or None."""
+    from pathlib import Path
+    from urllib.parse import unquote, urlsplit
+
+    if not url:
+        return None
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if scheme == "file" and allow_file:
+        if parts.netloc not in ("", "localhost"):
+            return "A file:// URL names a local folder: file:///path/to/folder."
+        folder = Path(unquote(parts.path))
+        if not folder.is_absolute() or not folder.is_dir():
+            return f"The folder {folder} does not exist on this server."
+        return None
+    if scheme not in ("http", "https"):
+        kinds = "http://, https:// or file://" if allow_file else "http:// or https://"
+        return f"Enter a URL starting with {kinds}."
+    if not parts.hostname:
+        return "The URL has no host name."
+    if parts.username or parts.password:
+        return "Put the username and password in their own fields, not in the URL."
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return "The URL's port is not a number between 1 and 65535."
+    return None
+
+
+def _ca_bundle_error(path: str) -> str | None:
+    """Return why `path` is not a readable PEM CA bundle, or None."""
+    import ssl
+
+    if not path:
+        return None
+    try:
+        ssl.create_default_context(cafile=path)
+    except FileNotFoundError:
+        return f"{path} does not exist on this server."
+    except PermissionError:
+        return f"{path} is not readable by Courier."
+    except (ssl.SSLError, OSError, ValueError):
+        return f"{path} holds no PEM certificate."
+    return None
+
 
 class FolderTarget(Target):
     KIND = Kind.FOLDER

@@ -1,0 +1,319 @@
+"""DICOMweb targets against Orthanc's DICOMweb plugin with HTTP basic auth on."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pydicom
+import pytest
+from django.core.exceptions import ValidationError
+
+from targets.kinds.base import FAILED, PRESENT, SENT, TargetError
+from targets.kinds.dicomweb import MultipartBody, status_in_words
+from targets.models import DicomWebTarget
+from targets.series import scan_folder
+from tests.dicomgen import make_series
+from tests.fixtures.web_peers import ORTHANC_USERS
+from tests.peers import free_port
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def dicomweb_target(url: str, **kwargs) -> DicomWebTarget:
+    values = {
+        "name": "web",
+        "url": url,
+        "auth": "basic",
+        "username": "alice",
+        "password": ORTHANC_USERS["alice"],
+    }
+    values.update(kwargs)
+    return DicomWebTarget(**values)
+
+
+def test_a_series_sent_by_stow_rs_arrives_in_orthanc(orthanc_auth, tmp_path):
+    gen = make_series(tmp_path / "s", 7)
+    target = dicomweb_target(orthanc_auth.dicomweb_url, stow_batch_size=3)
+    seen = []
+
+    result = target.handler.send(scan_folder(gen.folder), progress=seen.append)
+
+    assert result.sent == 7 and result.failed == 0
+    assert [o.status for o in seen] == [SENT] * 7
+    stored = {orthanc_auth.find_instance(uid) for uid in gen.sop_uids}
+    assert None not in stored and len(stored) == 7
+
+
+def test_batches_respect_the_request_size_limit(orthanc_auth, tmp_path):
+    gen = make_series(tmp_path / "s", 5)
+    size = gen.files[0].stat().st_size
+    # Room for two instances per request.
+    target = dicomweb_target(orthanc_auth.dicomweb_url, stow_max_bytes=2 * size + 10)
+    batches = list(target.handler._batches(scan_folder(gen.folder).instances))
+    assert [len(b) for b in batches] == [2, 2, 1]
+    assert target.handler.send(scan_folder(gen.folder)).sent == 5
+
+
+def test_instances_the_server_refuses_are_failed_with_the_reason_in_words(
+    orthanc_auth, tmp_path
+):
+    gen = make_series(tmp_path / "s", 3)
+    # Orthanc refuses an instance without SeriesInstanceUID (FailedSOPSequence,
+    # reason 0xC000); the rest of the request is stored.
+    ds = pydicom.dcmread(gen.files[1])
+    del ds.SeriesInstanceUID
+    ds.save_as(gen.files[1])
+
+    result = dicomweb_target(orthanc_auth.dicomweb_url).handler.send(
+        scan_folder(gen.folder)
+    )
+
+    by_uid = {o.sop_instance_uid: o for o in result.outcomes}
+    assert by_uid[gen.sop_uids[0]].status == SENT
+    assert by_uid[gen.sop_uids[2]].status == SENT
+    refused = by_uid[gen.sop_uids[1]]
+    assert refused.status == FAILED
+    assert "cannot understand (0xC000)" in refused.message
+    assert orthanc_auth.find_instance(gen.sop_uids[1]) is None
+
+
+def test_a_wrong_password_is_a_permanent_authentication_error(orthanc_auth, tmp_path):
+    gen = make_series(tmp_path / "s", 2)
+    target = dicomweb_target(orthanc_auth.dicomweb_url, password="wrong")
+
+    with pytest.raises(TargetError) as exc:
+        target.handler.send(scan_folder(gen.folder))
+
+    assert exc.value.permanent
+    assert "authentication failed" in str(exc.value)
+    assert "401" in str(exc.value)
+    assert "wrong" not in str(exc.value)
+    assert orthanc_auth.find_instance(gen.sop_uids[0]) is None
+
+
+def test_the_test_reports_a_wrong_password_as_an_authentication_failure(orthanc_auth):
+    result = dicomweb_target(orthanc_auth.dicomweb_url, password="wrong").handler.test()
+
+    assert not result.ok
+    checks = {c.name: c for c in result.checks}
+    assert checks["Reachable"].ok
+    assert not checks["Authentication"].ok
+    assert "authentication failed" in checks["Authentication"].message
+    assert "wrong" not in json.dumps(result.as_dict())
+
+
+def test_the_test_reports_missing_credentials_as_an_authentication_failure(
+    orthanc_auth,
+):
+    result = dicomweb_target(orthanc_auth.dicomweb_url, auth="none").handler.test()
+    checks = {c.name: c for c in result.checks}
+    assert not checks["Authentication"].ok
+    assert "requires authentication" in checks["Authentication"].message
+
+
+def test_the_test_passes_reachability_auth_qido_and_stow(orthanc_auth):
+    target = dicomweb_target(orthanc_auth.dicomweb_url, direction="both")
+    result = target.handler.test()
+
+    assert result.ok, result.summary
+    names = [c.name for c in result.checks]
+    assert names == [
+        "Reachable",
+        "Authentication",
+        "QIDO-RS studies?limit=1",
+        "STOW-RS",
+    ]
+    assert "empty STOW-RS request" in result.checks[-1].message
+
+
+def test_a_wrong_stow_prefix_fails_the_stow_check(orthanc_auth):
+    target = dicomweb_target(
+        orthanc_auth.base_url, qido_prefix="dicom-web", stow_prefix="nowhere"
+    )
+    result = target.handler.test()
+    checks = {c.name: c for c in result.checks}
+    assert checks["QIDO-RS studies?limit=1"].ok
+    assert not checks["STOW-RS"].ok
+    assert "check the URL and the STOW prefix" in checks["STOW-RS"].message
+
+
+def test_a_closed_port_is_a_failed_reachability_check_and_a_transient_send_error(
+    tmp_path,
+):
+    url = f"http://127.0.0.1:{free_port()}/dicom-web"
+    result = dicomweb_target(url).handler.test()
+    assert not result.ok
+    assert result.checks[0].name == "Reachable"
+    assert "connection refused" in result.checks[0].message
+
+    gen = make_series(tmp_path / "s", 1)
+    with pytest.raises(TargetError) as exc:
+        dicomweb_target(url).handler.send(scan_folder(gen.folder))
+    assert not exc.value.permanent
+
+
+def test_the_query_client_is_configured_like_the_target(orthanc_auth, tmp_path):
+    gen = make_series(tmp_path / "s", 2)
+    target = dicomweb_target(orthanc_auth.dicomweb_url)
+    target.handler.send(scan_folder(gen.folder))
+
+    client = target.handler.dicomweb_client()
+    found = client.search_for_studies(
+        search_filters={"StudyInstanceUID": gen.study_uid}
+    )
+    assert len(found) == 1
+
+
+def test_a_file_url_writes_the_dicomweb_folder_layout(tmp_path):
+    gen = make_series(tmp_path / "s", 3)
+    dest = tmp_path / "web"
+    dest.mkdir()
+    target = dicomweb_target(f"file://{dest}", auth="none")
+    target.clean()
+
+    result = target.handler.send(scan_folder(gen.folder))
+    again = target.handler.send(scan_folder(gen.folder))
+
+    assert result.sent == 3
+    assert again.count(PRESENT) == 3
+    for uid in gen.sop_uids:
+        path = (
+            dest
+            / "studies"
+            / gen.study_uid
+            / "series"
+            / gen.series_uid
+            / "instances"
+            / f"{uid}.dcm"
+        )
+        assert pydicom.dcmread(path).SOPInstanceUID == uid
+    assert target.handler.test().ok
+
+
+def test_a_file_url_must_name_an_existing_folder(tmp_path):
+    target = dicomweb_target(f"file://{tmp_path}/missing", auth="none")
+    with pytest.raises(ValidationError) as exc:
+        target.clean()
+    assert "does not exist" in str(exc.value.message_dict["url"])
+
+
+@pytest.mark.parametrize(
+    ("values", "field", "words"),
+    [
+        ({"url": "ftp://example.org/"}, "url", "http://, https:// or file://"),
+        ({"url": "https://bob:pw@example.org/"}, "url", "own fields"),
+        (
+            {"url": "https://example.org/", "password": ""},
+            "password",
+            "needs a password",
+        ),
+        (
+            {"url": "https://example.org/", "username": ""},
+            "username",
+            "needs a username",
+        ),
+        ({"url": "https://example.org/", "auth": "bearer"}, "token", "needs a token"),
+        (
+            {"url": "https://example.org/", "ca_bundle": "/nonexistent.pem"},
+            "ca_bundle",
+            "does not exist",
+        ),
+    ],
+)
+def test_bad_settings_are_form_errors(values, field, words):
+    target = dicomweb_target(**values) if "url" in values else dicomweb_target("")
+    with pytest.raises(ValidationError) as exc:
+        target.clean()
+    assert words in " ".join(exc.value.message_dict[field])
+
+
+def test_a_ca_bundle_without_certificates_is_a_form_error(tmp_path):
+    bogus = tmp_path / "ca.pem"
+    bogus.write_text("not a certificate\n")
+    target = dicomweb_target("https://example.org/", ca_bundle=str(bogus))
+    with pytest.raises(ValidationError) as exc:
+        target.clean()
+    assert "no PEM certificate" in " ".join(exc.value.message_dict["ca_bundle"])
+
+
+def test_the_multipart_body_streams_exactly_its_announced_length(tmp_path):
+    gen = make_series(tmp_path / "s", 3)
+    body = MultipartBody(gen.files, boundary="b")
+    data = b"".join(iter(body))
+    assert len(data) == len(body)
+    assert data.count(b"--b\r\nContent-Type: application/dicom\r\n\r\n") == 3
+    assert data.endswith(b"\r\n--b--\r\n")
+    assert gen.files[0].read_bytes() in data
+
+
+def test_status_codes_are_put_in_words():
+    assert status_in_words(0xA700) == "out of resources (0xA700)"
+    assert status_in_words(0xB000) == "coercion of data elements (0xB000)"
+    assert status_in_words(0x0122) == "SOP class not supported (0x0122)"
+
+
+SEND_IN_SUBPROCESS = textwrap.dedent(
+    """
+    import json, os, resource, sys
+    import django
+    django.setup()
+    from targets.models import DicomWebTarget
+    from targets.series import scan_folder
+    series = scan_folder(sys.argv[1])
+    target = DicomWebTarget(name="big", url=sys.argv[2], auth="basic",
+                            username="alice", password=sys.argv[3], stow_batch_size=50)
+    handler = target.handler
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = handler.send(series)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"sent": result.sent, "failed": result.failed,
+                      "before_kb": before, "peak_kb": after}))
+    """
+)
+
+
+def test_a_large_series_is_sent_with_memory_bounded_by_the_stream_not_the_series(
+    orthanc_auth, tmp_path
+):
+    # 500 instances of 531 KB: a 265 MB series, 26 MB per request of 50. The
+    # interpreter with Django and pydicom loaded is already ~100 MB, so the series
+    # must be large for "well under the series size" to mean something.
+    gen = make_series(tmp_path / "big", 500, size=512)
+    series_bytes = gen.total_bytes
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "COURIER_DATA_DIR": str(tmp_path / "data"),
+    }
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SEND_IN_SUBPROCESS,
+            str(gen.folder),
+            orthanc_auth.dicomweb_url,
+            ORTHANC_USERS["alice"],
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert figures["sent"] == 500 and figures["failed"] == 0
+    peak = figures["peak_kb"] * 1024
+    growth = (figures["peak_kb"] - figures["before_kb"]) * 1024
+    assert growth < 16 * 1024**2, figures
+    assert peak < series_bytes / 2, (peak, series_bytes)
+    assert orthanc_auth.find_instance(gen.sop_uids[-1]) is not None
+    shutil.rmtree(gen.folder)
