@@ -91,7 +91,7 @@ class Job(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"job {self.pk}: {self.series_label} → {self.target_id}"
+        return f"job {self.pk}: {self.series_label} → {self.target}"
 
     @property
     def series_label(self) -> str:

@@ -1,2 +1,11 @@
+from __future__ import annotations
 
-urlpatterns: list = []
+from django.urls import path
+
+from . import views
+
+app_name = "dispatch"
+
+urlpatterns = [
+    path("health/", views.health, name="health"),
+]

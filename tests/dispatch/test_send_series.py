@@ -1,0 +1,82 @@
+"""`manage.py send_series`, run as a real subprocess and through call_command."""
+
+from __future__ import annotations
+
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from dispatch.models import Job, Source, State
+from targets.models import FolderTarget
+from tests.dicomgen import make_series
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def target(tmp_path):
+    (tmp_path / "out").mkdir()
+    return FolderTarget.objects.create(name="Folder-A", path=str(tmp_path / "out"))
+
+
+def run(*args) -> tuple[str, str]:
+    out, err = StringIO(), StringIO()
+    call_command("send_series", *args, stdout=out, stderr=err)
+    return out.getvalue(), err.getvalue()
+
+
+def test_it_sends_a_folder_and_prints_a_summary_and_records_the_job(tmp_path, target):
+    series = make_series(tmp_path / "in", 4)
+    (series.folder / "readme.txt").write_text("not dicom")
+    (series.folder / "thumb.png").write_bytes(b"\x89PNG")
+    out, err = run("folder-a", str(series.folder), "--calling-aet", "MOD1")
+    assert "4 sent" in out and "0 failed of 4 instances" in out and "MB in" in out
+    assert "skipped 2 files that are not DICOM" in err
+    job = Job.objects.get()
+    assert job.source == Source.SEND_SERIES and job.state == State.DONE
+    assert job.calling_aet == "MOD1"
+    assert job.attempts.get().sent == 4
+    assert (
+        len(list((tmp_path / "out").rglob("*.dcm")))
+        + len([p for p in (tmp_path / "out").rglob("*") if p.is_file()])
+        >= 4
+    )
+
+
+def test_an_unknown_target_is_a_clear_error(tmp_path, target):
+    with pytest.raises(CommandError, match="no target named 'nope'.*Folder-A"):
+        run("nope", str(tmp_path))
+
+
+def test_an_empty_folder_is_a_clear_error(tmp_path, target):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CommandError, match="no DICOM files"):
+        run("Folder-A", str(tmp_path / "empty"))
+
+
+def test_a_missing_folder_is_a_clear_error(tmp_path, target):
+    with pytest.raises(CommandError, match="does not exist"):
+        run("Folder-A", str(tmp_path / "missing"))
+
+
+def test_a_failed_send_exits_non_zero_with_the_reason(tmp_path, target):
+    series = make_series(tmp_path / "in", 2)
+    FolderTarget.objects.filter(pk=target.pk).update(path=str(tmp_path / "gone"))
+    with pytest.raises(CommandError, match="does not exist"):
+        run("Folder-A", str(series.folder))
+    job = Job.objects.get()
+    assert job.state == State.FAILED  # the command does not retry by itself
+
+
+def test_queue_prints_the_job_id_instead_of_waiting(tmp_path, target, monkeypatch):
+    from dispatch import tasks
+
+    sent = []
+    monkeypatch.setattr(tasks, "run_job_task", lambda job_id: sent.append(job_id))
+    series = make_series(tmp_path / "in", 3)
+    out, _ = run("Folder-A", str(series.folder), "--queue")
+    job = Job.objects.get()
+    assert out.startswith(f"queued job {job.pk}: 3 instances")
+    assert job.state == State.QUEUED and job.source == Source.QUEUE
+    assert sent == [job.pk]
