@@ -1,0 +1,222 @@
+"""Query sources: find studies and series on a target, and retrieve them.
+
+Every queryable target becomes a `Source` through `source_for(target)`: a DICOM target
+answers with C-FIND / C-GET / C-MOVE, a DICOMweb target with QIDO-RS / WADO-RS, and a
+DICOMweb target whose URL is `file://...` from the local-folder index. Sources raise
+`SourceError` with a message in words (never a secret) for anything the page shows.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from targets.models import Target
+
+
+class SourceError(Exception):
+    """A query or retrieve failed; the message is shown to the user as is."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class Cancelled(Exception):
+    """The retrieval was cancelled by the user."""
+
+
+@dataclass
+class Criteria:
+    """What to search for. Empty fields do not restrict the search."""
+
+    patient_id: str = ""
+    patient_name: str = ""
+    accessions: list[str] = field(default_factory=list)
+    date_from: date | None = None
+    date_to: date | None = None
+    modality: str = ""
+    study_description: str = ""
+    study_uid: str = ""
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        for key in ("date_from", "date_to"):
+            out[key] = out[key].isoformat() if out[key] else None
+        return {k: v for k, v in out.items() if v}
+
+    @property
+    def date_range(self) -> str:
+        """The DICOM range form: YYYYMMDD-YYYYMMDD, -YYYYMMDD, YYYYMMDD- or ''."""
+        if not self.date_from and not self.date_to:
+            return ""
+        lo = self.date_from.strftime("%Y%m%d") if self.date_from else ""
+        hi = self.date_to.strftime("%Y%m%d") if self.date_to else ""
+        if lo and lo == hi:
+            return lo
+        return f"{lo}-{hi}"
+
+    def for_accession(self, accession: str) -> Criteria:
+        """A copy restricted to one accession number."""
+        return Criteria(**{**self.__dict__, "accessions": [accession]})
+
+
+_ACCESSION_SPLIT = re.compile(r"[\s,;]+")
+
+
+def parse_accessions(text: str) -> list[str]:
+    """Split a pasted list (commas, spaces, new lines); trim and drop duplicates."""
+    seen: dict[str, None] = {}
+    for part in _ACCESSION_SPLIT.split(text or ""):
+        if part.strip():
+            seen.setdefault(part.strip(), None)
+    return list(seen)
+
+
+@dataclass
+class Study:
+    study_uid: str
+    patient_id: str = ""
+    patient_name: str = ""
+    birth_date: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    accession: str = ""
+    description: str = ""
+    modalities: list[str] = field(default_factory=list)
+    series_count: int | None = None
+    instance_count: int | None = None
+
+
+@dataclass
+class Series:
+    series_uid: str
+    study_uid: str
+    number: int | None = None
+    modality: str = ""
+    description: str = ""
+    instance_count: int | None = None
+
+
+@dataclass
+class StudySearch:
+    studies: list[Study] = field(default_factory=list)
+    # More matches exist than the limit let through.
+    truncated: bool = False
+    # Accessions of the list that matched nothing, in the order given.
+    missing_accessions: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RetrieveRequest:
+    """What to pull: a whole study, or some of its series."""
+
+    study_uid: str
+    series_uids: list[str] = field(default_factory=list)
+    # DICOM only: ask the source to C-MOVE to this AE title instead of C-GET.
+    move_aet: str = ""
+
+
+@dataclass
+class RetrieveResult:
+    completed: int = 0
+    failed: int = 0
+    warnings: int = 0
+    # The source's final word, e.g. "partial: 2 sub-operations failed".
+    message: str = ""
+    # Folders written (one per series) when the instances came to Courier.
+    series_folders: list[Path] = field(default_factory=list)
+
+    @property
+    def partial(self) -> bool:
+        return self.failed > 0
+
+
+# Called with (done, total, failed) as instances arrive; total may be None.
+# It raises `Cancelled` when the user cancelled the retrieval.
+ProgressCallback = Callable[[int, "int | None", int], None]
+
+
+class Source:
+    """A queryable target. Subclasses implement the three operations."""
+
+    def __init__(self, target: Target):
+        self.target = target
+
+    def find_studies(self, criteria: Criteria, limit: int) -> StudySearch:
+        """Return at most `limit` studies matching `criteria`."""
+        raise NotImplementedError
+
+    def find_series(self, study_uid: str) -> list[Series]:
+        """Return the series of one study."""
+        raise NotImplementedError
+
+    def retrieve(
+        self, request: RetrieveRequest, dest: Path, progress: ProgressCallback
+    ) -> RetrieveResult:
+        """Fetch the instances into `dest/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`.
+
+        With `request.move_aet` (DICOM only) the source sends them elsewhere and
+        nothing is written under `dest`.
+        """
+        raise NotImplementedError
+
+    # -- shared helper: a list of accessions is one search per accession ----------
+    def search_accession_list(
+        self,
+        criteria: Criteria,
+        limit: int,
+        one: Callable[[Criteria, int], StudySearch],
+    ) -> StudySearch:
+        if len(criteria.accessions) <= 1:
+            result = one(criteria, limit)
+            if criteria.accessions and not result.studies:
+                result.missing_accessions = list(criteria.accessions)
+            return result
+        out = StudySearch()
+        seen: set[str] = set()
+        for accession in criteria.accessions:
+            found = one(criteria.for_accession(accession), limit)
+            if not found.studies:
+                out.missing_accessions.append(accession)
+            out.truncated |= found.truncated
+            for study in found.studies:
+                if study.study_uid in seen:
+                    continue
+                seen.add(study.study_uid)
+                if len(out.studies) >= limit:
+                    out.truncated = True
+                    continue
+                out.studies.append(study)
+        return out
+
+
+def is_local_folder(target: Target) -> bool:
+    return (target.url or "").startswith("file://")
+
+
+def source_for(target: Target) -> Source:
+    """Return the source that answers for `target` (imports the protocol lazily)."""
+    from targets.models import Kind
+
+    if target.kind == Kind.DICOM:
+        from .dicom import DicomSource
+
+        return DicomSource(target)
+    if target.kind == Kind.DICOMWEB and is_local_folder(target):
+        from .folder import FolderSource
+
+        return FolderSource(target)
+    if target.kind == Kind.DICOMWEB:
+        from .dicomweb import DicomWebSource
+
+        return DicomWebSource(target)
+    raise SourceError(f"{target.get_kind_display()} targets cannot be queried.")
