@@ -8,7 +8,9 @@ validates in `clean()` and declares the admin fieldsets for its settings.
 from __future__ import annotations
 
 import importlib
+import re
 from typing import TYPE_CHECKING, ClassVar
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -495,8 +497,8 @@ class RsyncTarget(Target):
     objects = _kind_manager(Kind.RSYNC)
     connection_fields = (
         "host", "port", "username", "password", "private_key_path", "private_key",
-        "host_key", "path", "layout", "exclude", "run_on_complete", "complete_script",
-        "connect_timeout",
+        "key_passphrase", "host_key", "path", "layout", "exclude", "run_on_complete",
+        "complete_script", "connect_timeout",
     )
     required_fields = ("host", "username", "path")
 
@@ -507,6 +509,20 @@ class RsyncTarget(Target):
     @property
     def address(self) -> str:
         return f"{self.username}@{self.host}:{self.path}"
+
+    def clean(self) -> None:
+        super().clean()
+        _clean_ssh(self)
+        if self.run_on_complete:
+            script = (self.complete_script or "").strip()
+            self.complete_script = script
+            if not script:
+                raise ValidationError(
+                    {"complete_script": "Name the script to run after the transfer."})
+            if any(c in script for c in "\n\r\0\t "):
+                raise ValidationError({"complete_script": (
+                    "Give only the script's file name or path: no spaces; Courier "
+                    "adds the destination folder and target name as arguments.")})
 
 
 class S3Target(Target):
@@ -528,11 +544,43 @@ class S3Target(Target):
         where = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         return f"{where} ({self.endpoint_url})" if self.endpoint_url else where
 
+    def clean(self) -> None:
+        super().clean()
+        errors: dict[str, str] = {}
+        self.endpoint_url = (self.endpoint_url or "").strip().rstrip("/")
+        if self.endpoint_url:
+            error = _endpoint_url_error(self.endpoint_url)
+            if error:
+                errors["endpoint_url"] = error
+        self.bucket = (self.bucket or "").strip()
+        if self.bucket and not _S3_BUCKET.match(self.bucket):
+            errors["bucket"] = (
+                "Enter a bucket name of 3-63 lowercase letters, digits, dots and "
+                "hyphens, starting and ending with a letter or digit."
+            )
+        self.region = (self.region or "").strip()
+        if self.region and not _S3_REGION.match(self.region):
+            errors["region"] = "Enter a region such as eu-central-1 (letters, digits, -)."
+        self.prefix = "/".join(p for p in (self.prefix or "").strip().split("/") if p)
+        if any(p in (".", "..") for p in self.prefix.split("/")):
+            errors["prefix"] = "The prefix cannot contain . or .. parts."
+        if self.access_key_id and not self.secret_key:
+            errors["secret_key"] = "Enter the secret access key for this access key id."
+        for field in ("storage_class", "server_side_encryption"):
+            value = getattr(self, field).strip()
+            setattr(self, field, value)
+            if value and not _S3_TOKEN.match(value):
+                errors[field] = "Use the value as S3 spells it, e.g. STANDARD_IA, AES256."
+        if errors:
+            raise ValidationError(errors)
+
 
 class SftpTarget(Target):
     KIND = Kind.SFTP
     objects = _kind_manager(Kind.SFTP)
-    connection_fields = RsyncTarget.connection_fields[:-4] + (
+    connection_fields = (
+        "host", "port", "username", "password", "private_key_path", "private_key",
+        "key_passphrase", "host_key", "path", "layout", "exclude",
         "write_complete_marker", "connect_timeout",
     )
     required_fields = ("host", "username", "path")
@@ -544,6 +592,71 @@ class SftpTarget(Target):
     @property
     def address(self) -> str:
         return f"{self.username}@{self.host}:{self.path}"
+
+    def clean(self) -> None:
+        super().clean()
+        _clean_ssh(self)
+
+
+_S3_BUCKET = re.compile(r"^(?!\d+\.\d+\.\d+\.\d+$)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_S3_REGION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
+_S3_TOKEN = re.compile(r"^[A-Za-z0-9_:.-]{1,40}$")
+
+
+def _endpoint_url_error(url: str) -> str:
+    """Why `url` is not a usable S3 endpoint URL, or "" (any S3-compatible host)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return "Enter a URL such as https://s3.example.org:9000."
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "Enter an http:// or https:// URL such as https://s3.example.org:9000."
+    if parts.username or parts.password:
+        return ("Do not put credentials in the URL: use the access key id and secret "
+                "fields.")
+    if parts.query or parts.fragment:
+        return "The endpoint URL cannot have a query or fragment."
+    try:
+        validate_host(parts.hostname)
+    except ValidationError:
+        return "The endpoint URL's host is not a valid host name or IP address."
+    return ""
+
+
+def _clean_ssh(target: Target) -> None:
+    """Shared rules for the SSH kinds (SFTP, rsync)."""
+    from targets.kinds.ssh import is_valid_fingerprint, normalise_fingerprint
+
+    errors: dict[str, str] = {}
+    if not target.port:
+        target.port = 22
+    if target.host_key:
+        target.host_key = normalise_fingerprint(target.host_key)
+        if not is_valid_fingerprint(target.host_key):
+            errors["host_key"] = (
+                "Enter a SHA256 fingerprint as ssh-keygen -l shows it "
+                "(SHA256:...), or leave it empty and pin the key from a Test."
+            )
+    if target.private_key_path and not target.private_key_path.startswith("/"):
+        errors["private_key_path"] = "Enter an absolute path (starting with /)."
+    if target.private_key and target.private_key_path:
+        errors["private_key_path"] = (
+            "Give either a key file or a pasted key, not both."
+        )
+    if target.path and any(c in target.path for c in "\n\r\0"):
+        errors["path"] = "The folder cannot contain line breaks."
+    if target.private_key or target.private_key_path:
+        from targets.kinds.base import TargetError
+        from targets.kinds.ssh import load_private_key
+
+        try:
+            load_private_key(target)
+        except TargetError as exc:
+            field = "private_key" if target.private_key else "private_key_path"
+            errors.setdefault(field, exc.message)
+    if errors:
+        raise ValidationError(errors)
 
 
 class XnatTarget(Target):

@@ -1,0 +1,325 @@
+"""S3 targets (boto3): AWS or any S3-compatible store, one object per instance.
+
+Keys are `<prefix>/<layout>/<SOPInstanceUID>.dcm` (layout as for Folder, by default
+`<StudyInstanceUID>/<SeriesInstanceUID>`) with `Content-Type: application/dicom`.
+Uploads run in a bounded thread pool over one client (boto3 clients are thread-safe);
+files above the multipart threshold go through boto3's transfer manager. Objects
+already there with the right size are reported PRESENT, so a retry sends only the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ParamValidationError,
+    ReadTimeoutError,
+)
+
+from targets.models import DEFAULT_LAYOUT
+from targets.series import Instance, LayoutError, Series, render_layout
+from targets.validators import split_globs
+
+from .base import (
+    FAILED,
+    PRESENT,
+    SENT,
+    Handler,
+    Outcome,
+    ProgressCallback,
+    SendContext,
+    SendResult,
+    TargetError,
+    TestResult,
+    instance_outcome,
+)
+from .folder import instance_file_name
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "application/dicom"
+# Enough parallel requests to hide per-request latency; more mostly adds GIL contention.
+UPLOAD_THREADS = 16
+MULTIPART_THRESHOLD = 16 * 1024 * 1024
+MULTIPART_CHUNK = 16 * 1024 * 1024
+READ_TIMEOUT = 120.0
+
+_PERMANENT_CODES = {
+    "SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "NoSuchBucket",
+    "InvalidBucketName", "AuthorizationHeaderMalformed", "PermanentRedirect",
+    "InvalidStorageClass", "InvalidArgument", "InvalidRequest", "AllAccessDisabled",
+    "AccountProblem", "InvalidToken", "ExpiredToken", "KMS.NotFoundException",
+}
+
+
+class S3Handler(Handler):
+    # -- client -------------------------------------------------------------------------
+    def client(self, *, attempts: int = 3, pool: int = UPLOAD_THREADS):
+        target = self.target
+        config = Config(
+            signature_version="s3v4",
+            s3={"addressing_style": target.addressing_style or "auto"},
+            connect_timeout=target.connect_timeout,
+            read_timeout=READ_TIMEOUT,
+            retries={"max_attempts": attempts, "mode": "standard"},
+            max_pool_connections=pool,
+            # boto3's newer default CRC checksums are not understood by every
+            # S3-compatible store, and cost CPU; send them only where required.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        # A session of its own: the default one is shared and not thread-safe to build.
+        session = boto3.session.Session()
+        return session.client(
+            "s3",
+            endpoint_url=target.endpoint_url or None,
+            region_name=target.region or None,
+            aws_access_key_id=target.access_key_id or None,
+            aws_secret_access_key=str(target.secret_key) or None,
+            config=config,
+        )
+
+    @property
+    def key_prefix(self) -> str:
+        return "/".join(p for p in (self.target.prefix or "").split("/") if p)
+
+    def key_for(self, rel: str, name: str) -> str:
+        return "/".join(p for p in (self.key_prefix, rel, name) if p)
+
+    def extra_args(self) -> dict[str, str]:
+        args = {"ContentType": CONTENT_TYPE}
+        if self.target.storage_class:
+            args["StorageClass"] = self.target.storage_class
+        if self.target.server_side_encryption:
+            args["ServerSideEncryption"] = self.target.server_side_encryption
+        return args
+
+    # -- send -------------------------------------------------------------------------
+    def send(
+        self,
+        series: Series,
+        *,
+        progress: ProgressCallback | None = None,
+        context: SendContext | None = None,
+    ) -> SendResult:
+        result = SendResult()
+
+        def report(outcome: Outcome) -> None:
+            result.outcomes.append(outcome)
+            if progress:
+                progress(outcome)
+
+        series = series.excluding(split_globs(self.target.exclude))
+        layout = self.target.layout or DEFAULT_LAYOUT
+        groups: dict[str, list[Instance]] = {}
+        for inst in series.instances:
+            try:
+                rel = render_layout(layout, inst.tags)
+            except LayoutError as exc:
+                report(instance_outcome(inst, FAILED, str(exc)))
+                continue
+            groups.setdefault(rel, []).append(inst)
+        if not groups:
+            return result
+
+        client = self.client()
+        bucket = self.target.bucket
+        todo: list[tuple[Instance, str]] = []
+        for rel, instances in groups.items():
+            existing = self._existing(client, self.key_for(rel, ""), result)
+            seen: set[str] = set()
+            for inst in instances:
+                key = self.key_for(rel, instance_file_name(inst))
+                if key in seen:
+                    report(instance_outcome(inst, PRESENT, "duplicate SOP Instance UID"))
+                elif existing.get(key) == inst.size:
+                    report(instance_outcome(inst, PRESENT))
+                else:
+                    todo.append((inst, key))
+                seen.add(key)
+
+        extra = self.extra_args()
+        transfer = TransferConfig(
+            multipart_threshold=MULTIPART_THRESHOLD,
+            multipart_chunksize=MULTIPART_CHUNK,
+            max_concurrency=4,
+        )
+
+        def upload(inst: Instance, key: str) -> None:
+            if inst.size >= MULTIPART_THRESHOLD:
+                client.upload_file(str(inst.path), bucket, key, ExtraArgs=extra,
+                                   Config=transfer)
+            else:
+                with open(inst.path, "rb") as body:
+                    client.put_object(Bucket=bucket, Key=key, Body=body, **extra)
+
+        self._run_parallel(todo, upload, report)
+        return result
+
+    def _existing(self, client, prefix: str, result: SendResult) -> dict[str, int]:
+        """Key -> size of the objects under a series prefix (for retries)."""
+        found: dict[str, int] = {}
+        try:
+            pages = client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.target.bucket, Prefix=prefix
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    found[obj["Key"]] = obj["Size"]
+        except ClientError as exc:
+            if _code(exc) != "AccessDenied":
+                raise self.error(exc, "listing the bucket") from None
+            # Write-only credentials are a valid set-up: upload everything.
+            note = "listing the bucket is denied: objects already there are sent again"
+            if note not in result.notes:
+                result.notes.append(note)
+        except BotoCoreError as exc:
+            raise self.error(exc, "listing the bucket") from None
+        return found
+
+    def _run_parallel(
+        self,
+        todo: list[tuple[Instance, str]],
+        upload: Callable[[Instance, str], None],
+        report: Callable[[Outcome], None],
+    ) -> None:
+        if not todo:
+            return
+        workers = min(UPLOAD_THREADS, len(todo))
+        with ThreadPoolExecutor(workers, thread_name_prefix="s3-upload") as pool:
+            futures = {pool.submit(upload, inst, key): inst for inst, key in todo}
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    inst = futures[future]
+                    exc = future.exception()
+                    if exc is None:
+                        report(instance_outcome(inst, SENT))
+                        continue
+                    if isinstance(exc, OSError) and not isinstance(
+                        exc, ConnectionError
+                    ):
+                        # The local file went away or cannot be read.
+                        report(instance_outcome(
+                            inst, FAILED, f"cannot read {inst.path}: {exc.strerror}"))
+                        continue
+                    error = self.error(exc, "uploading")
+                    # The target is unusable: stop, and let the retry send the rest.
+                    for other in pending:
+                        other.cancel()
+                    raise error from None
+
+    # -- errors -------------------------------------------------------------------------
+    def error(self, exc: BaseException, doing: str) -> TargetError:
+        """A TargetError in words for a boto3 error; never contains the secret."""
+        bucket = self.target.bucket
+        where = self.target.endpoint_url or "AWS S3"
+        if isinstance(exc, ClientError):
+            code = _code(exc)
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            server_says = exc.response.get("Error", {}).get("Message", "")
+            if code == "SignatureDoesNotMatch":
+                message = ("authentication failed (signature does not match): check "
+                           "the secret access key")
+            elif code == "InvalidAccessKeyId":
+                message = ("authentication failed (the access key id is not known to "
+                           f"{where}): check the access key id")
+            elif code in ("AccessDenied", "AllAccessDisabled") or (
+                status == 403 and code in ("403", "Forbidden")
+            ):
+                message = (f"access denied while {doing} in bucket {bucket!r}: the "
+                           "credentials are valid but lack the permission")
+            elif code == "NoSuchBucket" or (status == 404 and code in ("404",
+                                                                          "NotFound")):
+                message = f"no such bucket {bucket!r} at {where}"
+            elif code == "AuthorizationHeaderMalformed":
+                message = f"wrong region {self.target.region!r}: {server_says}"
+            elif code in ("PermanentRedirect", "301"):
+                message = (f"bucket {bucket!r} is in another region or at another "
+                           "endpoint: set the region")
+            else:
+                message = f"S3 error {code} ({status}) while {doing}: {server_says}"
+            permanent = code in _PERMANENT_CODES or status in (400, 403, 404)
+            return TargetError(self._scrub(message), permanent=permanent)
+        if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
+            return TargetError(f"cannot connect to {where} while {doing}: "
+                               f"{self._scrub(str(exc))}")
+        if isinstance(exc, ReadTimeoutError):
+            return TargetError(f"{where} did not answer within {READ_TIMEOUT:g} s "
+                               f"while {doing}")
+        if isinstance(exc, NoCredentialsError):
+            return TargetError("no credentials: set the access key id and secret",
+                               permanent=True)
+        if isinstance(exc, ParamValidationError):
+            return TargetError(f"invalid request while {doing}: "
+                               f"{self._scrub(str(exc))}", permanent=True)
+        return TargetError(f"{type(exc).__name__} while {doing}: "
+                           f"{self._scrub(str(exc))}")
+
+    def _scrub(self, text: str) -> str:
+        secret = str(self.target.secret_key or "")
+        return text.replace(secret, "********") if secret else text
+
+    # -- test ---------------------------------------------------------------------------
+    def test(self) -> TestResult:
+        result = TestResult()
+        bucket = self.target.bucket
+        client = self.client(attempts=1, pool=2)
+        listing: BaseException | None = None
+        try:
+            client.list_objects_v2(Bucket=bucket, Prefix=self.key_prefix, MaxKeys=1)
+        except (ClientError, BotoCoreError) as exc:
+            listing = exc
+
+        with result.check("credentials") as check:
+            code = _code(listing) if isinstance(listing, ClientError) else ""
+            if listing is not None and (
+                code in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken",
+                         "ExpiredToken")
+                or not isinstance(listing, ClientError)
+            ):
+                raise self.error(listing, "checking the credentials")
+            check.message = (f"the credentials of {self.target.access_key_id} are "
+                             "accepted" if self.target.access_key_id else
+                             "the default credentials are accepted")
+        if result.stopped:
+            return result
+
+        with result.check("bucket reachable") as check:
+            if listing is not None:
+                raise self.error(listing, "listing the bucket")
+            check.message = f"bucket {bucket!r} exists and can be listed"
+        if result.stopped or not self.target.can_store:
+            return result
+
+        with result.check("write probe") as check:
+            key = self.key_for("", f".courier-probe-{uuid.uuid4().hex[:12]}")
+            try:
+                client.put_object(Bucket=bucket, Key=key, Body=b"courier write test\n",
+                                  **self.extra_args())
+            except (ClientError, BotoCoreError) as exc:
+                raise self.error(exc, "writing a probe object") from None
+            try:
+                client.delete_object(Bucket=bucket, Key=key)
+            except (ClientError, BotoCoreError) as exc:
+                error = self.error(exc, "deleting the probe object")
+                raise TargetError(f"the probe object {key} was written but not deleted: "
+                                  f"{error.message}") from None
+            check.message = f"probe object {key} written and deleted"
+        return result
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
