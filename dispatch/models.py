@@ -72,6 +72,9 @@ class Job(models.Model):
     # renews it while it sends; an expired lease means the worker died.
     lease_owner = models.CharField(max_length=200, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
+    # This job's share of the target's parallel connections while it is sending, so
+    # that all jobs of a target together never exceed `Target.max_associations`.
+    associations = models.PositiveSmallIntegerField(default=1)
 
     total = models.PositiveIntegerField("instances", default=0)
     sent = models.PositiveIntegerField(default=0)
@@ -175,3 +178,6 @@ class JobInstance(models.Model):
 
     def __str__(self) -> str:
         return f"{self.path} ({self.state})"
+
+
+from .routing_models import *  # noqa

@@ -96,8 +96,18 @@ def _kv(**fields) -> str:
 
 
 def job_limit(target: Target) -> int:
-    """Jobs sent to `target` at once, across every worker process."""
+    """Connections to `target` at once, across every job and worker process."""
     return max(1, target.max_associations or 1)
+
+
+def _slots_in_use(target_id: int, now, exclude: int | None = None) -> int:
+    """Connections held by the target's running jobs (live leases only)."""
+    running = Job.objects.filter(
+        target_id=target_id, state=State.SENDING, lease_expires_at__gt=now
+    )
+    if exclude is not None:
+        running = running.exclude(pk=exclude)
+    return running.aggregate(n=Sum("associations"))["n"] or 0
 
 
 def backoff_delay(target: Target, attempt: int) -> float:
@@ -219,10 +229,7 @@ def kick_target(target_id: int) -> int:
     target = Target.objects.filter(pk=target_id).first()
     if target is None or _wait_reason(target):
         return 0
-    active = Job.objects.filter(
-        target_id=target_id, state=State.SENDING, lease_expires_at__gt=now
-    ).count()
-    free = job_limit(target) - active
+    free = job_limit(target) - _slots_in_use(target_id, now)
     if free <= 0:
         return 0
     due = Job.objects.filter(target_id=target_id).filter(_claimable_q(now))
@@ -271,16 +278,13 @@ def _claim(job_id: int, worker: str, respect_limit: bool) -> _Claim | None:
                 pk=job_id, state__in=[State.QUEUED, State.RETRY_WAIT]
             ).update(state=State.PAUSED, last_error=waiting)
             return None
-        if respect_limit:
-            active = (
-                Job.objects.filter(
-                    target_id=target.pk, state=State.SENDING, lease_expires_at__gt=now
-                )
-                .exclude(pk=job_id)
-                .count()
-            )
-            if active >= job_limit(target):
-                return None
+        # A job takes as many of the target's free connections as it has
+        # instances left: one big series uses them all, small ones share them.
+        free = job_limit(target) - _slots_in_use(target.pk, now, exclude=job_id)
+        if respect_limit and free <= 0:
+            return None
+        left = max(1, job.total - job.sent - job.present - job.failed)
+        slots = max(1, min(free, left) if respect_limit else job_limit(target))
         claimed = (
             Job.objects.filter(pk=job_id)
             .filter(_claimable_q(now))
@@ -288,6 +292,7 @@ def _claim(job_id: int, worker: str, respect_limit: bool) -> _Claim | None:
                 state=State.SENDING,
                 lease_owner=worker,
                 lease_expires_at=now + _lease(),
+                associations=slots,
                 attempt_count=F("attempt_count") + 1,
                 updated_at=now,
             )
@@ -328,6 +333,8 @@ def run_job(
     if claim is None:
         return None
     job, target = claim.job, claim.target
+    # The handler opens at most the connections this job was given.
+    target.max_associations = job.associations
     attempt = Attempt.objects.create(job=job, number=job.attempt_count, worker=worker)
     started = time.monotonic()
     error: TargetError | None = None

@@ -294,3 +294,18 @@ def test_it_refuses_a_missing_folder(tmp_path):
     target = folder_target(tmp_path / "out")
     with pytest.raises(services.DispatchError, match="does not exist"):
         services.create_jobs(tmp_path / "nope", [target])
+
+
+def test_a_big_job_takes_the_free_connections_and_small_ones_share_them(tmp_path):
+    target = folder_target(tmp_path / "out", max_associations=3)
+
+    def job(n: int, name: str) -> Job:
+        folder = make_series(tmp_path / name, n).folder
+        return services.create_jobs(
+            folder, [target], owned_spool=False, enqueue_now=False
+        )[0]
+
+    small, big, other = job(1, "small"), job(5, "big"), job(1, "other")
+    assert services._claim(small.pk, "a", True).job.associations == 1
+    assert services._claim(big.pk, "b", True).job.associations == 2
+    assert services._claim(other.pk, "c", True) is None
