@@ -59,6 +59,10 @@ HANDLERS: dict[str, str] = {
 QUERYABLE_KINDS = {Kind.DICOM, Kind.DICOMWEB}
 
 DEFAULT_LAYOUT = "{StudyInstanceUID}/{SeriesInstanceUID}"
+# XNAT labels. StudyUIDHash (8 hex digits of the StudyInstanceUID's SHA-1) keeps two
+# studies of one patient on one day apart, even without an AccessionNumber.
+DEFAULT_SUBJECT_TEMPLATE = "{PatientID}"
+DEFAULT_SESSION_TEMPLATE = "{PatientID}_{StudyDate}_{StudyUIDHash}"
 
 
 def _default_calling_aet() -> str:
@@ -215,9 +219,14 @@ class Target(models.Model):
         max_length=20, blank=True, default="DICOM-zip",
         choices=[("DICOM-zip", "DICOM-zip"), ("gradual-DICOM", "gradual-DICOM")],
     )
-    subject_template = models.CharField(max_length=200, blank=True, default="{PatientID}")
+    subject_template = models.CharField(
+        max_length=200, blank=True, default=DEFAULT_SUBJECT_TEMPLATE,
+        help_text="DICOM keywords in braces, e.g. {PatientID}.",
+    )
     session_template = models.CharField(
-        max_length=200, blank=True, default="{PatientID}_{StudyDate}_{AccessionNumber}",
+        max_length=200, blank=True, default=DEFAULT_SESSION_TEMPLATE,
+        help_text="DICOM keywords in braces; {StudyUIDHash} is a short hash of the "
+        "StudyInstanceUID.",
     )
     overwrite = models.CharField(
         max_length=8, blank=True, default="none",
@@ -675,6 +684,44 @@ class XnatTarget(Target):
     @property
     def address(self) -> str:
         return f"{self.url} project {self.project}"
+
+    def clean(self) -> None:
+        super().clean()
+        from pydicom.datadict import tag_for_keyword
+
+        errors: dict[str, list[str]] = {}
+        url_error = _http_or_file_url_error(self.url, allow_file=False)
+        if url_error:
+            errors.setdefault("url", []).append(url_error)
+        if self.username and not self.password:
+            errors.setdefault("password", []).append("XNAT needs the user's password.")
+        self.project = (self.project or "").strip()
+        if self.project and not re.fullmatch(r"[A-Za-z0-9_-]+", self.project):
+            errors.setdefault("project", []).append(
+                "Enter the project ID (letters, digits, _ and -), not its title."
+            )
+        for field in ("subject_template", "session_template"):
+            template = (getattr(self, field) or "").strip()
+            setattr(self, field, template)
+            if not template:
+                continue
+            keys = re.findall(r"\{(\w*)\}", template)
+            if not keys:
+                errors.setdefault(field, []).append(
+                    "Use at least one DICOM keyword in braces, e.g. {PatientID}."
+                )
+            unknown = [
+                k for k in keys
+                if k not in ("StudyUIDHash", "SeriesUIDHash") and tag_for_keyword(k) is None
+            ]
+            if unknown:
+                errors.setdefault(field, []).append(
+                    "Not DICOM keywords: " + ", ".join("{%s}" % k for k in unknown) + "."
+                )
+            if template.count("{") != template.count("}"):
+                errors.setdefault(field, []).append("Unbalanced braces.")
+        if errors:
+            raise ValidationError(errors)
 
 
 PROXIES: dict[str, type[Target]] = {

@@ -1,0 +1,438 @@
+"""XNAT targets: a series zipped from disk and imported in one request.
+
+The login, heartbeat and logout go through the `xnat` package (with
+`no_parse_model=True`: the data model download needs the server's XSDs and nothing
+here uses it). The import itself is one `POST /data/services/import` with the zip
+streamed from a temporary file, so neither the series nor the zip is held in memory.
+Subject and session labels come from templates filled with the series' tags; the
+default session label includes a short hash of the StudyInstanceUID, so two studies
+of one patient on one day never land in the same session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import pydicom
+import requests
+
+from targets.models import DEFAULT_SESSION_TEMPLATE, DEFAULT_SUBJECT_TEMPLATE
+from targets.series import Series
+
+from .base import (
+    SENT,
+    Handler,
+    Outcome,
+    ProgressCallback,
+    SendContext,
+    SendResult,
+    TargetError,
+    TestResult,
+    instance_outcome,
+)
+
+if TYPE_CHECKING:
+    from xnat.session import XNATSession
+
+log = logging.getLogger(__name__)
+
+# Values computed from the tags rather than read from them.
+COMPUTED_KEYS = {
+    "StudyUIDHash": "StudyInstanceUID",
+    "SeriesUIDHash": "SeriesInstanceUID",
+}
+TEMPLATE_KEY = re.compile(r"\{(\w+)\}")
+# XNAT labels allow letters, digits, underscore and hyphen only.
+_LABEL_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+class TemplateError(ValueError):
+    pass
+
+
+def template_keys(template: str) -> list[str]:
+    return TEMPLATE_KEY.findall(template or "")
+
+
+def uid_hash(uid: str) -> str:
+    """Eight hex digits of the UID's SHA-1: short, stable, practically unique."""
+    return hashlib.sha1(uid.encode()).hexdigest()[:8]
+
+
+def render_label(template: str, tags: dict[str, str], what: str) -> str:
+    """Fill an XNAT label template from tags; a missing tag is an error naming it."""
+
+    def fill(match: re.Match) -> str:
+        key = match.group(1)
+        if key in COMPUTED_KEYS:
+            source = tags.get(COMPUTED_KEYS[key], "")
+            if not source:
+                raise TemplateError(
+                    f"the series has no {COMPUTED_KEYS[key]} for {{{key}}} in the "
+                    f"{what} template {template!r}"
+                )
+            return uid_hash(source)
+        value = str(tags.get(key, "") or "").strip()
+        if not value:
+            raise TemplateError(
+                f"the series has no {key} for the {what} template {template!r}"
+            )
+        return _LABEL_UNSAFE.sub("_", value).strip("_") or "_"
+
+    label = TEMPLATE_KEY.sub(fill, template)
+    label = _LABEL_UNSAFE.sub("_", label).strip("_")
+    if not label:
+        raise TemplateError(f"the {what} template {template!r} gives an empty label")
+    return label[:64]
+
+
+class XnatHandler(Handler):
+    @property
+    def base_url(self) -> str:
+        return (self.target.url or "").rstrip("/")
+
+    # -- session --------------------------------------------------------------------
+    def connect(self) -> XNATSession:
+        """Log in with the `xnat` package; errors become TargetErrors in words."""
+        import xnat
+        from xnat.exceptions import XNATError, XNATLoginFailedError
+
+        t = self.target
+        try:
+            return xnat.connect(
+                self.base_url,
+                user=t.username,
+                password=str(t.password),
+                verify=t.verify_tls,
+                no_parse_model=True,
+                default_timeout=t.request_timeout,
+                loglevel="ERROR",
+            )
+        except XNATLoginFailedError:
+            raise TargetError(
+                f"login failed: XNAT refused user {t.username} — check the username "
+                "and password",
+                permanent=True,
+            ) from None
+        except requests.exceptions.SSLError:
+            raise TargetError(
+                f"TLS failed with {self._netloc}: the server's certificate is not "
+                "trusted",
+                permanent=True,
+            ) from None
+        except requests.exceptions.Timeout:
+            raise TargetError(
+                f"no answer from {self._netloc} within {t.request_timeout:g} s"
+            ) from None
+        except requests.exceptions.ConnectionError as exc:
+            raise TargetError(
+                f"cannot connect to {self._netloc}: {_connection_words(exc)}"
+            ) from None
+        except XNATError as exc:
+            raise TargetError(f"XNAT login did not work: {_first_line(exc)}") from None
+
+    @property
+    def _netloc(self) -> str:
+        return urlsplit(self.base_url).netloc or self.base_url
+
+    def _get(self, session: XNATSession, path: str, **params) -> requests.Response:
+        try:
+            return session.interface.get(
+                self.base_url + path, params=params, timeout=self.target.request_timeout
+            )
+        except requests.exceptions.RequestException as exc:
+            raise TargetError(
+                f"XNAT did not answer {path}: {_connection_words(exc)}"
+            ) from None
+
+    def _check_project(self, session: XNATSession) -> None:
+        t = self.target
+        resp = self._get(session, f"/data/projects/{t.project}", format="json")
+        if resp.status_code == 404:
+            raise TargetError(
+                f"project {t.project} does not exist on XNAT (use the project ID, "
+                "not its name)",
+                permanent=True,
+            )
+        if resp.status_code == 403:
+            raise TargetError(
+                f"user {t.username} has no access to project {t.project}",
+                permanent=True,
+            )
+        if resp.status_code == 401:
+            raise TargetError("XNAT dropped the login session", permanent=False)
+        if resp.status_code != 200:
+            raise TargetError(
+                f"XNAT answered HTTP {resp.status_code} for project {t.project}"
+            )
+
+    def _check_write(self, session: XNATSession) -> None:
+        # The projects the user may create subjects in: what XNAT's own upload
+        # assistant asks before an upload.
+        t = self.target
+        resp = self._get(
+            session,
+            "/data/projects",
+            permissions="edit",
+            dataType="xnat:subjectData",
+            format="json",
+        )
+        if resp.status_code != 200:
+            raise TargetError(
+                f"XNAT answered HTTP {resp.status_code} when asked for writable projects"
+            )
+        try:
+            rows = resp.json()["ResultSet"]["Result"]
+        except (ValueError, KeyError, TypeError):
+            raise TargetError(
+                "XNAT's list of writable projects is not readable"
+            ) from None
+        ids = {str(r.get("ID") or r.get("id") or "") for r in rows}
+        if t.project not in ids:
+            raise TargetError(
+                f"user {t.username} may read project {t.project} but not upload to "
+                "it — XNAT needs the member or owner role",
+                permanent=True,
+            )
+
+    # -- labels -----------------------------------------------------------------------
+    def labels(self, series: Series) -> tuple[str, str]:
+        """The (subject, session) labels for a series, from the templates."""
+        t = self.target
+        subject_template = t.subject_template or DEFAULT_SUBJECT_TEMPLATE
+        session_template = t.session_template or DEFAULT_SESSION_TEMPLATE
+        if not series.instances:
+            raise TargetError("the series has no DICOM instances", permanent=True)
+        first = series.instances[0]
+        tags = dict(first.tags)
+        wanted = {
+            COMPUTED_KEYS.get(k, k)
+            for k in template_keys(subject_template) + template_keys(session_template)
+        }
+        missing = [k for k in wanted if k not in tags]
+        if missing:
+            # Keywords beyond the routing tags: read them from the first file.
+            try:
+                ds = pydicom.dcmread(
+                    first.path, stop_before_pixels=True, specific_tags=missing
+                )
+            except (OSError, ValueError) as exc:
+                raise TargetError(f"cannot read {first.path.name}: {exc}") from None
+            for key in missing:
+                value = ds.get(key)
+                if value not in (None, ""):
+                    tags[key] = str(value)
+        try:
+            return (
+                render_label(subject_template, tags, "subject"),
+                render_label(session_template, tags, "session"),
+            )
+        except TemplateError as exc:
+            raise TargetError(str(exc), permanent=True) from None
+
+    # -- send -------------------------------------------------------------------------
+    def send(
+        self,
+        series: Series,
+        *,
+        progress: ProgressCallback | None = None,
+        context: SendContext | None = None,
+    ) -> SendResult:
+        t = self.target
+        result = SendResult()
+        subject, session_label = self.labels(series)
+        with tempfile.TemporaryDirectory(prefix="courier-xnat-") as tmp:
+            archive = Path(tmp) / f"{session_label}.zip"
+            self._zip(series, archive)
+            session = self.connect()
+            try:
+                uri = self._import(session, archive, subject, session_label)
+                self._check_session(session, uri, subject, session_label)
+            finally:
+                try:
+                    session.disconnect()
+                except Exception:  # noqa: BLE001 - logout is best effort
+                    log.debug("XNAT logout failed", exc_info=True)
+        note = f"imported into {t.project} / {subject} / {session_label} ({uri})"
+        result.notes.append(note)
+        for inst in series.instances:
+            outcome: Outcome = instance_outcome(inst, SENT)
+            result.outcomes.append(outcome)
+            if progress:
+                progress(outcome)
+        return result
+
+    def _zip(self, series: Series, archive: Path) -> None:
+        """Zip the series file by file (zipfile streams each member from disk)."""
+        try:
+            with zipfile.ZipFile(
+                archive, "w", zipfile.ZIP_DEFLATED, compresslevel=1
+            ) as zf:
+                for index, inst in enumerate(series.instances):
+                    zf.write(inst.path, f"{index + 1:05d}_{inst.sop_instance_uid}.dcm")
+        except OSError as exc:
+            raise TargetError(f"cannot zip the series: {exc}") from None
+
+    def _import(
+        self, session: XNATSession, archive: Path, subject: str, label: str
+    ) -> str:
+        t = self.target
+        query = {
+            "overwrite": t.overwrite or "none",
+            "dest": f"/{t.destination or 'prearchive'}",
+            "project": t.project,
+            "subject": subject,
+            "session": label,
+            "import-handler": t.import_handler or "DICOM-zip",
+        }
+        try:
+            with open(archive, "rb") as fh:
+                resp = session.interface.post(
+                    self.base_url + "/data/services/import",
+                    params=query,
+                    data=fh,
+                    headers={"Content-Type": "application/zip"},
+                    timeout=t.request_timeout,
+                )
+        except requests.exceptions.Timeout:
+            raise TargetError(
+                f"XNAT did not answer the import within {t.request_timeout:g} s "
+                "(request timeout)"
+            ) from None
+        except requests.exceptions.RequestException as exc:
+            raise TargetError(
+                f"the upload to {self._netloc} broke off: {_connection_words(exc)}"
+            ) from None
+        text = _first_line(resp.text)
+        status = resp.status_code
+        if status == 200 and resp.text.strip().startswith("/data/"):
+            return resp.text.strip()
+        if status == 401:
+            raise TargetError(
+                "XNAT refused the login session for the import", permanent=True
+            )
+        if status == 403:
+            raise TargetError(
+                f"user {t.username} may not upload to project {t.project} ({text})",
+                permanent=True,
+            )
+        if status == 404:
+            raise TargetError(
+                f"project {t.project} does not exist on XNAT ({text})", permanent=True
+            )
+        if status == 409:
+            raise TargetError(
+                f"session {label} already exists in {t.project} and the overwrite "
+                f"policy is {t.overwrite or 'none'} ({text})",
+                permanent=True,
+            )
+        if 400 <= status < 500:
+            raise TargetError(
+                f"XNAT refused the import: HTTP {status} {text}", permanent=True
+            )
+        if status >= 500:
+            raise TargetError(f"XNAT failed the import: HTTP {status} {text}")
+        raise TargetError(
+            f"XNAT answered the import with HTTP {status} but no session URI"
+        )
+
+    def _check_session(
+        self, session: XNATSession, uri: str, subject: str, label: str
+    ) -> None:
+        t = self.target
+        if uri.startswith("/data/prearchive/"):
+            resp = self._get(
+                session, f"/data/prearchive/projects/{t.project}", format="json"
+            )
+            found = False
+            if resp.status_code == 200:
+                try:
+                    rows = resp.json()["ResultSet"]["Result"]
+                except (ValueError, KeyError, TypeError):
+                    rows = []
+                wanted = uri[len("/data") :]
+                found = any(
+                    r.get("url") == wanted or r.get("name") == label for r in rows
+                )
+        else:
+            resp = self._get(
+                session,
+                f"/data/projects/{t.project}/subjects/{subject}/experiments/{label}",
+                format="json",
+            )
+            found = resp.status_code == 200
+        if not found:
+            raise TargetError(
+                f"XNAT accepted the import but session {label} is not there afterwards "
+                f"({uri})"
+            )
+
+    # -- test --------------------------------------------------------------------------
+    def test(self) -> TestResult:
+        result = TestResult()
+        t = self.target
+        with result.check("Reachable") as c:
+            try:
+                resp = requests.get(
+                    self.base_url + "/",
+                    timeout=t.request_timeout,
+                    verify=t.verify_tls,
+                    allow_redirects=True,
+                )
+            except requests.exceptions.SSLError:
+                raise TargetError(
+                    f"TLS failed with {self._netloc}: the certificate is not trusted"
+                ) from None
+            except requests.exceptions.RequestException as exc:
+                raise TargetError(
+                    f"cannot connect to {self._netloc}: {_connection_words(exc)}"
+                ) from None
+            c.message = f"{self._netloc} answered HTTP {resp.status_code}"
+        if result.stopped:
+            return result
+        session = None
+        with result.check("Login") as c:
+            session = self.connect()
+            c.message = f"logged in as {t.username}"
+        if session is None or result.stopped:
+            return result
+        try:
+            with result.check("Project") as c:
+                self._check_project(session)
+                c.message = f"project {t.project} exists and {t.username} can see it"
+            if not result.stopped:
+                with result.check("Upload permission") as c:
+                    self._check_write(session)
+                    c.message = f"{t.username} may upload to {t.project}"
+        finally:
+            try:
+                session.disconnect()
+            except Exception:  # noqa: BLE001 - logout is best effort
+                log.debug("XNAT logout failed", exc_info=True)
+        return result
+
+
+def _first_line(value) -> str:
+    text = re.sub(r"<[^>]+>", " ", str(value))
+    text = " ".join(text.split())
+    return text[:200]
+
+
+def _connection_words(exc: Exception) -> str:
+    text = str(exc)
+    if "Connection refused" in text:
+        return "connection refused (nothing listens on that port)"
+    if "Name or service not known" in text:
+        return "the host name does not resolve"
+    if "timed out" in text.lower():
+        return "the connection timed out"
+    if "Connection aborted" in text or "RemoteDisconnected" in text:
+        return "the server closed the connection"
+    return "connection failed"
