@@ -146,6 +146,21 @@ COURIER_DIMSE_TIMEOUT = env.float("COURIER_DIMSE_TIMEOUT", default=30.0)
 COURIER_JOB_LEASE = env.float("COURIER_JOB_LEASE", default=120.0)
 # Spool folders of failed or cancelled jobs are kept this many days, then deleted.
 COURIER_FAILED_RETENTION_DAYS = env.float("COURIER_FAILED_RETENTION_DAYS", default=14.0)
+# Receiver (manage.py receive, started by runcourier): its port, the calling AE titles
+# it accepts (empty: any), the quiet period after which a series is complete, the free
+# space it keeps on the spool disk (below it: "out of resources"), the target for
+# series no rule matches (a target name; empty keeps them as "unrouted"), and how many
+# days failed and unrouted received series are kept for re-routing.
+COURIER_RECEIVER_PORT = env.int("COURIER_RECEIVER_PORT", default=11112)
+COURIER_RECEIVER_ACCEPTED_CALLING_AETS = env.list(
+    "COURIER_RECEIVER_ACCEPTED_CALLING_AETS", default=[]
+)
+COURIER_SERIES_QUIET_SECONDS = env.float("COURIER_SERIES_QUIET_SECONDS", default=60.0)
+COURIER_MIN_FREE_BYTES = env.int("COURIER_MIN_FREE_BYTES", default=2 * 1024**3)
+COURIER_UNROUTED_DEFAULT_TARGET = env.str("COURIER_UNROUTED_DEFAULT_TARGET", default="")
+COURIER_UNROUTED_RETENTION_DAYS = env.float(
+    "COURIER_UNROUTED_RETENTION_DAYS", default=COURIER_FAILED_RETENTION_DAYS
+)
 
 LOGGING = {
     "version": 1,

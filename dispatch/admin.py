@@ -216,3 +216,5 @@ class JobAdmin(admin.ModelAdmin):
         names = ", ".join(t.name for t in targets)
         services.resume_targets(targets)
         self.message_user(request, f"Resumed {names}.", messages.SUCCESS)
+
+from . import routing_admin  # noqa: E402, F401

@@ -44,3 +44,5 @@ def recover_on_startup() -> None:
             return
         _swept = True
     startup_sweep_task()
+
+from . import routing_tasks  # noqa: E402, F401

@@ -1,0 +1,59 @@
+"""Run Courier's DICOM receiver (C-STORE and C-ECHO SCP) in the foreground."""
+
+from __future__ import annotations
+
+import signal
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from dispatch.receiver import Receiver
+from dispatch.routing import DatabaseRecorder
+
+
+class Command(BaseCommand):
+    help = (
+        "Receive DICOM (C-STORE, C-ECHO) into the spool and hand complete series to "
+        "routing. Settings: COURIER_AE_TITLE, COURIER_RECEIVER_PORT, "
+        "COURIER_RECEIVER_ACCEPTED_CALLING_AETS, COURIER_SERIES_QUIET_SECONDS."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("--port", type=int, default=None)
+        parser.add_argument(
+            "--host", default="0.0.0.0", help="address to listen on (default: all)"
+        )
+        parser.add_argument("--ae-title", default=None)
+
+    def handle(
+        self, *args, port: int | None, host: str, ae_title: str | None, **options
+    ):
+        ae_title = ae_title or settings.COURIER_AE_TITLE
+        port = settings.COURIER_RECEIVER_PORT if port is None else port
+        receiver = Receiver(
+            ae_title=ae_title,
+            port=port,
+            host=host,
+            spool_dir=settings.COURIER_SPOOL_DIR,
+            accepted_calling_aets=settings.COURIER_RECEIVER_ACCEPTED_CALLING_AETS,
+            min_free_bytes=settings.COURIER_MIN_FREE_BYTES,
+            quiet_seconds=settings.COURIER_SERIES_QUIET_SECONDS,
+            recorder=DatabaseRecorder(f"{ae_title}@{port}"),
+        )
+
+        def stop(*_):
+            receiver.request_stop()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        try:
+            receiver.start()
+        except OSError as exc:
+            raise CommandError(f"cannot listen on {host}:{port}: {exc}") from exc
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"Receiving as {ae_title} on {host}:{receiver.port} (Ctrl-C stops)"
+            )
+        )
+        self.stdout.flush()
+        receiver.wait_stopped()

@@ -1,0 +1,636 @@
+"""Courier's DICOM receiver: a C-STORE and C-ECHO SCP writing into the spool.
+
+Every instance is written as it arrived (the peer's encoded bytes behind a file meta
+header, no re-encoding) to `<spool>/incoming/<series folder>/<SOP Instance UID>.dcm`,
+and both the file and its directory are fsynced before the success status goes back:
+an acknowledged image is on disk. Instances are grouped into series by
+(Series Instance UID, calling AE title, called AE title), so the pass-incoming
+switches of DICOM targets have one value per series.
+
+The association threads never touch the database. They keep the open series in
+memory; one bookkeeping thread (`tick()`, once a second) writes counts and times to
+the database through a `Recorder` in batches, and closes series that have been quiet
+for the quiet period. A small JSON file beside each series folder (written with the
+first instance) describes it, so a folder whose database row was never written (a
+crash in between) is adopted on the next start instead of being lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    evt,
+)
+from pynetdicom.sop_class import Verification
+
+from targets.dicomnet import enable_tcp_nodelay
+from targets.series import safe_path_part
+
+log = logging.getLogger("courier.receiver")
+
+# C-STORE statuses (PS3.4 B.2.3).
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC210  # "Failed: cannot understand" range 0xC000-0xCFFF
+PROCESSING_FAILURE = 0x0110
+
+SIDECAR_SUFFIX = ".series.json"
+
+DEFLATED = "1.2.840.10008.1.2.1.99"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_BE = "1.2.840.10008.1.2.2"
+
+# Tags read from the raw bytes of every instance (top level only).
+TAG_SOP_CLASS = 0x00080016
+TAG_SOP_INSTANCE = 0x00080018
+TAG_STUDY_UID = 0x0020000D
+TAG_SERIES_UID = 0x0020000E
+_CAPTURED = (TAG_SOP_CLASS, TAG_SOP_INSTANCE, TAG_STUDY_UID, TAG_SERIES_UID)
+
+# Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
+_LONG_VRS = frozenset(
+    {
+        b"OB",
+        b"OD",
+        b"OF",
+        b"OL",
+        b"OV",
+        b"OW",
+        b"SQ",
+        b"SV",
+        b"UC",
+        b"UN",
+        b"UR",
+        b"UT",
+        b"UV",
+    }
+)
+_ALL_VRS = _LONG_VRS | frozenset(
+    {
+        b"AE",
+        b"AS",
+        b"AT",
+        b"CS",
+        b"DA",
+        b"DS",
+        b"DT",
+        b"FL",
+        b"FD",
+        b"IS",
+        b"LO",
+        b"LT",
+        b"PN",
+        b"SH",
+        b"SL",
+        b"SS",
+        b"ST",
+        b"TM",
+        b"UI",
+        b"UL",
+        b"US",
+    }
+)
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+
+
+class CorruptDataset(ValueError):
+    """The encoded dataset cannot be walked to its end (truncated or not DICOM)."""
+
+
+# -- structural check of the encoded dataset ---------------------------------------
+
+
+class _Walker:
+    """Walk an encoded dataset's elements, checking every length fits.
+
+    pydicom decodes leniently (a truncated value is silently shortened, garbage becomes
+    a few UN elements), so it cannot tell a corrupt dataset from a good one. This walk
+    is cheap (headers only, values are skipped) and strict: ascending tags at each
+    level, known VRs, every length inside the buffer, every undefined-length
+    sequence closed.
+    """
+
+    def __init__(self, buf: bytes, implicit: bool, little: bool):
+        self.buf = buf
+        self.implicit = implicit
+        e = "<" if little else ">"
+        self.tag = struct.Struct(e + "HH")
+        self.u16 = struct.Struct(e + "H")
+        self.u32 = struct.Struct(e + "L")
+        self.captured: dict[int, bytes] = {}
+
+    def _read_tag(self, pos: int, end: int) -> tuple[int, int]:
+        if pos + 8 > end:
+            raise CorruptDataset(f"truncated element header at byte {pos}")
+        group, elem = self.tag.unpack_from(self.buf, pos)
+        return (group << 16) | elem, pos
+
+    def dataset(self, pos: int, end: int, *, top: bool, in_item: bool) -> int:
+        """Walk a dataset from `pos`; return the position after it.
+
+        `in_item`: the dataset is an undefined-length item ending with an item
+        delimiter rather than at `end`.
+        """
+        buf, last = self.buf, -1
+        while pos < end:
+            tag, _ = self._read_tag(pos, end)
+            if tag >> 16 == 0xFFFE:
+                if in_item and tag == _ITEM_END:
+                    return pos + 8
+                raise CorruptDataset(f"unexpected delimiter {tag:08X} at byte {pos}")
+            if tag <= last:
+                raise CorruptDataset(f"tags out of order at byte {pos} ({tag:08X})")
+            last = tag
+            if self.implicit:
+                length = self.u32.unpack_from(buf, pos + 4)[0]
+                pos += 8
+            else:
+                vr = buf[pos + 4 : pos + 6]
+                if vr in _LONG_VRS:
+                    if pos + 12 > end:
+                        raise CorruptDataset(f"truncated element header at byte {pos}")
+                    length = self.u32.unpack_from(buf, pos + 8)[0]
+                    pos += 12
+                elif vr in _ALL_VRS:
+                    length = self.u16.unpack_from(buf, pos + 6)[0]
+                    pos += 8
+                else:
+                    raise CorruptDataset(f"unknown VR {vr!r} at byte {pos + 4}")
+            if length == _UNDEFINED:
+                pos = self.items(pos, end)
+                continue
+            if pos + length > end:
+                raise CorruptDataset(
+                    f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) runs past the end "
+                    f"of the data ({length} bytes at byte {pos} of {end})"
+                )
+            if top and tag in _CAPTURED:
+                self.captured[tag] = buf[pos : pos + length]
+            pos += length
+        if in_item:
+            raise CorruptDataset("item without its delimiter at the end of the data")
+        return pos
+
+    def items(self, pos: int, end: int) -> int:
+        """Walk an undefined-length value: items up to the sequence delimiter."""
+        while True:
+            tag, _ = self._read_tag(pos, end)
+            length = self.u32.unpack_from(self.buf, pos + 4)[0]
+            pos += 8
+            if tag == _SEQ_END:
+                return pos
+            if tag != _ITEM:
+                raise CorruptDataset(f"expected an item at byte {pos - 8}")
+            if length == _UNDEFINED:
+                pos = self.dataset(pos, end, top=False, in_item=True)
+            elif pos + length > end:
+                raise CorruptDataset(
+                    f"item runs past the end of the data at byte {pos}"
+                )
+            else:
+                pos += length
+
+
+def check_dataset(raw: bytes, transfer_syntax: str) -> dict[str, str]:
+    """Check an encoded dataset end to end; return its SOP/Study/Series UIDs.
+
+    Raise `CorruptDataset` if it is truncated, not DICOM, or lacks the UIDs
+    Courier needs to file it.
+    """
+    if transfer_syntax == DEFLATED:
+        try:
+            raw = zlib.decompress(raw, -zlib.MAX_WBITS)
+        except zlib.error as exc:
+            raise CorruptDataset(f"deflated data does not inflate: {exc}") from None
+        implicit, little = False, True
+    else:
+        implicit = transfer_syntax == IMPLICIT_LE
+        little = transfer_syntax != EXPLICIT_BE
+    if not raw:
+        raise CorruptDataset("empty dataset")
+    walker = _Walker(raw, implicit, little)
+    try:
+        walker.dataset(0, len(raw), top=True, in_item=False)
+    except struct.error as exc:  # a header cut short inside a long-VR element
+        raise CorruptDataset(f"truncated data ({exc})") from None
+
+    def uid(tag: int) -> str:
+        value = walker.captured.get(tag, b"")
+        return value.rstrip(b"\x00 ").decode("ascii", "replace")
+
+    found = {
+        "SOPClassUID": uid(TAG_SOP_CLASS),
+        "SOPInstanceUID": uid(TAG_SOP_INSTANCE),
+        "StudyInstanceUID": uid(TAG_STUDY_UID),
+        "SeriesInstanceUID": uid(TAG_SERIES_UID),
+    }
+    for keyword in ("SOPInstanceUID", "SeriesInstanceUID"):
+        if not found[keyword]:
+            raise CorruptDataset(f"the dataset has no {keyword}")
+    return found
+
+
+# -- the series being received --------------------------------------------------------
+
+
+@dataclass
+class OpenSeries:
+    """A series being received, as the receiver keeps it in memory."""
+
+    series_uid: str
+    calling_aet: str
+    called_aet: str
+    peer_address: str
+    folder: Path
+    study_uid: str = ""
+    first_received: datetime = field(default_factory=lambda: datetime.now(UTC))
+    last_received: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # Monotonic time of the last instance, for the quiet period.
+    last_instance_at: float = field(default_factory=time.monotonic)
+    sop_uids: set[str] = field(default_factory=set)
+    bytes: int = 0
+    pk: int | None = None
+    dirty: bool = True
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.series_uid, self.calling_aet, self.called_aet)
+
+    @property
+    def instance_count(self) -> int:
+        return len(self.sop_uids)
+
+    def sidecar(self) -> dict:
+        return {
+            "series_uid": self.series_uid,
+            "study_uid": self.study_uid,
+            "calling_aet": self.calling_aet,
+            "called_aet": self.called_aet,
+            "peer_address": self.peer_address,
+            "first_received": self.first_received.isoformat(),
+        }
+
+
+class Recorder:
+    """Where the receiver's bookkeeping goes. The default keeps nothing (tests)."""
+
+    def restore(self, spool_incoming: Path) -> list[OpenSeries]:
+        """Return the series still open from a previous run (to continue them)."""
+        return []
+
+    def save(self, series: list[OpenSeries]) -> None:
+        """Write new and changed series (creating rows, setting `pk`)."""
+
+    def close(self, series: OpenSeries) -> None:
+        """The series has been quiet for the quiet period: hand it to routing."""
+
+    def refused(self, reason: str, count: int) -> None:
+        """`count` instances were refused for lack of resources (shown in the admin)."""
+
+    def heartbeat(self, info: dict) -> None:
+        """The receiver is alive (called every few seconds)."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (replacing any file there), fsynced."""
+    tmp = path.with_name(f".{path.name}.{threading.get_ident()}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fdatasync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class Receiver:
+    """The C-STORE/C-ECHO SCP. `start()` serves in the background, `stop()` ends it."""
+
+    def __init__(
+        self,
+        *,
+        ae_title: str,
+        port: int,
+        spool_dir: str | Path,
+        host: str = "0.0.0.0",
+        accepted_calling_aets: Iterable[str] = (),
+        min_free_bytes: int = 0,
+        quiet_seconds: float = 60.0,
+        recorder: Recorder | None = None,
+        max_pdu: int = 0,
+        tick_seconds: float = 1.0,
+    ):
+        self.ae_title = ae_title
+        self.host = host
+        self.port = port
+        self.incoming = Path(spool_dir) / "incoming"
+        self.accepted = [a.strip() for a in accepted_calling_aets if a.strip()]
+        self.min_free_bytes = min_free_bytes
+        self.quiet_seconds = quiet_seconds
+        self.recorder = recorder or Recorder()
+        self.max_pdu = max_pdu
+        self.tick_seconds = tick_seconds
+        self._lock = threading.Lock()
+        self._open: dict[tuple[str, str, str], OpenSeries] = {}
+        self._refusals: list[str] = []
+        self._server = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.stats = {"stored": 0, "replaced": 0, "refused": 0, "corrupt": 0}
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def make_ae(self) -> AE:
+        enable_tcp_nodelay()
+        ae = AE(ae_title=self.ae_title)
+        # Receive every storage SOP class in whatever transfer syntax the sender
+        # prefers (compressed ones included): the bytes are stored as they came.
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        ae.maximum_pdu_size = self.max_pdu
+        ae.require_calling_aet = self.accepted
+        # Transparent routing means modalities call Courier with the final
+        # destination's AE title; any called AE title is accepted and recorded.
+        ae.require_called_aet = False
+        ae.maximum_associations = 64
+        ae.acse_timeout = 30
+        ae.dimse_timeout = 60
+        ae.network_timeout = 120
+        return ae
+
+    def start(self) -> None:
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        for series in self.recorder.restore(self.incoming):
+            series.last_instance_at = time.monotonic()
+            self._open[series.key] = series
+        ae = self.make_ae()
+        handlers = [
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_C_ECHO, lambda event: SUCCESS),
+            (evt.EVT_REJECTED, self._log_rejected),
+        ]
+        self._server = ae.start_server(
+            (self.host, self.port), block=False, evt_handlers=handlers
+        )
+        self.port = self._server.server_address[1]
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._run_bookkeeping, name="receiver-bookkeeping", daemon=True
+        )
+        self._thread.start()
+        log.info(
+            "event=receiver_started ae_title=%s port=%s spool=%s accepted_calling=%s",
+            self.ae_title,
+            self.port,
+            self.incoming,
+            ",".join(self.accepted) or "any",
+        )
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+        self.tick(final=True)
+
+    def request_stop(self) -> None:
+        """Ask `wait_stopped()` to return (safe from a signal handler)."""
+        self._stop.set()
+
+    def wait_stopped(self) -> None:
+        """Block until `request_stop()`, then stop serving."""
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+    # -- association handlers (one thread per association) ------------------------
+
+    def _log_rejected(self, event) -> None:
+        rq = event.assoc.requestor
+        log.warning(
+            "event=association_rejected calling_aet=%s peer=%s reason=%s",
+            rq.ae_title,
+            rq.address,
+            "calling AE title not in the accepted list" if self.accepted else "refused",
+        )
+
+    def handle_store(self, event) -> int:
+        rq = event.assoc.requestor
+        calling = rq.ae_title.strip()
+        called = (rq.primitive.called_ae_title or "").strip()
+        peer = f"{rq.address}:{rq.port}"
+        ts = str(event.context.transfer_syntax)
+        raw = event.encoded_dataset(include_meta=False)
+        try:
+            uids = check_dataset(raw, ts)
+        except CorruptDataset as exc:
+            self.stats["corrupt"] += 1
+            log.warning(
+                "event=instance_refused status=0x%04X calling_aet=%s peer=%s "
+                "sop_instance=%s reason=%r",
+                CANNOT_UNDERSTAND,
+                calling,
+                peer,
+                event.request.AffectedSOPInstanceUID,
+                str(exc),
+            )
+            return CANNOT_UNDERSTAND
+        try:
+            free = shutil.disk_usage(self.incoming).free
+        except OSError:
+            free = 0
+        if free - len(raw) < self.min_free_bytes:
+            return self._refuse_full(calling, peer, f"{free} bytes free")
+
+        sop_uid = uids["SOPInstanceUID"]
+        series = self._series_for(uids, calling, called, peer)
+        data = event.encoded_dataset(include_meta=True)
+        path = series.folder / f"{safe_path_part(sop_uid)}.dcm"
+        try:
+            write_durably(path, data)
+        except OSError as exc:
+            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+                return self._refuse_full(calling, peer, exc.strerror or str(exc))
+            log.error(
+                "event=instance_write_failed calling_aet=%s sop_instance=%s error=%r",
+                calling,
+                sop_uid,
+                str(exc),
+            )
+            return OUT_OF_RESOURCES
+        now = datetime.now(UTC)
+        with self._lock:
+            replaced = sop_uid in series.sop_uids
+            series.sop_uids.add(sop_uid)
+            series.last_received = now
+            series.last_instance_at = time.monotonic()
+            series.bytes += len(data)
+            series.dirty = True
+            self.stats["replaced" if replaced else "stored"] += 1
+        return SUCCESS
+
+    def _refuse_full(self, calling: str, peer: str, detail: str) -> int:
+        reason = (
+            f"spool disk nearly full ({detail}, keeping {self.min_free_bytes} bytes "
+            f"free): instances refused with 'out of resources'"
+        )
+        self.stats["refused"] += 1
+        log.error(
+            "event=instance_refused status=0x%04X calling_aet=%s peer=%s reason=%r",
+            OUT_OF_RESOURCES,
+            calling,
+            peer,
+            reason,
+        )
+        with self._lock:
+            self._refusals.append(reason)
+        return OUT_OF_RESOURCES
+
+    def _series_for(
+        self, uids: dict[str, str], calling: str, called: str, peer: str
+    ) -> OpenSeries:
+        key = (uids["SeriesInstanceUID"], calling, called)
+        with self._lock:
+            series = self._open.get(key)
+            if series is not None:
+                return series
+            name = (
+                f"{safe_path_part(uids['SeriesInstanceUID'])}."
+                f"{safe_path_part(calling, 'none')}.{secrets.token_hex(4)}"
+            )
+            series = OpenSeries(
+                series_uid=uids["SeriesInstanceUID"],
+                study_uid=uids["StudyInstanceUID"],
+                calling_aet=calling,
+                called_aet=called,
+                peer_address=peer,
+                folder=self.incoming / name,
+            )
+            # Made under the lock: a second association of the same series waits
+            # for the folder and its description instead of racing to create them.
+            series.folder.mkdir(parents=True)
+            write_durably(
+                self.incoming / f"{name}{SIDECAR_SUFFIX}",
+                json.dumps(series.sidecar()).encode(),
+            )
+            self._open[key] = series
+            log.info(
+                "event=series_started series_uid=%s calling_aet=%s called_aet=%s "
+                "peer=%s folder=%s",
+                series.series_uid,
+                calling,
+                called,
+                peer,
+                series.folder,
+            )
+            return series
+
+    # -- bookkeeping ----------------------------------------------------------------
+
+    def _run_bookkeeping(self) -> None:
+        beat = 0.0
+        while not self._stop.wait(self.tick_seconds):
+            try:
+                self.tick()
+                if time.monotonic() - beat > 5:
+                    beat = time.monotonic()
+                    self.recorder.heartbeat(self.info())
+            except Exception:  # keep receiving even if the database is away
+                log.exception("event=receiver_bookkeeping_failed")
+
+    def info(self) -> dict:
+        with self._lock:
+            open_count = len(self._open)
+        return {
+            "ae_title": self.ae_title,
+            "port": self.port,
+            "open_series": open_count,
+            **self.stats,
+        }
+
+    def tick(self, *, final: bool = False) -> list[OpenSeries]:
+        """Save changed series, close the quiet ones; return the closed ones."""
+        now = time.monotonic()
+        with self._lock:
+            dirty = [s for s in self._open.values() if s.dirty]
+            for s in dirty:
+                s.dirty = False
+            quiet = (
+                []
+                if final
+                else [
+                    s
+                    for s in self._open.values()
+                    if now - s.last_instance_at >= self.quiet_seconds
+                ]
+            )
+            # Out of the map first: an instance arriving from now on starts a new
+            # series (and folder), never lands in one that is being routed.
+            for s in quiet:
+                del self._open[s.key]
+            refusals, self._refusals = self._refusals, []
+        try:
+            if dirty:
+                self.recorder.save(dirty)
+        except Exception:
+            with self._lock:
+                for s in dirty:
+                    s.dirty = True
+                for s in quiet:  # closed on a later tick, once saving works again
+                    self._open.setdefault(s.key, s)
+            raise
+        if refusals:
+            self.recorder.refused(refusals[-1], len(refusals))
+        for s in quiet:
+            self.recorder.close(s)
+            log.info(
+                "event=series_complete series_uid=%s calling_aet=%s instances=%d "
+                "folder=%s",
+                s.series_uid,
+                s.calling_aet,
+                s.instance_count,
+                s.folder,
+            )
+        return quiet
+
+    def open_series(self) -> list[OpenSeries]:
+        with self._lock:
+            return list(self._open.values())

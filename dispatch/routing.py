@@ -1,0 +1,595 @@
+"""Routing: from a received series to dispatch jobs.
+
+The matching is pure functions over plain values (`condition_matches`,
+`rule_matches`, `matching_rules`), so the admin's preview, the tests and the router
+agree by construction. The services below move a `ReceivedSeries` through its states:
+
+    receiving ─(quiet period)→ complete ─(route_series)→ routed | unrouted | failed
+
+`route_series` is idempotent: it locks the row, acts only on a complete series (or
+one being re-routed) and creates the jobs and the new state in one transaction, so a
+worker killed at any point either routed the series completely or not at all, and
+the next sweep finishes the job. Jobs go through `dispatch.services.create_jobs` with
+the spool folder owned by Courier (deleted once every job is done) and the AE titles
+the series arrived with (for the pass-incoming switches).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from functools import lru_cache
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+log = logging.getLogger("courier.routing")
+
+# Tags shown first in the admin's tags summary.
+SUMMARY_KEYWORDS = (
+    "Modality",
+    "PatientID",
+    "PatientName",
+    "AccessionNumber",
+    "StudyDate",
+    "StudyDescription",
+    "SeriesNumber",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "InstitutionName",
+    "StationName",
+    "SOPClassUID",
+)
+# Longer values are not kept in the summary (they are not what rules match on).
+MAX_TAG_TEXT = 256
+
+
+# -- matching: pure functions -------------------------------------------------------
+
+
+@lru_cache(maxsize=512)
+def _wildcard(pattern: str) -> re.Pattern:
+    return re.compile(fnmatch.translate(pattern), re.DOTALL)
+
+
+@lru_cache(maxsize=512)
+def _regex(pattern: str) -> re.Pattern:
+    return re.compile(pattern)
+
+
+def value_matches(operator: str, pattern: str, value: str) -> bool:
+    """Match one text value: `exact`, `wildcard` (* and ?) or `regex` (whole value)."""
+    value = value.strip()
+    if operator == "exact":
+        return value == pattern.strip()
+    if operator == "wildcard":
+        return _wildcard(pattern.strip()).match(value) is not None
+    if operator == "regex":
+        try:
+            return _regex(pattern).fullmatch(value) is not None
+        except re.error:
+            return False  # refused by the form; never raise while routing
+    raise ValueError(f"unknown operator {operator!r}")
+
+
+def condition_matches(
+    fact_name: str, operator: str, pattern: str, facts: Mapping[str, str]
+) -> bool:
+    """Match a condition against a series' facts.
+
+    A multi-valued tag (values separated by a backslash, e.g. ImageType) matches if
+    the whole text or any one of its values does. A missing tag is an empty value.
+    """
+    text = str(facts.get(fact_name, "") or "")
+    if value_matches(operator, pattern, text):
+        return True
+    if "\\" in text:
+        return any(value_matches(operator, pattern, v) for v in text.split("\\"))
+    return False
+
+
+@dataclass
+class RuleSpec:
+    """A rule as plain values: what matching needs and nothing else."""
+
+    name: str
+    match: str  # "all" | "any"
+    conditions: Sequence[tuple[str, str, str]]  # (fact name, operator, value)
+    target_ids: Sequence[int] = field(default_factory=list)
+    pk: int | None = None
+
+
+def rule_matches(rule: RuleSpec, facts: Mapping[str, str]) -> bool:
+    """All (or any) conditions hold. A rule without conditions matches everything."""
+    if not rule.conditions:
+        return True
+    results = (condition_matches(f, op, v, facts) for f, op, v in rule.conditions)
+    return all(results) if rule.match == "all" else any(results)
+
+
+def matching_rules(
+    rules: Iterable[RuleSpec], facts: Mapping[str, str]
+) -> list[RuleSpec]:
+    return [rule for rule in rules if rule_matches(rule, facts)]
+
+
+def targets_of(rules: Iterable[RuleSpec]) -> list[int]:
+    """Target ids of the matched rules, each once, in rule order."""
+    seen: dict[int, None] = {}
+    for rule in rules:
+        for tid in rule.target_ids:
+            seen.setdefault(tid, None)
+    return list(seen)
+
+
+def rule_spec(rule) -> RuleSpec:
+    """Turn a `Rule` (with its conditions and targets) into a `RuleSpec`."""
+    return RuleSpec(
+        name=rule.name,
+        match=rule.match,
+        conditions=[(c.fact_name, c.operator, c.value) for c in rule.conditions.all()],
+        target_ids=[t.pk for t in rule.targets.all()],
+        pk=rule.pk,
+    )
+
+
+def enabled_rule_specs() -> list[RuleSpec]:
+    from .routing_models import Rule
+
+    rules = Rule.objects.filter(enabled=True).prefetch_related("conditions", "targets")
+    return [rule_spec(r) for r in rules]
+
+
+# -- tags summary --------------------------------------------------------------------
+
+
+def tags_summary(path: str | Path) -> dict[str, str]:
+    """Top-level text tags of one instance, keyword -> text (multi-values joined by \\)."""
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    summary: dict[str, str] = {}
+    for elem in ds:
+        if not elem.keyword or elem.VR in (
+            "SQ",
+            "OB",
+            "OW",
+            "OF",
+            "OD",
+            "OL",
+            "OV",
+            "UN",
+            "UT",
+            "UC",
+            "UR",
+        ):
+            continue
+        try:
+            value = elem.value
+            if value is None:
+                continue
+            if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+                text = "\\".join(str(v) for v in value)
+            else:
+                text = str(value)
+        except Exception:  # an odd value must not stop routing
+            continue
+        if len(text) <= MAX_TAG_TEXT:
+            summary[elem.keyword] = text
+    return summary
+
+
+def _first_dicom(folder: Path) -> Path | None:
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".dcm"))
+    except OSError:
+        return None
+    return folder / names[0] if names else None
+
+
+def _count(folder: Path) -> tuple[int, int]:
+    count = size = 0
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                if entry.name.endswith(".dcm") and entry.is_file():
+                    count += 1
+                    size += entry.stat().st_size
+    except OSError:
+        pass
+    return count, size
+
+
+# -- receiving: bookkeeping for the receiver -----------------------------------------
+
+
+def save_open_series(items) -> None:
+    """Create or update the rows of series being received (from the receiver).
+
+    `items` are `receiver.OpenSeries`; each gets its row's `pk`. A row is only
+    updated while it is still receiving.
+    """
+    from .routing_models import ReceivedSeries
+
+    State = ReceivedSeries.State
+    with transaction.atomic():
+        for s in items:
+            if s.pk is None:
+                row, _ = ReceivedSeries.objects.get_or_create(
+                    folder=str(s.folder),
+                    defaults={
+                        "series_uid": s.series_uid[:64],
+                        "study_uid": s.study_uid[:64],
+                        "calling_aet": s.calling_aet[:16],
+                        "called_aet": s.called_aet[:16],
+                        "peer_address": s.peer_address[:100],
+                        "first_received_at": s.first_received,
+                        "last_received_at": s.last_received,
+                        "instance_count": s.instance_count,
+                        "bytes": s.bytes,
+                    },
+                )
+                s.pk = row.pk
+            ReceivedSeries.objects.filter(pk=s.pk, state=State.RECEIVING).update(
+                last_received_at=s.last_received,
+                instance_count=s.instance_count,
+                bytes=s.bytes,
+            )
+
+
+def restore_open_series(incoming: Path):
+    """Series still receiving from an earlier run, as `OpenSeries`, folders adopted.
+
+    A series folder whose row was never written (the receiver died within a second
+    of its first instance) is adopted from its description file beside it.
+    """
+    from .receiver import SIDECAR_SUFFIX, OpenSeries
+    from .routing_models import ReceivedSeries
+
+    known = set(ReceivedSeries.objects.values_list("folder", flat=True))
+    for sidecar in sorted(incoming.glob(f"*{SIDECAR_SUFFIX}")):
+        folder = incoming / sidecar.name[: -len(SIDECAR_SUFFIX)]
+        if str(folder) in known or not folder.is_dir():
+            continue
+        try:
+            meta = json.loads(sidecar.read_text())
+        except (OSError, ValueError):
+            continue
+        count, size = _count(folder)
+        row = ReceivedSeries.objects.create(
+            folder=str(folder),
+            series_uid=meta.get("series_uid", "")[:64],
+            study_uid=meta.get("study_uid", "")[:64],
+            calling_aet=meta.get("calling_aet", "")[:16],
+            called_aet=meta.get("called_aet", "")[:16],
+            peer_address=meta.get("peer_address", "")[:100],
+            first_received_at=datetime.fromisoformat(meta["first_received"])
+            if meta.get("first_received")
+            else timezone.now(),
+            instance_count=count,
+            bytes=size,
+        )
+        log.warning(
+            "event=series_adopted series_uid=%s folder=%s instances=%d",
+            row.series_uid,
+            folder,
+            count,
+        )
+    restored = []
+    for row in ReceivedSeries.objects.filter(state=ReceivedSeries.State.RECEIVING):
+        folder = Path(row.folder)
+        if not folder.is_dir():
+            continue
+        sops = {p.stem for p in folder.glob("*.dcm")}
+        restored.append(
+            OpenSeries(
+                series_uid=row.series_uid,
+                calling_aet=row.calling_aet,
+                called_aet=row.called_aet,
+                peer_address=row.peer_address,
+                folder=folder,
+                study_uid=row.study_uid,
+                first_received=row.first_received_at,
+                last_received=row.last_received_at,
+                sop_uids=sops,
+                bytes=row.bytes,
+                pk=row.pk,
+                dirty=False,
+            )
+        )
+    return restored
+
+
+def complete_series(pk: int) -> bool:
+    """Mark a receiving series complete (counts from disk, tags summary); True if so."""
+    from .routing_models import ReceivedSeries
+
+    State = ReceivedSeries.State
+    row = ReceivedSeries.objects.filter(pk=pk, state=State.RECEIVING).first()
+    if row is None:
+        return False
+    folder = Path(row.folder)
+    count, size = _count(folder)
+    first = _first_dicom(folder)
+    tags: dict[str, str] = {}
+    note = ""
+    if first is not None:
+        try:
+            tags = tags_summary(first)
+        except Exception as exc:  # stored anyway; routing sees no tags
+            note = f"could not read the tags of {first.name}: {exc}"
+    now = timezone.now()
+    new_state = State.COMPLETE if count else State.FAILED
+    if not count:
+        note = "no instance was stored in the series folder"
+    updated = ReceivedSeries.objects.filter(pk=pk, state=State.RECEIVING).update(
+        state=new_state,
+        state_changed_at=now,
+        instance_count=count,
+        bytes=size,
+        tags=tags,
+        note=note,
+    )
+    return bool(updated)
+
+
+def complete_quiet_series(
+    now: datetime | None = None, *, grace: float = 0.0
+) -> list[int]:
+    """Complete series with no new instance for the quiet period (+ `grace` seconds).
+
+    The receiver closes its own series on time; this catches series whose receiver
+    stopped or died (the worker calls it with a grace period so it never races a
+    live receiver).
+    """
+    from .routing_models import ReceivedSeries
+
+    now = now or timezone.now()
+    quiet = timedelta(seconds=float(settings.COURIER_SERIES_QUIET_SECONDS) + grace)
+    due = ReceivedSeries.objects.filter(
+        state=ReceivedSeries.State.RECEIVING, last_received_at__lt=now - quiet
+    ).values_list("pk", flat=True)
+    return [pk for pk in list(due) if complete_series(pk)]
+
+
+@dataclass
+class RouteResult:
+    state: str
+    rules: list[str] = field(default_factory=list)
+    job_ids: list[int] = field(default_factory=list)
+    note: str = ""
+
+
+def _default_target():
+    from targets.models import Target
+
+    name = (settings.COURIER_UNROUTED_DEFAULT_TARGET or "").strip()
+    if not name:
+        return None
+    return Target.objects.filter(name__iexact=name).first()
+
+
+def route_series(pk: int, *, reroute: bool = False) -> RouteResult | None:
+    """Create the dispatch jobs of a complete series; None if it is not routable now.
+
+    Every matched rule's targets get one job each (a target matched by several rules
+    gets one). No match: the default target (`COURIER_UNROUTED_DEFAULT_TARGET`), or
+    the series is kept as unrouted. `reroute=True` routes a routed, unrouted or
+    failed series again with the current rules, skipping targets that already have a
+    job for it that is not failed or cancelled.
+    """
+    from targets.kinds.base import SendContext
+    from targets.models import Target
+
+    from . import services
+    from .models import FINISHED_STATES, SUCCESS_STATES, Source
+    from .routing_models import ReceivedSeries, Rule
+
+    State = ReceivedSeries.State
+    allowed = [State.COMPLETE]
+    if reroute:
+        allowed += [State.ROUTED, State.UNROUTED, State.FAILED]
+    with transaction.atomic():
+        row = (
+            ReceivedSeries.objects.select_for_update()
+            .filter(pk=pk, state__in=allowed)
+            .first()
+        )
+        if row is None:
+            return None
+        now = timezone.now()
+        specs = enabled_rule_specs()
+        matched = matching_rules(specs, row.facts())
+        target_ids = targets_of(matched)
+        note = ""
+        if not matched:
+            default = _default_target()
+            if default is not None:
+                target_ids = [default.pk]
+                note = f"no rule matched: sent to the default target {default.name}"
+        if reroute and target_ids:
+            busy = set(
+                row.jobs.exclude(
+                    state__in=[s for s in FINISHED_STATES if s not in SUCCESS_STATES]
+                ).values_list("target_id", flat=True)
+            )
+            target_ids = [t for t in target_ids if t not in busy]
+        targets = list(Target.objects.filter(pk__in=target_ids))
+        targets.sort(key=lambda t: target_ids.index(t.pk))
+        jobs = []
+        folder = Path(row.folder)
+        if targets and not folder.is_dir():
+            state, note = State.FAILED, f"the spool folder {folder} is gone"
+        elif targets:
+            try:
+                jobs = services.create_jobs(
+                    folder,
+                    targets,
+                    context=SendContext(
+                        calling_aet=row.calling_aet, called_aet=row.called_aet
+                    ),
+                    owned_spool=True,
+                    source=Source.ROUTE,
+                )
+                state = State.ROUTED
+            except services.DispatchError as exc:
+                state, note = State.FAILED, f"jobs could not be created: {exc}"
+        elif matched or (reroute and row.jobs.exists()):
+            state = State.ROUTED
+            note = note or (
+                "already routed to every matching target"
+                if reroute
+                else "the matching rules have no targets"
+            )
+        else:
+            state = State.UNROUTED
+            note = "no rule matched and there is no default target"
+        row.state = state
+        row.state_changed_at = now
+        row.note = note
+        if state == State.ROUTED:
+            row.routed_at = now
+        row.save(update_fields=["state", "state_changed_at", "note", "routed_at"])
+        rules = Rule.objects.filter(pk__in=[r.pk for r in matched])
+        if reroute:
+            row.matched_rules.add(*rules)
+        else:
+            row.matched_rules.set(rules)
+        if jobs:
+            row.jobs.add(*jobs)
+    log.info(
+        "event=series_routed series_uid=%s calling_aet=%s state=%s rules=%s "
+        "jobs=%s note=%r",
+        row.series_uid,
+        row.calling_aet,
+        state,
+        ",".join(r.name for r in matched) or "-",
+        ",".join(str(j.pk) for j in jobs) or "-",
+        note,
+    )
+    return RouteResult(state, [r.name for r in matched], [j.pk for j in jobs], note)
+
+
+def route_pending(now: datetime | None = None) -> int:
+    """Route every complete series not routed yet (a lost message, a killed worker)."""
+    from .routing_models import ReceivedSeries
+
+    pks = list(
+        ReceivedSeries.objects.filter(state=ReceivedSeries.State.COMPLETE)
+        .order_by("last_received_at")
+        .values_list("pk", flat=True)
+    )
+    return sum(1 for pk in pks if route_series(pk) is not None)
+
+
+def preview(specs: Sequence[RuleSpec], *, limit: int = 50):
+    """Recent received series with the rules (of `specs`) each would match."""
+    from .routing_models import ReceivedSeries
+
+    rows = ReceivedSeries.objects.exclude(state=ReceivedSeries.State.RECEIVING)[:limit]
+    return [(row, [r.name for r in matching_rules(specs, row.facts())]) for row in rows]
+
+
+# -- retention -------------------------------------------------------------------------
+
+
+def purge_expired(now: datetime | None = None) -> int:
+    """Delete failed and unrouted series (rows and folders) past their retention.
+
+    Also notes folders removed by dispatch (all jobs done) and removes the
+    description files of folders that are gone.
+    """
+    from .receiver import SIDECAR_SUFFIX
+    from .routing_models import ReceivedSeries
+
+    now = now or timezone.now()
+    State = ReceivedSeries.State
+    cutoff = now - timedelta(days=float(settings.COURIER_UNROUTED_RETENTION_DAYS))
+    spool = Path(settings.COURIER_SPOOL_DIR).resolve()
+    expired = ReceivedSeries.objects.filter(
+        state__in=[State.FAILED, State.UNROUTED], state_changed_at__lt=cutoff
+    ).filter(
+        Q(jobs__isnull=True)
+        | ~Q(jobs__state__in=["queued", "sending", "retry-wait", "paused"])
+    )
+    purged = 0
+    for row in expired.distinct():
+        folder = Path(row.folder)
+        if folder.is_dir() and folder.resolve().is_relative_to(spool):
+            shutil.rmtree(folder, ignore_errors=True)
+        Path(f"{folder}{SIDECAR_SUFFIX}").unlink(missing_ok=True)
+        log.info(
+            "event=series_expired series_uid=%s folder=%s state=%s",
+            row.series_uid,
+            folder,
+            row.state,
+        )
+        row.delete()
+        purged += 1
+    gone = (
+        ReceivedSeries.objects.filter(folder_removed_at__isnull=True)
+        .exclude(state=State.RECEIVING)
+        .values_list("pk", "folder")
+    )
+    for pk, folder in list(gone):
+        if not Path(folder).exists():
+            Path(f"{folder}{SIDECAR_SUFFIX}").unlink(missing_ok=True)
+            ReceivedSeries.objects.filter(pk=pk).update(folder_removed_at=now)
+    return purged
+
+
+# -- receiver bookkeeping through the database -------------------------------------------
+
+
+class DatabaseRecorder:
+    """The receiver's `Recorder`: rows in the database, routing through huey."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def restore(self, spool_incoming: Path):
+        from .routing_models import ReceiverStatus
+
+        ReceiverStatus.objects.update_or_create(
+            name=self.name,
+            defaults={"started_at": timezone.now(), "heartbeat_at": timezone.now()},
+        )
+        return restore_open_series(spool_incoming)
+
+    def save(self, series) -> None:
+        save_open_series(series)
+
+    def close(self, series) -> None:
+        from . import routing_tasks
+
+        if series.pk is not None and complete_series(series.pk):
+            routing_tasks.route_series_task(series.pk)
+
+    def refused(self, reason: str, count: int) -> None:
+        from django.db.models import F
+
+        from .routing_models import ReceiverStatus
+
+        now = timezone.now()
+        ReceiverStatus.objects.filter(name=self.name).update(
+            refused_count=F("refused_count") + count,
+            last_refusal=reason,
+            last_refusal_at=now,
+        )
+
+    def heartbeat(self, info: dict) -> None:
+        from .routing_models import ReceiverStatus
+
+        ReceiverStatus.objects.filter(name=self.name).update(
+            heartbeat_at=timezone.now(), info=info
+        )
