@@ -70,7 +70,7 @@ class Command(BaseCommand):
 
     def extra_processes(self, manage: list[str]) -> dict[str, list[str]]:
         """Further processes to run beside web and worker (e.g. the DICOM receiver)."""
-        return {}
+        return {"receiver": manage + ["receive"]}
 
     def ensure_admin(self) -> None:
         User = get_user_model()
