@@ -1,0 +1,277 @@
+"""Targets in the admin: an overview of every kind, a kind chooser, per-kind forms
+and a real Test button (a POST view added through `get_urls()`)."""
+
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.contrib.admin.utils import quote, unquote
+from django.core.exceptions import PermissionDenied
+from django.forms.models import modelform_factory
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils import timezone
+from django.utils.formats import date_format
+from django.utils.html import format_html, format_html_join
+from django.views.decorators.http import require_POST
+
+from .forms import TargetForm
+from .models import PROXIES, QUERYABLE_KINDS, Kind, Target
+from .services import run_test
+
+DISPATCH_FIELDS = (
+    "max_associations",
+    "retry_max_attempts",
+    "retry_base_delay",
+    "retry_max_delay",
+    "paused",
+)
+
+OK_COLOUR = "#2e7d32"
+FAILED_COLOUR = "#c62828"
+
+
+def _as_target(obj: Target) -> Target:
+    """The concrete `Target` view of a proxy instance (for URLs and the history)."""
+    if type(obj) is Target:
+        return obj
+    base = Target.__new__(Target)
+    base.__dict__ = obj.__dict__.copy()
+    return base
+
+
+def _when(value) -> str:
+    return date_format(timezone.localtime(value), "Y-m-d H:i:s") if value else ""
+
+
+@admin.register(Target)
+class TargetAdmin(admin.ModelAdmin):
+    form = TargetForm
+    list_display = (
+        "name",
+        "kind",
+        "direction",
+        "address_column",
+        "enabled",
+        "last_test_column",
+    )
+    list_display_links = ("name",)
+    list_filter = ("kind", "direction", "enabled")
+    search_fields = ("name", "host", "path", "url", "bucket", "called_aet")
+    actions = ["test_selected"]
+    readonly_fields = ("kind_display", "last_test_display")
+
+    # -- overview -----------------------------------------------------------------------
+    @admin.display(description="address")
+    def address_column(self, obj: Target) -> str:
+        return obj.address
+
+    @admin.display(description="last test", ordering="last_test_at")
+    def last_test_column(self, obj: Target) -> str:
+        if obj.last_test_at is None:
+            return "never"
+        ok = obj.last_test_ok
+        return format_html(
+            '<span class="test-{}" style="color:{};font-weight:bold" title="{}">{}</span>'
+            " {}",
+            "ok" if ok else "failed",
+            OK_COLOUR if ok else FAILED_COLOUR,
+            obj.last_test_message,
+            "ok" if ok else "failed",
+            _when(obj.last_test_at),
+        )
+
+    # -- per-kind forms ---------------------------------------------------------------
+    def _kind(self, request: HttpRequest, obj: Target | None) -> str:
+        if obj is not None:
+            return obj.kind
+        kind = request.GET.get("kind", "")
+        if kind not in PROXIES:
+            raise Http404("Unknown target kind.")
+        return kind
+
+    def get_object(self, request, object_id, from_field=None):
+        obj = super().get_object(request, object_id, from_field)
+        return obj.as_kind() if obj is not None and obj.kind in PROXIES else obj
+
+    def get_fieldsets(self, request, obj=None):
+        proxy = PROXIES[self._kind(request, obj)]
+        fieldsets = [
+            (None, {"fields": ("name", "kind_display", "direction", "enabled")}),
+            ("Connection", {"fields": proxy.connection_fields}),
+            ("Information", {"fields": ("contact_email", "description")}),
+            (
+                "Dispatch",
+                {
+                    "fields": DISPATCH_FIELDS,
+                    "description": "How the worker sends to this target.",
+                },
+            ),
+        ]
+        if obj is not None:
+            fieldsets.insert(1, ("Last test", {"fields": ("last_test_display",)}))
+        return fieldsets
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        form = super().get_form(request, obj, change, **kwargs)
+        proxy = PROXIES[self._kind(request, obj)]
+        # Build the same form for the kind's proxy model, so ModelForm validation
+        # runs the proxy's clean().
+        return modelform_factory(
+            proxy,
+            form=form,
+            fields=form._meta.fields,
+            formfield_callback=form._meta.formfield_callback,
+        )
+
+    @admin.display(description="kind")
+    def kind_display(self, obj: Target | None) -> str:
+        return obj.get_kind_display() if obj is not None else ""
+
+    @admin.display(description="result")
+    def last_test_display(self, obj: Target) -> str:
+        if obj is None or obj.last_test_at is None:
+            return "Not tested yet: press Test above."
+        checks = (obj.last_test_result or {}).get("checks", [])
+        rows = format_html_join(
+            "",
+            '<tr class="check-{}"><td>{}</td><td style="color:{};font-weight:bold">{}'
+            "</td><td>{}</td><td>{} ms</td><td>{}</td></tr>",
+            (
+                (
+                    "ok" if c.get("ok") else "failed",
+                    c.get("name", ""),
+                    OK_COLOUR if c.get("ok") else FAILED_COLOUR,
+                    "ok"
+                    if c.get("ok")
+                    else ("info" if c.get("informational") else "failed"),
+                    c.get("message", ""),
+                    f"{c.get('duration_ms', 0):.0f}",
+                    "; ".join(f"{k}: {v}" for k, v in (c.get("details") or {}).items()),
+                )
+                for c in checks
+            ),
+        )
+        return format_html(
+            '<p><span style="color:{};font-weight:bold">{}</span> at {}: {}</p>'
+            '<table class="test-result"><thead><tr><th>check</th><th>result</th>'
+            "<th>message</th><th>duration</th><th>details</th></tr></thead>"
+            "<tbody>{}</tbody></table>",
+            OK_COLOUR if obj.last_test_ok else FAILED_COLOUR,
+            "passed" if obj.last_test_ok else "failed",
+            _when(obj.last_test_at),
+            obj.last_test_message,
+            rows,
+        )
+
+    # -- add: choose the kind first --------------------------------------------------
+    def add_view(self, request, form_url="", extra_context=None):
+        if request.GET.get("kind") not in PROXIES:
+            return self.kind_chooser_view(request)
+        proxy = PROXIES[request.GET["kind"]]
+        extra_context = {
+            **(extra_context or {}),
+            "title": f"Add {proxy._meta.verbose_name}",
+        }
+        return super().add_view(request, form_url, extra_context)
+
+    def kind_chooser_view(self, request: HttpRequest) -> HttpResponse:
+        if not self.has_add_permission(request):
+            raise PermissionDenied
+        add_url = reverse("admin:targets_target_add", current_app=self.admin_site.name)
+        params = request.GET.copy()
+        params.pop("kind", None)
+        kinds = []
+        for kind, label in Kind.choices:
+            if kind not in PROXIES:
+                continue
+            params["kind"] = kind
+            kinds.append(
+                {
+                    "kind": kind,
+                    "label": label,
+                    "url": f"{add_url}?{params.urlencode()}",
+                    "can_query": kind in QUERYABLE_KINDS,
+                }
+            )
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": "Add target: choose its kind",
+            "kinds": kinds,
+            "has_view_permission": self.has_view_permission(request),
+        }
+        return TemplateResponse(
+            request, "admin/targets/target/choose_kind.html", context
+        )
+
+    # -- history and redirects under the concrete model --------------------------------
+    def response_add(self, request, obj, post_url_continue=None):
+        return super().response_add(request, _as_target(obj), post_url_continue)
+
+    def response_change(self, request, obj):
+        return super().response_change(request, _as_target(obj))
+
+    def log_addition(self, request, obj, message):
+        return super().log_addition(request, _as_target(obj), message)
+
+    def log_change(self, request, obj, message):
+        return super().log_change(request, _as_target(obj), message)
+
+    # -- Test ----------------------------------------------------------------------------
+    def get_urls(self):
+        urls = super().get_urls()
+        return [
+            path(
+                "<path:object_id>/test/",
+                self.admin_site.admin_view(self.test_view),
+                name=f"{self.opts.app_label}_{self.opts.model_name}_test",
+            ),
+        ] + urls
+
+    def test_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        return require_POST(self._test_view)(request, object_id)
+
+    def _test_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        obj = self.get_object(request, unquote(object_id))
+        if obj is None:
+            raise Http404("No such target.")
+        if not self.has_change_permission(request, obj):
+            raise PermissionDenied
+        result = run_test(obj)
+        self._report(request, obj, result)
+        change_url = reverse(
+            "admin:targets_target_change",
+            args=(quote(obj.pk),),
+            current_app=self.admin_site.name,
+        )
+        return HttpResponseRedirect(change_url)
+
+    def _report(self, request, obj: Target, result) -> None:
+        if result.ok:
+            self.message_user(
+                request,
+                f"Test of {obj.name} passed: {result.summary}",
+                messages.SUCCESS,
+            )
+        else:
+            self.message_user(
+                request, f"Test of {obj.name} failed: {result.summary}", messages.ERROR
+            )
+
+    @admin.action(description="Test selected targets", permissions=["change"])
+    def test_selected(self, request: HttpRequest, queryset) -> None:
+        passed = failed = 0
+        for obj in queryset:
+            result = run_test(obj)
+            self._report(request, obj, result)
+            if result.ok:
+                passed += 1
+            else:
+                failed += 1
+        level = messages.SUCCESS if not failed else messages.WARNING
+        self.message_user(
+            request,
+            f"Tested {passed + failed}: {passed} passed, {failed} failed.",
+            level,
+        )

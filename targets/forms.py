@@ -1,0 +1,151 @@
+"""The admin's target form: validation through the kind's proxy, write-only secrets."""
+
+from __future__ import annotations
+
+from django import forms
+from django.utils.html import format_html
+
+from .models import Target
+from .secrets import EncryptedTextField
+
+
+def is_secret_field(model: type[Target], name: str) -> bool:
+    try:
+        return isinstance(model._meta.get_field(name), EncryptedTextField)
+    except Exception:
+        return False
+
+
+class SecretWidget(forms.MultiWidget):
+    """A write-only input: says whether the secret is set, never shows its value.
+
+    The first sub-input takes a new value (blank keeps the current one), the second is
+    a "clear" checkbox, shown only when a value is set.
+    """
+
+    def __init__(self, multiline: bool = False, attrs=None):
+        entry = (
+            forms.Textarea(attrs={"rows": 4, "cols": 64})
+            if multiline
+            else forms.PasswordInput(render_value=False)
+        )
+        super().__init__([entry, forms.CheckboxInput()], attrs)
+        self.is_set = False
+
+    def decompress(self, value):
+        # Whatever the current value is, nothing of it goes back to the browser.
+        return [None, False]
+
+    def render(self, name, value, attrs=None, renderer=None):
+        attrs = dict(attrs or {})
+        base_id = attrs.pop("id", f"id_{name}")
+        entry_attrs = {
+            **attrs,
+            "id": f"{base_id}_0",
+            "autocomplete": "new-password",
+            "placeholder": "leave blank to keep" if self.is_set else "",
+        }
+        entry = self.widgets[0].render(f"{name}_0", None, entry_attrs, renderer)
+        status = "set" if self.is_set else "not set"
+        if not self.is_set:
+            return format_html(
+                '<div class="secret-input"><strong class="secret-status">{}</strong>'
+                "<br>{}</div>",
+                status,
+                entry,
+            )
+        clear = self.widgets[1].render(
+            f"{name}_1", False, {"id": f"{base_id}_1"}, renderer
+        )
+        return format_html(
+            '<div class="secret-input"><strong class="secret-status">{}</strong>'
+            ' <label for="{}_1" class="vCheckboxLabel">{} clear</label><br>{}</div>',
+            status,
+            base_id,
+            clear,
+            entry,
+        )
+
+    def id_for_label(self, id_):
+        return f"{id_}_0" if id_ else id_
+
+
+class SecretField(forms.MultiValueField):
+    """Cleans to `(new_value, clear)`; `TargetForm.clean` turns it into the value."""
+
+    def __init__(self, *, multiline: bool = False, **kwargs):
+        kwargs.pop("max_length", None)
+        kwargs.pop("empty_value", None)
+        kwargs.update(required=False, require_all_fields=False)
+        super().__init__(
+            fields=(
+                forms.CharField(required=False, strip=False),
+                forms.BooleanField(required=False),
+            ),
+            widget=SecretWidget(multiline=multiline),
+            **kwargs,
+        )
+
+    def compress(self, data_list):
+        if not data_list:
+            return ("", False)
+        value, clear = (list(data_list) + ["", False])[:2]
+        return (value or "", bool(clear))
+
+    def has_changed(self, initial, data):
+        value, clear = self.compress(
+            [self.fields[0].clean(d) if i == 0 else d for i, d in enumerate(data or [])]
+        )
+        return bool(value) or clear
+
+
+class TargetForm(forms.ModelForm):
+    """Base form for every kind; the admin builds it for the kind's proxy model.
+
+    Validation is the proxy's `full_clean()` (via ModelForm), so bad settings become
+    form errors. The name is unique without regard to case.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        model = self._meta.model
+        self.secret_fields = [n for n in self.fields if is_secret_field(model, n)]
+        for name in self.secret_fields:
+            old = self.fields[name]
+            field = SecretField(
+                multiline=name == "private_key",
+                label=old.label,
+                help_text=old.help_text
+                or "Stored encrypted; never shown. Leave blank to keep.",
+            )
+            field.widget.is_set = bool(
+                self.instance.pk and getattr(self.instance, name)
+            )
+            self.fields[name] = field
+            # The current value must not reach the page through `initial` either.
+            self.initial.pop(name, None)
+
+    def clean_name(self) -> str:
+        name = (self.cleaned_data.get("name") or "").strip()
+        clash = Target.objects.filter(name__iexact=name)
+        if self.instance.pk:
+            clash = clash.exclude(pk=self.instance.pk)
+        if name and clash.exists():
+            raise forms.ValidationError(
+                "A target named %(other)s already exists (names ignore case).",
+                params={"other": clash.first().name},
+                code="unique_name",
+            )
+        return name
+
+    def clean(self):
+        cleaned = super().clean()
+        for name in self.secret_fields:
+            value, clear = cleaned.get(name) or ("", False)
+            if value:
+                cleaned[name] = value
+            elif clear:
+                cleaned[name] = ""
+            else:
+                cleaned[name] = getattr(self.instance, name, "") or ""
+        return cleaned

@@ -1,0 +1,85 @@
+"""Target services shared by the admin, the `test_target` command and the worker."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+
+from django.utils import timezone
+
+from .kinds.base import Check, TestResult
+from .models import Target
+from .secrets import EncryptedTextField
+
+log = logging.getLogger(__name__)
+
+TEST_FIELDS = ["last_test_at", "last_test_ok", "last_test_message", "last_test_result"]
+
+
+def secret_values(target: Target) -> list[str]:
+    """The target's secrets that are set (to keep them out of anything shown)."""
+    values = []
+    for field in target._meta.get_fields():
+        if isinstance(field, EncryptedTextField):
+            value = getattr(target, field.attname, "")
+            if value:
+                values.append(str(value))
+    return values
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "********")
+    return text
+
+
+def run_test(target: Target) -> TestResult:
+    """Run the target's checks for real, store the outcome on it and return it.
+
+    Never raises for anything the handler does: an unexpected exception becomes a
+    failed check ("internal error: <type>") and a log line without the exception's
+    message (which could hold a secret). Only the last-test columns are written, so
+    a test never overwrites an edit made meanwhile.
+    """
+    target = target.as_kind()
+    try:
+        result = target.handler.test()
+        if not isinstance(result, TestResult):
+            raise TypeError(f"test() returned {type(result).__name__}")
+    except Exception as exc:
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = " < ".join(f"{f.filename}:{f.lineno}" for f in reversed(frames[-5:]))
+        log.error(
+            "target test crashed target=%s kind=%s error=%s at=%s",
+            target.pk,
+            target.kind,
+            type(exc).__name__,
+            where,
+        )
+        result = TestResult(
+            checks=[
+                Check(
+                    name="test",
+                    ok=False,
+                    message=f"internal error: {type(exc).__name__} (see the log)",
+                )
+            ]
+        )
+
+    # Defence in depth: a handler's message must not echo a secret back.
+    secrets = secret_values(target)
+    for check in result.checks:
+        check.message = redact(str(check.message), secrets)
+        check.details = {
+            str(k): redact(str(v), secrets) for k, v in (check.details or {}).items()
+        }
+
+    target.last_test_at = timezone.now()
+    target.last_test_ok = result.ok
+    target.last_test_message = result.summary if result.checks else "No checks ran."
+    target.last_test_result = result.as_dict()
+    if target.pk is not None:
+        Target.objects.filter(pk=target.pk).update(
+            **{name: getattr(target, name) for name in TEST_FIELDS}
+        )
+    return result
