@@ -8,6 +8,7 @@ arrives, so memory holds one network chunk, never a series.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -109,9 +110,28 @@ class DicomWebSource(Source):
             f":{parts.port}" if parts.port else ""
         )
 
-    def _get(self, url: str, what: str, **kwargs) -> requests.Response:
+    def _get(
+        self,
+        url: str,
+        what: str,
+        *,
+        query: str = "",
+        headers: dict | None = None,
+        stream: bool = False,
+    ) -> requests.Response:
+        prepared = self.session.prepare_request(
+            requests.Request("GET", url, headers=headers)
+        )
+        if query:
+            # Set after preparing, so requests does not re-encode it (see qido_query).
+            prepared.url = f"{prepared.url}?{query}"
         try:
-            resp = self.session.get(url, timeout=self.target.request_timeout, **kwargs)
+            resp = self.session.send(
+                prepared,
+                stream=stream,
+                timeout=self.target.request_timeout,
+                verify=self.session.verify,
+            )
         except requests.exceptions.SSLError as exc:
             raise SourceError(
                 f"TLS failed with {self.where}: {exc.__class__.__name__} "
@@ -147,11 +167,11 @@ class DicomWebSource(Source):
                 + "."
             )
 
-    def _qido(self, path: str, params: list[tuple[str, str]]) -> list[dict]:
+    def _qido(self, path: str, query: str) -> list[dict]:
         resp = self._get(
             f"{self.qido}/{path}",
             "QIDO-RS",
-            params=params,
+            query=query,
             headers={"Accept": "application/dicom+json"},
         )
         if resp.status_code in (204, 404) and path != "studies":
@@ -175,21 +195,21 @@ class DicomWebSource(Source):
         return self.search_accession_list(criteria, limit, self._find_studies)
 
     def _find_studies(self, criteria: Criteria, limit: int) -> StudySearch:
-        params: list[tuple[str, str]] = []
-        for keyword, value in (
-            ("PatientID", criteria.patient_id),
-            ("PatientName", criteria.patient_name),
-            ("AccessionNumber", criteria.accessions[0] if criteria.accessions else ""),
-            ("StudyDate", criteria.date_range),
-            ("StudyDescription", criteria.study_description),
-            ("ModalitiesInStudy", criteria.modality.upper()),
-            ("StudyInstanceUID", criteria.study_uid),
-        ):
-            if value:
-                params.append((keyword, value))
-        params += [("includefield", T[k]) for k in STUDY_FIELDS]
-        params.append(("limit", str(limit + 1)))
-        found = self._qido("studies", params)
+        accession = criteria.accessions[0] if criteria.accessions else ""
+        query, checks = qido_query(
+            [
+                ("PatientID", criteria.patient_id, False),
+                ("PatientName", criteria.patient_name, True),
+                ("AccessionNumber", accession, False),
+                ("StudyDescription", criteria.study_description, True),
+                ("StudyDate", criteria.date_range, False),
+                ("ModalitiesInStudy", criteria.modality.upper(), False),
+                ("StudyInstanceUID", criteria.study_uid, False),
+            ]
+        )
+        query += "".join(f"&includefield={T[k]}" for k in STUDY_FIELDS)
+        query += f"&limit={limit + 1}"
+        found = self._qido("studies", query.lstrip("&"))
         studies = [
             Study(
                 study_uid=_text(r, "StudyInstanceUID"),
@@ -207,14 +227,19 @@ class DicomWebSource(Source):
                 series_count=_int(r, "NumberOfStudyRelatedSeries"),
                 instance_count=_int(r, "NumberOfStudyRelatedInstances"),
             )
-            for r in found[:limit]
+            for r in found
         ]
+        for keyword, pattern in checks:
+            attr = STUDY_ATTRS[keyword]
+            studies = [s for s in studies if pattern.fullmatch(getattr(s, attr))]
+        truncated = len(studies) > limit
+        studies = studies[:limit]
         studies.sort(key=lambda s: (s.study_date, s.study_time), reverse=True)
-        return StudySearch(studies=studies, truncated=len(found) > limit)
+        return StudySearch(studies=studies, truncated=truncated or len(found) > limit)
 
     def find_series(self, study_uid: str) -> list[Series]:
-        params = [("includefield", T[k]) for k in SERIES_FIELDS]
-        found = self._qido(f"studies/{study_uid}/series", params)
+        query = "&".join(f"includefield={T[k]}" for k in SERIES_FIELDS)
+        found = self._qido(f"studies/{study_uid}/series", query)
         series = [
             Series(
                 series_uid=_text(r, "SeriesInstanceUID"),
@@ -295,6 +320,47 @@ class DicomWebSource(Source):
                     "WADO-RS did not answer with a multipart/related body."
                 )
             write_parts(resp.iter_content(CHUNK), boundary, dest, stored)
+
+
+STUDY_ATTRS = {
+    "PatientID": "patient_id",
+    "PatientName": "patient_name",
+    "AccessionNumber": "accession",
+    "StudyDescription": "description",
+}
+# Sent as they are in a query value; everything else would need percent-encoding.
+_PLAIN = re.compile(r"[A-Za-z0-9._~*?-]")
+
+
+def qido_query(
+    matches: list[tuple[str, str, bool]],
+) -> tuple[str, list[tuple[str, re.Pattern]]]:
+    """Build a QIDO-RS query string and the checks to apply to its answers.
+
+    Orthanc's DICOMweb plugin (1.7) does not percent-decode query values, so
+    "CT%20CHEST" or "DOE%5E*" match nothing there. Values are therefore sent
+    unencoded; a character that would need encoding (a space, `%`, `&`, ...) is sent
+    as the wildcard `*` instead (`?` there made Orthanc miss "ACC_5%"), and the exact value is then checked here on the
+    answers. `^` is one of them: urllib3 percent-encodes it whatever we do. `matches` holds (keyword, value, case_insensitive).
+    """
+    parts, checks = [], []
+    for keyword, value, case_insensitive in matches:
+        if not value:
+            continue
+        sent = "".join(ch if _PLAIN.fullmatch(ch) else "*" for ch in value)
+        sent = re.sub(r"\*+", "*", sent)
+        parts.append(f"{keyword}={sent}")
+        if sent != value:
+            checks.append((keyword, wildcard_regex(value, case_insensitive)))
+    return "&".join(parts), checks
+
+
+def wildcard_regex(value: str, case_insensitive: bool = True) -> re.Pattern:
+    """A regex for a DICOM wildcard value (`*`, `?`)."""
+    body = "".join(
+        ".*" if ch == "*" else "." if ch == "?" else re.escape(ch) for ch in value
+    )
+    return re.compile(body, (re.IGNORECASE if case_insensitive else 0) | re.DOTALL)
 
 
 def boundary_of(content_type: str) -> bytes | None:
