@@ -161,6 +161,14 @@ COURIER_UNROUTED_DEFAULT_TARGET = env.str("COURIER_UNROUTED_DEFAULT_TARGET", def
 COURIER_UNROUTED_RETENTION_DAYS = env.float(
     "COURIER_UNROUTED_RETENTION_DAYS", default=COURIER_FAILED_RETENTION_DAYS
 )
+# Query tool: a local folder's index is rescanned before a query when older than this.
+COURIER_INDEX_MAX_AGE = env.float("COURIER_INDEX_MAX_AGE", default=60.0)
+# Query tool: where "local download folder" retrievals go.
+COURIER_DOWNLOAD_DIR = Path(
+    env.str("COURIER_DOWNLOAD_DIR", default=str(DATA_DIR / "downloads"))
+)
+# Query tool: at most this many studies per source and search.
+COURIER_QUERY_LIMIT = env.int("COURIER_QUERY_LIMIT", default=200)
 
 LOGGING = {
     "version": 1,
