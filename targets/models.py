@@ -381,6 +381,32 @@ class DicomTlsTarget(DicomTarget):
         proxy = True
         verbose_name = "DICOM+TLS target"
 
+    def clean(self) -> None:
+        super().clean()
+        from .kinds.dicom_tls import TlsConfigError, build_ssl_context
+
+        if not self.tls_ca_cert:
+            return
+        for field in ("tls_ca_cert", "tls_client_cert", "tls_client_key"):
+            setattr(self, field, (getattr(self, field) or "").strip())
+        try:
+            build_ssl_context(
+                ca_cert=self.tls_ca_cert,
+                client_cert=self.tls_client_cert,
+                client_key=self.tls_client_key,
+                passphrase=str(self.key_passphrase or ""),
+                verify_hostname=self.tls_verify_hostname,
+            )
+        except TlsConfigError as exc:
+            text = str(exc)
+            field = (
+                "tls_ca_cert" if "CA certificate" in text
+                else "key_passphrase" if "passphrase" in text
+                else "tls_client_key" if "client key" in text
+                else "tls_client_cert"
+            )
+            raise ValidationError({field: text[0].upper() + text[1:] + "."}) from None
+
 
 class DicomWebTarget(Target):
     KIND = Kind.DICOMWEB
@@ -716,7 +742,7 @@ class XnatTarget(Target):
             ]
             if unknown:
                 errors.setdefault(field, []).append(
-                    "Not DICOM keywords: " + ", ".join("{%s}" % k for k in unknown) + "."
+                    "Not DICOM keywords: " + ", ".join(f"{{{k}}}" for k in unknown) + "."
                 )
             if template.count("{") != template.count("}"):
                 errors.setdefault(field, []).append("Unbalanced braces.")
