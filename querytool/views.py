@@ -1,7 +1,278 @@
+"""The query page (`/query/`): thin views over `querytool.services`."""
+
+from __future__ import annotations
+
+from django.contrib import admin, messages
 from django.contrib.admin.views.decorators import staff_member_required
-from django.shortcuts import render
+from django.core.paginator import Paginator
+from django.http import JsonResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_POST
+
+from . import services
+from .forms import RetrieveForm, SearchForm, destination_choices
+from .models import RetrievalJob
+from .sources import SourceError, is_local_folder
+
+PAGE_SIZE = 25
+SORTS = {
+    "patient": lambda s: (s.patient_name.lower(), s.patient_id),
+    "birth": lambda s: s.birth_date,
+    "date": lambda s: (s.study_date, s.study_time),
+    "accession": lambda s: s.accession,
+    "description": lambda s: s.description.lower(),
+    "modalities": lambda s: ",".join(s.modalities),
+    "series": lambda s: s.series_count or 0,
+    "instances": lambda s: s.instance_count or 0,
+}
+COLUMNS = [
+    ("patient", "Patient"),
+    ("birth", "Birth date"),
+    ("date", "Study date"),
+    ("accession", "Accession"),
+    ("description", "Description"),
+    ("modalities", "Modalities"),
+    ("series", "Series"),
+    ("instances", "Instances"),
+]
+
+
+def _label(study) -> str:
+    parts = [
+        study.patient_name or study.patient_id,
+        _date(study.study_date),
+        study.accession,
+        study.description,
+    ]
+    return " · ".join(p for p in parts if p)
+
+
+def _date(value: str) -> str:
+    if len(value) == 8 and value.isdigit():
+        return f"{value[:4]}-{value[4:6]}-{value[6:]}"
+    return value
+
+
+def _url(request, **changes) -> str:
+    params = request.GET.copy()
+    for key, value in changes.items():
+        if value is None:
+            params.pop(key, None)
+        else:
+            params[key] = value
+    return f"{request.path}?{params.urlencode()}"
 
 
 @staff_member_required
 def query_page(request):
-    return render(request, "querytool/query.html", {})
+    sources = services.query_sources()
+    destinations = services.store_destinations()
+    ctx = {
+        **admin.site.each_context(request),
+        "title": "Query and retrieve",
+        "sources": sources,
+        "destination_choices": destination_choices(destinations),
+        "jobs": RetrievalJob.objects.select_related("created_by")[:30],
+        "columns": COLUMNS,
+    }
+    submitted = "source" in request.GET
+    form = SearchForm(
+        request.GET if submitted else None,
+        sources=sources,
+        initial={"source": str(sources[0].pk)} if sources else None,
+    )
+    ctx["form"] = form
+    if submitted and form.is_valid():
+        source = form.target
+        ctx["source"] = source
+        ctx["is_folder"] = is_local_folder(source)
+        criteria = form.criteria()
+        try:
+            found = services.search(source, criteria, request.user)
+        except SourceError as exc:
+            ctx["error"] = exc.message
+        else:
+            studies = found.studies
+            sort = request.GET.get("sort", "-date")
+            key = SORTS.get(sort.lstrip("-"))
+            if key:
+                studies = sorted(studies, key=key, reverse=sort.startswith("-"))
+            page = Paginator(studies, PAGE_SIZE).get_page(request.GET.get("page"))
+            for study in page.object_list:
+                study.label = _label(study)
+                study.open_url = _url(request, study=study.study_uid)
+                study.study_date_display = _date(study.study_date)
+                study.birth_date_display = _date(study.birth_date)
+            ctx.update(
+                found=found,
+                page=page,
+                sort=sort,
+                limit=_limit(),
+                sort_links={
+                    c: _url(request, sort=c if sort != c else f"-{c}", page=None)
+                    for c, _ in COLUMNS
+                },
+                page_links={
+                    "prev": _url(request, page=page.previous_page_number())
+                    if page.has_previous()
+                    else None,
+                    "next": _url(request, page=page.next_page_number())
+                    if page.has_next()
+                    else None,
+                },
+            )
+            study_uid = request.GET.get("study")
+            if study_uid:
+                ctx["open_study"] = next(
+                    (s for s in studies if s.study_uid == study_uid), None
+                )
+                ctx["close_url"] = _url(request, study=None)
+                try:
+                    ctx["series"] = services.list_series(
+                        source, study_uid, request.user
+                    )
+                except SourceError as exc:
+                    ctx["series_error"] = exc.message
+                if ctx["open_study"] is not None:
+                    ctx["open_study"].label = _label(ctx["open_study"])
+    return render(request, "querytool/query.html", ctx)
+
+
+def _limit() -> int:
+    from django.conf import settings
+
+    return settings.COURIER_QUERY_LIMIT
+
+
+@staff_member_required
+@require_POST
+def retrieve(request):
+    sources = services.query_sources()
+    destinations = services.store_destinations()
+    back = request.POST.get("next") or reverse("querytool:query")
+    if not back.startswith("/"):
+        back = reverse("querytool:query")
+    form = RetrieveForm(request.POST, sources=sources, destinations=destinations)
+    if not form.is_valid():
+        for field, errors in form.errors.items():
+            for error in errors:
+                messages.error(
+                    request,
+                    f"{field.replace('_', ' ')}: {error}"
+                    if field != "__all__"
+                    else error,
+                )
+        return redirect(back)
+    items = _items(request.POST.getlist("study"), request.POST.getlist("series"))
+    if not items:
+        messages.error(request, "Choose at least one study or series to retrieve.")
+        return redirect(back)
+    dest = form.cleaned_data["destination"]
+    try:
+        jobs = services.start_retrieval(
+            form.sources[form.cleaned_data["source"]],
+            items,
+            request.user,
+            destination=form.destinations.get(dest),
+            download=dest == "download",
+            move_aet=form.cleaned_data["move_aet"] if dest == "move" else "",
+        )
+    except SourceError as exc:
+        messages.error(request, exc.message)
+        return redirect(back)
+    messages.success(request, f"Queued {len(jobs)} retrieval job(s).")
+    return redirect(back + "#jobs")
+
+
+def _items(studies: list[str], series: list[str]) -> list[services.RetrieveItem]:
+    """Checked studies ("uid|label") whole; checked series ("study|series|label")
+    of other studies grouped per study. A whole study wins over its series."""
+    whole: dict[str, services.RetrieveItem] = {}
+    for value in studies:
+        uid, _, label = value.partition("|")
+        if uid:
+            whole[uid] = services.RetrieveItem(uid, [], label)
+    partial: dict[str, services.RetrieveItem] = {}
+    for value in series:
+        study_uid, _, rest = value.partition("|")
+        series_uid, _, label = rest.partition("|")
+        if not study_uid or not series_uid or study_uid in whole:
+            continue
+        item = partial.setdefault(
+            study_uid, services.RetrieveItem(study_uid, [], label)
+        )
+        item.series_uids.append(series_uid)
+    return list(whole.values()) + list(partial.values())
+
+
+@staff_member_required
+@require_POST
+def reindex(request):
+    source = next(
+        (
+            t
+            for t in services.query_sources()
+            if str(t.pk) == request.POST.get("source")
+        ),
+        None,
+    )
+    back = request.POST.get("next") or reverse("querytool:query")
+    if not back.startswith("/"):
+        back = reverse("querytool:query")
+    if source is None:
+        messages.error(request, "Unknown source.")
+        return redirect(back)
+    try:
+        report = services.reindex(source, request.user)
+    except SourceError as exc:
+        messages.error(request, exc.message)
+        return redirect(back)
+    text = (
+        f"Rescanned {source.name}: {report.seen} files, {report.added} added, "
+        f"{report.updated} changed, {report.removed} removed in "
+        f"{report.seconds:.1f} s."
+    )
+    if report.problems:
+        shown = ", ".join(f"{p} ({r})" for p, r in report.problems[:10])
+        more = len(report.problems) - 10
+        text += (
+            f" {len(report.problems)} not DICOM or unreadable: {shown}"
+            + (f" and {more} more" if more > 0 else "")
+            + "."
+        )
+        messages.warning(request, text)
+    else:
+        messages.success(request, text)
+    return redirect(back)
+
+
+@staff_member_required
+def jobs_json(request):
+    ids = [int(i) for i in request.GET.get("ids", "").split(",") if i.isdigit()]
+    jobs = (
+        RetrievalJob.objects.filter(pk__in=ids)
+        if ids
+        else RetrievalJob.objects.all()[:30]
+    )
+    return JsonResponse({"jobs": [j.as_json() for j in jobs]})
+
+
+@staff_member_required
+@require_POST
+def cancel_job(request, pk: int):
+    job = get_object_or_404(RetrievalJob, pk=pk)
+    services.cancel_retrieval(job, request.user)
+    messages.info(request, f"Cancel requested for retrieval #{pk}.")
+    return redirect(reverse("querytool:query") + "#jobs")
+
+
+@staff_member_required
+@require_POST
+def retry_job(request, pk: int):
+    job = get_object_or_404(RetrievalJob, pk=pk)
+    if services.retry_retrieval(job, request.user):
+        messages.success(request, f"Retrieval #{pk} queued again.")
+    else:
+        messages.error(request, f"Retrieval #{pk} is not finished with a failure.")
+    return redirect(reverse("querytool:query") + "#jobs")

@@ -1,0 +1,148 @@
+"""Query tool records: retrieval jobs (with live progress) and the audit log."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+
+class RetrievalState(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    DONE = "done", "Done"
+    PARTIAL = "partial", "Partly done"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+FINISHED = {
+    RetrievalState.DONE,
+    RetrievalState.PARTIAL,
+    RetrievalState.FAILED,
+    RetrievalState.CANCELLED,
+}
+
+
+class RetrievalJob(models.Model):
+    """One study (or some of its series) pulled from a source in the background."""
+
+    source = models.ForeignKey(
+        "targets.Target", on_delete=models.SET_NULL, null=True, related_name="+"
+    )
+    source_name = models.CharField(max_length=64)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    state = models.CharField(
+        max_length=10, choices=RetrievalState.choices, default=RetrievalState.QUEUED
+    )
+
+    study_uid = models.CharField("study instance UID", max_length=64)
+    # Empty: the whole study.
+    series_uids = models.JSONField(default=list, blank=True)
+    label = models.CharField(
+        max_length=300, blank=True, help_text="Patient, date, accession, description."
+    )
+
+    # Exactly one destination: a store target, the download folder, or a C-MOVE AET.
+    destination = models.ForeignKey(
+        "targets.Target",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+    )
+    destination_name = models.CharField(max_length=64, blank=True)
+    download = models.BooleanField(default=False)
+    move_aet = models.CharField("C-MOVE destination AET", max_length=16, blank=True)
+    output_path = models.CharField(max_length=1000, blank=True)
+
+    total = models.PositiveIntegerField(null=True, blank=True)
+    done = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    message = models.TextField(blank=True)
+    cancel_requested = models.BooleanField(default=False)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    # Dispatch job ids created for a store target destination.
+    dispatch_jobs = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"retrieval {self.pk} of {self.label or self.study_uid}"
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED
+
+    @property
+    def destination_label(self) -> str:
+        if self.move_aet:
+            return f"C-MOVE to {self.move_aet}"
+        if self.download:
+            return "download folder"
+        return self.destination_name or "(deleted target)"
+
+    @property
+    def percent(self) -> int | None:
+        if not self.total:
+            return None
+        return min(100, round(100 * (self.done + self.failed) / self.total))
+
+    def as_json(self) -> dict:
+        return {
+            "id": self.pk,
+            "state": self.state,
+            "state_label": self.get_state_display(),
+            "done": self.done,
+            "failed": self.failed,
+            "total": self.total,
+            "percent": self.percent,
+            "message": self.message,
+            "finished": self.finished,
+            "cancel_requested": self.cancel_requested,
+        }
+
+
+class AuditAction(models.TextChoices):
+    SEARCH = "search", "Search"
+    SERIES = "series", "Open study"
+    RETRIEVE = "retrieve", "Retrieve"
+    INDEX = "index", "Rescan folder"
+    CANCEL = "cancel", "Cancel retrieval"
+    RETRY = "retry", "Retry retrieval"
+
+
+class AuditEntry(models.Model):
+    """Who queried or retrieved what, from which source, and when."""
+
+    at = models.DateTimeField(auto_now_add=True, db_index=True)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True
+    )
+    username = models.CharField(max_length=150, blank=True)
+    action = models.CharField(max_length=10, choices=AuditAction.choices)
+    source = models.ForeignKey(
+        "targets.Target",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+    )
+    source_name = models.CharField(max_length=64, blank=True)
+    criteria = models.JSONField(default=dict, blank=True)
+    result_count = models.IntegerField(null=True, blank=True)
+    ok = models.BooleanField(default=True)
+    detail = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        verbose_name = "audit log entry"
+        verbose_name_plural = "audit log"
+
+    def __str__(self) -> str:
+        return f"{self.username} {self.action} {self.source_name} at {self.at:%Y-%m-%d %H:%M}"

@@ -1,0 +1,383 @@
+"""Query tool services: search, open a study, retrieve in the background, audit.
+
+Plain functions called by the page, the huey task and `manage.py index_folder`. The
+protocols live in `querytool.sources`; this module adds the audit log, the
+retrieval jobs and their hand-over to the dispatch engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from targets.models import Direction, Target
+from targets.series import safe_path_part
+
+from .index import ScanReport
+from .models import AuditAction, AuditEntry, RetrievalJob, RetrievalState
+from .sources import (
+    Cancelled,
+    Criteria,
+    RetrieveRequest,
+    Series,
+    SourceError,
+    StudySearch,
+    is_local_folder,
+    source_for,
+)
+
+log = logging.getLogger("courier.querytool")
+
+# Progress is written to the database at most this often (seconds).
+PROGRESS_INTERVAL = 0.5
+
+
+def query_sources():
+    """Enabled targets that can be searched (direction query or both)."""
+    return [
+        t
+        for t in Target.objects.filter(
+            enabled=True, direction__in=[Direction.QUERY, Direction.BOTH]
+        )
+        if t.is_query_source
+    ]
+
+
+def store_destinations():
+    """Enabled targets a retrieved series can be sent to."""
+    return list(
+        Target.objects.filter(
+            enabled=True, direction__in=[Direction.STORE, Direction.BOTH]
+        )
+    )
+
+
+def audit(user, action: str, source: Target | None, **fields) -> AuditEntry:
+    return AuditEntry.objects.create(
+        user=user if getattr(user, "pk", None) else None,
+        username=getattr(user, "username", "") or "",
+        action=action,
+        source=source,
+        source_name=source.name if source else "",
+        **fields,
+    )
+
+
+def search(
+    source: Target, criteria: Criteria, user, limit: int | None = None
+) -> StudySearch:
+    """Search one source; audit it (also when it fails). Raise `SourceError`."""
+    limit = limit or settings.COURIER_QUERY_LIMIT
+    try:
+        found = source_for(source).find_studies(criteria, limit)
+    except SourceError as exc:
+        audit(
+            user,
+            AuditAction.SEARCH,
+            source,
+            criteria=criteria.as_dict(),
+            ok=False,
+            detail=exc.message,
+        )
+        raise
+    detail = ""
+    if found.missing_accessions:
+        detail = "missing accessions: " + ", ".join(found.missing_accessions)
+    audit(
+        user,
+        AuditAction.SEARCH,
+        source,
+        criteria=criteria.as_dict(),
+        result_count=len(found.studies),
+        detail=detail,
+    )
+    return found
+
+
+def list_series(source: Target, study_uid: str, user) -> list[Series]:
+    try:
+        series = source_for(source).find_series(study_uid)
+    except SourceError as exc:
+        audit(
+            user,
+            AuditAction.SERIES,
+            source,
+            criteria={"study_uid": study_uid},
+            ok=False,
+            detail=exc.message,
+        )
+        raise
+    audit(
+        user,
+        AuditAction.SERIES,
+        source,
+        criteria={"study_uid": study_uid},
+        result_count=len(series),
+    )
+    return series
+
+
+def reindex(source: Target, user=None, progress=None) -> ScanReport:
+    """Rescan a local-folder source's index now."""
+    if not is_local_folder(source):
+        raise SourceError(f"{source.name} is not a local folder.")
+    report = source_for(source).index().scan(progress)
+    audit(
+        user,
+        AuditAction.INDEX,
+        source,
+        result_count=report.seen,
+        detail=f"{report.added} added, {report.updated} changed, {report.removed} "
+        f"removed, {len(report.problems)} not DICOM or unreadable",
+    )
+    return report
+
+
+# -- retrieval jobs -----------------------------------------------------------------
+
+
+@dataclass
+class RetrieveItem:
+    study_uid: str
+    series_uids: list[str]
+    label: str = ""
+
+
+def start_retrieval(
+    source: Target,
+    items: list[RetrieveItem],
+    user,
+    *,
+    destination: Target | None = None,
+    download: bool = False,
+    move_aet: str = "",
+) -> list[RetrievalJob]:
+    """Create one retrieval job per item and queue them; audit the request.
+
+    Exactly one destination: a store target, the download folder, or (DICOM
+    sources) a C-MOVE destination AE title.
+    """
+    chosen = sum(bool(x) for x in (destination, download, move_aet))
+    if chosen != 1:
+        raise SourceError(
+            "Choose one destination: a target, the download folder, "
+            "or a C-MOVE destination."
+        )
+    if move_aet and source.kind != "dicom":
+        raise SourceError("C-MOVE needs a DICOM source.")
+    if destination is not None and not (destination.enabled and destination.can_store):
+        raise SourceError(f"{destination.name} is not an enabled store target.")
+    if not items:
+        raise SourceError("Choose at least one study or series to retrieve.")
+    jobs = []
+    with transaction.atomic():
+        for item in items:
+            jobs.append(
+                RetrievalJob.objects.create(
+                    source=source,
+                    source_name=source.name,
+                    created_by=user if getattr(user, "pk", None) else None,
+                    study_uid=item.study_uid,
+                    series_uids=item.series_uids,
+                    label=item.label[:300],
+                    destination=destination,
+                    destination_name=destination.name if destination else "",
+                    download=download,
+                    move_aet=move_aet,
+                )
+            )
+        audit(
+            user,
+            AuditAction.RETRIEVE,
+            source,
+            criteria={
+                "studies": [
+                    {"study_uid": i.study_uid, "series_uids": i.series_uids}
+                    for i in items
+                ]
+            },
+            result_count=len(items),
+            detail="; ".join(f"#{j.pk} {j.label or j.study_uid}" for j in jobs)
+            + f" → {jobs[0].destination_label}",
+        )
+        for job in jobs:
+            _enqueue(job.pk)
+    return jobs
+
+
+def _enqueue(job_id: int) -> None:
+    from . import tasks
+
+    transaction.on_commit(lambda: tasks.retrieve_task(job_id))
+
+
+def cancel_retrieval(job: RetrievalJob, user) -> None:
+    """Cancel a queued job at once; ask a running one to stop (it aborts soon)."""
+    updated = RetrievalJob.objects.filter(
+        pk=job.pk, state=RetrievalState.QUEUED
+    ).update(
+        state=RetrievalState.CANCELLED,
+        finished_at=timezone.now(),
+        message="Cancelled before it started.",
+    )
+    if not updated:
+        RetrievalJob.objects.filter(pk=job.pk, state=RetrievalState.RUNNING).update(
+            cancel_requested=True
+        )
+    audit(user, AuditAction.CANCEL, job.source, detail=f"#{job.pk} {job.label}")
+
+
+def retry_retrieval(job: RetrievalJob, user) -> bool:
+    """Queue a failed, partial or cancelled job again (files already there stay)."""
+    updated = RetrievalJob.objects.filter(
+        pk=job.pk,
+        state__in=[
+            RetrievalState.FAILED,
+            RetrievalState.PARTIAL,
+            RetrievalState.CANCELLED,
+        ],
+    ).update(
+        state=RetrievalState.QUEUED,
+        done=0,
+        failed=0,
+        total=None,
+        message="",
+        cancel_requested=False,
+        started_at=None,
+        finished_at=None,
+    )
+    if updated:
+        audit(user, AuditAction.RETRY, job.source, detail=f"#{job.pk} {job.label}")
+        with transaction.atomic():
+            _enqueue(job.pk)
+    return bool(updated)
+
+
+def _output_folder(job: RetrievalJob) -> Path:
+    if job.download:
+        name = safe_path_part(f"{job.pk:06d}_{job.label or job.study_uid}")[:120]
+        return Path(settings.COURIER_DOWNLOAD_DIR) / name
+    # Inside the spool, so the dispatch engine deletes it once the jobs are done.
+    return Path(settings.COURIER_SPOOL_DIR) / "retrieved" / f"{job.pk:06d}"
+
+
+class _Progress:
+    """Writes progress to the job row (throttled) and notices a cancel request."""
+
+    def __init__(self, job_id: int):
+        self.job_id = job_id
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int | None, failed: int) -> None:
+        now = time.monotonic()
+        if now - self.last < PROGRESS_INTERVAL and (
+            total is None or done + failed < total
+        ):
+            return
+        self.last = now
+        fields = {"done": done, "failed": failed}
+        if total is not None:
+            fields["total"] = total
+        RetrievalJob.objects.filter(pk=self.job_id).update(**fields)
+        if RetrievalJob.objects.filter(pk=self.job_id, cancel_requested=True).exists():
+            raise Cancelled()
+
+
+def run_retrieval(job_id: int, progress_hook: Callable | None = None) -> RetrievalJob:
+    """Run one queued retrieval job to its end (called by the huey task)."""
+    claimed = RetrievalJob.objects.filter(
+        pk=job_id, state=RetrievalState.QUEUED
+    ).update(
+        state=RetrievalState.RUNNING,
+        started_at=timezone.now(),
+        attempts=F("attempts") + 1,
+    )
+    job = RetrievalJob.objects.get(pk=job_id)
+    if not claimed:
+        return job  # cancelled, or another worker has it
+    state, message = RetrievalState.DONE, ""
+    result = None
+    dest = None if job.move_aet else _output_folder(job)
+    try:
+        if job.source is None or not job.source.enabled:
+            raise SourceError("The source target was deleted or disabled.")
+        if not job.download and not job.move_aet and job.destination is None:
+            raise SourceError("The destination target was deleted.")
+        if dest is not None:
+            dest.mkdir(parents=True, exist_ok=True)
+        request = RetrieveRequest(job.study_uid, list(job.series_uids), job.move_aet)
+        result = source_for(job.source).retrieve(request, dest, _Progress(job_id))
+        if result.failed:
+            state = RetrievalState.PARTIAL
+            message = result.message or f"{result.failed} instance(s) failed."
+        elif result.completed == 0:
+            state = RetrievalState.FAILED
+            message = result.message or "The source sent no instances."
+        if job.destination is not None and result.series_folders:
+            message = _dispatch(job, result.series_folders, message)
+        elif job.download and dest is not None:
+            message = (message + " " if message else "") + f"Saved in {dest}."
+    except Cancelled:
+        state, message = RetrievalState.CANCELLED, "Cancelled."
+    except SourceError as exc:
+        state, message = RetrievalState.FAILED, exc.message
+    except Exception as exc:  # the page must show something, never a stuck "running"
+        log.exception("retrieval %s crashed", job_id)
+        state, message = (
+            RetrievalState.FAILED,
+            f"Internal error: {type(exc).__name__}: {exc}",
+        )
+    fields = {"state": state, "message": message.strip(), "finished_at": timezone.now()}
+    if result is not None:
+        fields.update(done=result.completed + result.warnings, failed=result.failed)
+        if state in (RetrievalState.DONE, RetrievalState.PARTIAL) and job.total is None:
+            fields["total"] = result.completed + result.warnings + result.failed
+    if dest is not None:
+        fields["output_path"] = str(dest)
+    RetrievalJob.objects.filter(pk=job_id).update(**fields)
+    job.refresh_from_db()
+    if (
+        state in (RetrievalState.CANCELLED, RetrievalState.FAILED)
+        and dest is not None
+        and not job.download
+        and dest.exists()
+    ):
+        shutil.rmtree(dest, ignore_errors=True)
+    log.info(
+        "retrieval finished job=%s state=%s done=%s failed=%s",
+        job.pk,
+        job.state,
+        job.done,
+        job.failed,
+    )
+    return job
+
+
+def _dispatch(job: RetrievalJob, folders: list[Path], message: str) -> str:
+    """Queue dispatch jobs sending each retrieved series folder to the destination."""
+    from dispatch.services import DispatchError, create_jobs
+
+    ids = []
+    try:
+        for folder in folders:
+            for created in create_jobs(
+                folder, [job.destination], owned_spool=True, source="query"
+            ):
+                ids.append(created.pk)
+    except DispatchError as exc:
+        raise SourceError(
+            f"Retrieved, but the send to {job.destination_name} could "
+            f"not be queued: {exc}"
+        ) from exc
+    RetrievalJob.objects.filter(pk=job.pk).update(dispatch_jobs=ids)
+    note = f"Queued {len(ids)} send job(s) to {job.destination_name}."
+    return f"{message} {note}" if message else note
