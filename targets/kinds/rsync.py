@@ -62,7 +62,8 @@ IO_TIMEOUT = 120
 SCRIPT_TIMEOUT = 600.0
 MAX_OUTPUT = 4000
 
-_ITEM = re.compile(r"^([<>ch.*][fdLDS][^ ]*) (.+)$")
+# An itemised line: 11 characters of change flags, a space, the path.
+_ITEM = re.compile(r"^([<>ch.*][fdLDS].{9}) (.+)$")
 
 
 class RsyncHandler(Handler):
@@ -92,8 +93,11 @@ class RsyncHandler(Handler):
             except LayoutError as exc:
                 report(instance_outcome(inst, FAILED, str(exc)))
                 continue
-            path = posixpath.join(rel, instance_file_name(inst)) if rel else \
-                instance_file_name(inst)
+            path = (
+                posixpath.join(rel, instance_file_name(inst))
+                if rel
+                else instance_file_name(inst)
+            )
             if path in staged:
                 duplicates.append(inst)
                 continue
@@ -131,30 +135,42 @@ class RsyncHandler(Handler):
         dest = target.path.rstrip("/") + "/" if target.path.rstrip("/") else "./"
         cmd, env = self.ssh_command(workdir)
         argv = [
-            "rsync", "--recursive", "--times", "--mkpath",
+            # --omit-dir-times: leave the target folder's own times alone.
+            "rsync",
+            "--recursive",
+            "--times",
+            "--omit-dir-times",
+            "--mkpath",
             # New folders and files get sane modes whatever the spool's were.
             "--chmod=D755,F644",
             f"--timeout={IO_TIMEOUT}",
             # -ii lists unchanged files too, so a retry can say what was there.
-            "--itemize-changes", "--itemize-changes", "--out-format=%i %n",
-            "-e", cmd,
+            "--itemize-changes",
+            "--itemize-changes",
+            "--out-format=%i %n",
+            "-e",
+            cmd,
             f"{stage}/",
             f"{target.username}@{HOST_ALIAS}:{dest}",
         ]
         if env.get("SSHPASS"):
             argv = ["sshpass", "-e", *argv]
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, env=env,
-                                  stdin=subprocess.DEVNULL)
+            proc = subprocess.run(
+                argv, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL
+            )
         except FileNotFoundError as exc:
-            raise TargetError(f"{exc.filename} is not installed on Courier's server",
-                              permanent=True) from None
+            raise TargetError(
+                f"{exc.filename} is not installed on Courier's server", permanent=True
+            ) from None
         if proc.returncode != 0:
-            raise self._rsync_error(proc.returncode, proc.stderr,
-                                     bool(env.get("SSHPASS")))
+            raise self._rsync_error(
+                proc.returncode, proc.stderr, bool(env.get("SSHPASS"))
+            )
+        log.debug("rsync to %s: %s", target.name, proc.stdout[-2000:])
         statuses: dict[str, str] = {}
         for line in proc.stdout.splitlines():
-            match = _ITEM.match(line.strip())
+            match = _ITEM.match(line)
             if not match or match.group(1)[1] != "f":
                 continue
             item, name = match.groups()
@@ -171,17 +187,29 @@ class RsyncHandler(Handler):
         known_hosts = workdir / "known_hosts"
         known_hosts.write_text(known_hosts_line(HOST_ALIAS, key))
         opts = [
-            "ssh", "-p", str(target.port or DEFAULT_PORT),
-            "-o", f"HostName={_bare(target.host)}",
-            "-o", f"HostKeyAlias={HOST_ALIAS}",
-            "-o", "StrictHostKeyChecking=yes",
-            "-o", f"UserKnownHostsFile={known_hosts}",
-            "-o", "GlobalKnownHostsFile=/dev/null",
-            "-o", "CheckHostIP=no",
-            "-o", "UpdateHostKeys=no",
-            "-o", f"ConnectTimeout={max(1, round(target.connect_timeout))}",
-            "-o", "ServerAliveInterval=15",
-            "-o", "ServerAliveCountMax=4",
+            "ssh",
+            "-p",
+            str(target.port or DEFAULT_PORT),
+            "-o",
+            f"HostName={_bare(target.host)}",
+            "-o",
+            f"HostKeyAlias={HOST_ALIAS}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"UserKnownHostsFile={known_hosts}",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            "CheckHostIP=no",
+            "-o",
+            "UpdateHostKeys=no",
+            "-o",
+            f"ConnectTimeout={max(1, round(target.connect_timeout))}",
+            "-o",
+            "ServerAliveInterval=15",
+            "-o",
+            "ServerAliveCountMax=4",
         ]
         env = {k: v for k, v in os.environ.items() if k != "SSHPASS"}
         private_key = load_private_key(target)
@@ -190,14 +218,28 @@ class RsyncHandler(Handler):
             fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(private_key.openssh_text)
-            opts += ["-i", str(key_file), "-o", "IdentitiesOnly=yes",
-                     "-o", "BatchMode=yes", "-o", "PasswordAuthentication=no",
-                     "-o", "KbdInteractiveAuthentication=no"]
+            opts += [
+                "-i",
+                str(key_file),
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "PasswordAuthentication=no",
+                "-o",
+                "KbdInteractiveAuthentication=no",
+            ]
         elif target.password:
             env["SSHPASS"] = str(target.password)
-            opts += ["-o", "PubkeyAuthentication=no",
-                     "-o", "PreferredAuthentications=password,keyboard-interactive",
-                     "-o", "NumberOfPasswordPrompts=1"]
+            opts += [
+                "-o",
+                "PubkeyAuthentication=no",
+                "-o",
+                "PreferredAuthentications=password,keyboard-interactive",
+                "-o",
+                "NumberOfPasswordPrompts=1",
+            ]
         else:
             # The service account's default keys (~/.ssh/id_*), never a prompt.
             opts += ["-o", "BatchMode=yes", "-o", "PasswordAuthentication=no"]
@@ -224,22 +266,30 @@ class RsyncHandler(Handler):
                 verify_host_key(self.target, scan_host_key(self.target))
             except TargetError as exc:
                 return exc
-            return TargetError(f"host key verification failed for {where}",
-                               permanent=True)
+            return TargetError(
+                f"host key verification failed for {where}", permanent=True
+            )
         if password and rc == 5:  # sshpass: the password was refused
             return TargetError(
                 f"authentication failed for user {self.target.username!r} on {where} "
-                "(password refused)", permanent=True)
+                "(password refused)",
+                permanent=True,
+            )
         if "Permission denied (" in stderr:
             return TargetError(
                 f"authentication failed for user {self.target.username!r} on {where}: "
-                f"{text}", permanent=True)
+                f"{text}",
+                permanent=True,
+            )
         if "command not found" in stderr or rc == 127:
-            return TargetError(f"rsync is not installed on {where}: {text}",
-                               permanent=True)
+            return TargetError(
+                f"rsync is not installed on {where}: {text}", permanent=True
+            )
         if "Permission denied" in stderr or "Read-only file system" in stderr:
-            return TargetError(f"permission denied writing to {self.target.path} on "
-                               f"{where}: {text}", permanent=True)
+            return TargetError(
+                f"permission denied writing to {self.target.path} on {where}: {text}",
+                permanent=True,
+            )
         if "No space left" in stderr or "Disk quota" in stderr:
             return TargetError(f"the server's disk is full: {text}")
         if rc == 255 or rc in (10, 12, 30, 35):
@@ -254,9 +304,9 @@ class RsyncHandler(Handler):
         q = shlex.quote
         return (
             f"cd -- {q(self.target.path)} || exit 125\n"
-            f"if [ ! -e {q(run)} ]; then echo \"no such file: $PWD/\"{q(script)}; "
+            f'if [ ! -e {q(run)} ]; then echo "no such file: $PWD/"{q(script)}; '
             "exit 127; fi\n"
-            f"if [ ! -x {q(run)} ]; then echo \"not executable: $PWD/\"{q(script)}; "
+            f'if [ ! -x {q(run)} ]; then echo "not executable: $PWD/"{q(script)}; '
             "exit 126; fi\n"
             + (f"exec {q(run)} " + " ".join(args) + " 2>&1\n" if args else "exit 0\n")
         )
@@ -292,33 +342,43 @@ class RsyncHandler(Handler):
             with result.check("rsync on the server") as check:
                 rc, out = session.run("command -v rsync", 30)
                 if rc != 0:
-                    raise TargetError("rsync is not installed on the server (or not "
-                                      f"on the login's PATH): {_tail(out)}")
+                    raise TargetError(
+                        "rsync is not installed on the server (or not "
+                        f"on the login's PATH): {_tail(out)}"
+                    )
                 check.message = f"found {out.strip()}"
             with result.check("folder exists and is writable") as check:
                 folder = q(self.target.path)
                 rc, out = session.run(
                     f"[ -d {folder} ] || {{ echo 'no such folder'; exit 3; }}\n"
                     f"p={folder}/.courier-probe-$$\n"
-                    ': > "$p" || exit 4\nrm -f -- "$p" || exit 5\n', 30)
+                    ': > "$p" || exit 4\nrm -f -- "$p" || exit 5\n',
+                    30,
+                )
                 if rc != 0:
                     raise TargetError(
-                        {3: f"folder {self.target.path} does not exist on the server",
-                         4: f"folder {self.target.path} is not writable: {_tail(out)}",
-                         5: f"the probe file in {self.target.path} could not be "
-                            f"removed: {_tail(out)}"}.get(rc, _tail(out)))
-                check.message = (f"{self.target.path} exists; a probe file was written "
-                                 "and removed")
+                        {
+                            3: f"folder {self.target.path} does not exist on the server",
+                            4: f"folder {self.target.path} is not writable: {_tail(out)}",
+                            5: f"the probe file in {self.target.path} could not be "
+                            f"removed: {_tail(out)}",
+                        }.get(rc, _tail(out))
+                    )
+                check.message = (
+                    f"{self.target.path} exists; a probe file was written and removed"
+                )
             if self.target.run_on_complete and not result.stopped:
                 with result.check("completion script") as check:
                     rc, out = session.run(self.script_command([]), 30)
                     if rc != 0:
                         raise TargetError(_tail(out) or f"exit code {rc}")
-                    check.message = (f"{self.target.complete_script} is present and "
-                                     "executable")
+                    check.message = (
+                        f"{self.target.complete_script} is present and executable"
+                    )
         except (OSError, EOFError) as exc:
-            lost = TargetError(f"connection to {session.where} lost: "
-                               f"{exc or type(exc).__name__}")
+            lost = TargetError(
+                f"connection to {session.where} lost: {exc or type(exc).__name__}"
+            )
             with result.check("connection"):
                 raise lost from None
         finally:
@@ -346,4 +406,3 @@ def _bare(host: str) -> str:
 def _tail(text: str) -> str:
     text = (text or "").strip()
     return text[-MAX_OUTPUT:]
-

@@ -56,10 +56,21 @@ MULTIPART_CHUNK = 16 * 1024 * 1024
 READ_TIMEOUT = 120.0
 
 _PERMANENT_CODES = {
-    "SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "NoSuchBucket",
-    "InvalidBucketName", "AuthorizationHeaderMalformed", "PermanentRedirect",
-    "InvalidStorageClass", "InvalidArgument", "InvalidRequest", "AllAccessDisabled",
-    "AccountProblem", "InvalidToken", "ExpiredToken", "KMS.NotFoundException",
+    "SignatureDoesNotMatch",
+    "InvalidAccessKeyId",
+    "AccessDenied",
+    "NoSuchBucket",
+    "InvalidBucketName",
+    "AuthorizationHeaderMalformed",
+    "PermanentRedirect",
+    "InvalidStorageClass",
+    "InvalidArgument",
+    "InvalidRequest",
+    "AllAccessDisabled",
+    "AccountProblem",
+    "InvalidToken",
+    "ExpiredToken",
+    "KMS.NotFoundException",
 }
 
 
@@ -142,7 +153,9 @@ class S3Handler(Handler):
             for inst in instances:
                 key = self.key_for(rel, instance_file_name(inst))
                 if key in seen:
-                    report(instance_outcome(inst, PRESENT, "duplicate SOP Instance UID"))
+                    report(
+                        instance_outcome(inst, PRESENT, "duplicate SOP Instance UID")
+                    )
                 elif existing.get(key) == inst.size:
                     report(instance_outcome(inst, PRESENT))
                 else:
@@ -158,8 +171,9 @@ class S3Handler(Handler):
 
         def upload(inst: Instance, key: str) -> None:
             if inst.size >= MULTIPART_THRESHOLD:
-                client.upload_file(str(inst.path), bucket, key, ExtraArgs=extra,
-                                   Config=transfer)
+                client.upload_file(
+                    str(inst.path), bucket, key, ExtraArgs=extra, Config=transfer
+                )
             else:
                 with open(inst.path, "rb") as body:
                     client.put_object(Bucket=bucket, Key=key, Body=body, **extra)
@@ -212,8 +226,11 @@ class S3Handler(Handler):
                         exc, ConnectionError
                     ):
                         # The local file went away or cannot be read.
-                        report(instance_outcome(
-                            inst, FAILED, f"cannot read {inst.path}: {exc.strerror}"))
+                        report(
+                            instance_outcome(
+                                inst, FAILED, f"cannot read {inst.path}: {exc.strerror}"
+                            )
+                        )
                         continue
                     error = self.error(exc, "uploading")
                     # The target is unusable: stop, and let the retry send the rest.
@@ -231,42 +248,57 @@ class S3Handler(Handler):
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             server_says = exc.response.get("Error", {}).get("Message", "")
             if code == "SignatureDoesNotMatch":
-                message = ("authentication failed (signature does not match): check "
-                           "the secret access key")
+                message = (
+                    "authentication failed (signature does not match): check "
+                    "the secret access key"
+                )
             elif code == "InvalidAccessKeyId":
-                message = ("authentication failed (the access key id is not known to "
-                           f"{where}): check the access key id")
+                message = (
+                    "authentication failed (the access key id is not known to "
+                    f"{where}): check the access key id"
+                )
             elif code in ("AccessDenied", "AllAccessDisabled") or (
                 status == 403 and code in ("403", "Forbidden")
             ):
-                message = (f"access denied while {doing} in bucket {bucket!r}: the "
-                           "credentials are valid but lack the permission")
-            elif code == "NoSuchBucket" or (status == 404 and code in ("404",
-                                                                          "NotFound")):
+                message = (
+                    f"access denied while {doing} in bucket {bucket!r}: the "
+                    "credentials are valid but lack the permission"
+                )
+            elif code == "NoSuchBucket" or (
+                status == 404 and code in ("404", "NotFound")
+            ):
                 message = f"no such bucket {bucket!r} at {where}"
             elif code == "AuthorizationHeaderMalformed":
                 message = f"wrong region {self.target.region!r}: {server_says}"
             elif code in ("PermanentRedirect", "301"):
-                message = (f"bucket {bucket!r} is in another region or at another "
-                           "endpoint: set the region")
+                message = (
+                    f"bucket {bucket!r} is in another region or at another "
+                    "endpoint: set the region"
+                )
             else:
                 message = f"S3 error {code} ({status}) while {doing}: {server_says}"
             permanent = code in _PERMANENT_CODES or status in (400, 403, 404)
             return TargetError(self._scrub(message), permanent=permanent)
         if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
-            return TargetError(f"cannot connect to {where} while {doing}: "
-                               f"{self._scrub(str(exc))}")
+            return TargetError(
+                f"cannot connect to {where} while {doing}: {self._scrub(str(exc))}"
+            )
         if isinstance(exc, ReadTimeoutError):
-            return TargetError(f"{where} did not answer within {READ_TIMEOUT:g} s "
-                               f"while {doing}")
+            return TargetError(
+                f"{where} did not answer within {READ_TIMEOUT:g} s while {doing}"
+            )
         if isinstance(exc, NoCredentialsError):
-            return TargetError("no credentials: set the access key id and secret",
-                               permanent=True)
+            return TargetError(
+                "no credentials: set the access key id and secret", permanent=True
+            )
         if isinstance(exc, ParamValidationError):
-            return TargetError(f"invalid request while {doing}: "
-                               f"{self._scrub(str(exc))}", permanent=True)
-        return TargetError(f"{type(exc).__name__} while {doing}: "
-                           f"{self._scrub(str(exc))}")
+            return TargetError(
+                f"invalid request while {doing}: {self._scrub(str(exc))}",
+                permanent=True,
+            )
+        return TargetError(
+            f"{type(exc).__name__} while {doing}: {self._scrub(str(exc))}"
+        )
 
     def _scrub(self, text: str) -> str:
         secret = str(self.target.secret_key or "")
@@ -286,14 +318,21 @@ class S3Handler(Handler):
         with result.check("credentials") as check:
             code = _code(listing) if isinstance(listing, ClientError) else ""
             if listing is not None and (
-                code in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken",
-                         "ExpiredToken")
+                code
+                in (
+                    "SignatureDoesNotMatch",
+                    "InvalidAccessKeyId",
+                    "InvalidToken",
+                    "ExpiredToken",
+                )
                 or not isinstance(listing, ClientError)
             ):
                 raise self.error(listing, "checking the credentials")
-            check.message = (f"the credentials of {self.target.access_key_id} are "
-                             "accepted" if self.target.access_key_id else
-                             "the default credentials are accepted")
+            check.message = (
+                f"the credentials of {self.target.access_key_id} are accepted"
+                if self.target.access_key_id
+                else "the default credentials are accepted"
+            )
         if result.stopped:
             return result
 
@@ -307,16 +346,22 @@ class S3Handler(Handler):
         with result.check("write probe") as check:
             key = self.key_for("", f".courier-probe-{uuid.uuid4().hex[:12]}")
             try:
-                client.put_object(Bucket=bucket, Key=key, Body=b"courier write test\n",
-                                  **self.extra_args())
+                client.put_object(
+                    Bucket=bucket,
+                    Key=key,
+                    Body=b"courier write test\n",
+                    **self.extra_args(),
+                )
             except (ClientError, BotoCoreError) as exc:
                 raise self.error(exc, "writing a probe object") from None
             try:
                 client.delete_object(Bucket=bucket, Key=key)
             except (ClientError, BotoCoreError) as exc:
                 error = self.error(exc, "deleting the probe object")
-                raise TargetError(f"the probe object {key} was written but not deleted: "
-                                  f"{error.message}") from None
+                raise TargetError(
+                    f"the probe object {key} was written but not deleted: "
+                    f"{error.message}"
+                ) from None
             check.message = f"probe object {key} written and deleted"
         return result
 

@@ -92,7 +92,9 @@ class SftpHandler(Handler):
             sftp = session.sftp()
             made: set[str] = set()
             for rel, instances in groups.items():
-                folder = posixpath.join(self.target.path, rel) if rel else self.target.path
+                folder = (
+                    posixpath.join(self.target.path, rel) if rel else self.target.path
+                )
                 try:
                     self._send_group(sftp, folder, instances, made, report)
                 except _CONNECTION_ERRORS as exc:
@@ -114,8 +116,10 @@ class SftpHandler(Handler):
             _makedirs(sftp, folder, made)
             existing = {a.filename: a.st_size for a in sftp.listdir_attr(folder)}
         except OSError as exc:
-            raise TargetError(f"{_describe(exc, f'creating folder {folder}')}",
-                              permanent=exc.errno == errno.EACCES) from None
+            raise TargetError(
+                f"{_describe(exc, f'creating folder {folder}')}",
+                permanent=exc.errno == errno.EACCES,
+            ) from None
 
         failed = False
         seen: set[str] = set()
@@ -145,8 +149,11 @@ class SftpHandler(Handler):
                     raise ConnectionError(str(exc)) from None
                 failed = True
                 _remove_quietly(sftp, tmp)
-                report(instance_outcome(inst, FAILED,
-                                        _describe(exc, f"uploading to {final}")))
+                report(
+                    instance_outcome(
+                        inst, FAILED, _describe(exc, f"uploading to {final}")
+                    )
+                )
                 continue
             report(instance_outcome(inst, SENT))
 
@@ -169,8 +176,9 @@ class SftpHandler(Handler):
             with result.check("folder exists and is writable") as check:
                 check.message = self._probe_folder(session)
         except _CONNECTION_ERRORS as exc:
-            lost = TargetError(f"connection to {session.where} lost: "
-                               f"{exc or type(exc).__name__}")
+            lost = TargetError(
+                f"connection to {session.where} lost: {exc or type(exc).__name__}"
+            )
             with result.check("connection"):
                 raise lost from None
         finally:
@@ -183,8 +191,10 @@ class SftpHandler(Handler):
         try:
             attrs = sftp.stat(folder)
         except FileNotFoundError:
-            raise TargetError(f"folder {folder} does not exist on the server "
-                              f"(logged in as {self.target.username})") from None
+            raise TargetError(
+                f"folder {folder} does not exist on the server "
+                f"(logged in as {self.target.username})"
+            ) from None
         except OSError as exc:
             raise TargetError(_describe(exc, f"looking at {folder}")) from None
         if not stat.S_ISDIR(attrs.st_mode or 0):
@@ -193,13 +203,15 @@ class SftpHandler(Handler):
         try:
             sftp.putfo(BytesIO(b"courier write test\n"), probe)
         except OSError as exc:
-            raise TargetError(_describe(exc, f"writing a probe file into {folder}")) \
-                from None
+            raise TargetError(
+                _describe(exc, f"writing a probe file into {folder}")
+            ) from None
         try:
             sftp.remove(probe)
         except OSError as exc:
-            raise TargetError(_describe(exc, f"removing the probe file {probe}")) \
-                from None
+            raise TargetError(
+                _describe(exc, f"removing the probe file {probe}")
+            ) from None
         return f"{folder} exists; a probe file was written and removed"
 
 
@@ -218,8 +230,9 @@ def _makedirs(sftp: paramiko.SFTPClient, folder: str, made: set[str]) -> None:
         try:
             attrs = sftp.stat(current)
             if not stat.S_ISDIR(attrs.st_mode or 0):
-                raise TargetError(f"{current} on the server is a file, not a folder",
-                                  permanent=True)
+                raise TargetError(
+                    f"{current} on the server is a file, not a folder", permanent=True
+                )
         except FileNotFoundError:
             try:
                 sftp.mkdir(current, mode=0o755)

@@ -138,8 +138,9 @@ def pin_host_key(target: Target, fingerprint: str) -> HostKey:
     """
     wanted = normalise_fingerprint(fingerprint)
     if not is_valid_fingerprint(wanted):
-        raise TargetError(f"{fingerprint!r} is not a SHA256 host key fingerprint",
-                          permanent=True)
+        raise TargetError(
+            f"{fingerprint!r} is not a SHA256 host key fingerprint", permanent=True
+        )
     key = last_presented_host_key(target)
     if key is None or key.fingerprint != wanted:
         key = scan_host_key(target)
@@ -153,8 +154,9 @@ def pin_host_key(target: Target, fingerprint: str) -> HostKey:
     target.host_key_type = key.key_type
     target.host_key_data = key.data
     if target.pk:
-        target.save(update_fields=["host_key", "host_key_type", "host_key_data",
-                                   "updated_at"])
+        target.save(
+            update_fields=["host_key", "host_key_type", "host_key_data", "updated_at"]
+        )
     return key
 
 
@@ -181,8 +183,10 @@ _PKEY_CLASSES = (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey)
 def _parse_private_key(data: bytes, passphrase: str, source: str) -> PrivateKey:
     password = passphrase.encode() if passphrase else None
     crypto_key = None
-    for loader in (serialization.load_ssh_private_key,
-                   serialization.load_pem_private_key):
+    for loader in (
+        serialization.load_ssh_private_key,
+        serialization.load_pem_private_key,
+    ):
         try:
             crypto_key = loader(data, password=password)
             break
@@ -190,8 +194,8 @@ def _parse_private_key(data: bytes, passphrase: str, source: str) -> PrivateKey:
             # Encrypted without a passphrase, or a passphrase for an unencrypted key.
             raise TargetError(
                 f"the private key ({source}) is encrypted: set its passphrase"
-                if not password else
-                f"the private key ({source}) is not encrypted: clear the passphrase",
+                if not password
+                else f"the private key ({source}) is not encrypted: clear the passphrase",
                 permanent=True,
             ) from None
         except (ValueError, serialization.UnsupportedAlgorithm):
@@ -212,8 +216,9 @@ def _parse_private_key(data: bytes, passphrase: str, source: str) -> PrivateKey:
             return PrivateKey(cls.from_private_key(io.StringIO(text)), text, source)
         except paramiko.SSHException:
             continue
-    raise TargetError(f"the private key ({source}) is of a type SSH cannot use",
-                      permanent=True)
+    raise TargetError(
+        f"the private key ({source}) is of a type SSH cannot use", permanent=True
+    )
 
 
 def load_private_key(target: Target) -> PrivateKey | None:
@@ -227,8 +232,9 @@ def load_private_key(target: Target) -> PrivateKey | None:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise TargetError(f"private key file {path} not found", permanent=True) \
-                from None
+            raise TargetError(
+                f"private key file {path} not found", permanent=True
+            ) from None
         except OSError as exc:
             raise TargetError(
                 f"private key file {path} cannot be read: {exc.strerror or exc}",
@@ -261,21 +267,27 @@ def connect_socket(host: str, port: int, timeout: float) -> socket.socket:
     try:
         sock = socket.create_connection((bare, port), timeout=timeout)
     except TimeoutError:
-        raise TargetError(f"cannot connect to {host}:{port}: no answer within "
-                          f"{timeout:g} s") from None
+        raise TargetError(
+            f"cannot connect to {host}:{port}: no answer within {timeout:g} s"
+        ) from None
     except ConnectionRefusedError:
-        raise TargetError(f"cannot connect to {host}:{port}: connection refused "
-                          "(is the SSH server running on that port?)") from None
+        raise TargetError(
+            f"cannot connect to {host}:{port}: connection refused "
+            "(is the SSH server running on that port?)"
+        ) from None
     except socket.gaierror as exc:
         raise TargetError(f"cannot resolve host name {host}: {exc.strerror}") from None
     except OSError as exc:
-        raise TargetError(f"cannot connect to {host}:{port}: "
-                          f"{exc.strerror or exc}") from None
+        raise TargetError(
+            f"cannot connect to {host}:{port}: {exc.strerror or exc}"
+        ) from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
 
-def _start_transport(sock: socket.socket, timeout: float, where: str) -> paramiko.Transport:
+def _start_transport(
+    sock: socket.socket, timeout: float, where: str
+) -> paramiko.Transport:
     transport = paramiko.Transport(sock)
     transport.banner_timeout = timeout
     transport.handshake_timeout = timeout
@@ -284,8 +296,10 @@ def _start_transport(sock: socket.socket, timeout: float, where: str) -> paramik
         transport.start_client(timeout=timeout)
     except (paramiko.SSHException, EOFError, OSError) as exc:
         transport.close()
-        raise TargetError(f"SSH handshake with {where} failed: {exc or type(exc).__name__}"
-                          " (is it an SSH server?)") from None
+        raise TargetError(
+            f"SSH handshake with {where} failed: {exc or type(exc).__name__}"
+            " (is it an SSH server?)"
+        ) from None
     return transport
 
 
@@ -353,13 +367,18 @@ class SshSession:
                 return self.auth_method
         if target.password:
             tried.append("password")
-            if self._try(lambda: self.transport.auth_password(user, str(target.password))):
+            if self._try(
+                lambda: self.transport.auth_password(user, str(target.password))
+            ):
                 self.auth_method = "password"
                 return self.auth_method
         if key is None and not target.password:
             defaults = default_private_keys()
-            tried.append(f"{len(defaults)} default key(s) of the service account"
-                         if defaults else "no key: the service account has none")
+            tried.append(
+                f"{len(defaults)} default key(s) of the service account"
+                if defaults
+                else "no key: the service account has none"
+            )
             for pkey in defaults:
                 if self._try(lambda k=pkey: self.transport.auth_publickey(user, k)):
                     self.auth_method = "the service account's default key"
@@ -382,8 +401,10 @@ class SshSession:
         except paramiko.AuthenticationException:
             return False
         except (paramiko.SSHException, EOFError, OSError) as exc:
-            raise TargetError(f"connection to {self.where} lost while logging in: "
-                              f"{exc or type(exc).__name__}") from None
+            raise TargetError(
+                f"connection to {self.where} lost while logging in: "
+                f"{exc or type(exc).__name__}"
+            ) from None
         return self.transport.is_authenticated()
 
     def _allowed_methods(self) -> list[str]:
@@ -394,9 +415,11 @@ class SshSession:
             try:
                 self._sftp = paramiko.SFTPClient.from_transport(self.transport)
             except (paramiko.SSHException, EOFError, OSError) as exc:
-                raise TargetError(f"the server {self.where} refused SFTP: "
-                                  f"{exc or type(exc).__name__}", permanent=True) \
-                    from None
+                raise TargetError(
+                    f"the server {self.where} refused SFTP: "
+                    f"{exc or type(exc).__name__}",
+                    permanent=True,
+                ) from None
         return self._sftp
 
     def run(self, command: str, timeout: float) -> tuple[int, str]:
@@ -415,8 +438,9 @@ class SshSession:
                 chunks.append(data)
             rc = channel.recv_exit_status()
         except TimeoutError:
-            raise TargetError(f"the command on {self.where} did not finish within "
-                              f"{timeout:g} s") from None
+            raise TargetError(
+                f"the command on {self.where} did not finish within {timeout:g} s"
+            ) from None
         finally:
             channel.close()
         return rc, b"".join(chunks).decode(errors="replace")
@@ -455,4 +479,3 @@ def login_checks(result: TestResult, session: SshSession) -> bool:
         method = session.login()
         check.message = f"logged in as {target.username} with {method}"
     return not result.stopped
-
