@@ -1,0 +1,243 @@
+"""The local-folder index and the folder source: build, incremental scans, filters."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from datetime import date
+from io import StringIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from django.core.management import call_command
+
+from querytool.index import INDEX_NAME, FolderIndex, like_pattern
+from querytool.sources import Criteria, RetrieveRequest, source_for
+from targets.models import DicomWebTarget
+from tests.dicomgen import make_series
+
+
+@pytest.fixture
+def folder(query_studies, tmp_path) -> Path:
+    out = query_studies.copy_to(tmp_path / "archive")
+    (out / "notes.txt").write_text("not DICOM")
+    (out / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00garbage")
+    return out
+
+
+@pytest.fixture
+def data_dir(settings, tmp_path) -> Path:
+    settings.DATA_DIR = tmp_path / "data"
+    settings.DATA_DIR.mkdir()
+    return settings.DATA_DIR
+
+
+def folder_source(folder: Path):
+    return source_for(
+        DicomWebTarget(name="archive", url=f"file://{folder}", direction="query")
+    )
+
+
+def accessions(search) -> set[str]:
+    return {s.accession for s in search.studies}
+
+
+def test_first_scan_indexes_every_instance_and_lists_non_dicom_files(
+    folder, query_studies, data_dir
+):
+    index = FolderIndex(folder)
+    assert index.path == folder / INDEX_NAME
+    report = index.scan()
+    assert report.added == query_studies.instances + 2
+    assert index.counts() == {"instances": query_studies.instances, "problems": 2}
+    problems = dict(report.problems)
+    assert "not a DICOM file" in problems["notes.txt"]
+    assert "broken.dcm" in problems
+    with index.connect() as db:
+        row = db.execute(
+            "SELECT * FROM files WHERE accession='ACC001' LIMIT 1"
+        ).fetchone()
+    assert row["patient_name"] == "DOE^JOHN"
+    assert row["birth_date"] == "19700101"
+    assert row["study_description"] == "CT CHEST"
+    assert row["modality"] == "CT"
+    assert row["transfer_syntax"]
+    assert row["sop_class_uid"] and row["sop_instance_uid"]
+    assert row["size"] > 0 and row["series_number"] in (1, 2)
+
+
+def test_unchanged_rescan_reads_no_header(folder, data_dir):
+    index = FolderIndex(folder)
+    index.scan()
+    report = index.scan()
+    assert (report.read, report.removed) == (0, 0)
+    assert report.unchanged == report.seen
+
+
+def test_rescan_reads_only_added_and_changed_files_and_drops_deleted_ones(
+    folder, query_studies, data_dir
+):
+    index = FolderIndex(folder)
+    index.scan()
+    make_series(folder / "new", 3, patient_id="P900", tags={"AccessionNumber": "NEW1"})
+    changed = sorted((folder / "study4").rglob("*.dcm"))[0]
+    ds = pydicom.dcmread(changed)
+    ds.StudyDescription = "MR KNEE RIGHT (corrected)"
+    ds.save_as(changed)
+    os.utime(changed, ns=(1, 1_000_000_000))  # a different mtime even if size matched
+    deleted = sorted((folder / "study3").rglob("*.dcm"))[0]
+    deleted.unlink()
+    (folder / "notes.txt").unlink()
+
+    report = index.scan()
+    assert (report.added, report.updated, report.removed) == (3, 1, 2)
+    src = folder_source(folder)
+    assert accessions(src.find_studies(Criteria(accessions=["NEW1"]), 10)) == {"NEW1"}
+    (study3,) = src.find_studies(Criteria(accessions=["ACC003"]), 10).studies
+    assert study3.instance_count == 2
+    with index.connect() as db:
+        descs = {
+            r[0]
+            for r in db.execute(
+                "SELECT study_description FROM files WHERE accession='ACC004'"
+            )
+        }
+    assert "MR KNEE RIGHT (corrected)" in descs
+    assert dict(report.problems).keys() == {"broken.dcm"}
+
+
+@pytest.fixture
+def read_only_folder(folder):
+    """The folder bind-mounted read-only: root cannot write there either."""
+    mount = folder.parent / "read-only"
+    mount.mkdir()
+    subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_read_only_folder_keeps_its_index_in_the_data_dir(
+    read_only_folder, data_dir, query_studies
+):
+    with pytest.raises(OSError):
+        (read_only_folder / "probe").touch()
+    index = FolderIndex(read_only_folder)
+    assert index.path.parent == data_dir / "indexes"
+    index.scan()
+    assert index.counts()["instances"] == query_studies.instances
+    assert not (read_only_folder / INDEX_NAME).exists()
+    again = FolderIndex(read_only_folder)
+    assert again.path == index.path
+    assert again.scan().read == 0
+
+
+def test_folder_search_filters(folder, data_dir):
+    src = folder_source(folder)
+    assert accessions(src.find_studies(Criteria(patient_id="P001"), 50)) == {
+        "ACC001",
+        "ACC002",
+    }
+    assert accessions(src.find_studies(Criteria(patient_name="doe^*"), 50)) == {
+        "ACC001",
+        "ACC002",
+        "ACC003",
+    }
+    assert accessions(src.find_studies(Criteria(patient_name="DOE^JA?E"), 50)) == {
+        "ACC003"
+    }
+    found = src.find_studies(
+        Criteria(date_from=date(2024, 1, 1), date_to=date(2024, 1, 31)), 50
+    )
+    assert accessions(found) == {"ACC001", "ACC_5%"}
+    assert accessions(src.find_studies(Criteria(modality="MR"), 50)) == {
+        "ACC002",
+        "ACC004",
+    }
+
+
+def test_folder_description_filters_really_filter(folder, data_dir):
+    src = folder_source(folder)
+    assert accessions(src.find_studies(Criteria(study_description="CT CHEST"), 50)) == {
+        "ACC001"
+    }
+    assert accessions(src.find_studies(Criteria(study_description="mr*"), 50)) == {
+        "ACC002",
+        "ACC004",
+    }
+    assert accessions(src.find_studies(Criteria(study_description="*KNEE*"), 50)) == {
+        "ACC004"
+    }
+    assert src.find_studies(Criteria(study_description="NOTHING*"), 50).studies == []
+
+
+def test_sql_wildcard_characters_in_values_are_literal(folder, data_dir):
+    src = folder_source(folder)
+    assert accessions(src.find_studies(Criteria(accessions=["ACC_5%"]), 50)) == {
+        "ACC_5%"
+    }
+    # `_` and `%` are not wildcards: "ACC_0*" must not match ACC001..ACC004.
+    assert src.find_studies(Criteria(accessions=["ACC_0*"]), 50).studies == []
+    assert like_pattern("A_%\\*?") == ("A\\_\\%\\\\%_", True)
+
+
+def test_folder_study_columns_series_and_missing_accessions(
+    folder, query_studies, data_dir
+):
+    src = folder_source(folder)
+    found = src.find_studies(Criteria(accessions=["ACC001", "GONE", "ACC004"]), 50)
+    assert found.missing_accessions == ["GONE"]
+    study = next(s for s in found.studies if s.accession == "ACC001")
+    assert (study.series_count, study.instance_count, study.modalities) == (
+        2,
+        5,
+        ["CT"],
+    )
+    assert study.birth_date == "19700101"
+    series = src.find_series(study.study_uid)
+    assert [s.instance_count for s in series] == [3, 2]
+    assert [s.series_uid for s in series] == query_studies.by_accession(
+        "ACC001"
+    ).series_uids
+
+
+def test_folder_limit_is_reported(folder, data_dir):
+    found = folder_source(folder).find_studies(Criteria(), 2)
+    assert len(found.studies) == 2 and found.truncated
+
+
+def test_folder_retrieve_copies_the_instances(
+    folder, query_studies, data_dir, tmp_path
+):
+    facts = query_studies.by_accession("ACC001")
+    result = folder_source(folder).retrieve(
+        RetrieveRequest(facts.study_uid, [facts.series_uids[0]]),
+        tmp_path / "out",
+        lambda *a: None,
+    )
+    assert result.completed == 3
+    assert len(list((tmp_path / "out").rglob("*.dcm"))) == 3
+
+
+def test_a_stale_index_is_rescanned_before_a_query(folder, data_dir, settings):
+    src = folder_source(folder)
+    settings.COURIER_INDEX_MAX_AGE = 3600
+    src.find_studies(Criteria(), 50)
+    make_series(folder / "late", 2, tags={"AccessionNumber": "LATE1"})
+    assert src.find_studies(Criteria(accessions=["LATE1"]), 50).studies == []
+    settings.COURIER_INDEX_MAX_AGE = 0
+    assert accessions(src.find_studies(Criteria(accessions=["LATE1"]), 50)) == {"LATE1"}
+
+
+@pytest.mark.django_db
+def test_index_folder_command_scans_and_lists_problems(folder, data_dir):
+    DicomWebTarget.objects.create(
+        name="Archive", url=f"file://{folder}", direction="query"
+    )
+    out = StringIO()
+    call_command("index_folder", "archive", stdout=out)
+    text = out.getvalue()
+    assert "added" in text and "notes.txt" in text
+    assert (folder / INDEX_NAME).exists()
