@@ -24,7 +24,7 @@ from targets.models import (
 )
 from targets.services import run_test
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("fast_password_hashing")]
 
 CHANGELIST = reverse("admin:targets_target_changelist")
 ADD = reverse("admin:targets_target_add")
@@ -89,12 +89,6 @@ def dicom_target() -> DicomTarget:
     return DicomTarget.objects.create(
         name="Archive", host="pacs.example.org", port=11112, called_aet="ARCHIVE"
     )
-
-
-@pytest.fixture(autouse=True)
-def fast_password_hashing(settings):
-    # The default hasher takes ~1 s per user on this machine; security is not tested.
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 # -- overview ------------------------------------------------------------------------
