@@ -58,7 +58,7 @@ class TargetAdmin(admin.ModelAdmin):
     list_display_links = ("name",)
     list_filter = ("kind", "direction", "enabled")
     search_fields = ("name", "host", "path", "url", "bucket", "called_aet")
-    actions = ["test_selected"]
+    actions = ["test_selected", "trust_host_key"]
     readonly_fields = ("kind_display", "last_test_display")
 
     # -- overview -----------------------------------------------------------------------
@@ -257,6 +257,37 @@ class TargetAdmin(admin.ModelAdmin):
         else:
             self.message_user(
                 request, f"Test of {obj.name} failed: {result.summary}", messages.ERROR
+            )
+
+    @admin.action(
+        description="Trust the host key shown by the last Test (SFTP, rsync)",
+        permissions=["change"],
+    )
+    def trust_host_key(self, request: HttpRequest, queryset) -> None:
+        from .kinds.base import TargetError
+        from .kinds.ssh import last_presented_host_key, pin_host_key
+
+        for obj in queryset:
+            obj = obj.as_kind()
+            seen = last_presented_host_key(obj)
+            if obj.kind not in (Kind.SFTP, Kind.RSYNC) or seen is None:
+                self.message_user(
+                    request,
+                    f"{obj.name}: no host key to trust; run Test first "
+                    "(SFTP and rsync targets only).",
+                    messages.WARNING,
+                )
+                continue
+            try:
+                pinned = pin_host_key(obj, seen.fingerprint)
+            except TargetError as exc:
+                self.message_user(request, f"{obj.name}: {exc.message}", messages.ERROR)
+                continue
+            self.log_change(request, obj, f"Pinned host key {pinned.describe()}")
+            self.message_user(
+                request,
+                f"{obj.name}: pinned host key {pinned.describe()}.",
+                messages.SUCCESS,
             )
 
     @admin.action(description="Test selected targets", permissions=["change"])

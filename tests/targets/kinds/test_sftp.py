@@ -216,3 +216,24 @@ def test_test_on_a_closed_port_returns_a_failed_check(make_target):
     assert not result.ok
     assert result.checks[0].name == "TCP connect"
     assert "connection refused" in result.checks[0].message
+
+
+def test_the_admin_trust_action_pins_the_key_the_test_showed(
+    sshd, make_target, admin_client
+):
+    from django.urls import reverse
+
+    target = make_target(pin=False)
+    admin_client.post(reverse("admin:targets_target_test", args=[target.pk]))
+    changelist = reverse("admin:targets_target_changelist")
+
+    response = admin_client.post(
+        changelist,
+        {"action": "trust_host_key", "_selected_action": [target.pk]},
+        follow=True,
+    )
+
+    target.refresh_from_db()
+    assert target.host_key == sshd.host_key_fingerprint
+    assert (target.host_key_type, target.host_key_data) == sshd.host_key_public()
+    assert f"pinned host key {sshd.host_key_fingerprint}" in response.content.decode()
