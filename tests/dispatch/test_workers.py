@@ -1,0 +1,194 @@
+"""The dispatch engine with real worker processes and real peers.
+
+Each test builds a Courier site in a temporary folder (its own database, queue and
+spool), starts `manage.py run_huey` workers as subprocesses, queues work, and checks
+what arrived on the peer and what the job tables say.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from tests.dicomgen import make_series
+from tests.peers import Orthanc, StoreSCP
+
+FAST_RETRY = {"retry_base_delay": 1, "retry_max_delay": 2, "retry_max_attempts": 30}
+
+
+def dicom_target(peer, **fields) -> dict:
+    port = peer.dicom_port if isinstance(peer, Orthanc) else peer.port
+    return {
+        "name": fields.pop("name", f"{peer.name}-{port}"),
+        "kind": "dicom",
+        "host": "127.0.0.1",
+        "port": port,
+        "called_aet": peer.aet,
+        **fields,
+    }
+
+
+def sent_total(site, job_id: int) -> int:
+    return sum(a["sent"] for a in site.attempts(job_id))
+
+
+def test_two_workers_on_postgres_and_redis_drain_one_queue_exactly_once(
+    courier_site, postgres_server, redis_server, orthanc, tmp_path
+):
+    url = postgres_server.create_database("courier_scaleout")
+    site = courier_site(
+        database_url=url, redis_url=redis_server.url, pg=postgres_server
+    )
+    site.migrate()
+    target = site.add_target(**dicom_target(orthanc, max_associations=4))
+    series = [make_series(tmp_path / f"s{i}", 15) for i in range(8)]
+    uids = {uid for s in series for uid in s.sop_uids}
+    job_ids = site.queue_folders(target, [s.folder for s in series])
+    workers = [site.start_worker(2), site.start_worker(2)]
+
+    site.wait_for(
+        lambda: all(j["state"] == "done" for j in site.jobs()), what="all jobs done"
+    )
+    stored = orthanc.instance_uids()
+    assert uids <= stored
+    for job_id in job_ids:
+        # Each instance was sent by exactly one attempt of exactly one worker.
+        assert sent_total(site, job_id) == 15
+    pids = {a["worker"].split(":")[1] for j in job_ids for a in site.attempts(j)}
+    assert {str(w.pid) for w in workers} == pids
+
+
+def test_target_down_waits_to_retry_and_completes_when_it_is_back(
+    courier_site, tmp_path
+):
+    peer = Orthanc(tmp_path / "orthanc")  # this test stops and restarts it
+    site = courier_site().migrate()
+    target = site.add_target(**dicom_target(peer, **FAST_RETRY))
+    series = make_series(tmp_path / "series", 12)
+    (job_id,) = site.queue_folders(target, [series.folder])
+    site.start_worker(1)
+
+    site.wait_for(lambda: site.jobs()[0]["state"] == "retry-wait", what="retry-wait")
+    job = site.jobs()[0]
+    assert "refused" in job["last_error"] or "connect" in job["last_error"]
+    first = site.attempts(job_id)[0]
+    assert first["outcome"] == "error" and first["sent"] == 0
+
+    with peer:
+        site.wait_for(lambda: site.jobs()[0]["state"] == "done", what="done")
+        assert peer.count_instances() == 12
+        assert peer.instance_uids() == set(series.sop_uids)
+    attempts = site.attempts(job_id)
+    assert len(attempts) >= 2
+    assert attempts[-1]["outcome"] == "done" and attempts[-1]["sent"] == 12
+
+
+def test_a_killed_worker_leaves_a_job_that_another_worker_resumes(
+    courier_site, tmp_path
+):
+    # Enough instances that the kill lands mid-series; a 3 s lease so the restarted
+    # worker may take the job over soon.
+    peer = Orthanc(tmp_path / "orthanc").start()
+    try:
+        site = courier_site(env={"COURIER_JOB_LEASE": "3"}).migrate()
+        target = site.add_target(**dicom_target(peer))
+        total = 400
+        series = make_series(tmp_path / "series", total)
+        (job_id,) = site.queue_folders(target, [series.folder])
+        worker = site.start_worker(1)
+        done_at_kill = site.wait_for(
+            lambda: (n := site.instances_done(job_id)) >= total // 4 and n,
+            what="a quarter sent",
+        )
+        site.kill_worker(worker)
+        assert done_at_kill < total, "the series finished before the kill"
+        assert site.jobs()[0]["state"] == "sending"
+
+        site.start_worker(1)
+        site.wait_for(lambda: site.jobs()[0]["state"] == "done", what="resumed")
+        assert peer.count_instances() == total
+        assert peer.instance_uids() == set(series.sop_uids)
+        first, *rest = site.attempts(job_id)
+        assert first["outcome"] == "interrupted"
+        assert rest[-1]["outcome"] == "done"
+        # The resumed attempt sent what was not confirmed, not the whole series
+        # again (instances in flight at the kill may be sent twice; Orthanc keeps
+        # one copy of each SOP Instance UID).
+        assert sum(a["sent"] for a in rest) <= total - done_at_kill + 8
+    finally:
+        peer.stop()
+
+
+def test_a_silent_peer_times_out_and_the_worker_goes_on_with_other_jobs(
+    courier_site, tmp_path
+):
+    # storescp accepts the association, then sleeps instead of answering the C-STORE.
+    silent = StoreSCP(
+        tmp_path / "silent", extra_args=["--sleep-during", "600"], fork=True
+    )
+    silent.start()
+    try:
+        site = courier_site().migrate()
+        dicom = site.add_target(
+            **dicom_target(
+                silent, dimse_timeout=2, acse_timeout=2, retry_max_attempts=1
+            )
+        )
+        out = tmp_path / "out"
+        out.mkdir()
+        folder = site.add_target(name="after", kind="folder", path=str(out))
+        (stuck,) = site.queue_folders(dicom, [make_series(tmp_path / "a", 3).folder])
+        (later,) = site.queue_folders(folder, [make_series(tmp_path / "b", 2).folder])
+        site.start_worker(1)  # one thread: the next job needs it back
+
+        site.wait_for(
+            lambda: (
+                {j["id"]: j["state"] for j in site.jobs()}
+                == {stuck: "failed", later: "done"}
+            ),
+            what="timeout then the other job",
+        )
+        attempt = site.attempts(stuck)[0]
+        assert attempt["ended_at"] is not None
+        assert "DIMSE timeout" in attempt["error"]
+        assert len(list(out.rglob("*.dcm"))) == 2
+    finally:
+        # storescp --fork leaves sleeping children: stop its whole process group.
+        os.killpg(silent.proc.pid, signal.SIGKILL)
+        silent.proc.wait(5)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_refused_instance_fails_the_job_naming_it_and_the_rest_arrive(
+    orthanc, tmp_path
+):
+    from dispatch import services
+    from dispatch.models import InstanceState, State
+    from targets.models import DicomTarget
+
+    good = make_series(tmp_path / "series", 4)
+    # An SOP class Orthanc does not accept (UnknownSopClassAccepted is off).
+    odd = make_series(
+        tmp_path / "series" / "odd",
+        1,
+        tags={"SOPClassUID": "1.2.826.0.1.3680043.8.498.99999"},
+    )
+    target = DicomTarget.objects.create(
+        name="orthanc-refusing",
+        host="127.0.0.1",
+        port=orthanc.dicom_port,
+        called_aet=orthanc.aet,
+    )
+    report = services.send_series(target, good.folder)
+    job = report.job
+    assert job.state == State.FAILED
+    assert (job.sent, job.failed, job.total) == (4, 1, 5)
+    assert "1 of 5 instances failed" in job.last_error
+    assert odd.files[0].name in job.last_error
+    assert "refused SOP class" in job.last_error
+    bad = job.instances.get(state=InstanceState.FAILED)
+    assert bad.sop_instance_uid == odd.sop_uids[0]
+    for uid in good.sop_uids:
+        assert orthanc.find_instance(uid)
