@@ -17,6 +17,7 @@ from django.views.decorators.http import require_POST
 
 from .forms import TargetForm
 from .models import PROXIES, QUERYABLE_KINDS, Kind, Target
+from .secrets import EncryptedTextField
 from .services import run_test
 
 DISPATCH_FIELDS = (
@@ -26,6 +27,10 @@ DISPATCH_FIELDS = (
     "retry_max_delay",
     "paused",
 )
+
+SECRET_FIELDS = [
+    f.name for f in Target._meta.get_fields() if isinstance(f, EncryptedTextField)
+]
 
 OK_COLOUR = "#2e7d32"
 FAILED_COLOUR = "#c62828"
@@ -96,9 +101,17 @@ class TargetAdmin(admin.ModelAdmin):
 
     def get_fieldsets(self, request, obj=None):
         proxy = PROXIES[self._kind(request, obj)]
+        connection = proxy.connection_fields
+        if obj is not None and not self.has_change_permission(request, obj):
+            # A view-only page shows every field read-only, which would print a
+            # secret's value: show whether it is set instead.
+            connection = tuple(
+                f"{name}_status" if name in SECRET_FIELDS else name
+                for name in connection
+            )
         fieldsets = [
             (None, {"fields": ("name", "kind_display", "direction", "enabled")}),
-            ("Connection", {"fields": proxy.connection_fields}),
+            ("Connection", {"fields": connection}),
             ("Information", {"fields": ("contact_email", "description")}),
             (
                 "Dispatch",
@@ -218,6 +231,9 @@ class TargetAdmin(admin.ModelAdmin):
     def log_change(self, request, obj, message):
         return super().log_change(request, _as_target(obj), message)
 
+    def log_deletions(self, request, queryset):
+        return super().log_deletions(request, [_as_target(obj) for obj in queryset])
+
     # -- Test ----------------------------------------------------------------------------
     def get_urls(self):
         urls = super().get_urls()
@@ -306,3 +322,15 @@ class TargetAdmin(admin.ModelAdmin):
             f"Tested {passed + failed}: {passed} passed, {failed} failed.",
             level,
         )
+
+
+def _secret_status(name: str):
+    @admin.display(description=Target._meta.get_field(name).verbose_name)
+    def status(self, obj: Target) -> str:
+        return "set" if getattr(obj, name, "") else "not set"
+
+    return status
+
+
+for _name in SECRET_FIELDS:
+    setattr(TargetAdmin, f"{_name}_status", _secret_status(_name))

@@ -523,8 +523,16 @@ class FolderTarget(Target):
 
     def clean(self) -> None:
         super().clean()
+        from .kinds.folder import layout_error
+
+        errors = {}
         if self.path and not self.path.startswith("/"):
-            raise ValidationError({"path": "Enter an absolute path (starting with /)."})
+            errors["path"] = "Enter an absolute path (starting with /)."
+        self.layout = (self.layout or "").strip()
+        if self.layout and (problem := layout_error(self.layout)):
+            errors["layout"] = problem
+        if errors:
+            raise ValidationError(errors)
 
 
 class RsyncTarget(Target):

@@ -13,13 +13,21 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 from targets.models import DEFAULT_LAYOUT
-from targets.series import Instance, LayoutError, Series, render_layout, safe_path_part
+from targets.series import (
+    HEADER_TAGS,
+    Instance,
+    LayoutError,
+    Series,
+    render_layout,
+    safe_path_part,
+)
 from targets.validators import split_globs
 
 from .base import (
@@ -99,6 +107,23 @@ def _error(exc: OSError, doing: str) -> TargetError:
             permanent=True,
         )
     return TargetError(f"{exc.strerror or exc} while {doing}{where}")
+
+
+def layout_error(template: str) -> str | None:
+    """Return why a layout template cannot be used, or None if it can."""
+    keywords = re.findall(r"\{(\w+)\}", template)
+    rest = re.sub(r"\{\w+\}", "", template)
+    if "{" in rest or "}" in rest:
+        return (
+            "Put each DICOM keyword in braces, e.g. "
+            "{StudyInstanceUID}/{SeriesInstanceUID}."
+        )
+    unknown = [k for k in keywords if k not in HEADER_TAGS]
+    if unknown:
+        return f"Unknown layout tag {unknown[0]}: use one of {', '.join(HEADER_TAGS)}."
+    if any(part.strip() in (".", "..") for part in template.split("/")):
+        return "A layout cannot contain . or .. folders."
+    return None
 
 
 def instance_file_name(instance: Instance) -> str:

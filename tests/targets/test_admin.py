@@ -201,6 +201,9 @@ def test_the_labels_use_mercure_words_for_ae_titles(admin_client):
         ("dicom", {"host": ""}, "host", "needs a host"),
         ("folder", {"direction": "query"}, "direction", "only be stored to"),
         ("folder", {"path": "relative/folder"}, "path", "absolute path"),
+        ("folder", {"layout": "{StudyInstanceUID/x"}, "layout", "in braces"),
+        ("folder", {"layout": "{PatientsName}"}, "layout", "Unknown layout tag"),
+        ("folder", {"layout": "../{PatientID}"}, "layout", ". or .."),
         ("folder", {"path": ""}, "path", "needs a folder"),
     ],
 )
@@ -409,6 +412,21 @@ def current_form_data(client: Client, url: str) -> dict:
         elif value is not None:
             data[name] = value
     return data
+
+
+def test_a_view_only_user_sees_whether_a_secret_is_set_not_its_value(viewer, s3_target):
+    html = viewer.get(change_url(s3_target)).content.decode()
+    assert SECRET not in html
+    assert "secret access key" in html.lower()
+    assert ">set<" in html
+
+
+def test_a_target_can_be_deleted_in_the_admin(admin_client, s3_target):
+    url = reverse("admin:targets_target_delete", args=[s3_target.pk])
+    assert SECRET not in admin_client.get(url).content.decode()
+    response = admin_client.post(url, {"post": "yes"})
+    assert response.status_code == 302
+    assert not Target.objects.exists()
 
 
 def test_a_secret_can_be_replaced(admin_client, s3_target):
