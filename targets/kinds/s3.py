@@ -10,6 +10,7 @@ already there with the right size are reported PRESENT, so a retry sends only th
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -74,6 +75,20 @@ _PERMANENT_CODES = {
 }
 
 
+_session_lock = threading.Lock()
+_session: boto3.session.Session | None = None
+
+
+def _make_client(**kwargs):
+    """Build a client from one shared session: a new session reloads botocore's
+    service models (0.1-0.3 s), and sessions are not safe to share unlocked."""
+    global _session
+    with _session_lock:
+        if _session is None:
+            _session = boto3.session.Session()
+        return _session.client("s3", **kwargs)
+
+
 class S3Handler(Handler):
     # -- client -------------------------------------------------------------------------
     def client(self, *, attempts: int = 3, pool: int = UPLOAD_THREADS):
@@ -89,11 +104,11 @@ class S3Handler(Handler):
             # S3-compatible store, and cost CPU; send them only where required.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
+            # Courier builds the parameters itself; validating them costs CPU per
+            # request.
+            parameter_validation=False,
         )
-        # A session of its own: the default one is shared and not thread-safe to build.
-        session = boto3.session.Session()
-        return session.client(
-            "s3",
+        return _make_client(
             endpoint_url=target.endpoint_url or None,
             region_name=target.region or None,
             aws_access_key_id=target.access_key_id or None,
