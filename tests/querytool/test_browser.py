@@ -87,3 +87,5 @@ def test_staff_searches_opens_a_study_and_retrieves_it_to_a_folder(
         ).text
     )
     assert len(list(Path(out).rglob("*.dcm"))) == 5
+    # Leave the page so no poll reaches the live server after the test ends.
+    browser.get("about:blank")
