@@ -59,6 +59,8 @@ def time_courier(target: DicomTarget, series: Series) -> float:
             f"Courier sent {result.sent} of {len(series)}: "
             f"{result.failed} failed; {result.notes}"
         )
+    for note in result.notes:  # a stalled association that was resumed
+        print(f"    note: {note}")
     return elapsed
 
 

@@ -52,6 +52,7 @@ from .dicom_link import (
     Association,
     Context,
     LinkError,
+    UnreadableFile,
     connect,
     error_comment,
     propose,
@@ -273,9 +274,12 @@ class DicomHandler(Handler):
     def _store(self, assoc: Association, inst: Instance) -> Outcome:
         cx = assoc.context_for(inst.sop_class_uid, inst.transfer_syntax)
         if cx is not None:
-            rsp = assoc.c_store_file(
-                cx, inst.sop_class_uid, inst.sop_instance_uid, inst.path
-            )
+            try:
+                rsp = assoc.c_store_file(
+                    cx, inst.sop_class_uid, inst.sop_instance_uid, inst.path
+                )
+            except UnreadableFile as exc:
+                return instance_outcome(inst, FAILED, str(exc))
         else:
             offered = assoc.contexts_for(inst.sop_class_uid)
             if not offered:

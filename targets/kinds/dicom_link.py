@@ -71,6 +71,10 @@ class LinkError(Exception):
         self.permanent = permanent
 
 
+class UnreadableFile(Exception):
+    """A file to send could not be read; the association is unharmed."""
+
+
 class LinkTimeout(LinkError):
     """The peer did not answer within the timeout."""
 
@@ -325,13 +329,21 @@ class Association:
     ) -> dict[int, bytes]:
         """Send one file's dataset bytes as they are on disk; return the response.
 
-        The file's transfer syntax must be `cx.transfer_syntax`.
+        The file's transfer syntax must be `cx.transfer_syntax`. Raise
+        `UnreadableFile` (before anything is sent) if the file cannot be read.
         """
-        with open(path, "rb", buffering=0) as f:
+        f = None
+        try:
+            f = open(path, "rb", buffering=0)  # noqa: SIM115 (closed below)
             head = f.read(65536)
             offset = dataset_offset(path, head)
             size = f.seek(0, 2)
             f.seek(offset)
+        except Exception as exc:  # OSError, or pydicom's errors for a broken meta
+            if f is not None:
+                f.close()
+            raise UnreadableFile(f"cannot read {path.name}: {exc}") from exc
+        with f:
             return self._c_store(cx, sop_class, sop_instance, f, size - offset)
 
     def c_store_bytes(
@@ -358,7 +370,12 @@ class Association:
         left = length
         while True:
             n = min(chunk, left)
-            data = stream.read(n)
+            try:
+                data = stream.read(n)
+            except OSError as exc:  # half a message is out: only an abort fixes it
+                raise LinkError(
+                    f"reading {sop_instance} failed mid-send: {exc}"
+                ) from exc
             if len(data) != n:
                 raise LinkError(f"file shrank while being sent ({sop_instance})")
             left -= n
