@@ -117,7 +117,7 @@ class MultipartBody:
             len(self._head) + p.stat().st_size + len(self._sep) for p in self._paths
         ) + len(self._tail)
         self._parts = self._generate()
-        self._pending = b""
+        self._chunk = memoryview(b"")
 
     @property
     def content_type(self) -> str:
@@ -140,15 +140,16 @@ class MultipartBody:
         yield self._tail
 
     def read(self, size: int = -1) -> bytes:
+        """Return up to `size` bytes (fewer at a part boundary; b"" at the end)."""
         if size is None or size < 0:
             size = READ_BLOCK
-        while len(self._pending) < size:
+        while not self._chunk:
             try:
-                self._pending += next(self._parts)
+                self._chunk = memoryview(next(self._parts))
             except StopIteration:
-                break
-        chunk, self._pending = self._pending[:size], self._pending[size:]
-        return chunk
+                return b""
+        chunk, self._chunk = self._chunk[:size], self._chunk[size:]
+        return bytes(chunk)
 
 
 def _sequence_uids(payload: dict, tag: str, reason_tag: str) -> dict[str, int | None]:
