@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import generate_uid
-from pynetdicom import AE, evt
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
 from targets.dicomnet import enable_tcp_nodelay
@@ -24,6 +24,7 @@ from tests.peers import free_port
 
 # A SOP class Orthanc does not know: with UnknownSopClassAccepted false it refuses it.
 PRIVATE_SOP_CLASS = "1.2.826.0.1.3680043.8.498.77.1"
+DEFAULT_SYNTAXES = list(DEFAULT_TRANSFER_SYNTAXES)
 
 
 def target(port: int, called_aet: str, **kwargs) -> DicomTarget:
@@ -61,9 +62,10 @@ def orthanc_uids(orthanc, study_uid: str) -> Counter:
 class RecordingSCP:
     """A pynetdicom storage SCP that records every C-STORE and answers as told."""
 
-    def __init__(self):
+    def __init__(self, syntaxes: list[str] | None = None):
         enable_tcp_nodelay()
         self.received: list[str] = []
+        self.datasets: dict[str, object] = {}
         self.statuses: dict[str, int] = {}  # SOP Instance UID -> status to answer
         self.stall_once: set[str] = set()  # UIDs whose first C-STORE gets no answer
         self.stall_always = False
@@ -72,7 +74,7 @@ class RecordingSCP:
         ae = AE(ae_title="RECORDER")
         ae.maximum_pdu_size = 131072
         for sop_class in (CTImageStorage, MRImageStorage, Verification):
-            ae.add_supported_context(sop_class)
+            ae.add_supported_context(sop_class, syntaxes or DEFAULT_SYNTAXES)
         ae.add_supported_context(PRIVATE_SOP_CLASS)
         ae.dimse_timeout = 60
         ae.network_timeout = 60
@@ -93,11 +95,13 @@ class RecordingSCP:
             return 0xA700
         with self.lock:
             self.received.append(uid)
+            self.datasets[uid] = event.dataset
         return self.statuses.get(uid, 0x0000)
 
     def reset(self) -> None:
         with self.lock:
             self.received.clear()
+            self.datasets.clear()
             self.statuses.clear()
             self.stall_once.clear()
             self.stall_always = False
@@ -242,6 +246,37 @@ def test_parallel_associations_deliver_every_instance_exactly_once(
     assert all(
         any(n.endswith(f".{uid}.dcm") for n in names) for uid in generated.sop_uids
     )
+
+
+def test_it_converts_to_implicit_vr_for_a_peer_that_accepts_only_that(tmp_path):
+    scp = RecordingSCP(syntaxes=[ImplicitVRLittleEndian])
+    try:
+        generated = make_series(tmp_path, 3)
+        series = scan_folder(tmp_path)
+        assert {i.transfer_syntax for i in series.instances} == {ExplicitVRLittleEndian}
+
+        result = target(scp.port, "RECORDER").handler.send(series)
+
+        assert result.sent == 3
+        for path, uid in zip(generated.files, generated.sop_uids, strict=True):
+            source = dcmread(path)
+            received = scp.datasets[uid]
+            assert received.PixelData == source.PixelData
+            assert received.PatientID == source.PatientID
+    finally:
+        scp.stop()
+
+
+def test_an_unreadable_file_fails_alone_and_the_rest_is_sent(fresh_recorder, tmp_path):
+    generated = make_series(tmp_path, 5)
+    series = scan_folder(tmp_path)
+    generated.files[2].unlink()  # gone between the scan and the send
+
+    result = target(fresh_recorder.port, "RECORDER").handler.send(series)
+
+    assert [o.status for o in result.outcomes] == [SENT, SENT, FAILED, SENT, SENT]
+    assert result.outcomes[2].message.startswith("cannot read CT00003.dcm")
+    assert len(fresh_recorder.received) == 4 and not result.notes
 
 
 # -- statuses, stalls --------------------------------------------------------------------
