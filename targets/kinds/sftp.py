@@ -12,9 +12,11 @@ from __future__ import annotations
 import errno
 import logging
 import posixpath
+import queue
 import stat
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from io import BytesIO
 
 import paramiko
@@ -42,6 +44,8 @@ from .ssh import SshSession, login_checks
 log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".courier-part-"
+# Parallel SFTP channels on one SSH connection (OpenSSH allows 10 sessions).
+SFTP_CHANNELS = 4
 _CONNECTION_ERRORS = (paramiko.SSHException, EOFError, ConnectionError, TimeoutError)
 
 
@@ -89,82 +93,115 @@ class SftpHandler(Handler):
             return result
 
         with SshSession(self.target) as session:
-            sftp = session.sftp()
-            made: set[str] = set()
-            for rel, instances in groups.items():
-                folder = (
-                    posixpath.join(self.target.path, rel) if rel else self.target.path
-                )
-                try:
-                    self._send_group(sftp, folder, instances, made, report)
-                except _CONNECTION_ERRORS as exc:
-                    raise TargetError(
-                        f"connection to {session.where} lost during the upload: "
-                        f"{exc or type(exc).__name__}"
-                    ) from None
+            try:
+                self._send_groups(session, groups, report)
+            except _CONNECTION_ERRORS as exc:
+                raise TargetError(
+                    f"connection to {session.where} lost during the upload: "
+                    f"{exc or type(exc).__name__}"
+                ) from None
         return result
 
-    def _send_group(
+    def _send_groups(
         self,
-        sftp: paramiko.SFTPClient,
-        folder: str,
-        instances: list[Instance],
-        made: set[str],
+        session: SshSession,
+        groups: dict[str, list[Instance]],
         report: Callable[[Outcome], None],
     ) -> None:
-        try:
-            _makedirs(sftp, folder, made)
-            existing = {a.filename: a.st_size for a in sftp.listdir_attr(folder)}
-        except OSError as exc:
-            raise TargetError(
-                f"{_describe(exc, f'creating folder {folder}')}",
-                permanent=exc.errno == errno.EACCES,
-            ) from None
-
-        failed = False
-        seen: set[str] = set()
-        for inst in instances:
-            name = instance_file_name(inst)
-            if name in seen:
-                report(instance_outcome(inst, PRESENT, "duplicate SOP Instance UID"))
-                continue
-            seen.add(name)
-            if existing.get(name) == inst.size:
-                report(instance_outcome(inst, PRESENT))
-                continue
-            final = posixpath.join(folder, name)
-            tmp = posixpath.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}")
+        sftp = session.sftp()
+        made: set[str] = set()
+        uploads: list[tuple[Instance, str, str]] = []  # (instance, folder, name)
+        folders: dict[str, bool] = {}  # folder -> every file there is complete
+        for rel, instances in groups.items():
+            folder = posixpath.join(self.target.path, rel) if rel else self.target.path
+            folders[folder] = True
             try:
-                # confirm=True stats the upload and raises if the size differs.
-                sftp.put(str(inst.path), tmp, confirm=True)
-                _rename(sftp, tmp, final)
-            except FileNotFoundError as exc:
-                if exc.filename == str(inst.path) or not exc.filename:
-                    failed = True
-                    report(instance_outcome(inst, FAILED, _describe(exc, "uploading")))
-                    continue
-                raise
+                _makedirs(sftp, folder, made)
+                existing = {a.filename: a.st_size for a in sftp.listdir_attr(folder)}
             except OSError as exc:
                 if isinstance(exc, _CONNECTION_ERRORS) or not _alive(sftp):
                     raise ConnectionError(str(exc)) from None
-                failed = True
-                _remove_quietly(sftp, tmp)
-                report(
-                    instance_outcome(
-                        inst, FAILED, _describe(exc, f"uploading to {final}")
+                raise TargetError(
+                    _describe(exc, f"creating folder {folder}"),
+                    permanent=exc.errno == errno.EACCES,
+                ) from None
+            seen: set[str] = set()
+            for inst in instances:
+                name = instance_file_name(inst)
+                if name in seen:
+                    report(
+                        instance_outcome(inst, PRESENT, "duplicate SOP Instance UID")
                     )
-                )
-                continue
-            report(instance_outcome(inst, SENT))
+                elif existing.get(name) == inst.size:
+                    report(instance_outcome(inst, PRESENT))
+                else:
+                    uploads.append((inst, folder, name))
+                seen.add(name)
 
-        if self.target.write_complete_marker and not failed:
-            marker = posixpath.join(folder, COMPLETE_MARKER)
+        # Several SFTP channels on the one connection: while one waits for the
+        # server's answer (open, close, rename), the others keep it busy.
+        channels = max(1, min(SFTP_CHANNELS, len(uploads)))
+        clients = queue.SimpleQueue()
+        clients.put(sftp)
+        for _ in range(channels - 1):
+            clients.put(paramiko.SFTPClient.from_transport(session.transport))
+
+        def upload(inst: Instance, folder: str, name: str) -> Outcome:
+            client = clients.get()
             try:
-                sftp.putfo(BytesIO(b""), marker, confirm=False)
-            except OSError as exc:
-                if isinstance(exc, _CONNECTION_ERRORS):
-                    raise
-                raise TargetError(_describe(exc, f"writing {marker}")) from None
+                return self._upload(client, inst, folder, name)
+            finally:
+                clients.put(client)
+
+        with ThreadPoolExecutor(channels, thread_name_prefix="sftp") as pool:
+            futures = {pool.submit(upload, *job): job for job in uploads}
+            try:
+                for future in as_completed(futures):
+                    outcome = future.result()
+                    if outcome.status == FAILED:
+                        folders[futures[future][1]] = False
+                    report(outcome)
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+
+        if self.target.write_complete_marker:
+            for folder, complete in folders.items():
+                if complete:
+                    self._write_marker(sftp, folder)
+
+    def _upload(
+        self, sftp: paramiko.SFTPClient, inst: Instance, folder: str, name: str
+    ) -> Outcome:
+        """Upload one file under a temporary name and rename it into place."""
+        final = posixpath.join(folder, name)
+        tmp = posixpath.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}")
+        try:
+            with open(inst.path, "rb") as local:
+                # Write errors surface at close (paramiko checks every pipelined
+                # write's status there), so no extra stat round trip is needed.
+                sftp.putfo(local, tmp, file_size=inst.size, confirm=False)
+            _rename(sftp, tmp, final)
+        except OSError as exc:
+            if isinstance(exc, _CONNECTION_ERRORS) or not _alive(sftp):
+                raise ConnectionError(str(exc)) from None
+            if not inst.path.exists():
+                return instance_outcome(inst, FAILED, f"{inst.path} is gone")
+            _remove_quietly(sftp, tmp)
+            return instance_outcome(
+                inst, FAILED, _describe(exc, f"uploading to {final}")
+            )
+        return instance_outcome(inst, SENT)
+
+    def _write_marker(self, sftp: paramiko.SFTPClient, folder: str) -> None:
+        marker = posixpath.join(folder, COMPLETE_MARKER)
+        try:
+            sftp.putfo(BytesIO(b""), marker, confirm=False)
+        except OSError as exc:
+            if isinstance(exc, _CONNECTION_ERRORS) or not _alive(sftp):
+                raise ConnectionError(str(exc)) from None
+            raise TargetError(_describe(exc, f"writing {marker}")) from None
 
     # -- test ---------------------------------------------------------------------------
     def test(self) -> TestResult:
