@@ -45,6 +45,10 @@ def _as_target(obj: Target) -> Target:
     return base
 
 
+def _duration(ms: float) -> str:
+    return f"{ms:.1f}" if ms < 10 else f"{ms:.0f}"
+
+
 def _when(value) -> str:
     return date_format(timezone.localtime(value), "Y-m-d H:i:s") if value else ""
 
@@ -77,8 +81,8 @@ class TargetAdmin(admin.ModelAdmin):
             return "never"
         ok = obj.last_test_ok
         return format_html(
-            '<span class="test-{}" style="color:{};font-weight:bold" title="{}">{}</span>'
-            " {}",
+            '<span style="white-space:nowrap"><span class="test-{}" '
+            'style="color:{};font-weight:bold" title="{}">{}</span> {}</span>',
             "ok" if ok else "failed",
             OK_COLOUR if ok else FAILED_COLOUR,
             obj.last_test_message,
@@ -159,7 +163,7 @@ class TargetAdmin(admin.ModelAdmin):
                     if c.get("ok")
                     else ("info" if c.get("informational") else "failed"),
                     c.get("message", ""),
-                    f"{c.get('duration_ms', 0):.0f}",
+                    _duration(c.get("duration_ms") or 0),
                     "; ".join(f"{k}: {v}" for k, v in (c.get("details") or {}).items()),
                 )
                 for c in checks

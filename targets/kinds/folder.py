@@ -336,7 +336,6 @@ class FolderHandler(Handler):
             except OSError as exc:
                 raise TargetError(f"cannot read free space: {exc.strerror}") from None
             c.message = f"{_size(usage.free)} free of {_size(usage.total)}"
-            c.details = {"free_bytes": usage.free, "total_bytes": usage.total}
             low = usage.free < LOW_SPACE_BYTES or (
                 usage.total and usage.free / usage.total < LOW_SPACE_FRACTION
             )
