@@ -10,6 +10,7 @@ worker looks next resumes the job, sending only the instances not yet confirmed.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import queue
@@ -223,17 +224,26 @@ def enqueue(job: Job | int, *, eta=None) -> None:
     transaction.on_commit(send_message)
 
 
-def kick_target(target_id: int) -> int:
-    """Queue the oldest jobs of a target that may run now, up to its free slots."""
+def kick_target(target_id: int, target: Target | None = None) -> int:
+    """Queue the oldest jobs of a target that may run now, if it has a free slot.
+
+    As many as the target's limit are queued, not only as many as are free: two
+    workers finishing at once both pick the same oldest jobs, and a message for a
+    job that is taken or must wait costs one short transaction.
+    """
     now = timezone.now()
-    target = Target.objects.filter(pk=target_id).first()
+    if target is None:
+        target = Target.objects.filter(pk=target_id).first()
     if target is None or _wait_reason(target):
         return 0
-    free = job_limit(target) - _slots_in_use(target_id, now)
-    if free <= 0:
+    if job_limit(target) - _slots_in_use(target_id, now) <= 0:
         return 0
     due = Job.objects.filter(target_id=target_id).filter(_claimable_q(now))
-    ids = list(due.order_by("not_before", "id").values_list("id", flat=True)[:free])
+    ids = list(
+        due.order_by("not_before", "id").values_list("id", flat=True)[
+            : job_limit(target)
+        ]
+    )
     for job_id in ids:
         enqueue(job_id)
     return len(ids)
@@ -299,7 +309,12 @@ def _claim(job_id: int, worker: str, respect_limit: bool) -> _Claim | None:
         )
         if not claimed:
             return None
-        job.refresh_from_db()
+        was_sending = job.state == State.SENDING
+        job.state, job.lease_owner = State.SENDING, worker
+        job.lease_expires_at, job.associations = now + _lease(), slots
+        job.attempt_count += 1
+        if not was_sending:
+            return _Claim(job=job, target=target)
         # Attempts left open by a worker that died (its lease expired).
         interrupted = list(job.attempts.filter(ended_at__isnull=True))
         for attempt in interrupted:
@@ -334,7 +349,8 @@ def run_job(
         return None
     job, target = claim.job, claim.target
     # The handler opens at most the connections this job was given.
-    target.max_associations = job.associations
+    handler_target = copy.copy(target)
+    handler_target.max_associations = job.associations
     attempt = Attempt.objects.create(job=job, number=job.attempt_count, worker=worker)
     started = time.monotonic()
     error: TargetError | None = None
@@ -354,7 +370,7 @@ def run_job(
             if missing:
                 _mark_missing(job, missing)
             if series.instances:
-                aborted = _send(job, target, series, attempt, worker, progress)
+                aborted = _send(job, handler_target, series, attempt, worker, progress)
     except TargetError as exc:
         error = exc
     except _SendAborted:
@@ -363,6 +379,34 @@ def run_job(
         log.exception("dispatch unexpected error %s", _kv(job=job.pk))
         error = TargetError(f"unexpected error: {type(exc).__name__}: {exc}")
     return _finish(job, target, attempt, worker, error, aborted, retry, started)
+
+
+def run_jobs_from(job_id: int, *, budget_seconds: float = 20.0) -> int:
+    """Run the job, then go on with the next jobs of its target for a while.
+
+    A worker thread that just freed a slot of a target takes that target's next job
+    itself instead of waiting for the queue to hand it out (a polled queue such as
+    SqliteHuey adds up to its polling delay per job). The time budget keeps one
+    target from holding a worker thread for long. Return how many jobs ran.
+    """
+    deadline = time.monotonic() + budget_seconds
+    job = run_job(job_id)
+    ran = 0
+    while job is not None:
+        ran += 1
+        if time.monotonic() >= deadline:
+            break
+        next_id = (
+            Job.objects.filter(target_id=job.target_id)
+            .filter(_claimable_q(timezone.now()))
+            .order_by("not_before", "id")
+            .values_list("id", flat=True)
+            .first()
+        )
+        if next_id is None:
+            break
+        job = run_job(next_id)
+    return ran
 
 
 def _mark_missing(job: Job, paths: set[str]) -> None:
@@ -408,7 +452,7 @@ def _send(
     lease = _lease().total_seconds()
     renew_every = max(0.5, lease / 3)
     next_renew = time.monotonic() + renew_every
-    next_flush = time.monotonic() + 1.0
+    next_flush = time.monotonic() + 2.0
     while True:
         try:
             outcome = outcomes.get(timeout=0.5)
@@ -423,7 +467,7 @@ def _send(
         now = time.monotonic()
         if now >= next_flush:
             _save_attempt(attempt)
-            next_flush = now + 1.0
+            next_flush = now + 2.0
         if now >= next_renew and not stop.is_set():
             renewed = Job.objects.filter(
                 pk=job.pk, lease_owner=worker, state=State.SENDING
@@ -432,7 +476,6 @@ def _send(
                 stop.set()
             next_renew = now + renew_every
     thread.join()
-    _save_attempt(attempt)
     if failure:
         exc = failure[0]
         if isinstance(exc, _SendAborted) or stop.is_set():
@@ -465,19 +508,21 @@ def _save_attempt(attempt: Attempt) -> None:
 
 
 def _refresh_counts(job: Job) -> dict:
-    rows = dict(job.instances.values_list("state").annotate(n=Count("id")).order_by())
-    counts = {
-        "total": sum(rows.values()),
-        "sent": rows.get(InstanceState.SENT, 0) + rows.get(InstanceState.WARNING, 0),
-        "warnings": rows.get(InstanceState.WARNING, 0),
-        "present": rows.get(InstanceState.PRESENT, 0),
-        "failed": rows.get(InstanceState.FAILED, 0),
-        "pending": rows.get(InstanceState.PENDING, 0),
-        "bytes_sent": job.instances.filter(
-            state__in=[InstanceState.SENT, InstanceState.WARNING]
-        ).aggregate(b=Sum("bytes"))["b"]
-        or 0,
-    }
+    def n(*states: str) -> Count:
+        return Count("id", filter=Q(state__in=states))
+
+    counts = job.instances.aggregate(
+        total=Count("id"),
+        sent=n(InstanceState.SENT, InstanceState.WARNING),
+        warnings=n(InstanceState.WARNING),
+        present=n(InstanceState.PRESENT),
+        failed=n(InstanceState.FAILED),
+        pending=n(InstanceState.PENDING),
+        bytes_sent=Sum(
+            "bytes", filter=Q(state__in=[InstanceState.SENT, InstanceState.WARNING])
+        ),
+    )
+    counts["bytes_sent"] = counts["bytes_sent"] or 0
     return counts
 
 
@@ -513,13 +558,14 @@ def _finish(
         _log_attempt(job, target, attempt, started)
         return job
 
-    if error is None:
+    counts = _refresh_counts(job)
+    if error is None and counts["pending"]:
         # Instances the handler said nothing about did not get through.
         job.instances.filter(state=InstanceState.PENDING).update(
             state=InstanceState.FAILED,
             message="the target's handler reported no outcome for this file",
         )
-    counts = _refresh_counts(job)
+        counts = _refresh_counts(job)
     retry_at = None
     if error is not None:
         if error.permanent:
@@ -581,15 +627,19 @@ def _finish(
         fields["not_before"] = retry_at
     owned = Job.objects.filter(pk=job.pk, lease_owner=worker, state=State.SENDING)
     updated = owned.update(**fields)
-    job.refresh_from_db()
-    _log_attempt(job, target, attempt, started)
     if not updated:
-        return job  # cancelled or taken over meanwhile: leave the row as it is
+        # Cancelled or taken over meanwhile: leave the row as it is.
+        job.refresh_from_db()
+        _log_attempt(job, target, attempt, started)
+        return job
+    for name, value in fields.items():
+        setattr(job, name, value)
+    _log_attempt(job, target, attempt, started)
     if retry_at:
         enqueue(job, eta=retry_at)
     if state in SUCCESS_STATES and job.owned_spool:
         cleanup_spool(job.folder)
-    kick_target(target.pk)
+    kick_target(target.pk, target)
     return job
 
 

@@ -15,7 +15,7 @@ log = logging.getLogger("courier.dispatch")
 
 @db_task()
 def run_job_task(job_id: int) -> None:
-    services.run_job(job_id)
+    services.run_jobs_from(job_id)
 
 
 @db_periodic_task(crontab(minute="*"))
@@ -44,5 +44,6 @@ def recover_on_startup() -> None:
             return
         _swept = True
     startup_sweep_task()
+
 
 from . import routing_tasks  # noqa: E402, F401
