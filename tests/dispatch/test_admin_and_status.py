@@ -126,3 +126,9 @@ def test_health_answers_503_when_the_queue_is_unreachable(client, monkeypatch):
     response = client.get("/health/")
     assert response.status_code == 503
     assert response.json()["queue"].startswith("error")
+
+
+def test_static_files_are_served_by_the_app_for_gunicorn(client):
+    response = client.get("/static/admin/css/base.css")
+    assert response.status_code == 200
+    assert b"body" in b"".join(response.streaming_content)
