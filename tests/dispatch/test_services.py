@@ -309,3 +309,20 @@ def test_a_big_job_takes_the_free_connections_and_small_ones_share_them(tmp_path
     assert services._claim(small.pk, "a", True).job.associations == 1
     assert services._claim(big.pk, "b", True).job.associations == 2
     assert services._claim(other.pk, "c", True) is None
+
+
+def test_each_attempt_logs_one_parsable_line_without_secrets(
+    tmp_path, caplog, immediate_huey
+):
+    import shlex
+
+    series = make_series(tmp_path / "in", 2)
+    target = folder_target(tmp_path / "out", password="hunter2-secret")
+    with caplog.at_level("INFO", logger="courier.dispatch"):
+        services.create_jobs(series.folder, [target], owned_spool=False)
+    lines = [r.getMessage() for r in caplog.records if "dispatch attempt" in r.message]
+    assert len(lines) == 1
+    fields = dict(p.split("=", 1) for p in shlex.split(lines[0])[2:])
+    assert fields["target"] == target.name and fields["outcome"] == "done"
+    assert fields["sent"] == "2" and float(fields["duration"]) >= 0
+    assert "hunter2" not in caplog.text
