@@ -18,7 +18,8 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -204,59 +205,105 @@ class DicomHandler(Handler):
             result.outcomes.sort(key=lambda o: order.get(o.path, 0))
         return result
 
-    def _send_parallel(self, instances, contexts, calling, called, report, notes):
-        n = max(1, min(self.target.max_associations or 1, len(instances)))
-        if n == 1:
-            self._send_one(instances, contexts, calling, called, report, notes)
-            return
-        # Interleaved shares so that each association gets a similar mix of sizes.
-        shares = [instances[i::n] for i in range(n)]
-        with ThreadPoolExecutor(n, thread_name_prefix="dicom-send") as pool:
-            futures = [
-                pool.submit(
-                    self._send_one, share, contexts, calling, called, report, notes
-                )
-                for share in shares
-            ]
-        errors = [f.exception() for f in futures if f.exception()]
-        if errors:
-            first = errors[0]
-            if isinstance(first, TargetError) and len(errors) > 1:
-                raise TargetError(
-                    f"{first.message} ({len(errors)} of {n} associations failed)",
-                    permanent=all(getattr(e, "permanent", False) for e in errors),
-                ) from first
-            raise first
-
-    def _send_one(
+    def _send_parallel(
         self,
         instances: list[Instance],
         contexts: list[tuple[str, list[str]]],
         calling: str,
         called: str,
-        report,
+        report: Callable[[Outcome], None],
         notes: list[str],
     ) -> None:
-        """Send over one association; after a stall, resume on a new one."""
-        pending = list(instances)
+        """Send over `max_associations` associations sharing one queue of instances.
+
+        A shared queue rather than fixed shares: a fast association takes more, and
+        when one cannot be opened (e.g. the peer allows fewer associations) the
+        others send its share. Fails only if instances are left that none could send.
+        """
+        work = _WorkQueue(instances)
+        n = max(1, min(self.target.max_associations or 1, len(instances)))
+        if n == 1:
+            self._send_one(work, contexts, calling, called, report, notes)
+            return
+        # The others open only once the first association is up (or failed): a peer
+        # that counts associations racily may refuse a burst of them all at once.
+        first_up = threading.Event()
+        with ThreadPoolExecutor(n, thread_name_prefix="dicom-send") as pool:
+            futures = [
+                pool.submit(
+                    self._send_one,
+                    work,
+                    contexts,
+                    calling,
+                    called,
+                    report,
+                    notes,
+                    opened=first_up if i == 0 else None,
+                    wait_for=None if i == 0 else first_up,
+                )
+                for i in range(n)
+            ]
+        errors = [f.exception() for f in futures if f.exception()]
+        if not errors:
+            return
+        if not work.left and all(isinstance(e, TargetError) for e in errors):
+            notes.extend(
+                f"one of {n} associations failed ({e}); the others sent its share"
+                for e in errors
+            )
+            return
+        first = errors[0]
+        if isinstance(first, TargetError) and len(errors) > 1:
+            raise TargetError(
+                f"{first.message} ({len(errors)} of {n} associations failed)",
+                permanent=all(getattr(e, "permanent", False) for e in errors),
+            ) from first
+        raise first
+
+    def _send_one(
+        self,
+        work: _WorkQueue,
+        contexts: list[tuple[str, list[str]]],
+        calling: str,
+        called: str,
+        report: Callable[[Outcome], None],
+        notes: list[str],
+        *,
+        opened: threading.Event | None = None,
+        wait_for: threading.Event | None = None,
+    ) -> None:
+        """Send from `work` over one association; after a stall, resume on a new one.
+
+        `opened` is set after the first attempt to open; `wait_for` is waited for
+        before it.
+        """
         resumes = 0
-        while pending:
+        if wait_for is not None:
+            wait_for.wait()
+        inst = work.take()
+        while inst is not None:
             try:
                 assoc = self.open(contexts, calling, called)
             except LinkError as exc:
+                work.put_back(inst)
                 raise _to_target_error(exc) from exc
+            finally:
+                if opened is not None:
+                    opened.set()
             try:
-                while pending:
-                    report(self._store(assoc, pending[0]))
-                    pending.pop(0)
+                while inst is not None:
+                    outcome = self._store(assoc, inst)
+                    report(outcome)
+                    work.mark_done()
+                    inst = work.take()
             except LinkError as exc:
                 assoc.abort()
-                done = len(instances) - len(pending)
                 where = (
-                    f"at instance {pending[0].sop_instance_uid} "
-                    f"({done} of {len(instances)} done)"
+                    f"at instance {inst.sop_instance_uid} "
+                    f"({work.done} of {work.total} done)"
                 )
                 if resumes >= self.MAX_RESUMES:
+                    work.put_back(inst)
                     raise TargetError(
                         f"{exc.message} {where}; gave up after {resumes} new "
                         "associations"
@@ -342,6 +389,32 @@ class DicomHandler(Handler):
             else:
                 assoc.release()
         return result
+
+
+class _WorkQueue:
+    """The instances still to send, shared by the associations of one send."""
+
+    def __init__(self, instances: list[Instance]):
+        self._pending = deque(instances)
+        self._lock = threading.Lock()
+        self.total = len(instances)
+        self.done = 0
+
+    def take(self) -> Instance | None:
+        with self._lock:
+            return self._pending.popleft() if self._pending else None
+
+    def mark_done(self) -> None:
+        with self._lock:
+            self.done += 1
+
+    def put_back(self, inst: Instance) -> None:
+        with self._lock:
+            self._pending.appendleft(inst)
+
+    @property
+    def left(self) -> int:
+        return len(self._pending)
 
 
 def convert(inst: Instance, offered: list[Context]) -> tuple[Context, bytes]:

@@ -62,7 +62,7 @@ def orthanc_uids(orthanc, study_uid: str) -> Counter:
 class RecordingSCP:
     """A pynetdicom storage SCP that records every C-STORE and answers as told."""
 
-    def __init__(self, syntaxes: list[str] | None = None):
+    def __init__(self, syntaxes: list[str] | None = None, max_associations: int = 10):
         enable_tcp_nodelay()
         self.received: list[str] = []
         self.datasets: dict[str, object] = {}
@@ -73,6 +73,7 @@ class RecordingSCP:
         self.lock = threading.Lock()
         ae = AE(ae_title="RECORDER")
         ae.maximum_pdu_size = 131072
+        ae.maximum_associations = max_associations
         for sop_class in (CTImageStorage, MRImageStorage, Verification):
             ae.add_supported_context(sop_class, syntaxes or DEFAULT_SYNTAXES)
         ae.add_supported_context(PRIVATE_SOP_CLASS)
@@ -277,6 +278,22 @@ def test_an_unreadable_file_fails_alone_and_the_rest_is_sent(fresh_recorder, tmp
     assert [o.status for o in result.outcomes] == [SENT, SENT, FAILED, SENT, SENT]
     assert result.outcomes[2].message.startswith("cannot read CT00003.dcm")
     assert len(fresh_recorder.received) == 4 and not result.notes
+
+
+def test_when_the_peer_allows_fewer_associations_the_others_send_their_share(
+    ct_series,
+):
+    scp = RecordingSCP(max_associations=1)
+    try:
+        handler = target(scp.port, "RECORDER", max_associations=4).handler
+        result = handler.send(scan_folder(ct_series.folder))
+    finally:
+        scp.stop()
+
+    assert result.sent == 20
+    assert Counter(scp.received) == Counter(ct_series.sop_uids)
+    assert result.notes
+    assert all("limit of simultaneous associations" in n for n in result.notes)
 
 
 # -- statuses, stalls --------------------------------------------------------------------
