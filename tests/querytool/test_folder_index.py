@@ -241,3 +241,48 @@ def test_index_folder_command_scans_and_lists_problems(folder, data_dir):
     text = out.getvalue()
     assert "added" in text and "notes.txt" in text
     assert (folder / INDEX_NAME).exists()
+
+
+def test_fast_header_reader_agrees_with_pydicom(query_studies, tmp_path):
+    from pydicom import examples
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    from querytool.index import fast_header, pydicom_header
+
+    files = query_studies.files()
+    implicit = examples.ct.copy()
+    implicit.file_meta = implicit.file_meta.copy()
+    implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    implicit.save_as(
+        tmp_path / "implicit.dcm",
+        implicit_vr=True,
+        little_endian=True,
+        enforce_file_format=True,
+    )
+    utf8 = examples.ct.copy()
+    utf8.SpecificCharacterSet = "ISO_IR 192"
+    utf8.PatientName = "MÜLLER^JÖRG"
+    utf8.save_as(tmp_path / "utf8.dcm", enforce_file_format=True)
+    files += [tmp_path / "implicit.dcm", tmp_path / "utf8.dcm"]
+    for path in files:
+        fast = fast_header(str(path))
+        assert fast is not None, path
+        assert fast == pydicom_header(str(path)), path
+    assert fast_header(str(tmp_path / "utf8.dcm"))[2] == "MÜLLER^JÖRG"
+
+
+def test_unusual_headers_fall_back_to_pydicom(tmp_path):
+    from pydicom import examples
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from querytool.index import fast_header, read_header
+
+    ds = examples.ct.copy()
+    ds.SpecificCharacterSet = "ISO_IR 144"  # Cyrillic: pydicom decodes it
+    ds.PatientName = "Иванов^Иван"
+    ds.ReferencedStudySequence = Sequence([Dataset()])
+    ds.save_as(tmp_path / "cyrillic.dcm", enforce_file_format=True)
+    assert fast_header(str(tmp_path / "cyrillic.dcm")) is None
+    _, row = read_header(str(tmp_path / "cyrillic.dcm"))
+    assert row[2] == "Иванов^Иван"
