@@ -3,6 +3,7 @@ SCPs that answer with chosen statuses or never answer."""
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections import Counter
 from pathlib import Path
@@ -403,6 +404,29 @@ def test_a_closed_port_gives_a_failed_check_and_a_transient_error(ct_series):
     with pytest.raises(TargetError) as caught:
         handler.send(scan_folder(ct_series.folder))
     assert f"127.0.0.1:{port}" in caught.value.message
+    assert not caught.value.permanent
+
+
+def test_a_port_that_never_answers_the_association_request_times_out_in_words(
+    ct_series,
+):
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts TCP, never speaks
+    try:
+        port = silent.getsockname()[1]
+        handler = target(port, "ANY", acse_timeout=0.5).handler
+        result = handler.test()
+        with pytest.raises(TargetError) as caught:
+            handler.send(scan_folder(ct_series.folder))
+    finally:
+        silent.close()
+
+    association = result.checks[-1]
+    assert association.name == "Association" and not association.ok
+    assert association.message == (
+        f"no answer to the association request from 127.0.0.1:{port} within 0.5 s "
+        "(association timeout)"
+    )
+    assert "association timeout" in caught.value.message
     assert not caught.value.permanent
 
 
