@@ -15,8 +15,10 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from targets.models import DEFAULT_LAYOUT
@@ -56,6 +58,9 @@ TMP_PREFIX = ".courier-tmp-"
 LOW_SPACE_BYTES = 1024**3
 LOW_SPACE_FRACTION = 0.05
 
+FSYNC_THREADS = 16
+STALE_TMP_SECONDS = 3600
+
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 _DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
 
@@ -68,8 +73,32 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _copy_durably(src: Path, dst: Path) -> None:
-    """Copy `src` to a new file `dst` and fsync it before returning."""
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_all(paths: list[Path]) -> None:
+    """fsync every file, several at once.
+
+    One fsync at a time costs a disk flush per file (2-7 ms each here, 500 files in
+    1.3-3.5 s); concurrent fsyncs share the file system's journal commits and flushes
+    (about 0.15 s for the same 500), with the same guarantee for each file.
+    """
+    if len(paths) < 4:
+        for path in paths:
+            _fsync_file(path)
+        return
+    with ThreadPoolExecutor(max_workers=FSYNC_THREADS) as pool:
+        # list() re-raises the first error.
+        list(pool.map(_fsync_file, paths))
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """Copy `src` to a new file `dst` (not yet durable: see `_fsync_all`)."""
     with open(src, "rb") as fsrc, open(dst, "xb") as fdst:
         size = os.fstat(fsrc.fileno()).st_size
         offset = 0
@@ -84,8 +113,6 @@ def _copy_durably(src: Path, dst: Path) -> None:
             if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EXDEV) or offset:
                 raise
             shutil.copyfileobj(fsrc, fdst, 1024 * 1024)
-        fdst.flush()
-        os.fsync(fdst.fileno())
 
 
 def _error(exc: OSError, doing: str) -> TargetError:
@@ -220,13 +247,15 @@ class FolderHandler(Handler):
                 raise _error(exc, f"checking {existing}") from None
             to_write.append((inst, name))
 
+        self._remove_stale_temp(dest)
         if to_write:
             tmp = dest.parent / f"{TMP_PREFIX}{dest.name}-{uuid.uuid4().hex[:12]}"
             try:
                 tmp.mkdir()
                 for inst, name in to_write:
-                    _copy_durably(inst.path, tmp / name)
-                    outcomes.append(instance_outcome(inst, SENT))
+                    _copy(inst.path, tmp / name)
+                _fsync_all([tmp / name for _, name in to_write])
+                outcomes.extend(instance_outcome(inst, SENT) for inst, _ in to_write)
                 if self.target.write_complete_marker:
                     self._write_marker(tmp)
                 _fsync_dir(tmp)
@@ -248,6 +277,27 @@ class FolderHandler(Handler):
 
         for outcome in outcomes:
             report(outcome)
+
+    def _remove_stale_temp(self, dest: Path) -> None:
+        """Remove temporary folders of this series left by a crashed send.
+
+        A folder being written changes with every file, so one untouched for
+        `STALE_TMP_SECONDS` belongs to no running send.
+        """
+        cutoff = time.time() - STALE_TMP_SECONDS
+        prefix = f"{TMP_PREFIX}{dest.name}-"
+        try:
+            entries = [e for e in os.scandir(dest.parent) if e.name.startswith(prefix)]
+            for entry in entries:
+                if (
+                    entry.is_dir(follow_symlinks=False)
+                    and entry.stat().st_mtime < cutoff
+                ):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                    log.info("removed stale temporary folder %s", entry.path)
+        except OSError:
+            # Best effort only: never fail a send over an old leftover.
+            pass
 
     def _write_marker(self, folder: Path) -> None:
         with open(folder / COMPLETE_MARKER, "wb") as f:
@@ -283,7 +333,8 @@ class FolderHandler(Handler):
                     continue
                 part = dest / f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:12]}"
                 try:
-                    _copy_durably(inst.path, part)
+                    _copy(inst.path, part)
+                    _fsync_file(part)
                     os.replace(part, final)
                 except BaseException:
                     part.unlink(missing_ok=True)

@@ -90,7 +90,7 @@ def test_it_writes_one_file_per_instance_under_study_and_series(series, dest):
 def test_a_series_folder_appears_only_when_complete(series, dest, monkeypatch):
     """While files are written, only a hidden temporary folder exists."""
     seen_during_write: list[tuple[list[str], list[str]]] = []
-    real_copy = folder_module._copy_durably
+    real_copy = folder_module._copy
 
     def spying_copy(src, dst):
         study_dir = dest / series.study_uid
@@ -99,7 +99,7 @@ def test_a_series_folder_appears_only_when_complete(series, dest, monkeypatch):
         )
         real_copy(src, dst)
 
-    monkeypatch.setattr(folder_module, "_copy_durably", spying_copy)
+    monkeypatch.setattr(folder_module, "_copy", spying_copy)
     reported_with_folder_visible = []
 
     def progress(outcome):
@@ -327,3 +327,53 @@ def test_what_a_folder_target_wrote_is_accepted_by_a_dicom_peer(series, dest, or
     assert copy.read_bytes() == src.read_bytes()
     assert os.path.getsize(copy) == src.stat().st_size
     assert {o.status for o in result.outcomes} == {SENT}
+
+
+def test_every_file_and_folder_is_fsynced_before_the_series_appears(
+    series, dest, monkeypatch
+):
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        real_fsync(fd)
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+
+    renamed_with: list[set[str]] = []
+    real_rename = os.rename
+
+    def recording_rename(src, dst, *args, **kwargs):
+        renamed_with.append(set(synced))
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(folder_module.os, "fsync", recording_fsync)
+    monkeypatch.setattr(folder_module.os, "rename", recording_rename)
+
+    FolderHandler(folder_target(dest, write_complete_marker=True)).send(
+        scan_folder(series.folder)
+    )
+
+    assert len(renamed_with) == 1
+    before = renamed_with[0]
+    tmp_files = {p for p in before if "/" + TMP_PREFIX in p}
+    names = {Path(p).name for p in tmp_files}
+    assert names >= {f"{uid}.dcm" for uid in series.sop_uids} | {".complete"}
+    assert any(Path(p).name.startswith(TMP_PREFIX) for p in before)  # the folder
+    # and the parent folder after the rename
+    assert str(dest / series.study_uid) in synced
+
+
+def test_a_stale_temporary_folder_from_a_crash_is_removed(series, dest):
+    study = dest / series.study_uid
+    study.mkdir()
+    stale = study / f"{TMP_PREFIX}{series.series_uid}-deadbeef0000"
+    stale.mkdir()
+    (stale / "half.dcm").write_bytes(b"x")
+    os.utime(stale, (0, 0))
+    running = study / f"{TMP_PREFIX}{series.series_uid}-0123456789ab"
+    running.mkdir()
+
+    FolderHandler(folder_target(dest)).send(scan_folder(series.folder))
+
+    assert not stale.exists()
+    assert running.exists()  # a send in progress elsewhere is left alone
