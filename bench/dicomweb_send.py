@@ -7,7 +7,7 @@ DICOMweb plugin and HTTP basic auth on (loopback). Each run is a fresh Python
 process, so that its peak RSS (`ru_maxrss`) is its own:
 
 - Courier: `scan_folder()` then `DicomWebHandler.send()` (50 instances per request,
-  bodies streamed from the files);
+  bodies streamed from the files), with one and with two requests at once;
 - dicomweb-client: every file `dcmread` into memory, then one
   `store_instances(datasets)` call for the whole series (what mercure does).
 
@@ -41,9 +41,10 @@ import django
 django.setup()
 from targets.models import DicomWebTarget
 from targets.series import scan_folder
-folder, url, password = sys.argv[1:4]
+folder, url, password, connections = sys.argv[1:5]
 target = DicomWebTarget(name="bench", url=url, auth="basic", username="alice",
-                        password=password, stow_batch_size=50)
+                        password=password, stow_batch_size=50,
+                        max_associations=int(connections))
 handler = target.handler
 start = time.perf_counter()
 series = scan_folder(folder)
@@ -73,14 +74,14 @@ print(json.dumps({"seconds": elapsed, "count": len(datasets),
 """
 
 
-def run(script: str, folder: Path, url: str, data_dir: Path) -> dict:
+def run(script: str, folder: Path, url: str, data_dir: Path, *extra: str) -> dict:
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings",
         "COURIER_DATA_DIR": str(data_dir),
     }
     proc = subprocess.run(
-        [sys.executable, "-c", script, str(folder), url, USERS["alice"]],
+        [sys.executable, "-c", script, str(folder), url, USERS["alice"], *extra],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -108,15 +109,22 @@ def main() -> None:
         for label, gen in series.items():
             size = gen.total_bytes
             print(f"\n{label}: {len(gen.files)} instances, {size / 1e6:.1f} MB")
-            for name, script in (
-                ("Courier (batches of 50)", COURIER),
-                ("dicomweb-client, 1 call", DICOMWEB_CLIENT),
+            for name, script, extra in (
+                ("Courier, 1 connection", COURIER, ["1"]),
+                ("Courier, 2 connections", COURIER, ["2"]),
+                ("dicomweb-client, 1 call", DICOMWEB_CLIENT, []),
             ):
                 figures = []
                 for _ in range(args.runs):
                     orthanc.clear()
                     figures.append(
-                        run(script, gen.folder, orthanc.dicomweb_url, work / "data")
+                        run(
+                            script,
+                            gen.folder,
+                            orthanc.dicomweb_url,
+                            work / "data",
+                            *extra,
+                        )
                     )
                 seconds = statistics.median(f["seconds"] for f in figures)
                 peak = statistics.median(f["peak_kb"] for f in figures) / 1024

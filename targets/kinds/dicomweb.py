@@ -16,9 +16,11 @@ A `file://` URL names a local folder: sending writes each instance to
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
@@ -270,22 +272,61 @@ class DicomWebHandler(Handler):
         context: SendContext | None = None,
     ) -> SendResult:
         result = SendResult()
+        lock = threading.Lock()
 
         def report(outcome: Outcome) -> None:
-            result.outcomes.append(outcome)
-            if progress:
-                progress(outcome)
+            with lock:
+                result.outcomes.append(outcome)
+                if progress:
+                    progress(outcome)
 
         if self.is_folder:
             self._send_to_folder(series, report)
             return result
+        batches = list(self._batches(series.instances))
+        workers = max(1, min(self.target.max_associations or 1, len(batches)))
+        order = {str(inst.path): i for i, inst in enumerate(series.instances)}
+        try:
+            if workers == 1:
+                self._stow_batches(
+                    iter(batches), threading.Lock(), None, report, result
+                )
+            else:
+                self._send_parallel(batches, workers, report, result)
+        finally:
+            result.outcomes.sort(key=lambda o: order.get(o.path, 0))
+        return result
+
+    def _stow_batches(self, batches, lock, stop, report, result) -> None:
+        """Send batches taken from a shared iterator until it is empty or `stop`."""
         session = self.http_session()
         try:
-            for batch in self._batches(series.instances):
+            while stop is None or not stop.is_set():
+                with lock:
+                    batch = next(batches, None)
+                if batch is None:
+                    return
                 self._stow(session, batch, report, result)
+        except BaseException:
+            if stop is not None:
+                stop.set()
+            raise
         finally:
             session.close()
-        return result
+
+    def _send_parallel(self, batches, workers: int, report, result) -> None:
+        # Several requests at once, one connection each (`max_associations`, which
+        # the dispatcher sets to the connections this job may use). A server that
+        # spends its time storing rather than receiving gains most from this.
+        shared, lock, stop = iter(batches), threading.Lock(), threading.Event()
+        with ThreadPoolExecutor(workers, thread_name_prefix="stow") as pool:
+            futures = [
+                pool.submit(self._stow_batches, shared, lock, stop, report, result)
+                for _ in range(workers)
+            ]
+        errors = [f.exception() for f in futures if f.exception()]
+        if errors:
+            raise errors[0]
 
     def _batches(self, instances: list[Instance]) -> Iterator[list[Instance]]:
         limit = max(1, self.target.stow_batch_size)

@@ -50,6 +50,36 @@ def test_a_series_sent_by_stow_rs_arrives_in_orthanc(orthanc_auth, tmp_path):
     assert None not in stored and len(stored) == 7
 
 
+def test_parallel_requests_deliver_every_instance_and_keep_the_order(
+    orthanc_auth, tmp_path
+):
+    gen = make_series(tmp_path / "s", 40)
+    target = dicomweb_target(
+        orthanc_auth.dicomweb_url, stow_batch_size=4, max_associations=3
+    )
+
+    result = target.handler.send(scan_folder(gen.folder))
+
+    assert result.sent == 40 and result.failed == 0
+    assert [o.sop_instance_uid for o in result.outcomes] == gen.sop_uids
+    assert all(orthanc_auth.find_instance(uid) for uid in gen.sop_uids)
+
+
+def test_parallel_requests_stop_on_an_authentication_error(orthanc_auth, tmp_path):
+    gen = make_series(tmp_path / "s", 12)
+    target = dicomweb_target(
+        orthanc_auth.dicomweb_url,
+        password="wrong",
+        stow_batch_size=2,
+        max_associations=3,
+    )
+    seen = []
+    with pytest.raises(TargetError) as exc:
+        target.handler.send(scan_folder(gen.folder), progress=seen.append)
+    assert exc.value.permanent and "authentication failed" in str(exc.value)
+    assert seen == []
+
+
 def test_batches_respect_the_request_size_limit(orthanc_auth, tmp_path):
     gen = make_series(tmp_path / "s", 5)
     size = gen.files[0].stat().st_size
