@@ -14,7 +14,9 @@ it (see ../shared/PEERS.md section 5):
 - `POST /data/services/import?project=&subject=&session=&overwrite=&dest=&import-handler=`
   with a raw zip body: 400 for a body that is not a zip or holds a non-DICOM member,
   409 when the archived session exists and overwrite is none; otherwise the import
-  is recorded and answered with a prearchive (or archive) URI.
+  is recorded and answered with a prearchive (or archive) URI. With
+  `import-handler=gradual-DICOM` (and PROJECT_ID/SUBJECT_ID/EXPT_LABEL) each request
+  carries one DICOM file, added to the same recorded import.
 - `GET /data/prearchive/projects/<id>` lists prearchived sessions;
   `GET /data/projects/<p>/subjects/<s>/experiments/<e>` finds archived ones.
 """
@@ -274,7 +276,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _import(self, user: str, query: dict[str, str]) -> None:
         fake = self.server_fake
-        project = query.get("project", "")
+        handler = query.get("import-handler", "")
+        gradual = handler == "gradual-DICOM"
+        # DICOM-zip takes project/subject/session; gradual-DICOM takes the
+        # PROJECT_ID/SUBJECT_ID/EXPT_LABEL convention (both are accepted by XNAT).
+        project = query.get("project") or query.get("PROJECT_ID", "")
+        subject = query.get("subject") or query.get("SUBJECT_ID", "")
+        session = query.get("session") or query.get("EXPT_LABEL", "")
         if not project:
             self._drain()
             return self._send(400, "The import service needs a project")
@@ -287,14 +295,25 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(403, f"User {user} may not upload to project {project}")
         dest = query.get("dest", "/prearchive")
         overwrite = query.get("overwrite", "none")
-        subject, session = query.get("subject", ""), query.get("session", "")
+        to_archive = dest.startswith("/archive")
         archived = any(
             i.project == project
             and i.session == session
             and i.dest.startswith("/archive")
             for i in fake.imports
         )
-        if dest.startswith("/archive") and archived and overwrite == "none":
+        ongoing = None
+        if gradual:
+            ongoing = next(
+                (
+                    i
+                    for i in reversed(fake.imports)
+                    if i.import_handler == handler
+                    and (i.project, i.session, i.dest) == (project, session, dest)
+                ),
+                None,
+            )
+        if to_archive and archived and overwrite == "none" and ongoing is None:
             self._drain()
             return self._send(409, f"Session {session} already exists in {project}")
         with tempfile.TemporaryFile() as body:
@@ -307,10 +326,15 @@ class _Handler(BaseHTTPRequestHandler):
                 length -= len(chunk)
             body.seek(0)
             try:
-                names = _dicom_members(body)
+                names = _dicom_file(body) if gradual else _dicom_members(body)
             except ValueError as exc:
                 return self._send(400, str(exc))
-        if dest.startswith("/archive"):
+        if ongoing is not None:
+            with fake._lock:
+                ongoing.files += len(names)
+                ongoing.member_names += names
+            return self._send(200, ongoing.uri + "\r\n")
+        if to_archive:
             uri = f"/data/archive/projects/{project}/subjects/{subject}/experiments/{session}"
         else:
             stamp = time.strftime("%Y%m%d_%H%M%S") + f"{len(fake.imports):03d}"
@@ -324,7 +348,7 @@ class _Handler(BaseHTTPRequestHandler):
                     files=len(names),
                     overwrite=overwrite,
                     dest=dest,
-                    import_handler=query.get("import-handler", ""),
+                    import_handler=handler,
                     uri=uri,
                     member_names=names,
                 )
@@ -371,6 +395,14 @@ class _Handler(BaseHTTPRequestHandler):
                     },
                 )
         self._send(404, f"Unable to find experiment {session}")
+
+
+def _dicom_file(body: io.IOBase) -> list[str]:
+    """One posted DICOM file (gradual-DICOM); a non-DICOM body is refused."""
+    head = body.read(132)
+    if len(head) < 132 or head[128:132] != b"DICM":
+        raise ValueError("The posted file is not a DICOM file")
+    return ["file"]
 
 
 def _dicom_members(body: io.IOBase) -> list[str]:

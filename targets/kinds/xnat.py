@@ -16,6 +16,8 @@ import logging
 import re
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -27,6 +29,7 @@ from targets.models import DEFAULT_SESSION_TEMPLATE, DEFAULT_SUBJECT_TEMPLATE
 from targets.series import Series
 
 from .base import (
+    FAILED,
     SENT,
     Handler,
     Outcome,
@@ -248,26 +251,75 @@ class XnatHandler(Handler):
         t = self.target
         result = SendResult()
         subject, session_label = self.labels(series)
-        with tempfile.TemporaryDirectory(prefix="courier-xnat-") as tmp:
-            archive = Path(tmp) / f"{session_label}.zip"
-            self._zip(series, archive)
-            session = self.connect()
-            try:
-                uri = self._import(session, archive, subject, session_label)
-                self._check_session(session, uri, subject, session_label)
-            finally:
-                try:
-                    session.disconnect()
-                except Exception:  # noqa: BLE001 - logout is best effort
-                    log.debug("XNAT logout failed", exc_info=True)
-        note = f"imported into {t.project} / {subject} / {session_label} ({uri})"
-        result.notes.append(note)
-        for inst in series.instances:
-            outcome: Outcome = instance_outcome(inst, SENT)
+
+        def report(outcome: Outcome) -> None:
             result.outcomes.append(outcome)
             if progress:
                 progress(outcome)
+
+        if t.import_handler == "gradual-DICOM":
+            uri = self._send_gradual(series, subject, session_label, report)
+        else:
+            uri = self._send_zip(series, subject, session_label)
+            for inst in series.instances:
+                report(instance_outcome(inst, SENT))
+        result.notes.append(
+            f"imported into {t.project} / {subject} / {session_label} ({uri})"
+        )
         return result
+
+    def _send_zip(self, series: Series, subject: str, label: str) -> str:
+        """Zip the series to a temporary file and import it in one request."""
+        with tempfile.TemporaryDirectory(prefix="courier-xnat-") as tmp:
+            archive = Path(tmp) / f"{label}.zip"
+            self._zip(series, archive)
+            query = self._query(subject, label)
+            with self._session() as session:
+                resp = self._post(session, query, archive, "application/zip")
+                if not _is_session_uri(resp):
+                    raise self._import_error(resp, label)
+                uri = resp.text.strip()
+                self._check_session(session, uri, subject, label)
+        return uri
+
+    def _send_gradual(self, series: Series, subject: str, label: str, report) -> str:
+        """gradual-DICOM: one request per file, each file's fate reported."""
+        query = self._query(subject, label)
+        uri = ""
+        with self._session() as session:
+            for inst in series.instances:
+                resp = self._post(session, query, inst.path, "application/dicom")
+                if _is_session_uri(resp):
+                    uri = resp.text.strip()
+                    report(instance_outcome(inst, SENT))
+                elif resp.status_code == 400:
+                    # XNAT could not use this one file; the others may still go.
+                    report(
+                        instance_outcome(
+                            inst,
+                            FAILED,
+                            f"XNAT refused the file: {_first_line(resp.text)}",
+                        )
+                    )
+                else:
+                    raise self._import_error(resp, label)
+            if not uri:
+                raise TargetError(
+                    "XNAT refused every file of the series", permanent=True
+                )
+            self._check_session(session, uri, subject, label)
+        return uri
+
+    @contextmanager
+    def _session(self) -> Iterator[XNATSession]:
+        session = self.connect()
+        try:
+            yield session
+        finally:
+            try:
+                session.disconnect()
+            except Exception:  # noqa: BLE001 - logout is best effort
+                log.debug("XNAT logout failed", exc_info=True)
 
     def _zip(self, series: Series, archive: Path) -> None:
         """Zip the series file by file (zipfile streams each member from disk)."""
@@ -280,25 +332,41 @@ class XnatHandler(Handler):
         except OSError as exc:
             raise TargetError(f"cannot zip the series: {exc}") from None
 
-    def _import(
-        self, session: XNATSession, archive: Path, subject: str, label: str
-    ) -> str:
+    def _query(self, subject: str, label: str) -> dict[str, str]:
         t = self.target
-        query = {
+        dest = t.destination or "prearchive"
+        if t.import_handler == "gradual-DICOM":
+            # The per-file handler's own key convention (as XNAT's uploaders use).
+            return {
+                "import-handler": "gradual-DICOM",
+                "PROJECT_ID": t.project,
+                "SUBJECT_ID": subject,
+                "EXPT_LABEL": label,
+                "inbody": "true",
+                "overwrite": t.overwrite or "none",
+                "dest": f"/{dest}/projects/{t.project}",
+            }
+        return {
             "overwrite": t.overwrite or "none",
-            "dest": f"/{t.destination or 'prearchive'}",
+            "dest": f"/{dest}",
             "project": t.project,
             "subject": subject,
             "session": label,
             "import-handler": t.import_handler or "DICOM-zip",
         }
+
+    def _post(
+        self, session: XNATSession, query: dict, path: Path, content_type: str
+    ) -> requests.Response:
+        """POST one file to the import service, streamed from disk."""
+        t = self.target
         try:
-            with open(archive, "rb") as fh:
-                resp = session.interface.post(
+            with open(path, "rb") as fh:
+                return session.interface.post(
                     self.base_url + "/data/services/import",
                     params=query,
                     data=fh,
-                    headers={"Content-Type": "application/zip"},
+                    headers={"Content-Type": content_type},
                     timeout=t.request_timeout,
                 )
         except requests.exceptions.Timeout:
@@ -310,36 +378,39 @@ class XnatHandler(Handler):
             raise TargetError(
                 f"the upload to {self._netloc} broke off: {_connection_words(exc)}"
             ) from None
+        except OSError as exc:
+            raise TargetError(f"cannot read {path.name}: {exc}") from None
+
+    def _import_error(self, resp: requests.Response, label: str) -> TargetError:
+        t = self.target
         text = _first_line(resp.text)
         status = resp.status_code
-        if status == 200 and resp.text.strip().startswith("/data/"):
-            return resp.text.strip()
         if status == 401:
-            raise TargetError(
+            return TargetError(
                 "XNAT refused the login session for the import", permanent=True
             )
         if status == 403:
-            raise TargetError(
+            return TargetError(
                 f"user {t.username} may not upload to project {t.project} ({text})",
                 permanent=True,
             )
         if status == 404:
-            raise TargetError(
+            return TargetError(
                 f"project {t.project} does not exist on XNAT ({text})", permanent=True
             )
         if status == 409:
-            raise TargetError(
+            return TargetError(
                 f"session {label} already exists in {t.project} and the overwrite "
                 f"policy is {t.overwrite or 'none'} ({text})",
                 permanent=True,
             )
         if 400 <= status < 500:
-            raise TargetError(
+            return TargetError(
                 f"XNAT refused the import: HTTP {status} {text}", permanent=True
             )
         if status >= 500:
-            raise TargetError(f"XNAT failed the import: HTTP {status} {text}")
-        raise TargetError(
+            return TargetError(f"XNAT failed the import: HTTP {status} {text}")
+        return TargetError(
             f"XNAT answered the import with HTTP {status} but no session URI"
         )
 
@@ -417,6 +488,10 @@ class XnatHandler(Handler):
             except Exception:  # noqa: BLE001 - logout is best effort
                 log.debug("XNAT logout failed", exc_info=True)
         return result
+
+
+def _is_session_uri(resp: requests.Response) -> bool:
+    return resp.status_code == 200 and resp.text.strip().startswith("/data/")
 
 
 def _first_line(value) -> str:

@@ -7,7 +7,7 @@ import json
 import pytest
 from django.core.exceptions import ValidationError
 
-from targets.kinds.base import SENT, TargetError
+from targets.kinds.base import FAILED, SENT, TargetError
 from targets.kinds.xnat import render_label, uid_hash
 from targets.models import XnatTarget
 from targets.series import scan_folder
@@ -53,6 +53,43 @@ def test_a_send_creates_the_session_with_the_expected_labels_and_files(
     assert imported.import_handler == "DICOM-zip"
     assert result.sent == 4 and [o.status for o in seen] == [SENT] * 4
     assert any(label in note for note in result.notes)
+
+
+def test_gradual_dicom_posts_each_file_into_one_session(xnat_fake, tmp_path):
+    gen = study(tmp_path, "s", 3)
+    target = xnat_target(
+        xnat_fake.url,
+        import_handler="gradual-DICOM",
+        session_template="{PatientID}_grad_{StudyUIDHash}",
+    )
+    seen = []
+
+    result = target.handler.send(scan_folder(gen.folder), progress=seen.append)
+
+    [imported] = xnat_fake.imports_for("PROJ1", f"PAT-7_grad_{uid_hash(gen.study_uid)}")
+    assert imported.import_handler == "gradual-DICOM"
+    assert imported.files == 3 and imported.subject == "PAT-7"
+    assert result.sent == 3 and [o.status for o in seen] == [SENT] * 3
+
+
+def test_gradual_dicom_reports_a_refused_file_and_sends_the_rest(xnat_fake, tmp_path):
+    gen = study(tmp_path, "s", 3)
+    series = scan_folder(gen.folder)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not DICOM")
+    series.instances[1].path = notes
+    target = xnat_target(
+        xnat_fake.url,
+        import_handler="gradual-DICOM",
+        session_template="{PatientID}_g2_{StudyUIDHash}",
+    )
+
+    result = target.handler.send(series)
+
+    assert [o.status for o in result.outcomes] == [SENT, FAILED, SENT]
+    assert "not a DICOM file" in result.outcomes[1].message
+    [imported] = xnat_fake.imports_for("PROJ1", f"PAT-7_g2_{uid_hash(gen.study_uid)}")
+    assert imported.files == 2
 
 
 def test_two_studies_of_one_patient_on_one_day_get_different_sessions(
