@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -186,6 +187,26 @@ def test_a_closed_port_is_a_failed_reachability_check_and_a_transient_send_error
     with pytest.raises(TargetError) as exc:
         dicomweb_target(url).handler.send(scan_folder(gen.folder))
     assert not exc.value.permanent
+
+
+def test_a_server_that_never_answers_is_a_transient_timeout(tmp_path):
+    # A listening socket nobody accepts from: the request goes out, no answer comes.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/dicom-web"
+    gen = make_series(tmp_path / "s", 1)
+    try:
+        with pytest.raises(TargetError) as exc:
+            dicomweb_target(url, request_timeout=0.5).handler.send(
+                scan_folder(gen.folder)
+            )
+        result = dicomweb_target(url, request_timeout=0.5).handler.test()
+    finally:
+        silent.close()
+    assert not exc.value.permanent
+    assert "within 0.5 s" in str(exc.value)
+    assert not result.ok and "within 0.5 s" in result.checks[0].message
 
 
 def test_the_query_client_is_configured_like_the_target(orthanc_auth, tmp_path):
