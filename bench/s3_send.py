@@ -9,6 +9,10 @@ prefix. Courier and the loop are timed in-process (one boto3 client each, built
 before the clock starts); the AWS CLI is timed as a whole command, so its figure
 includes its ~1 s start-up (printed apart when measurable). The CLI is used only if
 `aws` is on the PATH (PyPI package `awscli`). Prints medians, objects/s and ratios.
+
+`--delay-ms N` puts bench/latency_proxy.py (its own process) between the senders and
+SeaweedFS, holding every chunk N ms each way: a cloud endpoint's round trip instead of
+loopback's, where a sequential loop waits one round trip per object.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from targets.models import S3Target  # noqa: E402
 from targets.series import Series, scan_folder  # noqa: E402
 from tests.dicomgen import make_series  # noqa: E402
 from tests.fixtures.ssh_s3_peers import SeaweedS3  # noqa: E402
+from tests.peers import free_port, port_open  # noqa: E402
 
 BUCKET = "bench"
 
@@ -47,7 +52,7 @@ def s3_target(peer: SeaweedS3, prefix: str) -> S3Target:
         bucket=BUCKET,
         region="us-east-1",
         prefix=prefix,
-        endpoint_url=peer.endpoint_url,
+        endpoint_url=getattr(peer, "via", peer.endpoint_url),
         addressing_style="path",
         access_key_id=peer.admin.access_key,
         secret_key=peer.admin.secret_key,
@@ -73,8 +78,19 @@ def time_courier(peer: SeaweedS3, series: Series) -> float:
 
 
 def time_upload_file_loop(peer: SeaweedS3, series: Series) -> float:
+    import boto3
+    from botocore.config import Config
+
     prefix = f"loop-{uuid.uuid4().hex[:8]}"
-    client = peer.client()
+    # What mercure does: one client with the defaults, upload_file per file.
+    client = boto3.client(
+        "s3",
+        endpoint_url=getattr(peer, "via", peer.endpoint_url),
+        region_name="us-east-1",
+        aws_access_key_id=peer.admin.access_key,
+        aws_secret_access_key=peer.admin.secret_key,
+        config=Config(s3={"addressing_style": "path"}),
+    )
     start = time.perf_counter()
     for inst in series.instances:
         client.upload_file(str(inst.path), BUCKET, f"{prefix}/{inst.path.name}")
@@ -96,7 +112,7 @@ def time_aws_cli(peer: SeaweedS3, folder: Path, count: int, aws: str) -> float:
     cmd = [
         aws,
         "--endpoint-url",
-        peer.endpoint_url,
+        getattr(peer, "via", peer.endpoint_url),
         "s3",
         "cp",
         "--recursive",
@@ -127,6 +143,12 @@ def main() -> None:
         default=None,
         help="pixel size (e.g. 512 for ~530 KB instances)",
     )
+    parser.add_argument(
+        "--delay-ms",
+        type=float,
+        default=0.0,
+        help="latency added each way by a proxy (0: direct)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="courier-bench-s3-") as tmp:
@@ -138,6 +160,24 @@ def main() -> None:
         aws = shutil.which("aws")
         with SeaweedS3(Path(tmp) / "seaweedfs") as peer:
             peer.create_bucket(BUCKET)
+            proxy = None
+            if args.delay_ms:
+                port = free_port()
+                proxy = subprocess.Popen(
+                    [
+                        sys.executable,
+                        str(ROOT / "bench" / "latency_proxy.py"),
+                        "--serve",
+                        str(port),
+                        f"127.0.0.1:{peer.ports['s3.port']}",
+                        "--delay-ms",
+                        str(args.delay_ms),
+                    ]
+                )
+                while not port_open(port):
+                    time.sleep(0.05)
+                peer.via = f"http://127.0.0.1:{port}"
+                print(f"through a proxy adding {args.delay_ms:g} ms each way")
             methods = {
                 "Courier S3Handler": lambda: time_courier(peer, series),
                 "sequential upload_file loop": lambda: time_upload_file_loop(
@@ -151,9 +191,14 @@ def main() -> None:
             else:
                 print("aws not on the PATH: pip install awscli to compare with it")
             times: dict[str, list[float]] = {name: [] for name in methods}
-            for _ in range(args.runs):
-                for name, run in methods.items():
-                    times[name].append(run())
+            try:
+                for _ in range(args.runs):
+                    for name, run in methods.items():
+                        times[name].append(run())
+            finally:
+                if proxy is not None:
+                    proxy.terminate()
+                    proxy.wait(5)
 
         baseline = statistics.median(times["sequential upload_file loop"])
         print(
