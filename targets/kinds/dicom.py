@@ -370,7 +370,10 @@ class DicomHandler(Handler):
                 calling,
                 called,
             )
-            c.message = f"accepted: {calling} → {called}"
+            limit = assoc.announced_max_pdu
+            c.message = f"accepted: {calling} → {called}, " + (
+                f"max PDU {limit:,} bytes" if limit else "no PDU size limit"
+            )
         if assoc is None:
             return result
         try:

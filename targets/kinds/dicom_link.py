@@ -170,6 +170,8 @@ class Association:
         self.sock = sock
         self.contexts = contexts
         self.rejected = rejected
+        # What the peer announced (0: no limit) and what Courier then uses.
+        self.announced_max_pdu = peer_max_pdu
         self.peer_max_pdu = peer_max_pdu or UNLIMITED_PDU
         self.dimse_timeout = dimse_timeout
         self.acse_timeout = acse_timeout
