@@ -268,6 +268,22 @@ class _Claim:
 def _claim(job_id: int, worker: str, respect_limit: bool) -> _Claim | None:
     """Take the job for `worker` if it may run now; None if not (or taken)."""
     now = timezone.now()
+    # Most messages for a busy target or a taken job end here, without a write
+    # transaction (on SQLite that would wait for the one database-wide write lock).
+    seen = Job.objects.filter(pk=job_id).values("state", "target_id").first()
+    if seen is None or seen["state"] in FINISHED_STATES:
+        return None
+    if respect_limit:
+        if not Job.objects.filter(pk=job_id).filter(_claimable_q(now)).exists():
+            return None
+        limit = (
+            Target.objects.filter(pk=seen["target_id"])
+            .values_list("max_associations", flat=True)
+            .first()
+        )
+        used = _slots_in_use(seen["target_id"], now, exclude=job_id)
+        if used >= max(1, limit or 1):
+            return None
     with transaction.atomic():
         job = Job.objects.filter(pk=job_id).first()
         if job is None:
