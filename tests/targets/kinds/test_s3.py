@@ -243,3 +243,14 @@ def test_an_access_key_without_a_secret_is_a_form_error():
     with pytest.raises(ValidationError) as raised:
         target.clean()
     assert "secret_key" in raised.value.message_dict
+
+
+def test_an_empty_region_and_auto_addressing_work_with_a_compatible_endpoint(
+    seaweedfs, make_target, generated
+):
+    target = make_target(region="", addressing_style="auto")
+    assert target.handler.test().ok
+    assert target.handler.send(scan_folder(generated.folder)).sent == 6
+    assert seaweedfs.objects(target.bucket, target.prefix + "/") == expected_keys(
+        target, generated
+    )
