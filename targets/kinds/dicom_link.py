@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
     ImplementationClassUIDNotification,
@@ -41,7 +41,11 @@ VERIFICATION = "1.2.840.10008.1.1"
 # per fragment stays bounded.
 UNLIMITED_PDU = 4 * 1024 * 1024
 
+# Larger PDUs than this from a peer are taken as garbage, not buffered.
+MAX_PDU_READ = 64 * 1024 * 1024
+
 # PDU types (PS3.8 9.3.1)
+ASSOCIATE_RQ = 0x01
 ASSOCIATE_AC, ASSOCIATE_RJ, P_DATA_TF = 0x02, 0x03, 0x04
 RELEASE_RQ, RELEASE_RP, ABORT = 0x05, 0x06, 0x07
 
@@ -263,10 +267,9 @@ class Association:
             raise LinkError(
                 f"connection to {where} lost while associating: {exc}"
             ) from exc
-        if pdu_type == ASSOCIATE_RJ:
-            rj = A_ASSOCIATE_RJ()
-            rj.decode(pdu)
-            raise AssociationRejected(rj.result, rj.source, rj.reason_diagnostic)
+        if pdu_type == ASSOCIATE_RJ and len(pdu) >= 10:
+            result, source, reason = pdu[7], pdu[8], pdu[9]
+            raise AssociationRejected(result, source, reason)
         if pdu_type == ABORT:
             raise LinkError(f"{where} aborted the association request")
         if pdu_type != ASSOCIATE_AC:
@@ -274,9 +277,12 @@ class Association:
                 f"{where} answered the association request with PDU "
                 f"type {pdu_type:#04x}; is this a DICOM port?"
             )
-        ac = A_ASSOCIATE_AC()
-        ac.decode(pdu)
-        answer = ac.to_primitive()
+        try:
+            ac = A_ASSOCIATE_AC()
+            ac.decode(pdu)
+            answer = ac.to_primitive()
+        except Exception as exc:  # pynetdicom raises assorted errors on bad bytes
+            raise LinkError(f"{where} sent a malformed association answer") from exc
         by_id = {cx.context_id: cx for cx in contexts}
         accepted, rejected = [], []
         for result in answer.presentation_context_definition_results_list:
@@ -442,7 +448,7 @@ class Association:
             if pdu_type != P_DATA_TF:
                 raise LinkError(f"unexpected PDU type {pdu_type:#04x} from the target")
             pos, done = 6, False
-            while pos < len(pdu):
+            while pos + 6 <= len(pdu):
                 (item_length,) = struct.unpack_from(">I", pdu, pos)
                 control = pdu[pos + 5]
                 if control & COMMAND:
@@ -558,6 +564,11 @@ def _read_pdu(sock: socket.socket, buffer: bytearray) -> tuple[int, bytes]:
     """Read one PDU; return its type and all its bytes (header included)."""
     header = _read_exact(sock, buffer, 6)
     pdu_type, _, length = struct.unpack(">BBI", header)
+    if not ASSOCIATE_RQ <= pdu_type <= ABORT or length > MAX_PDU_READ:
+        raise LinkError(
+            f"the target sent something that is not DICOM (starting {header[:4]!r}): "
+            "is this a DICOM port?"
+        )
     return pdu_type, header + _read_exact(sock, buffer, length)
 
 

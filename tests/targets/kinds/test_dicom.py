@@ -430,6 +430,36 @@ def test_a_port_that_never_answers_the_association_request_times_out_in_words(
     assert not caught.value.permanent
 
 
+def test_a_port_that_speaks_http_is_named_as_not_dicom():
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(10)  # so the helper thread ends on its own
+
+    def answer():
+        while True:  # the TCP check connects first, then the association
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                if conn.recv(65536):
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        port = server.getsockname()[1]
+        result = target(port, "ANY").handler.test()
+    finally:
+        server.close()
+
+    association = result.checks[-1]
+    assert association.name == "Association" and not association.ok
+    assert association.message == (
+        "the target sent something that is not DICOM (starting b'HTTP'): "
+        "is this a DICOM port?"
+    )
+
+
 def test_an_unresolvable_host_gives_a_failed_name_resolution(ct_series):
     handler = target(104, "ANY", host="no-such-pacs.invalid").handler
 
