@@ -45,6 +45,13 @@ def _as_target(obj: Target) -> Target:
     return base
 
 
+def _short(value, limit: int = 80) -> str:
+    # A public key blob in the details would stretch the table; the fingerprint beside
+    # it is what people compare.
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _duration(ms: float) -> str:
     return f"{ms:.1f}" if ms < 10 else f"{ms:.0f}"
 
@@ -164,7 +171,9 @@ class TargetAdmin(admin.ModelAdmin):
                     else ("info" if c.get("informational") else "failed"),
                     c.get("message", ""),
                     _duration(c.get("duration_ms") or 0),
-                    "; ".join(f"{k}: {v}" for k, v in (c.get("details") or {}).items()),
+                    "; ".join(
+                        f"{k}: {_short(v)}" for k, v in (c.get("details") or {}).items()
+                    ),
                 )
                 for c in checks
             ),
