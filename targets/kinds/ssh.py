@@ -142,7 +142,13 @@ def pin_host_key(target: Target, fingerprint: str) -> HostKey:
             f"{fingerprint!r} is not a SHA256 host key fingerprint", permanent=True
         )
     key = last_presented_host_key(target)
-    if key is None or key.fingerprint != wanted:
+    stale = bool(
+        target.last_test_at
+        and target.updated_at
+        and target.last_test_at < target.updated_at
+    )
+    if key is None or key.fingerprint != wanted or stale:
+        # No Test since the host or port may have been edited: ask the server.
         key = scan_host_key(target)
         if key.fingerprint != wanted:
             raise TargetError(

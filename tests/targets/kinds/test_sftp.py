@@ -237,3 +237,30 @@ def test_the_admin_trust_action_pins_the_key_the_test_showed(
     assert target.host_key == sshd.host_key_fingerprint
     assert (target.host_key_type, target.host_key_data) == sshd.host_key_public()
     assert f"pinned host key {sshd.host_key_fingerprint}" in response.content.decode()
+
+
+def test_pinning_after_an_edit_checks_the_key_the_server_presents_now(
+    sshd, make_target
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from targets.kinds.base import Check, TestResult
+    from targets.kinds.ssh import HostKey
+
+    other = HostKey("ssh-ed25519", "AAAAC3NzaC1lZDI1NTE5AAAAIB" + "A" * 42)
+    target = make_target(pin=False)
+    # A Test of another server, then the host was edited.
+    target.last_test_result = TestResult(
+        checks=[Check("SSH handshake and host key", False, details=other.details())]
+    ).as_dict()
+    target.last_test_at = timezone.now() - timedelta(minutes=5)
+    target.save()
+
+    with pytest.raises(TargetError) as raised:
+        pin_host_key(target, other.fingerprint)
+
+    assert f"now presents {sshd.host_key_fingerprint}" in raised.value.message
+    target.refresh_from_db()
+    assert target.host_key == ""
