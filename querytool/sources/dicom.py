@@ -8,6 +8,7 @@ released (or aborted when something went wrong part-way).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -168,6 +169,20 @@ class DicomSource(Source):
             f"{t.connect_timeout:g} s."
         )
 
+    def _lost(self, assoc: Association, what: str, started: float) -> str:
+        waited = time.monotonic() - started
+        if waited < self.target.dimse_timeout * 0.9:
+            # No timeout: the peer dropped the association. Orthanc, for one, does
+            # that rather than answer a service it does not allow to this AE title.
+            return (
+                f"{what} refused: the source closed the association (does it allow "
+                f"{what} from Courier's AE title {self.target.calling_aet!r}?)."
+            )
+        return (
+            f"The source stopped answering the {what} within "
+            f"{self.target.dimse_timeout:g} s."
+        )
+
     # -- C-FIND --------------------------------------------------------------------
     def _c_find(
         self, identifier: Dataset, limit: int | None = None
@@ -176,15 +191,14 @@ class DicomSource(Source):
         matches: list[Dataset] = []
         truncated = False
         with self.associate([StudyRootQueryRetrieveInformationModelFind]) as assoc:
+            started = time.monotonic()
             responses = assoc.send_c_find(
                 identifier, StudyRootQueryRetrieveInformationModelFind
             )
             for status, found in responses:
                 if not status:
-                    raise SourceError(
-                        "The source stopped answering the C-FIND (timeout or the "
-                        "connection was lost)."
-                    )
+                    raise SourceError(self._lost(assoc, "C-FIND", started))
+                started = time.monotonic()
                 code = int(status.Status)
                 if code in PENDING:
                     if limit is not None and len(matches) >= limit:
@@ -329,6 +343,7 @@ class DicomSource(Source):
                     "C-GET",
                     result,
                     progress,
+                    assoc=assoc,
                 )
         result.series_folders = list(folders.values())
         if write_errors and not result.message:
@@ -350,6 +365,7 @@ class DicomSource(Source):
                     "C-MOVE",
                     result,
                     progress,
+                    assoc=assoc,
                     hint=f" Check that the source knows the move destination "
                     f"{request.move_aet!r} (its AE title, host and port).",
                 )
@@ -362,16 +378,17 @@ class DicomSource(Source):
         result: RetrieveResult,
         progress: ProgressCallback,
         hint: str = "",
+        *,
+        assoc: Association,
     ) -> None:
         """Follow one C-GET/C-MOVE's responses, adding its counts to `result`."""
         base = (result.completed, result.failed, result.warnings)
+        started = time.monotonic()
         total: int | None = None
         for status, _identifier in responses:
             if not status:
-                raise SourceError(
-                    f"The source stopped answering the {what} (timeout or the "
-                    "connection was lost)."
-                )
+                raise SourceError(self._lost(assoc, what, started))
+            started = time.monotonic()
             code = int(status.Status)
             done = _int(status.get("NumberOfCompletedSuboperations"))
             failed = _int(status.get("NumberOfFailedSuboperations"))

@@ -195,3 +195,19 @@ def test_wrong_called_aet_is_reported_as_rejected(tmp_path_factory):
             SourceError, match="Association rejected.*check the target AET"
         ):
             source.find_studies(Criteria(), 10)
+
+
+def test_c_find_refused_by_the_source_is_reported_in_words(tmp_path_factory):
+    from tests.peers import Orthanc
+
+    # Orthanc refuses C-FIND from an AET it does not know when not always allowed.
+    with Orthanc(
+        tmp_path_factory.mktemp("qr-nofind"),
+        aet="NOFIND",
+        extra={"DicomAlwaysAllowFind": False},
+    ) as strict:
+        source = source_for(dicom_target(strict))
+        with pytest.raises(SourceError) as err:
+            source.find_studies(Criteria(patient_id="P001"), 10)
+    assert "C-FIND refused" in err.value.message
+    assert "'COURIER'" in err.value.message
