@@ -73,7 +73,15 @@ class TargetAdmin(admin.ModelAdmin):
     )
     list_display_links = ("name",)
     list_filter = ("kind", "direction", "enabled")
-    search_fields = ("name", "host", "path", "url", "bucket", "called_aet")
+    search_fields = (
+        "name",
+        "host",
+        "path",
+        "url",
+        "bucket",
+        "endpoint_url",
+        "called_aet",
+    )
     actions = ["test_selected", "trust_host_key"]
     readonly_fields = ("kind_display", "last_test_display")
 

@@ -124,6 +124,8 @@ def test_the_overview_searches_addresses_and_filters_by_kind(
     assert [t.name for t in found.context["cl"].result_list] == ["Archive"]
     found = admin_client.get(CHANGELIST, {"q": "ARCHIVE"})
     assert [t.name for t in found.context["cl"].result_list] == ["Archive"]
+    found = admin_client.get(CHANGELIST, {"q": folder_target.path})
+    assert [t.name for t in found.context["cl"].result_list] == ["Share"]
     found = admin_client.get(CHANGELIST, {"kind__exact": "folder"})
     assert [t.name for t in found.context["cl"].result_list] == ["Share"]
     found = admin_client.get(CHANGELIST, {"direction__exact": "query"})
