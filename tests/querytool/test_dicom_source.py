@@ -211,3 +211,18 @@ def test_c_find_refused_by_the_source_is_reported_in_words(tmp_path_factory):
             source.find_studies(Criteria(patient_id="P001"), 10)
     assert "C-FIND refused" in err.value.message
     assert "'COURIER'" in err.value.message
+
+
+def test_c_get_with_some_instances_refused_is_reported_as_partial(
+    source, query_studies, tmp_path
+):
+    facts = query_studies.by_accession("ACC001")
+    # A file where the second series' folder should go: its instances cannot be
+    # written, Courier answers "out of resources" and Orthanc ends with 0xB000.
+    (tmp_path / facts.series_uids[1]).write_text("in the way")
+    result = source.retrieve(
+        RetrieveRequest(facts.study_uid), tmp_path, lambda *a: None
+    )
+    assert (result.completed, result.failed) == (3, 2)
+    assert result.partial
+    assert "partly failed" in result.message
