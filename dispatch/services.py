@@ -734,7 +734,7 @@ def expire_spool(now=None) -> int:
 # -- sweeping, operator actions ----------------------------------------------------
 
 
-def sweep(now=None) -> int:
+def sweep(now=None, *, at_startup: bool = False) -> int:
     """Requeue what fell through the cracks; return how many jobs were queued.
 
     Due retry-wait jobs, jobs whose worker died (lease expired), paused jobs whose
@@ -750,12 +750,13 @@ def sweep(now=None) -> int:
         Job.objects.filter(_claimable_q(now)).values_list("target_id", flat=True)
     )
     queued = sum(kick_target(tid) for tid in target_ids)
-    # Lease holders that are still alive get a look right after their lease ends,
-    # so a restarted worker resumes a killed one's job without waiting a minute.
-    for job_id, expires in Job.objects.filter(
-        state=State.SENDING, lease_expires_at__gte=now
-    ).values_list("id", "lease_expires_at"):
-        enqueue(job_id, eta=expires + timedelta(seconds=0.5))
+    if at_startup:
+        # A worker that starts may be replacing one that was killed: look at the
+        # jobs it held right after their leases end, not at the next sweep.
+        for job_id, expires in Job.objects.filter(
+            state=State.SENDING, lease_expires_at__gte=now
+        ).values_list("id", "lease_expires_at"):
+            enqueue(job_id, eta=expires + timedelta(seconds=0.5))
     expire_spool(now)
     return queued
 

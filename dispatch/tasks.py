@@ -25,7 +25,7 @@ def sweep_task() -> None:
 
 @db_task()
 def startup_sweep_task() -> None:
-    services.sweep()
+    services.sweep(at_startup=True)
 
 
 _started = threading.Lock()

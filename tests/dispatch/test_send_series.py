@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import urllib.request
 from io import StringIO
 
+import pydicom
 import pytest
 from django.core.management import CommandError, call_command
 
@@ -80,3 +83,38 @@ def test_queue_prints_the_job_id_instead_of_waiting(tmp_path, target, monkeypatc
     assert out.startswith(f"queued job {job.pk}: 3 instances")
     assert job.state == State.QUEUED and job.source == Source.QUEUE
     assert sent == [job.pk]
+
+
+def test_it_sends_a_mixed_study_to_orthanc_with_the_pass_incoming_aet(
+    orthanc, tmp_path
+):
+    from targets.models import DicomTarget
+    from tests.dicomgen import make_mixed_study
+
+    study = make_mixed_study(tmp_path / "study", ct=6, mr=4)
+    DicomTarget.objects.create(
+        name="pacs",
+        host="127.0.0.1",
+        port=orthanc.dicom_port,
+        called_aet=orthanc.aet,
+        pass_calling_aet=True,
+    )
+    out, _ = run("PACS", str(tmp_path / "study"), "--calling-aet", "MODALITY1")
+    assert "10 sent" in out and "0 failed of 10 instances" in out
+    for series in study:
+        for uid in series.sop_uids:
+            oid = orthanc.find_instance(uid)
+            assert oid
+    # The dataset arrived intact (Orthanc writes its own preamble and meta header),
+    # sent with the incoming calling AET.
+    first = study[0]
+    oid = orthanc.find_instance(first.sop_uids[0])
+    stored = pydicom.dcmread(io.BytesIO(orthanc.instance_file(oid)))
+    original = pydicom.dcmread(first.files[0])
+    assert stored.PixelData == original.PixelData
+    assert stored.SOPInstanceUID == original.SOPInstanceUID
+    url = f"{orthanc.base_url}/instances/{oid}/metadata/RemoteAET"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        assert resp.read().decode() == "MODALITY1"
+    job = Job.objects.get()
+    assert job.calling_aet == "MODALITY1" and job.state == State.DONE
