@@ -32,6 +32,18 @@ SECRET_FIELDS = [
     f.name for f in Target._meta.get_fields() if isinstance(f, EncryptedTextField)
 ]
 
+# One line per kind on the "Add target" chooser.
+KIND_HINTS = {
+    Kind.DICOM: "C-STORE to a PACS, modality or workstation (DIMSE).",
+    Kind.DICOM_TLS: "DICOM over TLS, with certificates.",
+    Kind.DICOMWEB: "STOW-RS / QIDO-RS / WADO-RS over HTTP(S).",
+    Kind.FOLDER: "Files in a local or mounted folder, one folder per series.",
+    Kind.RSYNC: "rsync over SSH to a remote folder.",
+    Kind.S3: "Objects in an S3 bucket (AWS or any S3-compatible store).",
+    Kind.SFTP: "Files over SFTP to a remote folder.",
+    Kind.XNAT: "Sessions in an XNAT project.",
+}
+
 OK_COLOUR = "#2e7d32"
 FAILED_COLOUR = "#c62828"
 
@@ -226,6 +238,7 @@ class TargetAdmin(admin.ModelAdmin):
                     "label": label,
                     "url": f"{add_url}?{params.urlencode()}",
                     "can_query": kind in QUERYABLE_KINDS,
+                    "hint": KIND_HINTS.get(kind, ""),
                 }
             )
         context = {

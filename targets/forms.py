@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 from django import forms
+from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
 from django.utils.html import format_html
 
 from .models import Target
 from .secrets import EncryptedTextField
+
+log = logging.getLogger(__name__)
 
 
 def is_secret_field(model: type[Target], name: str) -> bool:
@@ -149,3 +154,47 @@ class TargetForm(forms.ModelForm):
             else:
                 cleaned[name] = getattr(self.instance, name, "") or ""
         return cleaned
+
+    def _post_clean(self) -> None:
+        # The proxy's clean() may touch files or libraries (certificates, keys); a
+        # surprise there must be a form error, not a server error.
+        try:
+            super()._post_clean()
+        except ValidationError:
+            raise
+        except Exception as exc:
+            log.error(
+                "target form validation crashed kind=%s error=%s",
+                self.instance.kind,
+                type(exc).__name__,
+            )
+            self.add_error(
+                None,
+                f"These settings could not be checked ({type(exc).__name__}); "
+                "see the log.",
+            )
+
+    def add_error(self, field, error) -> None:
+        """Show a model error for a field this kind's form lacks as a form error."""
+        if (
+            field is None
+            and isinstance(error, ValidationError)
+            and hasattr(error, "error_dict")
+        ):
+            known: dict[str, list] = {}
+            for name, errors in error.error_dict.items():
+                if name == NON_FIELD_ERRORS or name in self.fields:
+                    known.setdefault(name, []).extend(errors)
+                    continue
+                label = name
+                try:
+                    label = str(self._meta.model._meta.get_field(name).verbose_name)
+                except Exception:
+                    pass
+                known.setdefault(NON_FIELD_ERRORS, []).extend(
+                    ValidationError(f"{label.capitalize()}: {message}")
+                    for e in errors
+                    for message in e.messages
+                )
+            error = ValidationError(known)
+        super().add_error(field, error)

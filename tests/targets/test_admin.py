@@ -9,6 +9,7 @@ import re
 
 import pytest
 from django.contrib.auth.models import Permission, User
+from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
 from django.test import Client
 from django.urls import reverse
@@ -219,6 +220,33 @@ def test_bad_settings_are_form_errors(
     errors = form_errors(response)
     assert field in errors, errors
     assert any(words in message for message in errors[field]), errors
+    assert not Target.objects.exists()
+
+
+def test_a_model_error_for_a_field_not_on_the_form_is_still_a_form_error(
+    admin_client, tmp_path, monkeypatch
+):
+    def clean(self):
+        raise ValidationError({"bucket": "not for folders"})
+
+    monkeypatch.setattr(FolderTarget, "clean", clean)
+    response = admin_client.post(f"{ADD}?kind=folder", folder_form(tmp_path))
+
+    assert response.status_code == 200
+    assert "Bucket: not for folders" in form_errors(response)["__all__"]
+
+
+def test_a_crash_while_validating_is_a_form_error_not_a_server_error(
+    admin_client, tmp_path, monkeypatch
+):
+    def clean(self):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(FolderTarget, "clean", clean)
+    response = admin_client.post(f"{ADD}?kind=folder", folder_form(tmp_path))
+
+    assert response.status_code == 200
+    assert "could not be checked (OSError)" in str(form_errors(response)["__all__"])
     assert not Target.objects.exists()
 
 
