@@ -8,6 +8,7 @@ from django.core.paginator import Paginator
 from django.http import JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
 from . import services
@@ -139,6 +140,16 @@ def query_page(request):
     return render(request, "querytool/query.html", ctx)
 
 
+def _back(request) -> str:
+    """Where to return after a POST: the `next` page if it is ours, else the page."""
+    back = request.POST.get("next", "")
+    if back and url_has_allowed_host_and_scheme(
+        back, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
+        return back
+    return reverse("querytool:query")
+
+
 def _limit() -> int:
     from django.conf import settings
 
@@ -150,9 +161,7 @@ def _limit() -> int:
 def retrieve(request):
     sources = services.query_sources()
     destinations = services.store_destinations()
-    back = request.POST.get("next") or reverse("querytool:query")
-    if not back.startswith("/"):
-        back = reverse("querytool:query")
+    back = _back(request)
     form = RetrieveForm(request.POST, sources=sources, destinations=destinations)
     if not form.is_valid():
         for field, errors in form.errors.items():
@@ -217,9 +226,7 @@ def reindex(request):
         ),
         None,
     )
-    back = request.POST.get("next") or reverse("querytool:query")
-    if not back.startswith("/"):
-        back = reverse("querytool:query")
+    back = _back(request)
     if source is None:
         messages.error(request, "Unknown source.")
         return redirect(back)

@@ -320,3 +320,11 @@ def test_audit_log_is_read_only_in_the_admin(admin_client, pacs):
     resp = admin_client.get("/admin/querytool/auditentry/")
     assert resp.status_code == 200 and "PACS" in resp.content.decode()
     assert admin_client.get("/admin/querytool/auditentry/add/").status_code == 403
+
+
+def test_next_pointing_elsewhere_is_ignored(client, staff, pacs):
+    resp = client.post(
+        reverse("querytool:retrieve"),
+        {"source": pacs.pk, "destination": "download", "next": "//evil.example/"},
+    )
+    assert resp["Location"] == "/query/"
