@@ -291,10 +291,21 @@ def connect_socket(host: str, port: int, timeout: float) -> socket.socket:
     return sock
 
 
+# Host key algorithms that produce a key of each type (RSA keys sign with SHA-2).
+_ALGORITHMS_FOR_TYPE = {"ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")}
+
+
 def _start_transport(
-    sock: socket.socket, timeout: float, where: str
+    sock: socket.socket, timeout: float, where: str, prefer_type: str = ""
 ) -> paramiko.Transport:
     transport = paramiko.Transport(sock)
+    if prefer_type:
+        # A server with several host keys shows the one of the pinned type first,
+        # as OpenSSH does for a key in known_hosts.
+        options = transport.get_security_options()
+        wanted = _ALGORITHMS_FOR_TYPE.get(prefer_type, (prefer_type,))
+        first = [a for a in options.key_types if a in wanted]
+        options.key_types = first + [a for a in options.key_types if a not in wanted]
     transport.banner_timeout = timeout
     transport.handshake_timeout = timeout
     transport.auth_timeout = timeout
@@ -313,7 +324,9 @@ def scan_host_key(target: Target) -> HostKey:
     """Connect and handshake only, and return the host key the server presents."""
     port = target.port or DEFAULT_PORT
     sock = connect_socket(target.host, port, target.connect_timeout)
-    transport = _start_transport(sock, target.connect_timeout, f"{target.host}:{port}")
+    transport = _start_transport(
+        sock, target.connect_timeout, f"{target.host}:{port}", target.host_key_type
+    )
     try:
         return HostKey.from_pkey(transport.get_remote_server_key())
     finally:
@@ -356,7 +369,10 @@ class SshSession:
         self.sock = connect_socket(self.target.host, self.port, self.timeout)
 
     def handshake(self) -> HostKey:
-        self.transport = _start_transport(self.sock, self.timeout, self.where)
+        pinned = pinned_host_key(self.target)
+        self.transport = _start_transport(
+            self.sock, self.timeout, self.where, pinned.key_type if pinned else ""
+        )
         self.host_key = HostKey.from_pkey(self.transport.get_remote_server_key())
         return self.host_key
 

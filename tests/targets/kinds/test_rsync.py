@@ -278,3 +278,25 @@ def test_test_on_a_closed_port_returns_a_failed_check(make_target):
     result = make_target(port=free_port(), pin=False).handler.test()
     assert not result.ok
     assert "connection refused" in result.checks[0].message
+
+
+def test_a_pinned_rsa_key_is_used_when_the_server_also_has_an_ed25519_key(
+    tmp_path, generated
+):
+    from targets.kinds.ssh import HostKey
+    from targets.models import SftpTarget
+
+    server = Sshd(tmp_path / "sshd", rsa_host_key=True)
+    rsa = HostKey(*server.rsa_host_key_path.with_suffix(".pub").read_text().split()[:2])
+    with server:
+        for cls in (RsyncTarget, SftpTarget):
+            target = cls.objects.create(
+                name=f"rsa {cls.KIND}", host="127.0.0.1", port=server.port,
+                username=server.key_user, private_key_path=str(server.client_key),
+                path=f"incoming-rsa-{cls.KIND}", host_key=rsa.fingerprint,
+                host_key_type=rsa.key_type, host_key_data=rsa.data,
+            )  # fmt: skip
+            assert target.handler.send(scan_folder(generated.folder)).sent == 5
+            result = target.handler.test()
+            assert result.checks[1].ok, result.as_dict()
+            assert result.checks[1].details["host_key_type"] == "ssh-rsa"
