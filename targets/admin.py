@@ -177,6 +177,7 @@ class TargetAdmin(admin.ModelAdmin):
         if obj is None or obj.last_test_at is None:
             return "Not tested yet: press Test above."
         checks = (obj.last_test_result or {}).get("checks", [])
+        host = (obj.last_test_result or {}).get("host", "")
         rows = format_html_join(
             "",
             '<tr class="check-{}"><td>{}</td><td style="color:{};font-weight:bold">{}'
@@ -199,13 +200,14 @@ class TargetAdmin(admin.ModelAdmin):
             ),
         )
         return format_html(
-            '<p><span style="color:{};font-weight:bold">{}</span> at {}: {}</p>'
+            '<p><span style="color:{};font-weight:bold">{}</span> at {}{}: {}</p>'
             '<table class="test-result"><thead><tr><th>check</th><th>result</th>'
             "<th>message</th><th>duration</th><th>details</th></tr></thead>"
             "<tbody>{}</tbody></table>",
             OK_COLOUR if obj.last_test_ok else FAILED_COLOUR,
             "passed" if obj.last_test_ok else "failed",
             _when(obj.last_test_at),
+            format_html(" on {}", host) if host else "",
             obj.last_test_message,
             rows,
         )

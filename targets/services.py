@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import traceback
 
 from django.utils import timezone
@@ -77,7 +78,9 @@ def run_test(target: Target) -> TestResult:
     target.last_test_at = timezone.now()
     target.last_test_ok = result.ok
     target.last_test_message = result.summary if result.checks else "No checks ran."
-    target.last_test_result = result.as_dict()
+    # Where the checks ran matters for folders and networks: with several machines
+    # the web server may see other mounts and routes than the workers.
+    target.last_test_result = {**result.as_dict(), "host": socket.gethostname()}
     if target.pk is not None:
         Target.objects.filter(pk=target.pk).update(
             **{name: getattr(target, name) for name in TEST_FIELDS}

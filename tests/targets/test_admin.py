@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 
 import pytest
 from django.contrib.auth.models import Permission, User
@@ -298,6 +299,8 @@ def test_the_test_button_runs_the_checks_and_shows_them(admin_client, folder_tar
     assert folder_target.last_test_ok is True
     assert folder_target.last_test_at is not None
     assert len(folder_target.last_test_result["checks"]) == 4
+    assert folder_target.last_test_result["host"] == socket.gethostname()
+    assert f" on {socket.gethostname()}:" in html
 
 
 def test_a_failing_test_is_reported_as_an_error(admin_client, tmp_path):
