@@ -411,6 +411,8 @@ class FolderIndex:
                     db.executemany(
                         "INSERT OR REPLACE INTO problems VALUES (?, ?, ?, ?)", bad
                     )
+                # Commit per chunk: queries are not blocked by a long first build.
+                db.commit()
                 done += len(results)
                 if progress:
                     progress(done, len(to_read))
