@@ -225,25 +225,17 @@ def enqueue(job: Job | int, *, eta=None) -> None:
 
 
 def kick_target(target_id: int, target: Target | None = None) -> int:
-    """Queue the oldest jobs of a target that may run now, if it has a free slot.
-
-    As many as the target's limit are queued, not only as many as are free: two
-    workers finishing at once both pick the same oldest jobs, and a message for a
-    job that is taken or must wait costs one short transaction.
-    """
+    """Queue the oldest jobs of a target that may run now, one per free slot."""
     now = timezone.now()
     if target is None:
         target = Target.objects.filter(pk=target_id).first()
     if target is None or _wait_reason(target):
         return 0
-    if job_limit(target) - _slots_in_use(target_id, now) <= 0:
+    free = job_limit(target) - _slots_in_use(target_id, now)
+    if free <= 0:
         return 0
     due = Job.objects.filter(target_id=target_id).filter(_claimable_q(now))
-    ids = list(
-        due.order_by("not_before", "id").values_list("id", flat=True)[
-            : job_limit(target)
-        ]
-    )
+    ids = list(due.order_by("not_before", "id").values_list("id", flat=True)[:free])
     for job_id in ids:
         enqueue(job_id)
     return len(ids)
@@ -410,10 +402,15 @@ def run_jobs_from(job_id: int, *, budget_seconds: float = 20.0) -> int:
     ran = 0
     while job is not None:
         ran += 1
+        if job.state == State.RETRY_WAIT:
+            break  # the target is likely down: its other jobs wait for the sweep
         if time.monotonic() >= deadline:
+            # Hand the target's next jobs to the queue (and so to any worker).
+            kick_target(job.target_id)
             break
+        target_id = job.target_id
         next_id = (
-            Job.objects.filter(target_id=job.target_id)
+            Job.objects.filter(target_id=target_id)
             .filter(_claimable_q(timezone.now()))
             .order_by("not_before", "id")
             .values_list("id", flat=True)
@@ -422,6 +419,9 @@ def run_jobs_from(job_id: int, *, budget_seconds: float = 20.0) -> int:
         if next_id is None:
             break
         job = run_job(next_id)
+        if job is None:
+            # Another worker took it, or the target is full or paused now.
+            kick_target(target_id)
     return ran
 
 
@@ -655,7 +655,6 @@ def _finish(
         enqueue(job, eta=retry_at)
     if state in SUCCESS_STATES and job.owned_spool:
         cleanup_spool(job.folder)
-    kick_target(target.pk, target)
     return job
 
 
@@ -874,6 +873,7 @@ def send_series(
     if on_start:
         on_start(job)
     result = run_job(job.pk, progress=progress, respect_limit=False, retry=False)
+    kick_target(target.pk)
     job.refresh_from_db()
     if result is None and job.state == State.QUEUED:
         # Not claimed (cannot happen without a limit, but never leave it orphaned).

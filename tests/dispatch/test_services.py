@@ -326,3 +326,20 @@ def test_each_attempt_logs_one_parsable_line_without_secrets(
     assert fields["target"] == target.name and fields["outcome"] == "done"
     assert fields["sent"] == "2" and float(fields["duration"]) >= 0
     assert "hunter2" not in caplog.text
+
+
+def test_a_worker_goes_on_with_its_targets_next_jobs(tmp_path):
+    target = folder_target(tmp_path / "out", max_associations=1)
+    jobs = [
+        services.create_jobs(
+            make_series(tmp_path / f"in{i}", 1).folder,
+            [target],
+            owned_spool=False,
+            enqueue_now=False,
+        )[0]
+        for i in range(3)
+    ]
+    # The messages for the 2nd and 3rd job were consumed while the target was
+    # busy; the worker that finishes the first job runs them.
+    assert services.run_jobs_from(jobs[0].pk) == 3
+    assert set(Job.objects.values_list("state", flat=True)) == {State.DONE}
