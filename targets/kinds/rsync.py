@@ -107,7 +107,8 @@ class RsyncHandler(Handler):
         if not staged:
             return result
 
-        with tempfile.TemporaryDirectory(prefix="courier-rsync-") as tmp:
+        staging = _staging_parent(series.root)
+        with tempfile.TemporaryDirectory(prefix="courier-rsync-", dir=staging) as tmp:
             workdir = Path(tmp)
             stage = workdir / "stage"
             for rel, inst in list(staged.items()):
@@ -176,6 +177,9 @@ class RsyncHandler(Handler):
             item, name = match.groups()
             statuses[name] = SENT if item[0] in "<>c" else PRESENT
         return statuses
+
+    def _has_key(self) -> bool:
+        return bool(self.target.private_key or self.target.private_key_path)
 
     def ssh_command(self, workdir: Path) -> tuple[str, dict[str, str]]:
         """The `ssh` command line for rsync's `-e`, and the environment to run in.
@@ -334,6 +338,19 @@ class RsyncHandler(Handler):
     # -- test ---------------------------------------------------------------------------
     def test(self) -> TestResult:
         result = TestResult()
+        with result.check("rsync and ssh on Courier's server") as check:
+            tools = ["rsync", "ssh"] + (
+                ["sshpass"] if self.target.password and not self._has_key() else []
+            )
+            missing = [tool for tool in tools if not shutil.which(tool)]
+            if missing:
+                raise TargetError(
+                    f"{', '.join(missing)} not installed here: install the Debian "
+                    "packages rsync, openssh-client and sshpass (./courier run does)"
+                )
+            check.message = "found " + ", ".join(tools)
+        if result.stopped:
+            return result
         session = SshSession(self.target)
         q = shlex.quote
         try:
@@ -384,6 +401,28 @@ class RsyncHandler(Handler):
         finally:
             session.close()
         return result
+
+
+def _staging_parent(source: Path) -> str | None:
+    """A folder for the staged hard links on the same file system as the series.
+
+    The system temp folder is often another file system (tmpfs) than Courier's
+    spool, where hard links fail and every file would be copied.
+    """
+    from django.conf import settings
+
+    try:
+        device = source.stat().st_dev
+    except OSError:
+        return None
+    for candidate in (Path(settings.DATA_DIR) / "tmp", Path(tempfile.gettempdir())):
+        try:
+            candidate.mkdir(mode=0o700, exist_ok=True)
+            if candidate.stat().st_dev == device:
+                return str(candidate)
+        except OSError:
+            continue
+    return None
 
 
 def _link(src: Path, dst: Path) -> None:

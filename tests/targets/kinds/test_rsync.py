@@ -51,6 +51,10 @@ def make_target(sshd):
     return make
 
 
+def named(result, name: str):
+    return next(c for c in result.checks if c.name == name)
+
+
 def target_folder(sshd: Sshd, user: str, target: RsyncTarget) -> Path:
     return sshd.home(user) / target.path
 
@@ -142,7 +146,7 @@ def test_a_wrong_password_fails_with_authentication_failed_and_no_secret(
 
     assert raised.value.permanent
     assert "authentication failed" in raised.value.message
-    assert "authentication failed" in result.checks[2].message
+    assert "authentication failed" in named(result, "login").message
     for text in (raised.value.message, str(result.as_dict()), caplog.text):
         assert secret not in text
 
@@ -211,6 +215,7 @@ def test_test_checks_login_rsync_folder_and_script(sshd, make_target):
 
     assert result.ok, result.as_dict()
     assert [c.name for c in result.checks] == [
+        "rsync and ssh on Courier's server",
         "TCP connect",
         "SSH handshake and host key",
         "login",
@@ -218,7 +223,8 @@ def test_test_checks_login_rsync_folder_and_script(sshd, make_target):
         "folder exists and is writable",
         "completion script",
     ]
-    assert result.checks[1].details["host_key_fingerprint"] == sshd.host_key_fingerprint
+    handshake = named(result, "SSH handshake and host key")
+    assert handshake.details["host_key_fingerprint"] == sshd.host_key_fingerprint
 
 
 def test_test_fails_when_the_switch_is_on_and_the_script_is_missing(sshd, make_target):
@@ -277,7 +283,7 @@ def test_test_on_a_closed_port_returns_a_failed_check(make_target):
 
     result = make_target(port=free_port(), pin=False).handler.test()
     assert not result.ok
-    assert "connection refused" in result.checks[0].message
+    assert "connection refused" in named(result, "TCP connect").message
 
 
 def test_a_pinned_rsa_key_is_used_when_the_server_also_has_an_ed25519_key(
@@ -298,5 +304,6 @@ def test_a_pinned_rsa_key_is_used_when_the_server_also_has_an_ed25519_key(
             )  # fmt: skip
             assert target.handler.send(scan_folder(generated.folder)).sent == 5
             result = target.handler.test()
-            assert result.checks[1].ok, result.as_dict()
-            assert result.checks[1].details["host_key_type"] == "ssh-rsa"
+            handshake = named(result, "SSH handshake and host key")
+            assert handshake.ok, result.as_dict()
+            assert handshake.details["host_key_type"] == "ssh-rsa"
