@@ -313,6 +313,8 @@ class OpenSeries:
     bytes: int = 0
     pk: int | None = None
     dirty: bool = True
+    # Instances being written right now (the series is not closed meanwhile).
+    inflight: int = 0
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -537,6 +539,8 @@ class Receiver:
         try:
             write_durably(path, meta, raw)
         except OSError as exc:
+            with self._lock:
+                series.inflight -= 1
             if exc.errno in (28, 122):  # ENOSPC, EDQUOT
                 return self._refuse_full(calling, peer, exc.strerror or str(exc))
             log.error(
@@ -546,8 +550,13 @@ class Receiver:
                 str(exc),
             )
             return OUT_OF_RESOURCES
+        except BaseException:
+            with self._lock:
+                series.inflight -= 1
+            raise
         now = datetime.now(UTC)
         with self._lock:
+            series.inflight -= 1
             replaced = sop_uid in series.sop_uids
             series.sop_uids.add(sop_uid)
             series.last_received = now
@@ -601,6 +610,9 @@ class Receiver:
         with self._lock:
             series = self._open.get(key)
             if series is not None:
+                # Counted under the lock: the series is not closed while an
+                # instance is being written into its folder.
+                series.inflight += 1
                 return series
             name = (
                 f"{safe_path_part(uids['SeriesInstanceUID'])}."
@@ -621,6 +633,7 @@ class Receiver:
                 self.incoming / f"{name}{SIDECAR_SUFFIX}",
                 json.dumps(series.sidecar()).encode(),
             )
+            series.inflight += 1
             self._open[key] = series
             log.info(
                 "event=series_started series_uid=%s calling_aet=%s called_aet=%s "
@@ -669,7 +682,7 @@ class Receiver:
                 else [
                     s
                     for s in self._open.values()
-                    if now - s.last_instance_at >= self.quiet_seconds
+                    if now - s.last_instance_at >= self.quiet_seconds and not s.inflight
                 ]
             )
             # Out of the map first: an instance arriving from now on starts a new

@@ -319,6 +319,10 @@ def complete_series(pk: int) -> bool:
     if row is None:
         return False
     folder = Path(row.folder)
+    # Half-written files of a receiver that died mid-write were never acknowledged
+    # (the sender resends them): they must not be sent on.
+    for part in folder.glob(".*.part"):
+        part.unlink(missing_ok=True)
     count, size = _count(folder)
     first = _first_dicom(folder)
     tags: dict[str, str] = {}

@@ -153,6 +153,8 @@ def test_a_quiet_series_is_completed_with_its_tags_counted_from_disk(spool, sett
                      last_received_at=old)  # fmt: skip
     busy = received(spool, state="receiving")
     ReceivedSeries.objects.filter(pk=quiet.pk).update(tags={}, instance_count=1)
+    half_written = Path(quiet.folder) / ".1.2.3.dcm.1234.part"
+    half_written.write_bytes(b"never acknowledged")
 
     done = routing.complete_quiet_series(grace=30)
 
@@ -161,6 +163,7 @@ def test_a_quiet_series_is_completed_with_its_tags_counted_from_disk(spool, sett
     assert quiet.state == ReceivedSeries.State.COMPLETE
     assert quiet.instance_count == 4
     assert quiet.tags["Modality"] == "MR" and "SeriesInstanceUID" in quiet.tags
+    assert not half_written.exists()
     busy.refresh_from_db()
     assert busy.state == ReceivedSeries.State.RECEIVING
 
