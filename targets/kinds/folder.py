@@ -362,6 +362,7 @@ class FolderHandler(Handler):
         with result.check("is a folder") as c:
             if not root.is_dir():
                 raise TargetError(f"{root} is a file, not a folder")
+            c.message = "a folder, not a file"
         if result.stopped:
             return result
         with result.check("writable") as c:

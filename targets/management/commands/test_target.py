@@ -30,9 +30,8 @@ class Command(BaseCommand):
                 status = self.style.WARNING("info  ")
             else:
                 status = self.style.ERROR("FAILED")
-            line = (
-                f"{status} {check.name}: {check.message} ({check.duration_ms:.0f} ms)"
-            )
+            message = f": {check.message}" if check.message else ""
+            line = f"{status} {check.name}{message} ({check.duration_ms:.0f} ms)"
             self.stdout.write(line)
             for key, value in (check.details or {}).items():
                 self.stdout.write(f"       {key}: {value}")
