@@ -62,6 +62,11 @@ IO_TIMEOUT = 120
 SCRIPT_TIMEOUT = 600.0
 MAX_OUTPUT = 4000
 
+# ssh's own login failure, e.g. "user@host: Permission denied (publickey,password)."
+# (rsync's "failed: Permission denied (13)" is about files).
+_SSH_AUTH_FAILED = re.compile(
+    r"Permission denied \((?:publickey|password|keyboard-interactive|hostbased|gssapi)"
+)
 # An itemised line: 11 characters of change flags, a space, the path.
 _ITEM = re.compile(r"^([<>ch.*][fdLDS].{9}) (.+)$")
 
@@ -279,7 +284,7 @@ class RsyncHandler(Handler):
                 "(password refused)",
                 permanent=True,
             )
-        if "Permission denied (" in stderr:
+        if _SSH_AUTH_FAILED.search(stderr):
             return TargetError(
                 f"authentication failed for user {self.target.username!r} on {where}: "
                 f"{text}",

@@ -273,10 +273,14 @@ def _makedirs(sftp: paramiko.SFTPClient, folder: str, made: set[str]) -> None:
         except FileNotFoundError:
             try:
                 sftp.mkdir(current, mode=0o755)
-            except OSError:
+            except OSError as exc:
                 # Another sender may have created it in the meantime.
-                if not stat.S_ISDIR(sftp.stat(current).st_mode or 0):
-                    raise
+                try:
+                    exists = stat.S_ISDIR(sftp.stat(current).st_mode or 0)
+                except OSError:
+                    exists = False
+                if not exists:
+                    raise exc from None
         made.add(current)
 
 

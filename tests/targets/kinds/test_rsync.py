@@ -307,3 +307,13 @@ def test_a_pinned_rsa_key_is_used_when_the_server_also_has_an_ed25519_key(
             handshake = named(result, "SSH handshake and host key")
             assert handshake.ok, result.as_dict()
             assert handshake.details["host_key_type"] == "ssh-rsa"
+
+
+def test_a_folder_the_user_cannot_write_fails_permanently_in_words(
+    make_target, generated
+):
+    target = make_target(path="/courier-not-allowed-here")
+    with pytest.raises(TargetError) as raised:
+        target.handler.send(scan_folder(generated.folder))
+    assert raised.value.permanent
+    assert raised.value.message.startswith("permission denied writing to")

@@ -264,3 +264,13 @@ def test_pinning_after_an_edit_checks_the_key_the_server_presents_now(
     assert f"now presents {sshd.host_key_fingerprint}" in raised.value.message
     target.refresh_from_db()
     assert target.host_key == ""
+
+
+def test_a_folder_the_user_cannot_create_fails_permanently_in_words(
+    make_target, generated
+):
+    target = make_target(path="/courier-not-allowed-here")
+    with pytest.raises(TargetError) as raised:
+        target.handler.send(scan_folder(generated.folder))
+    assert raised.value.permanent
+    assert raised.value.message.startswith("permission denied while creating folder")
