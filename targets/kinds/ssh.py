@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import paramiko
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from .base import TargetError, TestResult
@@ -204,7 +205,7 @@ def _parse_private_key(data: bytes, passphrase: str, source: str) -> PrivateKey:
                 else f"the private key ({source}) is not encrypted: clear the passphrase",
                 permanent=True,
             ) from None
-        except (ValueError, serialization.UnsupportedAlgorithm):
+        except (ValueError, UnsupportedAlgorithm):
             continue
     if crypto_key is None:
         raise TargetError(

@@ -274,3 +274,60 @@ def test_a_folder_the_user_cannot_create_fails_permanently_in_words(
         target.handler.send(scan_folder(generated.folder))
     assert raised.value.permanent
     assert raised.value.message.startswith("permission denied while creating folder")
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "words"),
+    [
+        (
+            {"private_key": "-----BEGIN OPENSSH PRIVATE KEY-----\nZ2FyYmFnZQ==\n"},
+            "private_key",
+            "cannot be read",
+        ),
+        (
+            {"private_key_path": "/nonexistent/id_ed25519"},
+            "private_key_path",
+            "not found",
+        ),
+        ({"private_key_path": "keys/id_ed25519"}, "private_key_path", "absolute"),
+        ({"host_key": "MD5:aa:bb"}, "host_key", "SHA256 fingerprint"),
+    ],
+    ids=["garbage-key", "missing-key-file", "relative-key-path", "bad-fingerprint"],
+)
+def test_bad_ssh_settings_are_form_errors(fields, field, words):
+    from django.core.exceptions import ValidationError
+
+    target = SftpTarget(
+        name="x", host="h.example.org", username="u", path="in", **fields
+    )
+    with pytest.raises(ValidationError) as raised:
+        target.clean()
+    message = " ".join(raised.value.message_dict[field])
+    assert words in message
+    assert "Z2FyYmFnZQ" not in message
+
+
+def test_an_encrypted_key_without_its_passphrase_is_a_form_error(tmp_path):
+    import subprocess
+
+    from django.core.exceptions import ValidationError
+
+    key = tmp_path / "id"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret phrase", "-f", str(key)],
+        check=True,
+    )
+    target = SftpTarget(
+        name="x",
+        host="h.example.org",
+        username="u",
+        path="in",
+        private_key_path=str(key),
+    )
+    with pytest.raises(ValidationError) as raised:
+        target.clean()
+    assert "set its passphrase" in raised.value.message_dict["private_key_path"][0]
+
+    target.key_passphrase = "secret phrase"
+    target.clean()
+    assert target.port == 22
