@@ -234,9 +234,12 @@ class DicomWebHandler(Handler):
                 f"— {hint}",
                 permanent=True,
             )
+        if self.target.auth not in ("basic", "bearer"):
+            why = "it refuses anonymous access: set the authentication"
+        else:
+            why = "the credentials are valid but not allowed to do this"
         return TargetError(
-            f"forbidden: the server answered {_http_reason(resp)} — the credentials "
-            "are valid but not allowed to do this",
+            f"forbidden: the server answered {_http_reason(resp)} — {why}",
             permanent=True,
         )
 

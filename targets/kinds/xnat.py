@@ -371,8 +371,9 @@ class XnatHandler(Handler):
                 )
         except requests.exceptions.Timeout:
             raise TargetError(
-                f"XNAT did not answer the import within {t.request_timeout:g} s "
-                "(request timeout)"
+                f"XNAT did not answer the import within {t.request_timeout:g} s — "
+                "XNAT unpacks the upload before answering; raise the request timeout "
+                "for large series"
             ) from None
         except requests.exceptions.RequestException as exc:
             raise TargetError(
