@@ -349,10 +349,15 @@ class S3Handler(Handler):
                 or not isinstance(listing, ClientError)
             ):
                 raise self.error(listing, "checking the credentials")
-            check.message = (
-                f"the credentials of {self.target.access_key_id} are accepted"
+            who = (
+                f"the credentials of {self.target.access_key_id}"
                 if self.target.access_key_id
-                else "the default credentials are accepted"
+                else "the default credentials"
+            )
+            check.message = (
+                f"{who} cannot be verified until the bucket exists"
+                if code == "NoSuchBucket"
+                else f"{who} are accepted"
             )
         if result.stopped:
             return result
