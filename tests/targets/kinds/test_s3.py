@@ -254,3 +254,13 @@ def test_an_empty_region_and_auto_addressing_work_with_a_compatible_endpoint(
     assert seaweedfs.objects(target.bucket, target.prefix + "/") == expected_keys(
         target, generated
     )
+
+
+def test_storage_class_and_server_side_encryption_are_sent(
+    seaweedfs, make_target, generated
+):
+    target = make_target(storage_class="STANDARD", server_side_encryption="AES256")
+    assert target.handler.send(scan_folder(generated.folder)).sent == 6
+    key = next(iter(expected_keys(target, generated)))
+    head = seaweedfs.client().head_object(Bucket=target.bucket, Key=key)
+    assert head.get("ServerSideEncryption") == "AES256"
