@@ -89,7 +89,8 @@ def status_in_words(code: int) -> str:
 
 
 class _TimeoutSession(requests.Session):
-    """A session whose requests time out unless the caller says otherwise."""
+    """A session whose requests time out, and verify TLS as configured, unless the
+    caller says otherwise."""
 
     def __init__(self, timeout: float):
         super().__init__()
@@ -97,6 +98,9 @@ class _TimeoutSession(requests.Session):
 
     def request(self, method, url, **kwargs):
         kwargs.setdefault("timeout", self.default_timeout)
+        # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override `session.verify`
+        # (even verify=False); passed per request, the target's setting wins.
+        kwargs.setdefault("verify", self.verify)
         return super().request(method, url, **kwargs)
 
 
@@ -612,23 +616,14 @@ class DicomWebHandler(Handler):
 
 def _ssl_words(exc: Exception) -> str:
     text = str(exc)
-    for needle, words in (
-        ("CERTIFICATE_VERIFY_FAILED", "the server's certificate is not trusted"),
-        ("certificate has expired", "the server's certificate has expired"),
-        ("Hostname mismatch", "the certificate does not name this host"),
-        ("WRONG_VERSION_NUMBER", "the server does not speak TLS on this port"),
-    ):
-        if needle in text:
-            if needle == "CERTIFICATE_VERIFY_FAILED":
-                for detail in (
-                    "certificate has expired",
-                    "Hostname mismatch",
-                    "self-signed certificate",
-                    "unable to get local issuer",
-                ):
-                    if detail in text:
-                        return f"{words} ({detail})"
-            return words
+    if "certificate has expired" in text:
+        return "the server's certificate has expired"
+    if "mismatch" in text:
+        return "the server's certificate does not name this host (host name mismatch)"
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return "the server's certificate is not trusted (unknown CA)"
+    if "WRONG_VERSION_NUMBER" in text:
+        return "the server does not speak TLS on this port"
     return "TLS handshake failed"
 
 

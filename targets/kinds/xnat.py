@@ -147,8 +147,12 @@ class XnatHandler(Handler):
 
     def _get(self, session: XNATSession, path: str, **params) -> requests.Response:
         try:
+            # verify per request: REQUESTS_CA_BUNDLE would override the session's.
             return session.interface.get(
-                self.base_url + path, params=params, timeout=self.target.request_timeout
+                self.base_url + path,
+                params=params,
+                timeout=self.target.request_timeout,
+                verify=self.target.verify_tls,
             )
         except requests.exceptions.RequestException as exc:
             raise TargetError(
@@ -368,6 +372,7 @@ class XnatHandler(Handler):
                     data=fh,
                     headers={"Content-Type": content_type},
                     timeout=t.request_timeout,
+                    verify=t.verify_tls,
                 )
         except requests.exceptions.Timeout:
             raise TargetError(

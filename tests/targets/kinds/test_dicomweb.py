@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pydicom
@@ -207,6 +210,68 @@ def test_a_server_that_never_answers_is_a_transient_timeout(tmp_path):
     assert not exc.value.permanent
     assert "within 0.5 s" in str(exc.value)
     assert not result.ok and "within 0.5 s" in result.checks[0].message
+
+
+class _QidoAnswer(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - stdlib name
+        body = b"[]"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def https_server(tls_peers):
+    """A small HTTPS endpoint presenting a certificate from the TLS fixture's CA."""
+
+    def start(cert: str):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _QidoAnswer)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(tls_peers.pki[f"{cert}.pem"], tls_peers.pki[f"{cert}.key"])
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        started.append(server)
+        return f"https://127.0.0.1:{server.server_address[1]}/dicom-web"
+
+    started: list = []
+    yield start
+    for server in started:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("cert", "settings", "words"),
+    [
+        ("server", {"ca_bundle": "ca.pem"}, None),
+        ("server", {"verify_tls": False}, None),
+        ("server", {}, "not trusted"),
+        ("server", {"ca_bundle": "other-ca.pem"}, "not trusted"),
+        ("expired", {"ca_bundle": "ca.pem"}, "expired"),
+        ("elsewhere", {"ca_bundle": "ca.pem"}, "does not name this host"),
+    ],
+)
+def test_https_certificates_are_checked_against_the_ca_bundle(
+    https_server, tls_peers, cert, settings, words
+):
+    url = https_server(cert)
+    values = {
+        k: tls_peers.pki[v] if k == "ca_bundle" else v for k, v in settings.items()
+    }
+    result = dicomweb_target(
+        url, auth="none", direction="query", **values
+    ).handler.test()
+
+    reachable = result.checks[0]
+    if words is None:
+        assert result.ok, result.summary
+    else:
+        assert not reachable.ok and words in reachable.message
 
 
 def test_the_query_client_is_configured_like_the_target(orthanc_auth, tmp_path):
