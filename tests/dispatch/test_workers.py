@@ -43,10 +43,11 @@ def test_two_workers_on_postgres_and_redis_drain_one_queue_exactly_once(
     )
     site.migrate()
     target = site.add_target(**dicom_target(orthanc, max_associations=4))
-    series = [make_series(tmp_path / f"s{i}", 15) for i in range(8)]
+    series = [make_series(tmp_path / f"s{i}", 3) for i in range(16)]
     uids = {uid for s in series for uid in s.sop_uids}
-    job_ids = site.queue_folders(target, [s.folder for s in series])
     workers = [site.start_worker(2), site.start_worker(2)]
+    site.wait_workers_ready()
+    job_ids = site.queue_folders(target, [s.folder for s in series])
 
     site.wait_for(
         lambda: all(j["state"] == "done" for j in site.jobs()), what="all jobs done"
@@ -55,7 +56,7 @@ def test_two_workers_on_postgres_and_redis_drain_one_queue_exactly_once(
     assert uids <= stored
     for job_id in job_ids:
         # Each instance was sent by exactly one attempt of exactly one worker.
-        assert sent_total(site, job_id) == 15
+        assert sent_total(site, job_id) == 3
     pids = {a["worker"].split(":")[1] for j in job_ids for a in site.attempts(j)}
     assert {str(w.pid) for w in workers} == pids
 
