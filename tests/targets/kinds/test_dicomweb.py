@@ -226,13 +226,13 @@ class _QidoAnswer(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def https_server(tls_peers):
+def https_server(pki):
     """A small HTTPS endpoint presenting a certificate from the TLS fixture's CA."""
 
     def start(cert: str):
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _QidoAnswer)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(tls_peers.pki[f"{cert}.pem"], tls_peers.pki[f"{cert}.key"])
+        ctx.load_cert_chain(pki[f"{cert}.pem"], pki[f"{cert}.key"])
         server.socket = ctx.wrap_socket(server.socket, server_side=True)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         started.append(server)
@@ -257,12 +257,10 @@ def https_server(tls_peers):
     ],
 )
 def test_https_certificates_are_checked_against_the_ca_bundle(
-    https_server, tls_peers, cert, settings, words
+    https_server, pki, cert, settings, words
 ):
     url = https_server(cert)
-    values = {
-        k: tls_peers.pki[v] if k == "ca_bundle" else v for k, v in settings.items()
-    }
+    values = {k: pki[v] if k == "ca_bundle" else v for k, v in settings.items()}
     result = dicomweb_target(
         url, auth="none", direction="query", **values
     ).handler.test()
