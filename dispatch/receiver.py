@@ -134,8 +134,10 @@ class _Walker:
         self.implicit = implicit
         e = "<" if little else ">"
         self.tag = struct.Struct(e + "HH")
-        self.u16 = struct.Struct(e + "H")
         self.u32 = struct.Struct(e + "L")
+        # One unpack per element header: tag, then the VR and a 2-byte length
+        # (explicit VR) or a 4-byte length (implicit VR).
+        self.header = struct.Struct(e + ("HHL" if implicit else "HH2sH"))
         self.captured: dict[int, bytes] = {}
 
     def _read_tag(self, pos: int, end: int) -> tuple[int, int]:
@@ -150,41 +152,48 @@ class _Walker:
         `in_item`: the dataset is an undefined-length item ending with an item
         delimiter rather than at `end`.
         """
-        buf, last = self.buf, -1
+        # The loop runs once per element (hundreds per instance): locals only.
+        buf, last, implicit = self.buf, -1, self.implicit
+        header, u32 = self.header.unpack_from, self.u32.unpack_from
+        long_vrs, all_vrs = _LONG_VRS, _ALL_VRS
+        captured = self.captured if top else None
         while pos < end:
-            tag, _ = self._read_tag(pos, end)
-            if tag >> 16 == 0xFFFE:
-                if in_item and tag == _ITEM_END:
-                    return pos + 8
-                raise CorruptDataset(f"unexpected delimiter {tag:08X} at byte {pos}")
-            if tag <= last:
-                raise CorruptDataset(f"tags out of order at byte {pos} ({tag:08X})")
-            last = tag
-            if self.implicit:
-                length = self.u32.unpack_from(buf, pos + 4)[0]
+            if pos + 8 > end:
+                raise CorruptDataset(f"truncated element header at byte {pos}")
+            if implicit:
+                group, elem, length = header(buf, pos)
                 pos += 8
             else:
-                vr = buf[pos + 4 : pos + 6]
-                if vr in _LONG_VRS:
+                group, elem, vr, length = header(buf, pos)
+                if vr in long_vrs:
                     if pos + 12 > end:
                         raise CorruptDataset(f"truncated element header at byte {pos}")
-                    length = self.u32.unpack_from(buf, pos + 8)[0]
+                    length = u32(buf, pos + 8)[0]
                     pos += 12
-                elif vr in _ALL_VRS:
-                    length = self.u16.unpack_from(buf, pos + 6)[0]
+                elif vr in all_vrs or group == 0xFFFE:
                     pos += 8
                 else:
                     raise CorruptDataset(f"unknown VR {vr!r} at byte {pos + 4}")
+            tag = (group << 16) | elem
+            if group == 0xFFFE:
+                if in_item and tag == _ITEM_END:
+                    return pos
+                raise CorruptDataset(
+                    f"unexpected delimiter {tag:08X} at byte {pos - 8}"
+                )
+            if tag <= last:
+                raise CorruptDataset(f"tags out of order at byte {pos} ({tag:08X})")
+            last = tag
             if length == _UNDEFINED:
                 pos = self.items(pos, end)
                 continue
             if pos + length > end:
                 raise CorruptDataset(
-                    f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) runs past the end "
+                    f"element ({group:04X},{elem:04X}) runs past the end "
                     f"of the data ({length} bytes at byte {pos} of {end})"
                 )
-            if top and tag in _CAPTURED:
-                self.captured[tag] = buf[pos : pos + length]
+            if captured is not None and tag in _CAPTURED:
+                captured[tag] = buf[pos : pos + length]
             pos += length
         if in_item:
             raise CorruptDataset("item without its delimiter at the end of the data")
