@@ -27,6 +27,7 @@ from botocore.exceptions import (
     ParamValidationError,
     ReadTimeoutError,
 )
+from botocore.utils import determine_content_length
 
 from targets.models import DEFAULT_LAYOUT
 from targets.series import Instance, LayoutError, Series, render_layout
@@ -90,6 +91,17 @@ def _make_client(**kwargs):
         return _session.client("s3", **kwargs)
 
 
+def _no_expect_for_small_puts(model=None, params=None, **kwargs) -> None:
+    """Drop botocore's "Expect: 100-continue" from small PutObjects: it waits a round
+    trip for the server's go-ahead before every body, which for a 40 KB object costs
+    more than sending it."""
+    if model is None or model.name != "PutObject" or params is None:
+        return
+    size = determine_content_length(params.get("body"))
+    if size is not None and size <= SMALL_OBJECT:
+        params.get("headers", {}).pop("Expect", None)
+
+
 class S3Handler(Handler):
     # -- client -------------------------------------------------------------------------
     def client(self, *, attempts: int = 3, pool: int = UPLOAD_THREADS):
@@ -109,13 +121,15 @@ class S3Handler(Handler):
             # request.
             parameter_validation=False,
         )
-        return _make_client(
+        client = _make_client(
             endpoint_url=target.endpoint_url or None,
             region_name=target.region or None,
             aws_access_key_id=target.access_key_id or None,
             aws_secret_access_key=str(target.secret_key) or None,
             config=config,
         )
+        client.meta.events.register_last("before-call.s3", _no_expect_for_small_puts)
+        return client
 
     @property
     def key_prefix(self) -> str:
@@ -191,8 +205,6 @@ class S3Handler(Handler):
                     str(inst.path), bucket, key, ExtraArgs=extra, Config=transfer
                 )
             elif inst.size <= SMALL_OBJECT:
-                # As bytes: botocore then sends no "Expect: 100-continue", which
-                # costs a round trip per object (it does for any file object).
                 body = inst.path.read_bytes()
                 client.put_object(Bucket=bucket, Key=key, Body=body, **extra)
             else:
