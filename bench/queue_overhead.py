@@ -121,6 +121,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument(
+        "--only", default="", help="run only configurations containing this text"
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="courier-bench-queue-"))
@@ -165,6 +168,8 @@ def main() -> None:
             ),
         }
         for name, make in configs.items():
+            if args.only and args.only not in name:
+                continue
             elapsed = run_site(make(), folders_file, args.jobs, args.workers)
             results[name] = elapsed
             print(f"{name}: {args.jobs / elapsed:.0f} jobs/s", flush=True)

@@ -262,28 +262,30 @@ def _claim(job_id: int, worker: str, respect_limit: bool) -> _Claim | None:
     now = timezone.now()
     # Most messages for a busy target or a taken job end here, without a write
     # transaction (on SQLite that would wait for the one database-wide write lock).
-    seen = Job.objects.filter(pk=job_id).values("state", "target_id").first()
-    if seen is None or seen["state"] in FINISHED_STATES:
-        return None
     if respect_limit:
-        if not Job.objects.filter(pk=job_id).filter(_claimable_q(now)).exists():
-            return None
-        limit = (
-            Target.objects.filter(pk=seen["target_id"])
-            .values_list("max_associations", flat=True)
+        seen = (
+            Job.objects.filter(pk=job_id)
+            .filter(_claimable_q(now))
+            .values_list("target_id", "target__max_associations")
             .first()
         )
-        used = _slots_in_use(seen["target_id"], now, exclude=job_id)
-        if used >= max(1, limit or 1):
+        if seen is None:
+            return None
+        if _slots_in_use(seen[0], now, exclude=job_id) >= max(1, seen[1] or 1):
             return None
     with transaction.atomic():
-        job = Job.objects.filter(pk=job_id).first()
-        if job is None:
-            return None
         # Lock the target row so that counting its running jobs and claiming one is
         # one step for every worker process (PostgreSQL; SQLite's write transaction
         # already serialises this).
-        target = Target.objects.select_for_update().get(pk=job.target_id).as_kind()
+        job = (
+            Job.objects.select_related("target")
+            .select_for_update(of=("target",))
+            .filter(pk=job_id)
+            .first()
+        )
+        if job is None or job.state in FINISHED_STATES:
+            return None
+        target = job.target.as_kind()
         refusal = _send_refusal(target)
         if refusal:
             Job.objects.filter(pk=job_id).exclude(state__in=FINISHED_STATES).update(
