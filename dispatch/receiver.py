@@ -393,6 +393,36 @@ def write_durably(path: Path, *parts: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+class _CappedSleep:
+    """Stands in for the `time` module inside pynetdicom's association and DUL code."""
+
+    def __init__(self, cap: float):
+        self.cap = cap
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, self.cap))
+
+
+def shorten_pynetdicom_polling(cap: float = 0.0002) -> None:
+    """Make pynetdicom's polling loops sleep at most `cap` seconds (idempotent).
+
+    pynetdicom 3.0's acceptor polls: its association loop sleeps 1 ms before each look
+    at the message queue, and the DUL loop 1 ms whenever it finds nothing to do. With
+    a C-STORE every few milliseconds those sleeps are a third of the time per instance
+    (measured: +45 % instances/s at 0.2 ms, for a few per cent more CPU per idle
+    association). Applied by the receiver, which runs in its own process.
+    """
+    import pynetdicom.association
+    import pynetdicom.dul
+
+    for module in (pynetdicom.association, pynetdicom.dul):
+        if not isinstance(module.time, _CappedSleep):
+            module.time = _CappedSleep(cap)
+
+
 class Receiver:
     """The C-STORE/C-ECHO SCP. `start()` serves in the background, `stop()` ends it."""
 
@@ -433,6 +463,7 @@ class Receiver:
 
     def make_ae(self) -> AE:
         enable_tcp_nodelay()
+        shorten_pynetdicom_polling()
         ae = AE(ae_title=self.ae_title)
         # Receive every storage SOP class in whatever transfer syntax the sender
         # prefers (compressed ones included): the bytes are stored as they came.
