@@ -457,7 +457,12 @@ def route_series(pk: int, *, reroute: bool = False) -> RouteResult | None:
             )
         else:
             state = State.UNROUTED
-            note = "no rule matched and there is no default target"
+            name = (settings.COURIER_UNROUTED_DEFAULT_TARGET or "").strip()
+            note = (
+                f"no rule matched, and the default target {name!r} does not exist"
+                if name
+                else "no rule matched and there is no default target"
+            )
         row.state = state
         row.state_changed_at = now
         row.note = note

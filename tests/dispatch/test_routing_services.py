@@ -124,6 +124,13 @@ def test_a_series_matching_no_rule_goes_to_the_default_target(
     assert "default target" in result.note
 
 
+def test_a_missing_default_target_is_named_in_the_note(spool, settings):
+    settings.COURIER_UNROUTED_DEFAULT_TARGET = "gone"
+    result = routing.route_series(received(spool).pk)
+    assert result.state == ReceivedSeries.State.UNROUTED
+    assert "'gone' does not exist" in result.note
+
+
 def test_disabled_rules_are_ignored(tmp_path, spool):
     r = rule("ct", [folder_target(tmp_path / "a")], modality_is("CT"))
     r.enabled = False
