@@ -1,4 +1,4 @@
-"""`manage.py send_series`, run as a real subprocess and through call_command."""
+"""`manage.py send_series`: through call_command, and as a real process."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def test_it_sends_a_folder_and_prints_a_summary_and_records_the_job(tmp_path, ta
     (series.folder / "thumb.png").write_bytes(b"\x89PNG")
     out, err = run("folder-a", str(series.folder), "--calling-aet", "MOD1")
     assert "4 sent" in out and "0 failed of 4 instances" in out and "MB in" in out
-    assert "skipped 2 files that are not DICOM" in err
+    assert "skipped 2 files: 2 not DICOM (e.g. readme.txt, thumb.png)" in err
     job = Job.objects.get()
     assert job.source == Source.SEND_SERIES and job.state == State.DONE
     assert job.calling_aet == "MOD1"
@@ -118,3 +118,22 @@ def test_it_sends_a_mixed_study_to_orthanc_with_the_pass_incoming_aet(
         assert resp.read().decode() == "MODALITY1"
     job = Job.objects.get()
     assert job.calling_aet == "MODALITY1" and job.state == State.DONE
+
+
+def test_the_command_exits_non_zero_when_anything_failed(courier_site, tmp_path):
+    site = courier_site().migrate()
+    out = tmp_path / "out"
+    out.mkdir()
+    site.add_target(name="disk", kind="folder", path=str(out))
+    series = make_series(tmp_path / "in", 3)
+
+    ok = site.manage("send_series", "disk", str(series.folder))
+    assert ok.returncode == 0 and "3 sent" in ok.stdout
+
+    unknown = site.manage("send_series", "nope", str(series.folder), check=False)
+    assert unknown.returncode == 1 and "no target named 'nope'" in unknown.stderr
+
+    out.rename(tmp_path / "unmounted")
+    failed = site.manage("send_series", "disk", str(series.folder), check=False)
+    assert failed.returncode == 1
+    assert "does not exist" in failed.stderr

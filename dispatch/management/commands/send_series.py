@@ -90,9 +90,11 @@ class Command(BaseCommand):
         if report.skipped:
             reasons = Counter(reason.split(" (")[0] for _, reason in report.skipped)
             why = ", ".join(f"{n} {r}" for r, n in reasons.most_common())
+            names = ", ".join(p.name for p, _ in report.skipped[:3])
+            more = ", …" if len(report.skipped) > 3 else ""
             self.stderr.write(
                 self.style.WARNING(
-                    f"skipped {len(report.skipped)} files that are not DICOM ({why})"
+                    f"skipped {len(report.skipped)} files: {why} (e.g. {names}{more})"
                 )
             )
         job = report.job
