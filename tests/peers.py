@@ -92,19 +92,32 @@ class Peer:
         raise PeerError(f"{self.name} not ready after {timeout} s:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 15.0) -> None:
-        if not self.proc or self.proc.poll() is not None:
+        """SIGTERM the peer's whole process group (storescp --fork has children),
+        then SIGKILL what is left after `timeout`."""
+        if not self.proc:
             return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        if self.proc.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self._signal_group(signal.SIGKILL)
+        if self.proc.poll() is None:
             self.proc.wait(5)
 
     def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
+        if self.proc:
+            self._signal_group(signal.SIGKILL)
+            if self.proc.poll() is None:
+                self.proc.wait(5)
+
+    def _signal_group(self, sig: int) -> None:
+        # Peers start in their own session, so the group id is the leader's pid.
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def log_tail(self, lines: int = 30) -> str:
         try:
