@@ -44,7 +44,9 @@ def peak_kb():
             return int(line.split()[1])
 """
 
-COURIER = PEAK + """
+COURIER = (
+    PEAK
+    + """
 import json, sys, time
 import django
 django.setup()
@@ -63,8 +65,11 @@ assert result.sent == len(series) and not result.failed, (result.sent, result.fa
 print(json.dumps({"seconds": elapsed, "count": len(series),
                   "peak_kb": peak_kb()}))
 """
+)
 
-DICOMWEB_CLIENT = PEAK + """
+DICOMWEB_CLIENT = (
+    PEAK
+    + """
 import json, sys, time
 from pathlib import Path
 import pydicom
@@ -81,6 +86,7 @@ assert stored == len(datasets), stored
 print(json.dumps({"seconds": elapsed, "count": len(datasets),
                   "peak_kb": peak_kb()}))
 """
+)
 
 
 def run(script: str, folder: Path, url: str, data_dir: Path, *extra: str) -> dict:
