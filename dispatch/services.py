@@ -142,6 +142,18 @@ def _wait_reason(target: Target) -> str:
     return ""
 
 
+SECRET_FIELDS = ("password", "token", "secret_key", "key_passphrase", "private_key")
+
+
+def scrub(message: str, target: Target) -> str:
+    """Blank out the target's secrets should a message ever carry one."""
+    for name in SECRET_FIELDS:
+        value = str(getattr(target, name, "") or "")
+        if len(value) >= 4 and value in message:
+            message = message.replace(value, "********")
+    return message
+
+
 def _scan(folder: str | Path, target: Target) -> Series:
     series = scan_folder(folder)
     return series.excluding(split_globs(target.exclude))
@@ -383,11 +395,14 @@ def run_job(
                 aborted = _send(job, handler_target, series, attempt, worker, progress)
     except TargetError as exc:
         error = exc
+        error.message = scrub(exc.message, target)
     except _SendAborted:
         aborted = True
     except Exception as exc:  # a bug or an unexpected library error: retry it
         log.exception("dispatch unexpected error %s", _kv(job=job.pk))
-        error = TargetError(f"unexpected error: {type(exc).__name__}: {exc}")
+        error = TargetError(
+            scrub(f"unexpected error: {type(exc).__name__}: {exc}", target)
+        )
     return _finish(job, target, attempt, worker, error, aborted, retry, started)
 
 
@@ -479,7 +494,7 @@ def _send(
         if outcome is None:
             break
         if outcome:
-            _record_outcome(job, attempt, outcome)
+            _record_outcome(job, target, attempt, outcome)
             if progress:
                 progress(outcome)
         now = time.monotonic()
@@ -502,11 +517,14 @@ def _send(
     return stop.is_set()
 
 
-def _record_outcome(job: Job, attempt: Attempt, outcome: Outcome) -> None:
+def _record_outcome(
+    job: Job, target: Target, attempt: Attempt, outcome: Outcome
+) -> None:
     state = _INSTANCE_STATE.get(outcome.status, InstanceState.FAILED)
+    message = scrub(outcome.message, target) if outcome.message else ""
     JobInstance.objects.filter(job=job, path=outcome.path).update(
         state=state,
-        message=outcome.message[:2000],
+        message=message[:2000],
         bytes=outcome.bytes,
         updated_at=timezone.now(),
     )

@@ -343,3 +343,16 @@ def test_a_worker_goes_on_with_its_targets_next_jobs(tmp_path):
     # busy; the worker that finishes the first job runs them.
     assert services.run_jobs_from(jobs[0].pk) == 3
     assert set(Job.objects.values_list("state", flat=True)) == {State.DONE}
+
+
+def test_a_secret_in_an_error_message_is_blanked_out(tmp_path, immediate_huey):
+    series = make_series(tmp_path / "in", 1)
+    secret = "s3cret-passw0rd"
+    missing = tmp_path / secret  # a path that happens to contain the secret
+    target = folder_target(tmp_path / "out", password=secret)
+    Target.objects.filter(pk=target.pk).update(path=str(missing))
+    (job,) = services.create_jobs(series.folder, [target], owned_spool=False)
+    job.refresh_from_db()
+    assert "does not exist" in job.last_error
+    assert secret not in job.last_error
+    assert secret not in job.attempts.get().error
