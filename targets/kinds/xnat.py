@@ -254,6 +254,8 @@ class XnatHandler(Handler):
     ) -> SendResult:
         t = self.target
         result = SendResult()
+        if not series.instances:
+            return result
         subject, session_label = self.labels(series)
 
         def report(outcome: Outcome) -> None:
