@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import pydicom
 import requests
+from django.conf import settings
 
 from targets.models import DEFAULT_SESSION_TEMPLATE, DEFAULT_SUBJECT_TEMPLATE
 from targets.series import Series
@@ -276,7 +277,10 @@ class XnatHandler(Handler):
 
     def _send_zip(self, series: Series, subject: str, label: str) -> str:
         """Zip the series to a temporary file and import it in one request."""
-        with tempfile.TemporaryDirectory(prefix="courier-xnat-") as tmp:
+        # In the data directory, not /tmp: a large series' zip may not fit a tmpfs.
+        scratch = Path(settings.DATA_DIR) / "tmp"
+        scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="xnat-", dir=scratch) as tmp:
             archive = Path(tmp) / f"{label}.zip"
             self._zip(series, archive)
             query = self._query(subject, label)
