@@ -24,18 +24,20 @@ from tests.peers import Orthanc, StoreSCP
 
 def compare(label: str, peer, port: int, aet: str, series, folder, runs: int) -> None:
     print(f"\n{label}: {len(series)} instances, {series.total_bytes / 1e6:.1f} MB")
-    base = []
+    # Runs interleaved (storescu, Courier 1, 2, 4, then again) so that the load of
+    # this shared machine changing over time hits every sender alike.
+    times: dict[int, list[float]] = {0: [], 1: [], 2: [], 4: []}
     for _ in range(runs):
-        peer.clear()
-        base.append(time_storescu(port, aet, folder))
-    s = statistics.median(base)
-    print(f"  storescu, 1 association   {rates(s, series)}")
-    for n in (1, 2, 4):
-        times = []
-        for _ in range(runs):
+        for n in times:
             peer.clear()
-            times.append(time_courier(dicom_target(port, aet, n), series))
-        c = statistics.median(times)
+            if n == 0:
+                times[0].append(time_storescu(port, aet, folder))
+            else:
+                times[n].append(time_courier(dicom_target(port, aet, n), series))
+    s = statistics.median(times.pop(0))
+    print(f"  storescu, 1 association   {rates(s, series)}")
+    for n, values in times.items():
+        c = statistics.median(values)
         print(
             f"  Courier, {n} association{'s' if n > 1 else ' '}  {rates(c, series)}"
             f"   {s / c:.2f}x storescu"
