@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 from django.core.exceptions import ValidationError
@@ -14,6 +20,8 @@ from targets.series import scan_folder
 from tests.dicomgen import make_series
 from tests.fixtures.web_peers import XNAT_USERS
 from tests.peers import free_port
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 def xnat_target(url: str, **kwargs) -> XnatTarget:
@@ -273,3 +281,67 @@ def test_good_settings_pass_validation():
         "https://xnat.example.org",
         session_template="{PatientID}_{StudyDate}_{StudyUIDHash}_{SeriesNumber}",
     ).clean()
+
+
+SEND_IN_SUBPROCESS = textwrap.dedent(
+    """
+    import json, sys
+    import django
+    django.setup()
+    import xnat  # noqa: F401 - loaded before the baseline, like the handler will
+    from targets.models import XnatTarget
+    from targets.series import scan_folder
+
+    def peak_kb():
+        # This process's own peak (ru_maxrss would include the parent's).
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+
+    series = scan_folder(sys.argv[1])
+    target = XnatTarget(name="big", url=sys.argv[2], project="PROJ1",
+                        username="alice", password=sys.argv[3],
+                        session_template="{PatientID}_big_{StudyUIDHash}")
+    before = peak_kb()
+    result = target.handler.send(series)
+    print(json.dumps({"sent": result.sent, "before_kb": before, "peak_kb": peak_kb()}))
+    """
+)
+
+
+def test_a_large_series_is_zipped_and_uploaded_without_holding_it_in_memory(
+    xnat_fake, tmp_path
+):
+    # 200 instances of 531 KB: a 106 MB series.
+    gen = make_series(tmp_path / "big", 200, size=512, patient_id="BIG")
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "COURIER_DATA_DIR": str(tmp_path / "data"),
+    }
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SEND_IN_SUBPROCESS,
+            str(gen.folder),
+            xnat_fake.url,
+            XNAT_USERS["alice"],
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert figures["sent"] == 200
+    growth = (figures["peak_kb"] - figures["before_kb"]) * 1024
+    assert growth < 24 * 1024**2, figures
+    [imported] = xnat_fake.imports_for("PROJ1", f"BIG_big_{uid_hash(gen.study_uid)}")
+    assert imported.files == 200
+    assert not list((tmp_path / "data" / "tmp").iterdir())  # the zip is gone
+    shutil.rmtree(gen.folder)
