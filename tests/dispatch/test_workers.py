@@ -193,3 +193,19 @@ def test_a_refused_instance_fails_the_job_naming_it_and_the_rest_arrive(
     assert bad.sop_instance_uid == odd.sop_uids[0]
     for uid in good.sop_uids:
         assert orthanc.find_instance(uid)
+
+
+def test_jobs_whose_queue_messages_were_lost_are_found_by_a_starting_worker(
+    courier_site, tmp_path
+):
+    site = courier_site().migrate()
+    out = tmp_path / "out"
+    out.mkdir()
+    target = site.add_target(name="disk", kind="folder", path=str(out))
+    folders = [make_series(tmp_path / f"s{i}", 2).folder for i in range(3)]
+    site.queue_folders(target, folders, send_messages=False)
+    site.start_worker(2)
+    site.wait_for(
+        lambda: {j["state"] for j in site.jobs()} == {"done"}, what="all jobs done"
+    )
+    assert len(list(out.rglob("*.dcm"))) == 6
