@@ -76,7 +76,7 @@ def test_staff_searches_opens_a_study_and_retrieves_it_to_a_folder(
     WebDriverWait(browser, 30).until(ec.text_to_be_present_in_element(state, "Queued"))
     assert worker_queue == [job.pk]
     services.run_retrieval(job.pk)
-    # The page's poll notices the job finished, without a reload by the test.
+    # The page's poll notices the job finished, without a reload.
     WebDriverWait(browser, 60).until(ec.text_to_be_present_in_element(state, "Done"))
     count = browser.find_element(By.CSS_SELECTOR, f"tr[data-job='{job.pk}'] .job-count")
     assert count.text.startswith("5 / 5")
@@ -87,5 +87,9 @@ def test_staff_searches_opens_a_study_and_retrieves_it_to_a_folder(
         ).text
     )
     assert len(list(Path(out).rglob("*.dcm"))) == 5
+    actions = browser.find_element(
+        By.CSS_SELECTOR, f"tr[data-job='{job.pk}'] .job-actions"
+    )
+    assert "Cancel" not in actions.get_attribute("innerHTML")
     # Leave the page so no poll reaches the live server after the test ends.
     browser.get("about:blank")
