@@ -69,6 +69,9 @@ class XnatFake:
         self.sessions: dict[str, str] = {}  # JSESSIONID -> user
         self.imports: list[Import] = []
         self.requests: list[tuple[str, str]] = []  # (method, path) seen
+        # When true, imports are answered but not kept: the session is "lost",
+        # as when XNAT fails after answering (for testing the check afterwards).
+        self.lose_imports = False
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -339,6 +342,8 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             stamp = time.strftime("%Y%m%d_%H%M%S") + f"{len(fake.imports):03d}"
             uri = f"/data/prearchive/projects/{project}/{stamp}/{session}"
+        if fake.lose_imports:
+            return self._send(200, uri + "\r\n")
         with fake._lock:
             fake.imports.append(
                 Import(

@@ -148,6 +148,22 @@ def test_templates_may_use_any_dicom_keyword(xnat_fake, tmp_path):
     assert target.handler.labels(scan_folder(gen.folder)) == ("PAT-7", "ACC_42_CT_ST1")
 
 
+@pytest.mark.parametrize("destination", ["prearchive", "archive"])
+def test_an_import_whose_session_is_not_there_afterwards_is_an_error(
+    xnat_fake, tmp_path, destination
+):
+    gen = study(tmp_path, "s", 1)
+    target = xnat_target(xnat_fake.url, destination=destination)
+    xnat_fake.lose_imports = True
+    try:
+        with pytest.raises(TargetError) as exc:
+            target.handler.send(scan_folder(gen.folder))
+    finally:
+        xnat_fake.lose_imports = False
+    assert "is not there afterwards" in str(exc.value)
+    assert not exc.value.permanent
+
+
 def test_a_missing_tag_is_an_error_naming_it(xnat_fake, tmp_path):
     gen = study(tmp_path, "s", 1)  # AccessionNumber empty
     target = xnat_target(
