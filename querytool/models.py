@@ -35,6 +35,9 @@ class RetrievalJob(models.Model):
     )
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
+    # Written with every progress update: a running job whose heartbeat is old was
+    # left behind by a worker that died, and may be cancelled at once.
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     state = models.CharField(
         max_length=10, choices=RetrievalState.choices, default=RetrievalState.QUEUED

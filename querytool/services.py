@@ -12,6 +12,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
@@ -39,6 +40,8 @@ log = logging.getLogger("courier.querytool")
 
 # Progress is written to the database at most this often (seconds).
 PROGRESS_INTERVAL = 0.5
+# A running job without progress for this long (seconds) may be cancelled at once.
+STALE_AFTER = 600
 
 
 def query_sources():
@@ -230,6 +233,17 @@ def cancel_retrieval(job: RetrievalJob, user) -> None:
         message="Cancelled before it started.",
     )
     if not updated:
+        # A worker that died leaves its job "running" with an old heartbeat.
+        updated = RetrievalJob.objects.filter(
+            pk=job.pk,
+            state=RetrievalState.RUNNING,
+            heartbeat_at__lt=timezone.now() - timedelta(seconds=STALE_AFTER),
+        ).update(
+            state=RetrievalState.CANCELLED,
+            finished_at=timezone.now(),
+            message="Cancelled: the worker running it stopped reporting progress.",
+        )
+    if not updated:
         RetrievalJob.objects.filter(pk=job.pk, state=RetrievalState.RUNNING).update(
             cancel_requested=True
         )
@@ -284,7 +298,7 @@ class _Progress:
         ):
             return
         self.last = now
-        fields = {"done": done, "failed": failed}
+        fields = {"done": done, "failed": failed, "heartbeat_at": timezone.now()}
         if total is not None:
             fields["total"] = total
         RetrievalJob.objects.filter(pk=self.job_id).update(**fields)
@@ -299,6 +313,7 @@ def run_retrieval(job_id: int, progress_hook: Callable | None = None) -> Retriev
     ).update(
         state=RetrievalState.RUNNING,
         started_at=timezone.now(),
+        heartbeat_at=timezone.now(),
         attempts=F("attempts") + 1,
     )
     job = RetrievalJob.objects.get(pk=job_id)

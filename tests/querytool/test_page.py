@@ -328,3 +328,31 @@ def test_next_pointing_elsewhere_is_ignored(client, staff, pacs):
         {"source": pacs.pk, "destination": "download", "next": "//evil.example/"},
     )
     assert resp["Location"] == "/query/"
+
+
+def test_cancel_of_a_running_job_asks_it_to_stop_or_ends_an_abandoned_one(
+    client, staff, pacs
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    live, dead = services.start_retrieval(
+        pacs,
+        [
+            services.RetrieveItem("1.2.3", [], "a"),
+            services.RetrieveItem("1.2.4", [], "b"),
+        ],
+        staff,
+        download=True,
+    )
+    now = timezone.now()
+    RetrievalJob.objects.filter(pk=live.pk).update(state="running", heartbeat_at=now)
+    RetrievalJob.objects.filter(pk=dead.pk).update(
+        state="running", heartbeat_at=now - timedelta(hours=1)
+    )
+    for job in (live, dead):
+        client.post(reverse("querytool:cancel", args=[job.pk]))
+        job.refresh_from_db()
+    assert (live.state, live.cancel_requested) == ("running", True)
+    assert dead.state == "cancelled" and "stopped reporting" in dead.message
