@@ -306,11 +306,25 @@ class DicomSource(Source):
         folders: dict[str, Path] = {}
         lock = threading.Lock()
         write_errors: list[str] = []
+        # A whole study is fetched series by series: the total is known from the
+        # start, and each instance's series need not be decoded from its dataset.
+        known_total = None
+        if not request.series_uids:
+            series = self.find_series(request.study_uid)
+            if series:
+                request = RetrieveRequest(
+                    request.study_uid, [s.series_uid for s in series], request.move_aet
+                )
+                counts = [s.instance_count for s in series]
+                if None not in counts:
+                    known_total = sum(counts)
+                    progress(0, known_total, 0)
+        current: list[str | None] = [None]
 
         def on_store(event) -> int:
             try:
                 sop_uid = str(event.request.AffectedSOPInstanceUID)
-                series_uid = str(event.dataset.SeriesInstanceUID)
+                series_uid = current[0] or str(event.dataset.SeriesInstanceUID)
                 with lock:
                     folder = folders.get(series_uid)
                     if folder is None:
@@ -336,6 +350,7 @@ class DicomSource(Source):
             contexts, roles=roles, handlers=[(evt.EVT_C_STORE, on_store)]
         ) as assoc:
             for identifier in self._identifiers(request):
+                current[0] = identifier.get("SeriesInstanceUID")
                 self._run_retrieve(
                     assoc.send_c_get(
                         identifier, StudyRootQueryRetrieveInformationModelGet
@@ -344,6 +359,7 @@ class DicomSource(Source):
                     result,
                     progress,
                     assoc=assoc,
+                    known_total=known_total,
                 )
         result.series_folders = list(folders.values())
         if write_errors and not result.message:
@@ -380,6 +396,7 @@ class DicomSource(Source):
         hint: str = "",
         *,
         assoc: Association,
+        known_total: int | None = None,
     ) -> None:
         """Follow one C-GET/C-MOVE's responses, adding its counts to `result`."""
         base = (result.completed, result.failed, result.warnings)
@@ -401,7 +418,9 @@ class DicomSource(Source):
             if warned is not None:
                 result.warnings = base[2] + warned
             if code in PENDING:
-                if remaining is not None:
+                if known_total is not None:
+                    total = known_total - sum(base)
+                elif remaining is not None:
                     total = (done or 0) + (failed or 0) + (warned or 0) + remaining
                 # Raises Cancelled when the user cancelled: the association is aborted.
                 progress(
@@ -421,6 +440,15 @@ class DicomSource(Source):
                 if not result.failed:
                     # Some sources report 0xB000 with no counts: at least one failed.
                     result.failed = max(result.failed, 1)
+                progress(result.completed + result.warnings, None, result.failed)
+                return
+            if code in (0xA701, 0xA702) and failed:
+                # Every sub-operation of this request failed (e.g. one series of a
+                # study): counted as failures, the other requests still run.
+                result.message = (
+                    f"{what} partly failed: {result.failed} sub-operation(s) failed "
+                    f"({status_words(status)})."
+                )
                 progress(result.completed + result.warnings, None, result.failed)
                 return
             if code == 0xFE00:

@@ -218,7 +218,8 @@ def test_c_get_with_some_instances_refused_is_reported_as_partial(
 ):
     facts = query_studies.by_accession("ACC001")
     # A file where the second series' folder should go: its instances cannot be
-    # written, Courier answers "out of resources" and Orthanc ends with 0xB000.
+    # written, Courier answers "out of resources", Orthanc ends that series' C-GET
+    # with a failure and its counts; the first series still arrives.
     (tmp_path / facts.series_uids[1]).write_text("in the way")
     result = source.retrieve(
         RetrieveRequest(facts.study_uid), tmp_path, lambda *a: None
