@@ -94,7 +94,9 @@ class Command(BaseCommand):
             more = ", …" if len(report.skipped) > 3 else ""
             self.stderr.write(
                 self.style.WARNING(
-                    f"skipped {len(report.skipped)} files: {why} (e.g. {names}{more})"
+                    f"skipped {len(report.skipped)} "
+                    f"file{'s' if len(report.skipped) != 1 else ''}: {why} "
+                    f"(e.g. {names}{more})"
                 )
             )
         job = report.job
