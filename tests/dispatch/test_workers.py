@@ -59,6 +59,16 @@ def test_two_workers_on_postgres_and_redis_drain_one_queue_exactly_once(
         assert sent_total(site, job_id) == 3
     pids = {a["worker"].split(":")[1] for j in job_ids for a in site.attempts(j)}
     assert {str(w.pid) for w in workers} == pids
+    # The target's limit of 4 connections held across both processes: never more
+    # than 4 jobs sending at once (each holds at least one connection).
+    events = []
+    for start, end in site.query("SELECT started_at, ended_at FROM dispatch_attempt"):
+        events += [(start, 1), (end, -1)]
+    running = peak = 0
+    for _, step in sorted(events, key=lambda e: (e[0], e[1])):
+        running += step
+        peak = max(peak, running)
+    assert 1 < peak <= 4
 
 
 def test_target_down_waits_to_retry_and_completes_when_it_is_back(
