@@ -123,7 +123,10 @@ def recorder():
 @pytest.fixture
 def fresh_recorder(recorder):
     recorder.reset()
-    return recorder
+    yield recorder
+    # Let go of C-STOREs a test left hanging (their associations are aborted).
+    recorder.release.set()
+    recorder.release = threading.Event()
 
 
 @pytest.fixture(scope="module")
