@@ -47,12 +47,13 @@ def peak_kb():
 COURIER = (
     PEAK
     + """
-import json, sys, time
+import json, os, sys, time
 import django
 django.setup()
 from targets.models import DicomWebTarget
 from targets.series import scan_folder
-folder, url, password, connections = sys.argv[1:5]
+folder, url, connections = sys.argv[1:4]
+password = os.environ["DICOMWEB_PASSWORD"]
 target = DicomWebTarget(name="bench", url=url, auth="basic", username="alice",
                         password=password, stow_batch_size=50,
                         max_associations=int(connections))
@@ -70,12 +71,13 @@ print(json.dumps({"seconds": elapsed, "count": len(series),
 DICOMWEB_CLIENT = (
     PEAK
     + """
-import json, sys, time
+import json, os, sys, time
 from pathlib import Path
 import pydicom
 from dicomweb_client.api import DICOMwebClient
 from dicomweb_client.session_utils import create_session_from_user_pass
-folder, url, password = sys.argv[1:4]
+folder, url = sys.argv[1:3]
+password = os.environ["DICOMWEB_PASSWORD"]
 client = DICOMwebClient(url, session=create_session_from_user_pass("alice", password))
 start = time.perf_counter()
 datasets = [pydicom.dcmread(p) for p in sorted(Path(folder).rglob("*.dcm"))]
@@ -94,9 +96,11 @@ def run(script: str, folder: Path, url: str, data_dir: Path, *extra: str) -> dic
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings",
         "COURIER_DATA_DIR": str(data_dir),
+        # The environment, not argv: argv is visible to every user in `ps`.
+        "DICOMWEB_PASSWORD": USERS["alice"],
     }
     proc = subprocess.run(
-        [sys.executable, "-c", script, str(folder), url, USERS["alice"], *extra],
+        [sys.executable, "-c", script, str(folder), url, *extra],
         cwd=ROOT,
         env=env,
         capture_output=True,

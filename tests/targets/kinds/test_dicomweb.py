@@ -381,7 +381,8 @@ SEND_IN_SUBPROCESS = textwrap.dedent(
     from targets.series import scan_folder
     series = scan_folder(sys.argv[1])
     target = DicomWebTarget(name="big", url=sys.argv[2], auth="basic",
-                            username="alice", password=sys.argv[3], stow_batch_size=50)
+                            username="alice", password=os.environ["DICOMWEB_PASSWORD"],
+                            stow_batch_size=50)
     handler = target.handler
     def peak_kb():
         # VmHWM is this process's own peak; ru_maxrss would include the parent's
@@ -410,6 +411,8 @@ def test_a_large_series_is_sent_with_memory_bounded_by_the_stream_not_the_series
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings",
         "COURIER_DATA_DIR": str(tmp_path / "data"),
+        # The environment, not argv: argv is visible to every user in `ps`.
+        "DICOMWEB_PASSWORD": ORTHANC_USERS["alice"],
     }
 
     proc = subprocess.run(
@@ -419,7 +422,6 @@ def test_a_large_series_is_sent_with_memory_bounded_by_the_stream_not_the_series
             SEND_IN_SUBPROCESS,
             str(gen.folder),
             orthanc_auth.dicomweb_url,
-            ORTHANC_USERS["alice"],
         ],
         cwd=REPO,
         env=env,
