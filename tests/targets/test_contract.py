@@ -3,8 +3,9 @@ reports an unreachable target as a failed check in words instead of raising."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,6 @@ from django.urls import reverse
 from targets.kinds.base import Handler, TestResult
 from targets.models import HANDLERS, PROXIES, Kind, Target, get_handler_class
 from targets.services import run_test
-from tests.peers import free_port
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("fast_password_hashing")]
 
@@ -36,67 +36,94 @@ def ca_cert(tmp_path_factory) -> Path:
     return folder / "ca.pem"
 
 
-def _closed() -> int:
-    # Nothing listens on a port just handed out and released: connection refused.
-    return free_port()
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port that refuses connections for the whole test.
+
+    The socket stays bound but never listens (Linux answers a connect with a
+    reset), so no other process can take the port in the meantime.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
 
 
-# A minimal valid target of each kind, pointing at something that is not there.
-UNREACHABLE: dict[str, Callable[[Path, Path], dict]] = {
-    Kind.DICOM: lambda tmp, ca: dict(
-        host="127.0.0.1", port=_closed(), called_aet="NOBODY"
+# A minimal valid target of each kind, pointing at something that is not there:
+# each gets (tmp_path, CA certificate, closed port).
+UNREACHABLE: dict[str, Callable[[Path, Path, int], dict]] = {
+    Kind.DICOM: lambda tmp, ca, port: dict(
+        host="127.0.0.1", port=port, called_aet="NOBODY"
     ),
-    Kind.DICOM_TLS: lambda tmp, ca: dict(
-        host="127.0.0.1", port=_closed(), called_aet="NOBODY", tls_ca_cert=str(ca)
+    Kind.DICOM_TLS: lambda tmp, ca, port: dict(
+        host="127.0.0.1", port=port, called_aet="NOBODY", tls_ca_cert=str(ca)
     ),
-    Kind.DICOMWEB: lambda tmp, ca: dict(
-        url=f"http://127.0.0.1:{_closed()}/dicom-web",
+    Kind.DICOMWEB: lambda tmp, ca, port: dict(
+        url=f"http://127.0.0.1:{port}/dicom-web",
         auth="basic",
         username="courier",
         password=SECRET,
     ),
-    Kind.FOLDER: lambda tmp, ca: dict(path=str(tmp / "does-not-exist")),
-    Kind.RSYNC: lambda tmp, ca: dict(
+    Kind.FOLDER: lambda tmp, ca, port: dict(path=str(tmp / "does-not-exist")),
+    Kind.RSYNC: lambda tmp, ca, port: dict(
         host="127.0.0.1",
-        port=_closed(),
+        port=port,
         username="courier",
         password=SECRET,
         path="/srv/incoming",
     ),
-    Kind.S3: lambda tmp, ca: dict(
+    Kind.S3: lambda tmp, ca, port: dict(
         bucket="images",
-        endpoint_url=f"http://127.0.0.1:{_closed()}",
+        endpoint_url=f"http://127.0.0.1:{port}",
         addressing_style="path",
         access_key_id="courier",
         secret_key=SECRET,
     ),
-    Kind.SFTP: lambda tmp, ca: dict(
+    Kind.SFTP: lambda tmp, ca, port: dict(
         host="127.0.0.1",
-        port=_closed(),
+        port=port,
         username="courier",
         password=SECRET,
         path="/srv/incoming",
     ),
-    Kind.XNAT: lambda tmp, ca: dict(
-        url=f"http://127.0.0.1:{_closed()}",
+    Kind.XNAT: lambda tmp, ca, port: dict(
+        url=f"http://127.0.0.1:{port}",
         project="PROJ",
         username="courier",
         password=SECRET,
     ),
 }
 
+# The first failed check for each kind and words its message must contain.
+FIRST_FAILURE: dict[str, tuple[str, str]] = {
+    Kind.DICOM: ("TCP connect", "connection refused"),
+    Kind.DICOM_TLS: ("TCP connect", "connection refused"),
+    Kind.DICOMWEB: ("Reachable", "connection refused"),
+    Kind.FOLDER: ("folder exists", "does not exist"),
+    Kind.RSYNC: ("TCP connect", "connection refused"),
+    Kind.S3: ("credentials", "cannot connect"),
+    Kind.SFTP: ("TCP connect", "connection refused"),
+    Kind.XNAT: ("Reachable", "connection refused"),
+}
+
 KINDS = [k.value for k in Kind]
 
 
 def test_every_kind_has_a_proxy_a_handler_and_a_contract_entry():
-    assert set(PROXIES) == set(HANDLERS) == set(UNREACHABLE) == set(KINDS)
+    assert (
+        set(PROXIES)
+        == set(HANDLERS)
+        == set(UNREACHABLE)
+        == set(FIRST_FAILURE)
+        == set(KINDS)
+    )
 
 
 @pytest.fixture
-def make_target(tmp_path, ca_cert):
+def make_target(tmp_path, ca_cert, closed_port):
     def make(kind: str) -> Target:
         target = PROXIES[kind](
-            name=f"contract {kind}", **UNREACHABLE[kind](tmp_path, ca_cert)
+            name=f"contract {kind}",
+            **UNREACHABLE[kind](tmp_path, ca_cert, closed_port),
         )
         target.full_clean()
         target.save()
@@ -143,7 +170,9 @@ def test_the_handler_class_is_importable(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_testing_an_unreachable_target_fails_a_check_in_words(kind, make_target):
+def test_testing_an_unreachable_target_fails_a_check_in_words(
+    kind, make_target, closed_port
+):
     target = make_target(kind)
 
     result = target.handler.test()
@@ -155,6 +184,11 @@ def test_testing_an_unreachable_target_fails_a_check_in_words(kind, make_target)
     assert all(c.message.strip() for c in failed), result.as_dict()
     assert "Traceback" not in failed[0].message
     assert not failed[0].message.startswith("internal error")
+    name, words = FIRST_FAILURE[kind]
+    assert failed[0].name == name, result.as_dict()
+    assert words in failed[0].message
+    if kind != Kind.FOLDER:
+        assert f"127.0.0.1:{closed_port}" in failed[0].message
     assert SECRET not in str(result.as_dict())
 
 
