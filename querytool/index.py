@@ -16,6 +16,7 @@ import sqlite3
 import struct
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -224,7 +225,10 @@ def read_header(path: str) -> tuple[str, tuple | str]:
 def pydicom_header(path: str) -> tuple | str:
     """The indexed tags read by pydicom, or the reason the file is not usable."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=TAGS)
+        with warnings.catch_warnings():
+            # A damaged file is reported as a problem; its warnings would only be noise.
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=TAGS)
     except pydicom.errors.InvalidDicomError:
         return "not a DICOM file (no DICM preamble)"
     except Exception as exc:  # pydicom raises many types for damaged files

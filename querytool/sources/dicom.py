@@ -185,41 +185,65 @@ class DicomSource(Source):
 
     # -- C-FIND --------------------------------------------------------------------
     def _c_find(
-        self, identifier: Dataset, limit: int | None = None
+        self,
+        identifier: Dataset,
+        limit: int | None = None,
+        assoc: Association | None = None,
     ) -> tuple[list, bool]:
-        """Return (matches, truncated). More than `limit` matches abort the search."""
+        """Return (matches, truncated), on `assoc` or on an association of its own.
+
+        More than `limit` matches end an own association at once; on a shared one
+        the rest of the answers are read and dropped.
+        """
+        if assoc is None:
+            with self.associate([StudyRootQueryRetrieveInformationModelFind]) as own:
+                matches, truncated = self._c_find_on(own, identifier, limit, True)
+                if truncated:
+                    own.abort()  # no use waiting for the rest
+            return matches, truncated
+        return self._c_find_on(assoc, identifier, limit, False)
+
+    def _c_find_on(
+        self, assoc: Association, identifier: Dataset, limit: int | None, stop: bool
+    ) -> tuple[list, bool]:
         matches: list[Dataset] = []
         truncated = False
-        with self.associate([StudyRootQueryRetrieveInformationModelFind]) as assoc:
+        started = time.monotonic()
+        responses = assoc.send_c_find(
+            identifier, StudyRootQueryRetrieveInformationModelFind
+        )
+        for status, found in responses:
+            if not status:
+                raise SourceError(self._lost(assoc, "C-FIND", started))
             started = time.monotonic()
-            responses = assoc.send_c_find(
-                identifier, StudyRootQueryRetrieveInformationModelFind
-            )
-            for status, found in responses:
-                if not status:
-                    raise SourceError(self._lost(assoc, "C-FIND", started))
-                started = time.monotonic()
-                code = int(status.Status)
-                if code in PENDING:
-                    if limit is not None and len(matches) >= limit:
-                        truncated = True
+            code = int(status.Status)
+            if code in PENDING:
+                if limit is not None and len(matches) >= limit:
+                    truncated = True
+                    if stop:
                         break
-                    matches.append(found)
-                elif code in (0x0000, 0xFE00):
-                    break
-                else:
-                    raise SourceError(
-                        f"C-FIND refused by the source: {status_words(status)}."
-                    )
-            if truncated:
-                # No use waiting for the rest: the association is dropped.
-                assoc.abort()
+                    continue
+                matches.append(found)
+            elif code in (0x0000, 0xFE00):
+                break
+            else:
+                raise SourceError(
+                    f"C-FIND refused by the source: {status_words(status)}."
+                )
         return matches, truncated
 
     def find_studies(self, criteria: Criteria, limit: int) -> StudySearch:
-        return self.search_accession_list(criteria, limit, self._find_studies)
+        if len(criteria.accessions) <= 1:
+            return self.search_accession_list(criteria, limit, self._find_studies)
+        # A list of accessions: one C-FIND each, all on one association.
+        with self.associate([StudyRootQueryRetrieveInformationModelFind]) as assoc:
+            return self.search_accession_list(
+                criteria, limit, lambda c, n: self._find_studies(c, n, assoc)
+            )
 
-    def _find_studies(self, criteria: Criteria, limit: int) -> StudySearch:
+    def _find_studies(
+        self, criteria: Criteria, limit: int, assoc: Association | None = None
+    ) -> StudySearch:
         ds = Dataset()
         ds.QueryRetrieveLevel = "STUDY"
         ds.StudyInstanceUID = criteria.study_uid
@@ -233,7 +257,7 @@ class DicomSource(Source):
         ds.ModalitiesInStudy = criteria.modality.upper()
         ds.NumberOfStudyRelatedSeries = None
         ds.NumberOfStudyRelatedInstances = None
-        found, truncated = self._c_find(ds, limit)
+        found, truncated = self._c_find(ds, limit, assoc)
         studies = [
             Study(
                 study_uid=_text(r, "StudyInstanceUID"),
