@@ -107,6 +107,8 @@ def test_a_pasted_key_with_a_passphrase_works(sshd, make_target, generated, tmp_
         ["ssh-keygen", "-q", "-t", "ed25519", "-N", "pass phrase", "-f", str(key)],
         check=True,
     )
+    # The user belongs to this session's sshd peer alone, so no other run
+    # rewrites the file between this read and the restore below.
     auth = sshd.home(sshd.key_user) / ".ssh" / "authorized_keys"
     original = auth.read_text()
     auth.write_text(original + key.with_suffix(".pub").read_text())
