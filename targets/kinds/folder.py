@@ -4,8 +4,10 @@ A consumer watching the folder must never see half a series, and an image that w
 reported as delivered must survive a power cut. So each series is written into a
 hidden temporary folder beside its final place, every file and the folder are
 fsynced, and only then is the folder renamed into place (or, when the series folder
-already exists from an earlier send, the new files are moved in one by one). Outcomes
-are reported only once the files are in their final place.
+already exists from an earlier send, the new files are moved in one by one with
+os.replace). Outcomes are reported only once the files are in their final place. A
+file already there counts as PRESENT only if its bytes are the same; a different
+file under the same name (a corrected re-send) is replaced.
 """
 
 from __future__ import annotations
@@ -113,6 +115,24 @@ def _copy(src: Path, dst: Path) -> None:
             if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EXDEV) or offset:
                 raise
             shutil.copyfileobj(fsrc, fdst, 1024 * 1024)
+
+
+def _same_content(existing: Path, inst: Instance) -> bool:
+    """Whether the file at `existing` already holds exactly `inst`'s bytes.
+
+    The size alone is not enough: a corrected re-send keeps the SOP Instance UID
+    and often the size. Instances are small, so reading both is cheap beside
+    writing and fsyncing them again. Raises FileNotFoundError if there is no file.
+    """
+    if existing.stat().st_size != inst.size:
+        return False
+    with open(existing, "rb") as have, open(inst.path, "rb") as want:
+        while True:
+            a = have.read(1024 * 1024)
+            if a != want.read(1024 * 1024):
+                return False
+            if not a:
+                return True
 
 
 def _error(exc: OSError, doing: str) -> TargetError:
@@ -238,7 +258,7 @@ class FolderHandler(Handler):
             seen.add(name)
             existing = dest / name
             try:
-                if existing.stat().st_size == inst.size:
+                if _same_content(existing, inst):
                     outcomes.append(instance_outcome(inst, PRESENT))
                     continue
             except FileNotFoundError:
@@ -328,9 +348,12 @@ class FolderHandler(Handler):
         for inst in instances:
             final = dest / instance_file_name(inst)
             try:
-                if final.exists() and final.stat().st_size == inst.size:
-                    report(instance_outcome(inst, PRESENT))
-                    continue
+                try:
+                    if _same_content(final, inst):
+                        report(instance_outcome(inst, PRESENT))
+                        continue
+                except FileNotFoundError:
+                    pass
                 part = dest / f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:12]}"
                 try:
                     _copy(inst.path, part)

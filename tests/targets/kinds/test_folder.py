@@ -288,7 +288,7 @@ def test_sending_to_a_missing_folder_is_retried_later_not_created(series, tmp_pa
     assert not missing.exists()
 
 
-def test_files_present_with_the_same_size_are_not_rewritten(series, dest):
+def test_files_present_with_the_same_content_are_not_rewritten(series, dest):
     handler = FolderHandler(folder_target(dest))
     handler.send(scan_folder(series.folder))
     series_dir = dest / series.study_uid / series.series_uid
@@ -301,6 +301,26 @@ def test_files_present_with_the_same_size_are_not_rewritten(series, dest):
     assert {o.status for o in outcomes} == {PRESENT}
     assert {p.name: p.stat().st_ino for p in series_dir.iterdir()} == inodes
     assert not [p for p in (dest / series.study_uid).iterdir() if p.name[0] == "."]
+
+
+@pytest.mark.parametrize("layout", ["", "/"], ids=["series-folder", "in-place"])
+def test_a_corrected_file_of_the_same_size_replaces_the_old_one(series, dest, layout):
+    handler = FolderHandler(folder_target(dest, layout=layout))
+    handler.send(scan_folder(series.folder))
+    # A corrected re-send: same SOP Instance UID, same size, one pixel changed.
+    source = series.files[2]
+    data = bytearray(source.read_bytes())
+    data[-1] ^= 0xFF
+    source.write_bytes(data)
+
+    result = handler.send(scan_folder(series.folder))
+
+    assert (result.present, result.sent) == (4, 1)
+    [sent] = [o for o in result.outcomes if o.status == SENT]
+    assert sent.sop_instance_uid == pydicom.dcmread(source).SOPInstanceUID
+    written = dest if layout == "/" else dest / series.study_uid / series.series_uid
+    assert (written / f"{sent.sop_instance_uid}.dcm").read_bytes() == bytes(data)
+    assert not [p for p in written.parent.rglob(".*") if p.name != ".complete"]
 
 
 @pytest.mark.django_db
