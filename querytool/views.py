@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from django.contrib import admin, messages
 from django.contrib.admin.views.decorators import staff_member_required
 from django.core.paginator import Paginator
@@ -14,7 +16,7 @@ from django.views.decorators.http import require_POST
 from . import services
 from .forms import RetrieveForm, SearchForm, destination_choices
 from .models import RetrievalJob
-from .sources import SourceError, is_local_folder
+from .sources import SourceError, is_local_folder, source_for
 
 PAGE_SIZE = 25
 SORTS = {
@@ -123,6 +125,8 @@ def query_page(request):
                     else None,
                 },
             )
+            if ctx["is_folder"]:
+                ctx["index_info"] = _index_info(source)
             study_uid = request.GET.get("study")
             if study_uid:
                 ctx["open_study"] = next(
@@ -138,6 +142,21 @@ def query_page(request):
                 if ctx["open_study"] is not None:
                     ctx["open_study"].label = _label(ctx["open_study"])
     return render(request, "querytool/query.html", ctx)
+
+
+def _index_info(source) -> dict | None:
+    """Counts, last scan and unreadable files of a local folder's index."""
+    try:
+        index = source_for(source).index()
+    except SourceError:
+        return None
+    last = index.last_scan()
+    return {
+        **index.counts(),
+        "last_scan": datetime.fromtimestamp(last, tz=UTC) if last else None,
+        "problem_list": index.problems(limit=200),
+        "path": index.path,
+    }
 
 
 def _back(request) -> str:

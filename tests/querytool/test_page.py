@@ -356,3 +356,22 @@ def test_cancel_of_a_running_job_asks_it_to_stop_or_ends_an_abandoned_one(
         job.refresh_from_db()
     assert (live.state, live.cancel_requested) == ("running", True)
     assert dead.state == "cancelled" and "stopped reporting" in dead.message
+
+
+def test_local_folder_source_shows_its_index_and_rescans_on_demand(
+    client, staff, query_studies, courier_dirs, tmp_path
+):
+    folder = query_studies.copy_to(tmp_path / "archive")
+    (folder / "readme.txt").write_text("hello")
+    source = DicomWebTarget.objects.create(
+        name="Archive", url=f"file://{folder}", direction="query"
+    )
+    body = search(client, source, study_description="mr*").content.decode()
+    assert "ACC002" in body and "ACC004" in body and "ACC001" not in body
+    info = body.split('id="index-info"')[1].split("</p>")[0]
+    assert f"{query_studies.instances} instances" in info and "1 file not DICOM" in info
+    assert "readme.txt" in body
+    (folder / "readme.txt").unlink()
+    resp = client.post(reverse("querytool:reindex"), {"source": source.pk}, follow=True)
+    assert "1 removed" in resp.content.decode()
+    assert AuditEntry.objects.filter(action="index").exists()
