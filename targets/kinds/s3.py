@@ -4,11 +4,14 @@ Keys are `<prefix>/<layout>/<SOPInstanceUID>.dcm` (layout as for Folder, by defa
 `<StudyInstanceUID>/<SeriesInstanceUID>`) with `Content-Type: application/dicom`.
 Uploads run in a bounded thread pool over one client (boto3 clients are thread-safe);
 files above the multipart threshold go through boto3's transfer manager. Objects
-already there with the right size are reported PRESENT, so a retry sends only the rest.
+already there with the same bytes are reported PRESENT, so a retry sends only the rest:
+the size must match, and so must the MD5 where the listed ETag is one (a single-part
+upload without SSE-KMS); a multipart object is judged by its size alone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import uuid
@@ -186,7 +189,7 @@ class S3Handler(Handler):
                     report(
                         instance_outcome(inst, PRESENT, "duplicate SOP Instance UID")
                     )
-                elif existing.get(key) == inst.size:
+                elif self._same_object(inst, existing.get(key)):
                     report(instance_outcome(inst, PRESENT))
                 else:
                     todo.append((inst, key))
@@ -214,16 +217,39 @@ class S3Handler(Handler):
         self._run_parallel(todo, upload, report)
         return result
 
-    def _existing(self, client, prefix: str, result: SendResult) -> dict[str, int]:
-        """Key -> size of the objects under a series prefix (for retries)."""
-        found: dict[str, int] = {}
+    def _same_object(self, inst: Instance, listed: tuple[int, str] | None) -> bool:
+        """Whether a listed object (size, ETag) already holds `inst`'s bytes.
+
+        A corrected re-send often keeps the size, so a matching size is not enough
+        where the ETag is the MD5 of the object: a single-part upload without
+        SSE-KMS/SSE-C (no dash in it). Hashing the local file is one read of it. A
+        multipart ETag is the MD5 of the part MD5s: there the size alone decides.
+        """
+        if listed is None or listed[0] != inst.size:
+            return False
+        etag = listed[1].strip('"')
+        if (
+            not etag
+            or "-" in etag
+            or "kms" in (self.target.server_side_encryption or "")
+        ):
+            return True
+        with open(inst.path, "rb") as f:
+            md5 = hashlib.file_digest(f, lambda: hashlib.md5(usedforsecurity=False))
+        return md5.hexdigest() == etag.lower()
+
+    def _existing(
+        self, client, prefix: str, result: SendResult
+    ) -> dict[str, tuple[int, str]]:
+        """Key -> (size, ETag) of the objects under a series prefix (for retries)."""
+        found: dict[str, tuple[int, str]] = {}
         try:
             pages = client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.target.bucket, Prefix=prefix
             )
             for page in pages:
                 for obj in page.get("Contents", []):
-                    found[obj["Key"]] = obj["Size"]
+                    found[obj["Key"]] = (obj["Size"], obj.get("ETag", ""))
         except ClientError as exc:
             if _code(exc) != "AccessDenied":
                 raise self.error(exc, "listing the bucket") from None
