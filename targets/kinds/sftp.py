@@ -132,6 +132,10 @@ class SftpHandler(Handler):
                     report(
                         instance_outcome(inst, PRESENT, "duplicate SOP Instance UID")
                     )
+                # Size only, as the issue asks ("existing complete files with the
+                # right size are not uploaded again"): comparing bytes would mean
+                # downloading every file. Unlike Folder and S3, a corrected re-send
+                # of the same size is therefore not written again.
                 elif existing.get(name) == inst.size:
                     report(instance_outcome(inst, PRESENT))
                 else:
