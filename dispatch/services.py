@@ -480,6 +480,15 @@ def _send(
         finally:
             outcomes.put(None)
 
+    if job.lease_expires_at and timezone.now() > job.lease_expires_at - _lease() * (
+        2 / 3
+    ):
+        # Reading a big folder took a while: renew before the first instance goes.
+        renewed = Job.objects.filter(
+            pk=job.pk, lease_owner=worker, state=State.SENDING
+        ).update(lease_expires_at=timezone.now() + _lease())
+        if not renewed:
+            return True
     thread = threading.Thread(target=sender, name=f"send-job-{job.pk}", daemon=True)
     thread.start()
     lease = _lease().total_seconds()
