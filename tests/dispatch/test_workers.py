@@ -13,7 +13,7 @@ import signal
 import pytest
 
 from tests.dicomgen import make_series
-from tests.peers import Orthanc, StoreSCP
+from tests.peers import Orthanc, StoreSCP, free_port
 
 FAST_RETRY = {"retry_base_delay": 1, "retry_max_delay": 2, "retry_max_attempts": 30}
 
@@ -57,6 +57,10 @@ def test_two_workers_on_postgres_and_redis_drain_one_queue_exactly_once(
     for job_id in job_ids:
         # Each instance was sent by exactly one attempt of exactly one worker.
         assert sent_total(site, job_id) == 3
+    ok, report = site.python(
+        "import json; from dispatch import services; print(json.dumps(services.health()))"
+    )
+    assert ok and report["database"] == report["queue"] == "ok"
     pids = {a["worker"].split(":")[1] for j in job_ids for a in site.attempts(j)}
     assert {str(w.pid) for w in workers} == pids
     # The target's limit of 4 connections held across both processes: never more
@@ -219,3 +223,12 @@ def test_jobs_whose_queue_messages_were_lost_are_found_by_a_starting_worker(
         lambda: {j["state"] for j in site.jobs()} == {"done"}, what="all jobs done"
     )
     assert len(list(out.rglob("*.dcm"))) == 6
+
+
+def test_health_reports_an_unreachable_redis(courier_site):
+    site = courier_site(redis_url=f"redis://127.0.0.1:{free_port()}/0").migrate()
+    ok, report = site.python(
+        "import json; from dispatch import services; print(json.dumps(services.health()))"
+    )
+    assert not ok
+    assert report["database"] == "ok" and report["queue"].startswith("error")
