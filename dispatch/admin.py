@@ -217,4 +217,5 @@ class JobAdmin(admin.ModelAdmin):
         services.resume_targets(targets)
         self.message_user(request, f"Resumed {names}.", messages.SUCCESS)
 
+
 from . import routing_admin  # noqa: E402, F401
