@@ -25,7 +25,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import connection, connections, transaction
 from django.db.models import Count, F, Min, Q, Sum
 from django.utils import timezone
 
@@ -478,6 +478,9 @@ def _send(
         except BaseException as exc:  # handed to the worker thread below
             failure.append(exc)
         finally:
+            # Should a handler have touched the database, its connection belongs
+            # to this thread: close it rather than leak one per job.
+            connections.close_all()
             outcomes.put(None)
 
     if job.lease_expires_at and timezone.now() > job.lease_expires_at - _lease() * (
