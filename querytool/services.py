@@ -81,7 +81,7 @@ def search(
     """Search one source; audit it (also when it fails). Raise `SourceError`."""
     limit = limit or settings.COURIER_QUERY_LIMIT
     try:
-        found = source_for(source).find_studies(criteria, limit)
+        found = source.handler.query(criteria, limit)
     except SourceError as exc:
         audit(
             user,
@@ -108,7 +108,7 @@ def search(
 
 def list_series(source: Target, study_uid: str, user) -> list[Series]:
     try:
-        series = source_for(source).find_series(study_uid)
+        series = source.handler.query_series(study_uid)
     except SourceError as exc:
         audit(
             user,
@@ -330,7 +330,7 @@ def run_retrieval(job_id: int, progress_hook: Callable | None = None) -> Retriev
         if dest is not None:
             dest.mkdir(parents=True, exist_ok=True)
         request = RetrieveRequest(job.study_uid, list(job.series_uids), job.move_aet)
-        result = source_for(job.source).retrieve(request, dest, _Progress(job_id))
+        result = job.source.handler.retrieve(request, dest, _Progress(job_id))
         if result.failed:
             state = RetrievalState.PARTIAL
             message = result.message or f"{result.failed} instance(s) failed."

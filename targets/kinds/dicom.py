@@ -59,6 +59,7 @@ from .dicom_link import (
     propose,
     status_of,
 )
+from .querying import Queryable
 
 if TYPE_CHECKING:
     from targets.series import Instance, Series
@@ -126,7 +127,7 @@ def link_errors() -> Iterator[None]:
         raise TargetError(str(exc.strerror or exc)) from exc
 
 
-class DicomHandler(Handler):
+class DicomHandler(Queryable, Handler):
     # How many times one send replaces a stalled or broken association by a new one
     # before giving up (PEERS.md: Orthanc 1.10 sometimes never answers a C-STORE).
     MAX_RESUMES = 3

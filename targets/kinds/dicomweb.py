@@ -43,6 +43,7 @@ from .base import (
     TestResult,
     instance_outcome,
 )
+from .querying import Queryable
 
 if TYPE_CHECKING:
     from dicomweb_client import DICOMfileClient, DICOMwebClient
@@ -173,7 +174,7 @@ def _http_reason(resp: requests.Response) -> str:
     return f"HTTP {resp.status_code} {resp.reason or ''}".strip()
 
 
-class DicomWebHandler(Handler):
+class DicomWebHandler(Queryable, Handler):
     # -- configuration shared with the query tool ----------------------------------
     @property
     def is_folder(self) -> bool:
