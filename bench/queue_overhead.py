@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -176,6 +177,7 @@ def main() -> None:
     finally:
         redis.stop()
         pg.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
     ref = results[next(iter(results))]
     print(f"\n{args.jobs} one-instance jobs, worker threads: {args.workers}")
