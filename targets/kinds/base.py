@@ -186,3 +186,42 @@ def instance_outcome(instance: Instance, status: str, message: str = "") -> Outc
         bytes=instance.size if status in (SENT, WARNING) else 0,
         sop_instance_uid=instance.sop_instance_uid,
     )
+
+
+def recorder(
+    result: SendResult, progress: ProgressCallback | None
+) -> Callable[[Outcome], None]:
+    """Return `report(outcome)`: add the outcome to `result`, then tell `progress`."""
+
+    def report(outcome: Outcome) -> None:
+        result.outcomes.append(outcome)
+        if progress:
+            progress(outcome)
+
+    return report
+
+
+def group_by_layout(
+    series: Series, target: Target, report: Callable[[Outcome], None]
+) -> dict[str, list[Instance]]:
+    """Group the instances the target's exclusion globs keep by their folder.
+
+    The folder is the target's layout rendered from the instance's tags ("" for the
+    target's root), in order of first appearance; an instance whose layout cannot be
+    rendered is reported FAILED through `report` and left out.
+    """
+    # Imported here so that importing the handler contract stays light.
+    from targets.models import DEFAULT_LAYOUT
+    from targets.series import LayoutError, render_layout
+    from targets.validators import split_globs
+
+    layout = target.layout or DEFAULT_LAYOUT
+    groups: dict[str, list[Instance]] = {}
+    for inst in series.excluding(split_globs(target.exclude)).instances:
+        try:
+            rel = render_layout(layout, inst.tags)
+        except LayoutError as exc:
+            report(instance_outcome(inst, FAILED, str(exc)))
+            continue
+        groups.setdefault(rel, []).append(inst)
+    return groups

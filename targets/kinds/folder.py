@@ -23,19 +23,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from targets.models import DEFAULT_LAYOUT
 from targets.series import (
     HEADER_TAGS,
     Instance,
-    LayoutError,
     Series,
-    render_layout,
     safe_path_part,
 )
-from targets.validators import split_globs
 
 from .base import (
-    FAILED,
     PRESENT,
     SENT,
     Handler,
@@ -45,7 +40,9 @@ from .base import (
     SendResult,
     TargetError,
     TestResult,
+    group_by_layout,
     instance_outcome,
+    recorder,
 )
 
 log = logging.getLogger(__name__)
@@ -191,27 +188,11 @@ class FolderHandler(Handler):
         context: SendContext | None = None,
     ) -> SendResult:
         result = SendResult()
-
-        def report(outcome: Outcome) -> None:
-            result.outcomes.append(outcome)
-            if progress:
-                progress(outcome)
-
+        report = recorder(result, progress)
         self._check_root()
-        series = series.excluding(split_globs(self.target.exclude))
-        layout = self.target.layout or DEFAULT_LAYOUT
-
         # A source folder may hold more than one series (a study): group by the
         # folder each instance belongs in.
-        groups: dict[str, list[Instance]] = {}
-        for inst in series.instances:
-            try:
-                rel = render_layout(layout, inst.tags)
-            except LayoutError as exc:
-                report(instance_outcome(inst, FAILED, str(exc)))
-                continue
-            groups.setdefault(rel, []).append(inst)
-
+        groups = group_by_layout(series, self.target, report)
         for rel, instances in groups.items():
             self._send_group(self.root / rel if rel else self.root, instances, report)
         return result

@@ -23,22 +23,21 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from targets.models import DEFAULT_LAYOUT
-from targets.series import Instance, LayoutError, Series, render_layout
-from targets.validators import split_globs
+from targets.series import Instance, Series
 
 from .base import (
     FAILED,
     PRESENT,
     SENT,
     Handler,
-    Outcome,
     ProgressCallback,
     SendContext,
     SendResult,
     TargetError,
     TestResult,
+    group_by_layout,
     instance_outcome,
+    recorder,
 )
 from .folder import instance_file_name
 from .ssh import (
@@ -81,34 +80,22 @@ class RsyncHandler(Handler):
         context: SendContext | None = None,
     ) -> SendResult:
         result = SendResult()
-
-        def report(outcome: Outcome) -> None:
-            result.outcomes.append(outcome)
-            if progress:
-                progress(outcome)
-
-        series = series.excluding(split_globs(self.target.exclude))
-        layout = self.target.layout or DEFAULT_LAYOUT
+        report = recorder(result, progress)
+        groups = group_by_layout(series, self.target, report)
+        folders = list(groups)
         staged: dict[str, Instance] = {}
-        folders: list[str] = []
         duplicates: list[Instance] = []
-        for inst in series.instances:
-            try:
-                rel = render_layout(layout, inst.tags)
-            except LayoutError as exc:
-                report(instance_outcome(inst, FAILED, str(exc)))
-                continue
-            path = (
-                posixpath.join(rel, instance_file_name(inst))
-                if rel
-                else instance_file_name(inst)
-            )
-            if path in staged:
-                duplicates.append(inst)
-                continue
-            staged[path] = inst
-            if rel not in folders:
-                folders.append(rel)
+        for rel, instances in groups.items():
+            for inst in instances:
+                path = (
+                    posixpath.join(rel, instance_file_name(inst))
+                    if rel
+                    else instance_file_name(inst)
+                )
+                if path in staged:
+                    duplicates.append(inst)
+                else:
+                    staged[path] = inst
         if not staged:
             return result
 

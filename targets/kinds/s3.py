@@ -32,9 +32,7 @@ from botocore.exceptions import (
 )
 from botocore.utils import determine_content_length
 
-from targets.models import DEFAULT_LAYOUT
-from targets.series import Instance, LayoutError, Series, render_layout
-from targets.validators import split_globs
+from targets.series import Instance, Series
 
 from .base import (
     FAILED,
@@ -47,7 +45,9 @@ from .base import (
     SendResult,
     TargetError,
     TestResult,
+    group_by_layout,
     instance_outcome,
+    recorder,
 )
 from .folder import instance_file_name
 
@@ -158,22 +158,8 @@ class S3Handler(Handler):
         context: SendContext | None = None,
     ) -> SendResult:
         result = SendResult()
-
-        def report(outcome: Outcome) -> None:
-            result.outcomes.append(outcome)
-            if progress:
-                progress(outcome)
-
-        series = series.excluding(split_globs(self.target.exclude))
-        layout = self.target.layout or DEFAULT_LAYOUT
-        groups: dict[str, list[Instance]] = {}
-        for inst in series.instances:
-            try:
-                rel = render_layout(layout, inst.tags)
-            except LayoutError as exc:
-                report(instance_outcome(inst, FAILED, str(exc)))
-                continue
-            groups.setdefault(rel, []).append(inst)
+        report = recorder(result, progress)
+        groups = group_by_layout(series, self.target, report)
         if not groups:
             return result
 

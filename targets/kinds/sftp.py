@@ -21,9 +21,7 @@ from io import BytesIO
 
 import paramiko
 
-from targets.models import DEFAULT_LAYOUT
-from targets.series import Instance, LayoutError, Series, render_layout
-from targets.validators import split_globs
+from targets.series import Instance, Series
 
 from .base import (
     FAILED,
@@ -36,7 +34,9 @@ from .base import (
     SendResult,
     TargetError,
     TestResult,
+    group_by_layout,
     instance_outcome,
+    recorder,
 )
 from .folder import COMPLETE_MARKER, instance_file_name
 from .ssh import SshSession, login_checks
@@ -73,22 +73,8 @@ class SftpHandler(Handler):
         context: SendContext | None = None,
     ) -> SendResult:
         result = SendResult()
-
-        def report(outcome: Outcome) -> None:
-            result.outcomes.append(outcome)
-            if progress:
-                progress(outcome)
-
-        series = series.excluding(split_globs(self.target.exclude))
-        layout = self.target.layout or DEFAULT_LAYOUT
-        groups: dict[str, list[Instance]] = {}
-        for inst in series.instances:
-            try:
-                rel = render_layout(layout, inst.tags)
-            except LayoutError as exc:
-                report(instance_outcome(inst, FAILED, str(exc)))
-                continue
-            groups.setdefault(rel, []).append(inst)
+        report = recorder(result, progress)
+        groups = group_by_layout(series, self.target, report)
         if not groups:
             return result
 
