@@ -19,10 +19,12 @@ import shutil
 import socket
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import quote
 
 from django.conf import settings
 from django.db import connection, connections, transaction
@@ -40,6 +42,7 @@ from targets.kinds.base import (
 )
 from targets.models import Target
 from targets.series import Series, scan_folder
+from targets.services import redact, secret_values
 from targets.validators import split_globs
 
 from .models import (
@@ -142,16 +145,24 @@ def _wait_reason(target: Target) -> str:
     return ""
 
 
-SECRET_FIELDS = ("password", "token", "secret_key", "key_passphrase", "private_key")
-
-
 def scrub(message: str, target: Target) -> str:
-    """Blank out the target's secrets should a message ever carry one."""
-    for name in SECRET_FIELDS:
-        value = str(getattr(target, name, "") or "")
-        if len(value) >= 4 and value in message:
-            message = message.replace(value, "********")
-    return message
+    """Blank out the target's secrets should a message ever carry one.
+
+    Also their URL-quoted form: a library error may quote the URL it was given.
+    """
+    secrets = secret_values(target)
+    quoted = [quote(s, safe="") for s in secrets]
+    return redact(message, secrets + [q for q in quoted if q not in secrets])
+
+
+def crash_site(exc: BaseException) -> str:
+    """Where an exception was raised (innermost frames first), for the log.
+
+    Logged instead of the traceback, whose text (an argument, a URL) could hold a
+    secret.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    return " < ".join(f"{f.filename}:{f.lineno}" for f in reversed(frames[-5:]))
 
 
 def _scan(folder: str | Path, target: Target) -> Series:
@@ -399,7 +410,11 @@ def run_job(
     except _SendAborted:
         aborted = True
     except Exception as exc:  # a bug or an unexpected library error: retry it
-        log.exception("dispatch unexpected error %s", _kv(job=job.pk))
+        # Type and place only: the exception's text may carry a secret.
+        log.error(
+            "dispatch unexpected error %s",
+            _kv(job=job.pk, error=type(exc).__name__, at=crash_site(exc)),
+        )
         error = TargetError(
             scrub(f"unexpected error: {type(exc).__name__}: {exc}", target)
         )

@@ -20,6 +20,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
+from dispatch.services import crash_site, scrub
 from targets.models import Direction, Target
 from targets.series import safe_path_part
 
@@ -64,6 +65,14 @@ def store_destinations():
     )
 
 
+def _redact(message: str, *targets: Target | None) -> str:
+    """Blank out the secrets of the targets involved should a message carry one."""
+    for target in targets:
+        if target is not None:
+            message = scrub(message, target)
+    return message
+
+
 def audit(user, action: str, source: Target | None, **fields) -> AuditEntry:
     return AuditEntry.objects.create(
         user=user if getattr(user, "pk", None) else None,
@@ -83,6 +92,7 @@ def search(
     try:
         found = source.handler.query(criteria, limit)
     except SourceError as exc:
+        exc.message = _redact(exc.message, source)
         audit(
             user,
             AuditAction.SEARCH,
@@ -110,6 +120,7 @@ def list_series(source: Target, study_uid: str, user) -> list[Series]:
     try:
         series = source.handler.query_series(study_uid)
     except SourceError as exc:
+        exc.message = _redact(exc.message, source)
         audit(
             user,
             AuditAction.SERIES,
@@ -346,11 +357,18 @@ def run_retrieval(job_id: int, progress_hook: Callable | None = None) -> Retriev
     except SourceError as exc:
         state, message = RetrievalState.FAILED, exc.message
     except Exception as exc:  # the page must show something, never a stuck "running"
-        log.exception("retrieval %s crashed", job_id)
+        # Type and place only: the exception's text may carry a secret.
+        log.error(
+            "retrieval crashed job=%s error=%s at=%s",
+            job_id,
+            type(exc).__name__,
+            crash_site(exc),
+        )
         state, message = (
             RetrievalState.FAILED,
             f"Internal error: {type(exc).__name__}: {exc}",
         )
+    message = _redact(message, job.source, job.destination)
     fields = {"state": state, "message": message.strip(), "finished_at": timezone.now()}
     if result is not None:
         fields.update(done=result.completed + result.warnings, failed=result.failed)

@@ -356,3 +356,42 @@ def test_a_secret_in_an_error_message_is_blanked_out(tmp_path, immediate_huey):
     assert "does not exist" in job.last_error
     assert secret not in job.last_error
     assert secret not in job.attempts.get().error
+
+
+def test_a_secret_in_an_unexpected_exception_reaches_no_error_and_no_log(
+    tmp_path, immediate_huey, caplog, monkeypatch
+):
+    from urllib.parse import quote
+
+    from targets.kinds.folder import FolderHandler
+
+    secret = "p@ss/w0rd-42"
+
+    def send(self, series, progress=None, context=None):
+        # A library error echoing the URL it was given, raw and quoted.
+        raise RuntimeError(
+            f"cannot open sftp://u:{secret}@host (u:{quote(secret, safe='')})"
+        )
+
+    monkeypatch.setattr(FolderHandler, "send", send)
+    series = make_series(tmp_path / "in", 1)
+    target = folder_target(tmp_path / "out", password=secret, retry_max_attempts=1)
+    with caplog.at_level("DEBUG"):
+        (job,) = services.create_jobs(series.folder, [target], owned_spool=False)
+    job.refresh_from_db()
+    attempt = job.attempts.get()
+    assert job.state == State.FAILED
+    assert job.last_error == (
+        "gave up after 1 attempts: unexpected error: RuntimeError: "
+        "cannot open sftp://u:********@host (u:********)"
+    )
+    assert attempt.error == (
+        "unexpected error: RuntimeError: cannot open sftp://u:********@host "
+        "(u:********)"
+    )
+    crash = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(crash) == 1 and crash[0].exc_info is None
+    assert "error=RuntimeError" in crash[0].getMessage()
+    assert "test_services.py:" in crash[0].getMessage()  # where it was raised
+    for text in (caplog.text, job.last_error, attempt.error):
+        assert "w0rd-42" not in text
