@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from io import StringIO
 
 import pytest
@@ -66,17 +67,11 @@ def test_a_jobs_page_lists_attempts_and_instances_not_sent(admin_client, failed_
     assert "pending" in body
 
 
-def test_retry_now_sends_a_failed_job(admin_client, failed_job, tmp_path):
-    from huey.contrib.djhuey import HUEY
-
-    HUEY.immediate = True
-    try:
-        admin_client.post(
-            reverse("admin:dispatch_job_changelist"),
-            {"action": "retry_now_action", "_selected_action": [failed_job.pk]},
-        )
-    finally:
-        HUEY.immediate = False
+def test_retry_now_sends_a_failed_job(admin_client, failed_job, immediate_huey):
+    admin_client.post(
+        reverse("admin:dispatch_job_changelist"),
+        {"action": "retry_now_action", "_selected_action": [failed_job.pk]},
+    )
     failed_job.refresh_from_db()
     assert failed_job.state == State.DONE
 
@@ -107,13 +102,18 @@ def test_dispatch_status_prints_the_summary(failed_job):
     assert json.loads(out.getvalue())["failed_24h"] == 1
 
 
-def test_health_answers_200_with_the_age_of_the_oldest_job(client, target):
-    Job.objects.create(target=target, folder="/x", source="queue")
+def test_health_answers_200_with_the_age_of_the_oldest_job(client, target, monkeypatch):
+    now = timezone.now()
+    old = Job.objects.create(target=target, folder="/x", source="queue")
+    Job.objects.create(target=target, folder="/y", source="queue")
+    Job.objects.filter(pk=old.pk).update(created_at=now - timedelta(seconds=90.5))
+    monkeypatch.setattr(timezone, "now", lambda: now)
     response = client.get("/health/")
     assert response.status_code == 200
     data = response.json()
     assert data["database"] == "ok" and data["queue"] == "ok" and data["ok"]
-    assert data["oldest_queued_age_s"] >= 0
+    assert data["oldest_queued_age_s"] == 90.5
+    assert (data["queued"], data["sending"]) == (2, 0)
 
 
 def test_health_answers_503_when_the_queue_is_unreachable(client, monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -319,12 +321,32 @@ def test_each_attempt_logs_one_parsable_line_without_secrets(
     series = make_series(tmp_path / "in", 2)
     target = folder_target(tmp_path / "out", password="hunter2-secret")
     with caplog.at_level("INFO", logger="courier.dispatch"):
-        services.create_jobs(series.folder, [target], owned_spool=False)
+        began = time.monotonic()
+        (job,) = services.create_jobs(series.folder, [target], owned_spool=False)
+        elapsed = time.monotonic() - began
     lines = [r.getMessage() for r in caplog.records if "dispatch attempt" in r.message]
     assert len(lines) == 1
     fields = dict(p.split("=", 1) for p in shlex.split(lines[0])[2:])
-    assert fields["target"] == target.name and fields["outcome"] == "done"
-    assert fields["sent"] == "2" and float(fields["duration"]) >= 0
+    duration = fields.pop("duration")
+    assert fields == {
+        "job": str(job.pk),
+        "attempt": "1",
+        "target": target.name,
+        "kind": "folder",
+        "series": job.series_label,
+        "outcome": "done",
+        "state": "done",
+        "sent": "2",
+        "present": "0",
+        "warnings": "0",
+        "failed": "0",
+        "bytes": str(series.total_bytes),
+        "worker": job.attempts.get().worker,
+        "error": "",
+    }
+    # Seconds with two decimals, and no more than the call took.
+    assert re.fullmatch(r"\d+\.\d\d", duration)
+    assert float(duration) <= elapsed + 0.01
     assert "hunter2" not in caplog.text
 
 
