@@ -40,6 +40,7 @@ class Source(models.TextChoices):
     QUEUE = "queue", "send_series --queue"
     ROUTE = "route", "routing"
     ADMIN = "admin", "admin"
+    QUERY = "query", "query tool"
 
 
 class Job(models.Model):

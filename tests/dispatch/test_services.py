@@ -417,3 +417,13 @@ def test_a_secret_in_an_unexpected_exception_reaches_no_error_and_no_log(
     assert "test_services.py:" in crash[0].getMessage()  # where it was raised
     for text in (caplog.text, job.last_error, attempt.error):
         assert "w0rd-42" not in text
+
+
+def test_a_job_queued_by_the_query_tool_says_so(tmp_path):
+    series = make_series(tmp_path / "in", 1)
+    target = folder_target(tmp_path / "out")
+    (job,) = services.create_jobs(
+        series.folder, [target], owned_spool=False, source="query", enqueue_now=False
+    )
+    job.full_clean()  # "query" is one of the choices
+    assert job.get_source_display() == "query tool"
