@@ -94,7 +94,7 @@ class TargetAdmin(admin.ModelAdmin):
         "endpoint_url",
         "called_aet",
     )
-    actions = ["test_selected", "trust_host_key"]
+    actions = ["test_selected", "trust_host_key", "pause_dispatch", "resume_dispatch"]
     readonly_fields = ("kind_display", "last_test_display")
 
     # -- overview -----------------------------------------------------------------------
@@ -357,6 +357,32 @@ class TargetAdmin(admin.ModelAdmin):
             request,
             f"Tested {passed + failed}: {passed} passed, {failed} failed.",
             level,
+        )
+
+    @admin.action(
+        description="Pause dispatch to selected targets", permissions=["change"]
+    )
+    def pause_dispatch(self, request: HttpRequest, queryset) -> None:
+        from dispatch.services import pause_targets
+
+        n = pause_targets(queryset)
+        self.message_user(
+            request,
+            f"Paused dispatch to {n} target(s): their jobs wait until resumed.",
+            messages.SUCCESS,
+        )
+
+    @admin.action(
+        description="Resume dispatch to selected targets", permissions=["change"]
+    )
+    def resume_dispatch(self, request: HttpRequest, queryset) -> None:
+        from dispatch.services import resume_targets
+
+        n = resume_targets(queryset)
+        self.message_user(
+            request,
+            f"Resumed dispatch to {n} target(s): their waiting jobs are queued.",
+            messages.SUCCESS,
         )
 
 

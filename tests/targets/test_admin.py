@@ -585,3 +585,53 @@ def test_the_command_names_an_unknown_target(folder_target):
 def test_users_need_a_login_for_the_chooser(client):
     assert client.get(ADD).status_code == 302
     assert User.objects.count() == 0
+
+
+def test_dispatch_to_selected_targets_can_be_paused_and_resumed(
+    admin_client, folder_target, dicom_target
+):
+    from dispatch.models import Job, State
+
+    job = Job.objects.create(
+        target=folder_target, folder="/x", source="admin", state=State.PAUSED
+    )
+    selected = [folder_target.pk, dicom_target.pk]
+
+    response = admin_client.post(
+        CHANGELIST,
+        {"action": "pause_dispatch", "_selected_action": selected},
+        follow=True,
+    )
+    assert "Paused dispatch to 2 target(s)" in response.content.decode()
+    assert set(Target.objects.values_list("paused", flat=True)) == {True}
+
+    response = admin_client.post(
+        CHANGELIST,
+        {"action": "resume_dispatch", "_selected_action": [folder_target.pk]},
+        follow=True,
+    )
+    assert "Resumed dispatch to 1 target(s)" in response.content.decode()
+    assert Target.objects.get(pk=folder_target.pk).paused is False
+    assert Target.objects.get(pk=dicom_target.pk).paused is True
+    job.refresh_from_db()
+    assert job.state == State.QUEUED  # its waiting job goes out again
+
+
+def test_the_pause_and_resume_actions_are_offered(admin_client, folder_target):
+    body = admin_client.get(CHANGELIST).content.decode()
+    assert "Pause dispatch to selected targets" in body
+    assert "Resume dispatch to selected targets" in body
+
+
+def test_the_admin_header_links_staff_to_the_query_page(admin_client):
+    body = admin_client.get(reverse("admin:index")).content.decode()
+    query = reverse("querytool:query")
+    assert re.search(rf'<div id="user-tools">.*<a href="{query}">Query</a>', body, re.S)
+    # Django's own header is still there.
+    assert "Change password" in body and 'id="logout-form"' in body
+    assert "<title>Site administration" in body
+
+
+def test_the_login_page_has_no_query_link(client):
+    body = client.get(reverse("admin:login")).content.decode()
+    assert reverse("querytool:query") not in body
