@@ -153,8 +153,9 @@ LOGIN_URL = "admin:login"
 COURIER_AE_TITLE = env.str("COURIER_AE_TITLE", default="COURIER")
 # Where received and queued series wait until every job for them is done.
 COURIER_SPOOL_DIR = Path(env.str("COURIER_SPOOL_DIR", default=str(DATA_DIR / "spool")))
-# DIMSE timeout default: short, so a peer that stops answering frees the worker soon.
-COURIER_DIMSE_TIMEOUT = env.float("COURIER_DIMSE_TIMEOUT", default=30.0)
+# New targets' DIMSE timeout: short, so a peer that stops answering (PEERS.md: Orthanc
+# sometimes never answers a C-STORE) frees the worker soon; each target can change it.
+COURIER_DIMSE_TIMEOUT = env.float("COURIER_DIMSE_TIMEOUT", default=10.0)
 # Dispatch: a worker's claim on a job lasts this long unless renewed (it renews every
 # third of it while sending); after a worker dies its jobs resume once it expires.
 COURIER_JOB_LEASE = env.float("COURIER_JOB_LEASE", default=120.0)

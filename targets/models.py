@@ -69,6 +69,10 @@ def _default_calling_aet() -> str:
     return settings.COURIER_AE_TITLE
 
 
+def _default_dimse_timeout() -> float:
+    return settings.COURIER_DIMSE_TIMEOUT
+
+
 class Target(models.Model):
     # -- common ----------------------------------------------------------------
     name = models.CharField(max_length=64, help_text="Unique, case-insensitive.")
@@ -119,7 +123,8 @@ class Target(models.Model):
         "association timeout (s)", default=30.0, validators=[MinValueValidator(0.1)]
     )
     dimse_timeout = models.FloatField(
-        "DIMSE timeout (s)", default=30.0, validators=[MinValueValidator(0.1)],
+        "DIMSE timeout (s)", default=_default_dimse_timeout,
+        validators=[MinValueValidator(0.1)],
         help_text="How long to wait for each response before aborting.",
     )
     max_pdu = models.PositiveIntegerField(

@@ -635,3 +635,9 @@ def test_the_admin_header_links_staff_to_the_query_page(admin_client):
 def test_the_login_page_has_no_query_link(client):
     body = client.get(reverse("admin:login")).content.decode()
     assert reverse("querytool:query") not in body
+
+
+def test_a_new_dicom_target_waits_10_s_for_a_response_unless_configured(settings):
+    assert DicomTarget(name="a", host="h", called_aet="A").dimse_timeout == 10.0
+    settings.COURIER_DIMSE_TIMEOUT = 4.0
+    assert DicomTarget(name="b", host="h", called_aet="B").dimse_timeout == 4.0
