@@ -250,3 +250,18 @@ def _wait(condition, timeout: float = 60):
             return value
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {condition}")
+
+
+def test_the_receiver_reports_refusals_and_heartbeats_for_the_admin(spool):
+    from dispatch.routing_models import ReceiverStatus
+
+    recorder = routing.DatabaseRecorder("COURIER@11112")
+    recorder.restore(spool / "incoming")
+    recorder.refused("spool disk nearly full (5 bytes free)", 2)
+    recorder.refused("spool disk nearly full (3 bytes free)", 1)
+    recorder.heartbeat({"stored": 7})
+
+    status = ReceiverStatus.objects.get(name="COURIER@11112")
+    assert status.refused_count == 3
+    assert status.last_refusal.endswith("(3 bytes free)") and status.last_refusal_at
+    assert status.info == {"stored": 7}
