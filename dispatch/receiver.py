@@ -17,6 +17,8 @@ crash in between) is adopted on the next start instead of being lost.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -568,7 +570,10 @@ class Receiver:
             return self._refuse_full(calling, peer, f"{free} bytes free")
 
         sop_uid = uids["SOPInstanceUID"]
-        series = self._series_for(uids, calling, called, peer)
+        try:
+            series = self._series_for(uids, calling, called, peer)
+        except OSError as exc:  # the series' folder or description not written
+            return self._refuse_write(calling, peer, exc)
         meta = file_meta_bytes(
             uids["SOPClassUID"] or str(event.request.AffectedSOPClassUID),
             sop_uid,
@@ -581,15 +586,7 @@ class Receiver:
         except OSError as exc:
             with self._lock:
                 series.inflight -= 1
-            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
-                return self._refuse_full(calling, peer, exc.strerror or str(exc))
-            log.error(
-                "event=instance_write_failed calling_aet=%s sop_instance=%s error=%r",
-                calling,
-                sop_uid,
-                str(exc),
-            )
-            return OUT_OF_RESOURCES
+            return self._refuse_write(calling, peer, exc)
         except BaseException:
             with self._lock:
                 series.inflight -= 1
@@ -627,10 +624,25 @@ class Receiver:
         return free
 
     def _refuse_full(self, calling: str, peer: str, detail: str) -> int:
-        reason = (
+        return self._refuse(
+            calling,
+            peer,
             f"spool disk nearly full ({detail}, keeping {self.min_free_bytes} bytes "
-            f"free): instances refused with 'out of resources'"
+            f"free): instances refused with 'out of resources'",
         )
+
+    def _refuse_write(self, calling: str, peer: str, exc: OSError) -> int:
+        """Answer 'out of resources' for a failed write, recorded like a full disk."""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return self._refuse_full(calling, peer, exc.strerror or str(exc))
+        return self._refuse(
+            calling,
+            peer,
+            f"cannot write to the spool ({exc}): instances refused with "
+            f"'out of resources'",
+        )
+
+    def _refuse(self, calling: str, peer: str, reason: str) -> int:
         self.stats["refused"] += 1
         log.error(
             "event=instance_refused status=0x%04X calling_aet=%s peer=%s reason=%r",
@@ -668,11 +680,18 @@ class Receiver:
             )
             # Made under the lock: a second association of the same series waits
             # for the folder and its description instead of racing to create them.
-            series.folder.mkdir(parents=True)
-            write_durably(
-                self.incoming / f"{name}{SIDECAR_SUFFIX}",
-                json.dumps(series.sidecar()).encode(),
-            )
+            try:
+                series.folder.mkdir(parents=True)
+                write_durably(
+                    self.incoming / f"{name}{SIDECAR_SUFFIX}",
+                    json.dumps(series.sidecar()).encode(),
+                )
+            except OSError:
+                # No empty, undescribed folder left behind; the next instance of
+                # the series tries again from scratch.
+                with contextlib.suppress(OSError):
+                    series.folder.rmdir()
+                raise
             series.inflight += 1
             self._open[key] = series
             log.info(

@@ -229,6 +229,33 @@ def test_a_nearly_full_disk_answers_out_of_resources(receiver, tmp_path, caplog)
     assert count == 2 and "out of resources" in reason
 
 
+def test_a_series_folder_that_cannot_be_made_answers_out_of_resources(
+    receiver, tmp_path, caplog
+):
+    series = make_series(tmp_path / "ct", 2)
+    rx = receiver()
+    # The spool's incoming folder replaced by a file: a new series' folder cannot
+    # be made (as on a full or read-only disk), before any instance is written.
+    rx.incoming.rmdir()
+    rx.incoming.write_bytes(b"")
+
+    with caplog.at_level(logging.ERROR, logger="courier.receiver"):
+        statuses = send_raw(rx.port, series.files)
+
+    assert statuses == [0xA700, 0xA700]
+    assert "event=instance_refused status=0xA700" in caplog.text
+    assert "cannot write to the spool" in caplog.text
+    rx.tick()
+    reason, count = rx.recorder.refusals[-1]
+    assert count == 2 and "out of resources" in reason
+    assert rx.open_series() == []
+
+    rx.incoming.unlink()
+    rx.incoming.mkdir()
+    assert send_raw(rx.port, series.files) == [0x0000, 0x0000]
+    assert len(stored_files(rx)) == 2
+
+
 @pytest.mark.parametrize("example", ["ct", "mr", "rt_plan", "rt_ss", "jpeg2k",
                                      "rgb_color", "waveform"])  # fmt: skip
 def test_the_dataset_check_accepts_real_files(example):
