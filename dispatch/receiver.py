@@ -459,6 +459,8 @@ class Receiver:
         self._server = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Counters shown in the heartbeat; changed and read under `_lock` only
+        # (associations run in parallel threads).
         self.stats = {"stored": 0, "replaced": 0, "refused": 0, "corrupt": 0}
 
     # -- lifecycle -------------------------------------------------------------------
@@ -554,7 +556,8 @@ class Receiver:
         try:
             uids = check_dataset(raw, ts)
         except CorruptDataset as exc:
-            self.stats["corrupt"] += 1
+            with self._lock:
+                self.stats["corrupt"] += 1
             log.warning(
                 "event=instance_refused status=0x%04X calling_aet=%s peer=%s "
                 "sop_instance=%s reason=%r",
@@ -643,7 +646,6 @@ class Receiver:
         )
 
     def _refuse(self, calling: str, peer: str, reason: str) -> int:
-        self.stats["refused"] += 1
         log.error(
             "event=instance_refused status=0x%04X calling_aet=%s peer=%s reason=%r",
             OUT_OF_RESOURCES,
@@ -652,6 +654,7 @@ class Receiver:
             reason,
         )
         with self._lock:
+            self.stats["refused"] += 1
             self._refusals.append(reason)
         return OUT_OF_RESOURCES
 
@@ -721,11 +724,12 @@ class Receiver:
     def info(self) -> dict:
         with self._lock:
             open_count = len(self._open)
+            stats = dict(self.stats)
         return {
             "ae_title": self.ae_title,
             "port": self.port,
             "open_series": open_count,
-            **self.stats,
+            **stats,
         }
 
     def tick(self, *, final: bool = False) -> list[OpenSeries]:
