@@ -199,6 +199,7 @@ LOGGING = {
         "paramiko": {"level": "WARNING"},
         "botocore": {"level": "WARNING"},
         "urllib3": {"level": "WARNING"},
-        "huey": {"level": "INFO"},
+        # A handler here stops run_huey from adding its own (no doubled lines).
+        "huey": {"level": "INFO", "handlers": ["console"], "propagate": False},
     },
 }
