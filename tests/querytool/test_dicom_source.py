@@ -25,9 +25,11 @@ def dicom_target(orthanc, **kw) -> DicomTarget:
         called_aet=orthanc.aet,
         calling_aet="COURIER",
         direction="query",
-        connect_timeout=3,
-        acse_timeout=5,
-        dimse_timeout=10,
+        # generous: a loaded 2-core CI machine must not turn a slow answer into a
+        # failure (tests of timeouts set their own)
+        connect_timeout=10,
+        acse_timeout=30,
+        dimse_timeout=60,
     )
     fields.update(kw)
     return DicomTarget(**fields)

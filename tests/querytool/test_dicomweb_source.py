@@ -21,7 +21,7 @@ def web_target(orthanc, **kw) -> DicomWebTarget:
         username=QR_USER,
         password=QR_PASSWORD,
         direction="query",
-        request_timeout=10,
+        request_timeout=60,
     )
     fields.update(kw)
     return DicomWebTarget(**fields)

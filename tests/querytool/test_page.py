@@ -34,8 +34,10 @@ def pacs(query_orthanc) -> DicomTarget:
         port=query_orthanc.dicom_port,
         called_aet=query_orthanc.aet,
         direction="query",
-        dimse_timeout=10,
-        connect_timeout=3,
+        # generous: a slow answer on a loaded machine is not an error here
+        dimse_timeout=60,
+        acse_timeout=30,
+        connect_timeout=10,
     )
 
 
