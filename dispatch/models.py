@@ -181,4 +181,9 @@ class JobInstance(models.Model):
         return f"{self.path} ({self.state})"
 
 
-from .routing_models import *  # noqa
+from .routing_models import (  # noqa: E402, F401
+    ReceivedSeries,
+    ReceiverStatus,
+    Rule,
+    RuleCondition,
+)

@@ -15,7 +15,6 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
-from pydicom.datadict import tag_for_keyword
 
 
 class ReceivedSeries(models.Model):
@@ -160,6 +159,10 @@ class RuleCondition(models.Model):
         if self.field == self.Field.TAG:
             if not self.keyword:
                 raise ValidationError({"keyword": "Enter the keyword of the tag."})
+            # Imported here: models load at every django.setup(), pydicom costs
+            # about a second of start-up (numpy) to processes that never use it.
+            from pydicom.datadict import tag_for_keyword
+
             if tag_for_keyword(self.keyword) is None:
                 raise ValidationError(
                     {

@@ -10,6 +10,7 @@ table with the reason, and are not read again until they change.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sqlite3
@@ -22,9 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pydicom
 from django.conf import settings
-from pydicom.datadict import tag_for_keyword
 
 INDEX_NAME = ".courier-index.sqlite3"
 
@@ -96,7 +95,9 @@ class ScanReport:
 def _text(value) -> str:
     if value is None:
         return ""
-    if isinstance(value, pydicom.multival.MultiValue):
+    from pydicom.multival import MultiValue
+
+    if isinstance(value, MultiValue):
         return "\\".join(str(v) for v in value)
     return str(value).strip()
 
@@ -133,8 +134,6 @@ _LONG_VRS = {
     b"UT",
     b"UV",
 }
-_WANTED = {int(tag_for_keyword(k)): i for i, (_, k) in enumerate(COLUMNS)}
-_LAST_TAG = max(_WANTED)
 _CHARSET_TAG = 0x00080005
 _ENCODINGS = {
     b"": "latin-1",
@@ -149,8 +148,22 @@ _U32 = struct.Struct("<I").unpack_from
 _TAG = struct.Struct("<HH").unpack_from
 
 
+@functools.cache
+def _wanted() -> tuple[dict[int, int], int]:
+    """The indexed tags (tag -> column index) and the last of them.
+
+    Looked up on first use: this module loads with the URLconf, and pydicom (numpy
+    with it) costs most of a second to processes that never index a folder.
+    """
+    from pydicom.datadict import tag_for_keyword
+
+    wanted = {int(tag_for_keyword(k)): i for i, (_, k) in enumerate(COLUMNS)}
+    return wanted, max(wanted)
+
+
 def fast_header(path: str) -> tuple | None:
     """Parse the indexed tags of a plain Part-10 file; None when pydicom must."""
+    wanted, last_tag = _wanted()
     with open(path, "rb") as f:
         data = f.read(_HEAD_BYTES)
     end = len(data)
@@ -181,7 +194,7 @@ def fast_header(path: str) -> tuple | None:
             return None
         group, elem = _TAG(data, pos)
         tag = group << 16 | elem
-        if tag > _LAST_TAG:
+        if tag > last_tag:
             break
         if implicit:
             length, pos = _U32(data, pos + 4)[0], pos + 8
@@ -196,11 +209,11 @@ def fast_header(path: str) -> tuple | None:
             if charset not in _ENCODINGS:
                 return None
             encoding = _ENCODINGS[charset]
-        elif tag in _WANTED:
+        elif tag in wanted:
             raw[tag] = data[pos : pos + length]
         pos += length
     values: list = [None] * len(COLUMNS)
-    for tag, i in _WANTED.items():
+    for tag, i in wanted.items():
         value = raw.get(tag)
         text = value.decode(encoding, "replace").strip("\0 ") if value else ""
         values[i] = _int(text) if COLUMNS[i][0] in _INT_COLUMNS else text
@@ -224,6 +237,8 @@ def read_header(path: str) -> tuple[str, tuple | str]:
 
 def pydicom_header(path: str) -> tuple | str:
     """The indexed tags read by pydicom, or the reason the file is not usable."""
+    import pydicom
+
     try:
         with warnings.catch_warnings():
             # A damaged file is reported as a problem; its warnings would only be noise.

@@ -9,9 +9,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pydicom
-from pydicom.errors import InvalidDicomError
-
 # Read once per file; enough for presentation contexts, layouts and routing.
 HEADER_TAGS = [
     "SOPClassUID",
@@ -92,6 +89,11 @@ class Series:
 
 def read_instance(path: Path) -> Instance:
     """Read the header of one DICOM file; raise `InvalidDicomError` if it is not one."""
+    # Imported here: this module loads with the admin at every django.setup(), and
+    # pydicom (numpy with it) costs most of a second to processes that read no DICOM.
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
     ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
     meta = getattr(ds, "file_meta", None)
     sop_class = str(ds.get("SOPClassUID", "") or (meta and meta.get(
@@ -121,6 +123,8 @@ def scan_folder(folder: str | Path) -> Series:
 
     Files that are not DICOM are listed in `skipped` with the reason, never fatal.
     """
+    from pydicom.errors import InvalidDicomError
+
     root = Path(folder).resolve()
     series = Series(root=root)
     paths: list[Path] = []
