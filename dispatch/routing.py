@@ -557,6 +557,21 @@ def purge_expired(now: datetime | None = None) -> int:
     return purged
 
 
+# -- the periodic safety net ------------------------------------------------------------
+
+
+def sweep() -> None:
+    """Complete series whose receiver went away, route what is complete, purge.
+
+    The grace period on top of the quiet period (at least 30 s) keeps the sweep
+    from completing a series a live receiver is still closing on its own.
+    """
+    grace = max(30.0, float(settings.COURIER_SERIES_QUIET_SECONDS))
+    complete_quiet_series(grace=grace)
+    route_pending()
+    purge_expired()
+
+
 # -- receiver bookkeeping through the database -------------------------------------------
 
 

@@ -8,7 +8,7 @@ import threading
 from huey import crontab
 from huey.contrib.djhuey import HUEY, db_periodic_task, db_task
 
-from . import services
+from . import routing_tasks, services
 
 log = logging.getLogger("courier.dispatch")
 
@@ -36,7 +36,8 @@ _swept = False
 def recover_on_startup() -> None:
     """Look for interrupted work as soon as a worker process starts.
 
-    The hook runs in every worker thread; one sweep per process is enough.
+    Jobs a killed worker left sending, and received series it left complete but
+    unrouted. The hook runs in every worker thread; once per process is enough.
     """
     global _swept
     with _started:
@@ -44,6 +45,4 @@ def recover_on_startup() -> None:
             return
         _swept = True
     startup_sweep_task()
-
-
-from . import routing_tasks  # noqa: E402, F401
+    routing_tasks.routing_startup_task()
