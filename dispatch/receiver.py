@@ -44,6 +44,7 @@ from pynetdicom import (
 from pynetdicom.sop_class import Verification
 
 from targets.dicomnet import enable_tcp_nodelay
+from targets.dicomvr import ALL_VRS, LONG_VRS
 from targets.series import safe_path_part
 
 log = logging.getLogger("courier.receiver")
@@ -67,49 +68,6 @@ TAG_STUDY_UID = 0x0020000D
 TAG_SERIES_UID = 0x0020000E
 _CAPTURED = (TAG_SOP_CLASS, TAG_SOP_INSTANCE, TAG_STUDY_UID, TAG_SERIES_UID)
 
-# Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
-_LONG_VRS = frozenset(
-    {
-        b"OB",
-        b"OD",
-        b"OF",
-        b"OL",
-        b"OV",
-        b"OW",
-        b"SQ",
-        b"SV",
-        b"UC",
-        b"UN",
-        b"UR",
-        b"UT",
-        b"UV",
-    }
-)
-_ALL_VRS = _LONG_VRS | frozenset(
-    {
-        b"AE",
-        b"AS",
-        b"AT",
-        b"CS",
-        b"DA",
-        b"DS",
-        b"DT",
-        b"FL",
-        b"FD",
-        b"IS",
-        b"LO",
-        b"LT",
-        b"PN",
-        b"SH",
-        b"SL",
-        b"SS",
-        b"ST",
-        b"TM",
-        b"UI",
-        b"UL",
-        b"US",
-    }
-)
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
@@ -157,7 +115,7 @@ class _Walker:
         # The loop runs once per element (hundreds per instance): locals only.
         buf, last, implicit = self.buf, -1, self.implicit
         header, u32 = self.header.unpack_from, self.u32.unpack_from
-        long_vrs, all_vrs = _LONG_VRS, _ALL_VRS
+        long_vrs, all_vrs = LONG_VRS, ALL_VRS
         captured = self.captured if top else None
         while pos < end:
             if pos + 8 > end:
@@ -265,7 +223,7 @@ def check_dataset(raw: bytes, transfer_syntax: str) -> dict[str, str]:
 
 def _element(group_elem: int, vr: bytes, value: bytes) -> bytes:
     tag = struct.pack("<HH", group_elem >> 16, group_elem & 0xFFFF)
-    if vr in _LONG_VRS:
+    if vr in LONG_VRS:
         return tag + vr + b"\x00\x00" + struct.pack("<L", len(value)) + value
     return tag + vr + struct.pack("<H", len(value)) + value
 

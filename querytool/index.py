@@ -25,6 +25,8 @@ from pathlib import Path
 
 from django.conf import settings
 
+from targets.dicomvr import LONG_VRS
+
 INDEX_NAME = ".courier-index.sqlite3"
 
 # (column, DICOM keyword) of every indexed tag.
@@ -117,23 +119,10 @@ def _int(value) -> int | None:
 # DICOMfileClient's. Anything unusual (big endian, deflate, an undefined-length
 # sequence before the last indexed tag, a character set other than the default,
 # Latin-1 or UTF-8, a header longer than the first read) goes to pydicom instead.
+# The receiver's check (dispatch/receiver.py) is a different walk on purpose: strict,
+# to the end of every dataset, refusing what is odd; they share the VR table only.
 
 _HEAD_BYTES = 64 * 1024
-_LONG_VRS = {
-    b"OB",
-    b"OD",
-    b"OF",
-    b"OL",
-    b"OV",
-    b"OW",
-    b"SQ",
-    b"SV",
-    b"UC",
-    b"UN",
-    b"UR",
-    b"UT",
-    b"UV",
-}
 _CHARSET_TAG = 0x00080005
 _ENCODINGS = {
     b"": "latin-1",
@@ -175,7 +164,7 @@ def fast_header(path: str) -> tuple | None:
         group, elem = _TAG(data, pos)
         if group != 2:
             break
-        if data[pos + 4 : pos + 6] in _LONG_VRS:
+        if data[pos + 4 : pos + 6] in LONG_VRS:
             length, pos = _U32(data, pos + 8)[0], pos + 12
         else:
             length, pos = _U16(data, pos + 6)[0], pos + 8
@@ -198,7 +187,7 @@ def fast_header(path: str) -> tuple | None:
             break
         if implicit:
             length, pos = _U32(data, pos + 4)[0], pos + 8
-        elif data[pos + 4 : pos + 6] in _LONG_VRS:
+        elif data[pos + 4 : pos + 6] in LONG_VRS:
             length, pos = _U32(data, pos + 8)[0], pos + 12
         else:
             length, pos = _U16(data, pos + 6)[0], pos + 8
