@@ -117,7 +117,10 @@ if REDIS_URL:
         "name": env.str("HUEY_NAME", default="courier"),
         "url": REDIS_URL,
         "immediate": HUEY_IMMEDIATE,
-        "consumer": {"workers": env.int("COURIER_WORKERS", default=4), "worker_type": "thread"},
+        "consumer": {
+            "workers": env.int("COURIER_WORKERS", default=4),
+            "worker_type": "thread",
+        },
     }
 else:
     HUEY = {
@@ -125,7 +128,10 @@ else:
         "name": "courier",
         "filename": str(DATA_DIR / "huey.sqlite3"),
         "immediate": HUEY_IMMEDIATE,
-        "consumer": {"workers": env.int("COURIER_WORKERS", default=4), "worker_type": "thread"},
+        "consumer": {
+            "workers": env.int("COURIER_WORKERS", default=4),
+            "worker_type": "thread",
+        },
     }
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -190,7 +196,9 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {
         # key=value lines a log collector can parse
-        "plain": {"format": "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"},
+        "plain": {
+            "format": "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
+        },
     },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},

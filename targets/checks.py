@@ -27,8 +27,14 @@ def check_encryption_key(app_configs, **kwargs):
         ).iterator():
             pass
     except SecretKeyMismatch as exc:
-        errors.append(Error(str(exc), hint="Set COURIER_ENCRYPTION_KEY to the key "
-                            "used when the secrets were saved.", id="courier.E001"))
+        errors.append(
+            Error(
+                str(exc),
+                hint="Set COURIER_ENCRYPTION_KEY to the key "
+                "used when the secrets were saved.",
+                id="courier.E001",
+            )
+        )
     except DatabaseError:
         pass
     return errors

@@ -78,7 +78,9 @@ class Target(models.Model):
     name = models.CharField(max_length=64, help_text="Unique, case-insensitive.")
     kind = models.CharField(max_length=16, choices=Kind.choices)
     direction = models.CharField(
-        max_length=8, choices=Direction.choices, default=Direction.STORE,
+        max_length=8,
+        choices=Direction.choices,
+        default=Direction.STORE,
         help_text="Store: a routing target. Query: a query-tool source only. Both.",
     )
     enabled = models.BooleanField(default=True)
@@ -87,7 +89,9 @@ class Target(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
-    last_test_at = models.DateTimeField("last tested", null=True, blank=True, editable=False)
+    last_test_at = models.DateTimeField(
+        "last tested", null=True, blank=True, editable=False
+    )
     last_test_ok = models.BooleanField("last test passed", null=True, editable=False)
     last_test_message = models.TextField(blank=True, editable=False)
     last_test_result = models.JSONField(null=True, blank=True, editable=False)
@@ -95,7 +99,9 @@ class Target(models.Model):
     # -- network (DICOM, DICOM+TLS, SFTP, rsync) -----------------------------------
     host = models.CharField(max_length=255, blank=True, validators=[validate_host])
     port = models.PositiveIntegerField(
-        null=True, blank=True, validators=[MinValueValidator(1), MaxValueValidator(65535)]
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1), MaxValueValidator(65535)],
     )
     connect_timeout = models.FloatField(
         "connection timeout (s)", default=10.0, validators=[MinValueValidator(0.1)]
@@ -103,58 +109,80 @@ class Target(models.Model):
 
     # -- DICOM -----------------------------------------------------------------
     called_aet = models.CharField(
-        "Target AET", max_length=16, blank=True, validators=[validate_ae_title],
+        "Target AET",
+        max_length=16,
+        blank=True,
+        validators=[validate_ae_title],
         help_text="The AE title of the receiver (called AE title).",
     )
     calling_aet = models.CharField(
-        "Source AET", max_length=16, blank=True, default=_default_calling_aet,
+        "Source AET",
+        max_length=16,
+        blank=True,
+        default=_default_calling_aet,
         validators=[validate_ae_title],
         help_text="Courier's AE title towards this target (calling AE title).",
     )
     pass_calling_aet = models.BooleanField(
-        "pass incoming Source AET", default=False,
+        "pass incoming Source AET",
+        default=False,
         help_text="Send with the calling AE title the series arrived with.",
     )
     pass_called_aet = models.BooleanField(
-        "pass incoming Target AET", default=False,
+        "pass incoming Target AET",
+        default=False,
         help_text="Send with the called AE title the series arrived with.",
     )
     acse_timeout = models.FloatField(
         "association timeout (s)", default=30.0, validators=[MinValueValidator(0.1)]
     )
     dimse_timeout = models.FloatField(
-        "DIMSE timeout (s)", default=_default_dimse_timeout,
+        "DIMSE timeout (s)",
+        default=_default_dimse_timeout,
         validators=[MinValueValidator(0.1)],
         help_text="How long to wait for each response before aborting.",
     )
     max_pdu = models.PositiveIntegerField(
-        "max PDU (bytes)", default=131072,
+        "max PDU (bytes)",
+        default=131072,
         validators=[MinValueValidator(0), MaxValueValidator(2**32 - 1)],
         help_text="Largest PDU Courier accepts; 0 means unlimited.",
     )
 
     # -- DICOM+TLS ---------------------------------------------------------------
-    tls_client_key = models.CharField("client key", max_length=500, blank=True,
-                                      help_text="Path on the server.")
-    tls_client_cert = models.CharField("client certificate", max_length=500, blank=True,
-                                       help_text="Path on the server.")
-    tls_ca_cert = models.CharField("CA certificate", max_length=500, blank=True,
-                                   help_text="Path on the server.")
+    tls_client_key = models.CharField(
+        "client key", max_length=500, blank=True, help_text="Path on the server."
+    )
+    tls_client_cert = models.CharField(
+        "client certificate",
+        max_length=500,
+        blank=True,
+        help_text="Path on the server.",
+    )
+    tls_ca_cert = models.CharField(
+        "CA certificate", max_length=500, blank=True, help_text="Path on the server."
+    )
     tls_verify_hostname = models.BooleanField("verify server host name", default=True)
     key_passphrase = EncryptedTextField("key passphrase")
 
     # -- files (Folder, SFTP, rsync) ----------------------------------------------
     path = models.CharField("folder", max_length=1000, blank=True)
     exclude = models.CharField(
-        "exclusion filter", max_length=500, blank=True, validators=[validate_globs],
+        "exclusion filter",
+        max_length=500,
+        blank=True,
+        validators=[validate_globs],
         help_text="Comma-separated globs of files not to send, e.g. *.png, *.json",
     )
     layout = models.CharField(
-        max_length=300, blank=True, default=DEFAULT_LAYOUT,
+        max_length=300,
+        blank=True,
+        default=DEFAULT_LAYOUT,
         help_text="Folders under the path, from DICOM tags in braces.",
     )
     write_complete_marker = models.BooleanField(
-        "write .complete marker", default=False,
+        "write .complete marker",
+        default=False,
         help_text="Create a .complete file in each series folder when it is complete.",
     )
 
@@ -164,13 +192,20 @@ class Target(models.Model):
     wado_prefix = models.CharField("WADO prefix", max_length=100, blank=True)
     stow_prefix = models.CharField("STOW prefix", max_length=100, blank=True)
     auth = models.CharField(
-        "authentication", max_length=8, blank=True, default="none",
+        "authentication",
+        max_length=8,
+        blank=True,
+        default="none",
         choices=[("none", "None"), ("basic", "Basic"), ("bearer", "Bearer token")],
     )
     token = EncryptedTextField("bearer token")
     verify_tls = models.BooleanField("verify TLS certificates", default=True)
-    ca_bundle = models.CharField("CA bundle", max_length=500, blank=True,
-                                 help_text="Path on the server; empty uses the system's.")
+    ca_bundle = models.CharField(
+        "CA bundle",
+        max_length=500,
+        blank=True,
+        help_text="Path on the server; empty uses the system's.",
+    )
     request_timeout = models.FloatField(
         "request timeout (s)", default=60.0, validators=[MinValueValidator(0.1)]
     )
@@ -178,7 +213,8 @@ class Target(models.Model):
         "instances per STOW request", default=50, validators=[MinValueValidator(1)]
     )
     stow_max_bytes = models.PositiveBigIntegerField(
-        "max STOW request size (bytes)", default=100 * 1024 * 1024,
+        "max STOW request size (bytes)",
+        default=100 * 1024 * 1024,
         validators=[MinValueValidator(1024)],
     )
 
@@ -188,18 +224,25 @@ class Target(models.Model):
 
     # -- SSH (SFTP, rsync) -----------------------------------------------------------
     host_key = models.CharField(
-        "pinned host key", max_length=200, blank=True,
+        "pinned host key",
+        max_length=200,
+        blank=True,
         help_text="SHA256 fingerprint of the server's host key, pinned from a Test.",
     )
     host_key_type = models.CharField(max_length=40, blank=True, editable=False)
     host_key_data = models.TextField(blank=True, editable=False)
-    private_key_path = models.CharField("private key file", max_length=500, blank=True,
-                                        help_text="Path on the server.")
+    private_key_path = models.CharField(
+        "private key file", max_length=500, blank=True, help_text="Path on the server."
+    )
     private_key = EncryptedTextField("private key (pasted)")
-    run_on_complete = models.BooleanField("execute shell command after transfer",
-                                          default=False)
+    run_on_complete = models.BooleanField(
+        "execute shell command after transfer", default=False
+    )
     complete_script = models.CharField(
-        "completion script", max_length=200, blank=True, default="mercure_complete.sh",
+        "completion script",
+        max_length=200,
+        blank=True,
+        default="mercure_complete.sh",
         help_text="Run from the target folder as <script> <destination_folder> <target_name>.",
     )
 
@@ -207,10 +250,16 @@ class Target(models.Model):
     bucket = models.CharField(max_length=63, blank=True)
     region = models.CharField(max_length=40, blank=True)
     prefix = models.CharField(max_length=500, blank=True)
-    endpoint_url = models.CharField("endpoint URL", max_length=500, blank=True,
-                                    help_text="Empty for AWS; any S3-compatible endpoint otherwise.")
+    endpoint_url = models.CharField(
+        "endpoint URL",
+        max_length=500,
+        blank=True,
+        help_text="Empty for AWS; any S3-compatible endpoint otherwise.",
+    )
     addressing_style = models.CharField(
-        max_length=8, blank=True, default="auto",
+        max_length=8,
+        blank=True,
+        default="auto",
         choices=[("auto", "Auto"), ("path", "Path"), ("virtual", "Virtual host")],
     )
     access_key_id = models.CharField("access key id", max_length=128, blank=True)
@@ -221,30 +270,41 @@ class Target(models.Model):
     # -- XNAT ------------------------------------------------------------------------
     project = models.CharField("project id", max_length=100, blank=True)
     import_handler = models.CharField(
-        max_length=20, blank=True, default="DICOM-zip",
+        max_length=20,
+        blank=True,
+        default="DICOM-zip",
         choices=[("DICOM-zip", "DICOM-zip"), ("gradual-DICOM", "gradual-DICOM")],
     )
     subject_template = models.CharField(
-        max_length=200, blank=True, default=DEFAULT_SUBJECT_TEMPLATE,
+        max_length=200,
+        blank=True,
+        default=DEFAULT_SUBJECT_TEMPLATE,
         help_text="DICOM keywords in braces, e.g. {PatientID}.",
     )
     session_template = models.CharField(
-        max_length=200, blank=True, default=DEFAULT_SESSION_TEMPLATE,
+        max_length=200,
+        blank=True,
+        default=DEFAULT_SESSION_TEMPLATE,
         help_text="DICOM keywords in braces; {StudyUIDHash} is a short hash of the "
         "StudyInstanceUID.",
     )
     overwrite = models.CharField(
-        max_length=8, blank=True, default="none",
+        max_length=8,
+        blank=True,
+        default="none",
         choices=[("none", "None"), ("append", "Append"), ("delete", "Delete")],
     )
     destination = models.CharField(
-        max_length=12, blank=True, default="prearchive",
+        max_length=12,
+        blank=True,
+        default="prearchive",
         choices=[("prearchive", "Prearchive"), ("archive", "Archive")],
     )
 
     # -- dispatch policy -------------------------------------------------------------
     max_associations = models.PositiveSmallIntegerField(
-        "parallel connections", default=1,
+        "parallel connections",
+        default=1,
         validators=[MinValueValidator(1), MaxValueValidator(32)],
         help_text="Jobs (and DICOM associations) sent to this target at once.",
     )
@@ -265,7 +325,8 @@ class Target(models.Model):
         ordering = ["name"]
         constraints = [
             models.UniqueConstraint(
-                Lower("name"), name="target_name_unique_ci",
+                Lower("name"),
+                name="target_name_unique_ci",
                 violation_error_message="A target with this name already exists.",
             ),
         ]
@@ -357,8 +418,15 @@ class DicomTarget(Target):
     KIND = Kind.DICOM
     objects = _kind_manager(Kind.DICOM)
     connection_fields = (
-        "host", "port", "called_aet", "calling_aet", "pass_calling_aet",
-        "pass_called_aet", "connect_timeout", "acse_timeout", "dimse_timeout",
+        "host",
+        "port",
+        "called_aet",
+        "calling_aet",
+        "pass_calling_aet",
+        "pass_called_aet",
+        "connect_timeout",
+        "acse_timeout",
+        "dimse_timeout",
         "max_pdu",
     )
     required_fields = ("host", "port", "called_aet")
@@ -377,7 +445,10 @@ class DicomTlsTarget(DicomTarget):
     KIND = Kind.DICOM_TLS
     objects = _kind_manager(Kind.DICOM_TLS)
     connection_fields = DicomTarget.connection_fields + (
-        "tls_client_key", "tls_client_cert", "tls_ca_cert", "key_passphrase",
+        "tls_client_key",
+        "tls_client_cert",
+        "tls_ca_cert",
+        "key_passphrase",
         "tls_verify_hostname",
     )
     required_fields = DicomTarget.required_fields + ("tls_ca_cert",)
@@ -405,9 +476,12 @@ class DicomTlsTarget(DicomTarget):
         except TlsConfigError as exc:
             text = str(exc)
             field = (
-                "tls_ca_cert" if "CA certificate" in text
-                else "key_passphrase" if "passphrase" in text
-                else "tls_client_key" if "client key" in text
+                "tls_ca_cert"
+                if "CA certificate" in text
+                else "key_passphrase"
+                if "passphrase" in text
+                else "tls_client_key"
+                if "client key" in text
                 else "tls_client_cert"
             )
             raise ValidationError({field: text[0].upper() + text[1:] + "."}) from None
@@ -417,9 +491,19 @@ class DicomWebTarget(Target):
     KIND = Kind.DICOMWEB
     objects = _kind_manager(Kind.DICOMWEB)
     connection_fields = (
-        "url", "qido_prefix", "wado_prefix", "stow_prefix", "auth", "username",
-        "password", "token", "verify_tls", "ca_bundle", "request_timeout",
-        "stow_batch_size", "stow_max_bytes",
+        "url",
+        "qido_prefix",
+        "wado_prefix",
+        "stow_prefix",
+        "auth",
+        "username",
+        "password",
+        "token",
+        "verify_tls",
+        "ca_bundle",
+        "request_timeout",
+        "stow_batch_size",
+        "stow_max_bytes",
     )
     required_fields = ("url",)
 
@@ -544,9 +628,20 @@ class RsyncTarget(Target):
     KIND = Kind.RSYNC
     objects = _kind_manager(Kind.RSYNC)
     connection_fields = (
-        "host", "port", "username", "password", "private_key_path", "private_key",
-        "key_passphrase", "host_key", "path", "layout", "exclude", "run_on_complete",
-        "complete_script", "connect_timeout",
+        "host",
+        "port",
+        "username",
+        "password",
+        "private_key_path",
+        "private_key",
+        "key_passphrase",
+        "host_key",
+        "path",
+        "layout",
+        "exclude",
+        "run_on_complete",
+        "complete_script",
+        "connect_timeout",
     )
     required_fields = ("host", "username", "path")
 
@@ -566,19 +661,32 @@ class RsyncTarget(Target):
             self.complete_script = script
             if not script:
                 raise ValidationError(
-                    {"complete_script": "Name the script to run after the transfer."})
+                    {"complete_script": "Name the script to run after the transfer."}
+                )
             if any(c in script for c in "\n\r\0\t "):
-                raise ValidationError({"complete_script": (
-                    "Give only the script's file name or path: no spaces; Courier "
-                    "adds the destination folder and target name as arguments.")})
+                raise ValidationError(
+                    {
+                        "complete_script": (
+                            "Give only the script's file name or path: no spaces; Courier "
+                            "adds the destination folder and target name as arguments."
+                        )
+                    }
+                )
 
 
 class S3Target(Target):
     KIND = Kind.S3
     objects = _kind_manager(Kind.S3)
     connection_fields = (
-        "bucket", "region", "prefix", "endpoint_url", "addressing_style",
-        "access_key_id", "secret_key", "storage_class", "server_side_encryption",
+        "bucket",
+        "region",
+        "prefix",
+        "endpoint_url",
+        "addressing_style",
+        "access_key_id",
+        "secret_key",
+        "storage_class",
+        "server_side_encryption",
         "exclude",
     )
     required_fields = ("bucket", "access_key_id")
@@ -608,7 +716,9 @@ class S3Target(Target):
             )
         self.region = (self.region or "").strip()
         if self.region and not _S3_REGION.match(self.region):
-            errors["region"] = "Enter a region such as eu-central-1 (letters, digits, -)."
+            errors["region"] = (
+                "Enter a region such as eu-central-1 (letters, digits, -)."
+            )
         self.prefix = "/".join(p for p in (self.prefix or "").strip().split("/") if p)
         if any(p in (".", "..") for p in self.prefix.split("/")):
             errors["prefix"] = "The prefix cannot contain . or .. parts."
@@ -618,7 +728,9 @@ class S3Target(Target):
             value = getattr(self, field).strip()
             setattr(self, field, value)
             if value and not _S3_TOKEN.match(value):
-                errors[field] = "Use the value as S3 spells it, e.g. STANDARD_IA, AES256."
+                errors[field] = (
+                    "Use the value as S3 spells it, e.g. STANDARD_IA, AES256."
+                )
         if errors:
             raise ValidationError(errors)
 
@@ -627,9 +739,19 @@ class SftpTarget(Target):
     KIND = Kind.SFTP
     objects = _kind_manager(Kind.SFTP)
     connection_fields = (
-        "host", "port", "username", "password", "private_key_path", "private_key",
-        "key_passphrase", "host_key", "path", "layout", "exclude",
-        "write_complete_marker", "connect_timeout",
+        "host",
+        "port",
+        "username",
+        "password",
+        "private_key_path",
+        "private_key",
+        "key_passphrase",
+        "host_key",
+        "path",
+        "layout",
+        "exclude",
+        "write_complete_marker",
+        "connect_timeout",
     )
     required_fields = ("host", "username", "path")
 
@@ -661,8 +783,10 @@ def _endpoint_url_error(url: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "Enter an http:// or https:// URL such as https://s3.example.org:9000."
     if parts.username or parts.password:
-        return ("Do not put credentials in the URL: use the access key id and secret "
-                "fields.")
+        return (
+            "Do not put credentials in the URL: use the access key id and secret "
+            "fields."
+        )
     if parts.query or parts.fragment:
         return "The endpoint URL cannot have a query or fragment."
     try:
@@ -689,9 +813,7 @@ def _clean_ssh(target: Target) -> None:
     if target.private_key_path and not target.private_key_path.startswith("/"):
         errors["private_key_path"] = "Enter an absolute path (starting with /)."
     if target.private_key and target.private_key_path:
-        errors["private_key_path"] = (
-            "Give either a key file or a pasted key, not both."
-        )
+        errors["private_key_path"] = "Give either a key file or a pasted key, not both."
     if target.path and any(c in target.path for c in "\n\r\0"):
         errors["path"] = "The folder cannot contain line breaks."
     if target.private_key or target.private_key_path:
@@ -711,8 +833,17 @@ class XnatTarget(Target):
     KIND = Kind.XNAT
     objects = _kind_manager(Kind.XNAT)
     connection_fields = (
-        "url", "project", "username", "password", "import_handler", "subject_template",
-        "session_template", "overwrite", "destination", "verify_tls", "request_timeout",
+        "url",
+        "project",
+        "username",
+        "password",
+        "import_handler",
+        "subject_template",
+        "session_template",
+        "overwrite",
+        "destination",
+        "verify_tls",
+        "request_timeout",
     )
     required_fields = ("url", "project", "username")
 
@@ -750,12 +881,16 @@ class XnatTarget(Target):
                     "Use at least one DICOM keyword in braces, e.g. {PatientID}."
                 )
             unknown = [
-                k for k in keys
-                if k not in ("StudyUIDHash", "SeriesUIDHash") and tag_for_keyword(k) is None
+                k
+                for k in keys
+                if k not in ("StudyUIDHash", "SeriesUIDHash")
+                and tag_for_keyword(k) is None
             ]
             if unknown:
                 errors.setdefault(field, []).append(
-                    "Not DICOM keywords: " + ", ".join(f"{{{k}}}" for k in unknown) + "."
+                    "Not DICOM keywords: "
+                    + ", ".join(f"{{{k}}}" for k in unknown)
+                    + "."
                 )
             if template.count("{") != template.count("}"):
                 errors.setdefault(field, []).append("Unbalanced braces.")

@@ -70,10 +70,15 @@ class Series:
             return self
         kept = []
         for inst in self.instances:
-            rel = inst.path.relative_to(self.root).as_posix() if inst.path.is_relative_to(
-                self.root) else inst.path.name
-            if not any(fnmatch.fnmatch(inst.path.name, g) or fnmatch.fnmatch(rel, g)
-                       for g in globs):
+            rel = (
+                inst.path.relative_to(self.root).as_posix()
+                if inst.path.is_relative_to(self.root)
+                else inst.path.name
+            )
+            if not any(
+                fnmatch.fnmatch(inst.path.name, g) or fnmatch.fnmatch(rel, g)
+                for g in globs
+            ):
                 kept.append(inst)
         return Series(root=self.root, instances=kept, skipped=list(self.skipped))
 
@@ -96,10 +101,16 @@ def read_instance(path: Path) -> Instance:
 
     ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
     meta = getattr(ds, "file_meta", None)
-    sop_class = str(ds.get("SOPClassUID", "") or (meta and meta.get(
-        "MediaStorageSOPClassUID", "")) or "")
-    sop_instance = str(ds.get("SOPInstanceUID", "") or (meta and meta.get(
-        "MediaStorageSOPInstanceUID", "")) or "")
+    sop_class = str(
+        ds.get("SOPClassUID", "")
+        or (meta and meta.get("MediaStorageSOPClassUID", ""))
+        or ""
+    )
+    sop_instance = str(
+        ds.get("SOPInstanceUID", "")
+        or (meta and meta.get("MediaStorageSOPInstanceUID", ""))
+        or ""
+    )
     if not sop_class or not sop_instance:
         raise InvalidDicomError("no SOP Class UID or SOP Instance UID")
     ts = str(meta.get("TransferSyntaxUID", "")) if meta else ""
@@ -136,7 +147,9 @@ def scan_folder(folder: str | Path) -> Series:
         try:
             series.instances.append(read_instance(path))
         except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
-            series.skipped.append((path, f"not DICOM ({exc})" if str(exc) else "not DICOM"))
+            series.skipped.append(
+                (path, f"not DICOM ({exc})" if str(exc) else "not DICOM")
+            )
         except OSError as exc:
             series.skipped.append((path, f"unreadable ({exc.strerror or exc})"))
     return series
@@ -168,7 +181,9 @@ def render_layout(template: str, tags: dict[str, str]) -> str:
         keyword = match.group(1)
         value = tags.get(keyword, "")
         if value == "":
-            raise LayoutError(f"the series has no {keyword} for the layout {template!r}")
+            raise LayoutError(
+                f"the series has no {keyword} for the layout {template!r}"
+            )
         return safe_path_part(value)
 
     parts = [p for p in template.strip("/").split("/") if p]

@@ -16,13 +16,19 @@ def validate_ae_title(value: str) -> None:
     if value is None or value == "":
         return
     if len(value) > 16:
-        raise ValidationError("An AE title has at most 16 characters (this one has %(n)d).",
-                              params={"n": len(value)}, code="ae_length")
+        raise ValidationError(
+            "An AE title has at most 16 characters (this one has %(n)d).",
+            params={"n": len(value)},
+            code="ae_length",
+        )
     if "\\" in value:
-        raise ValidationError("An AE title cannot contain a backslash.", code="ae_backslash")
+        raise ValidationError(
+            "An AE title cannot contain a backslash.", code="ae_backslash"
+        )
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise ValidationError("An AE title cannot contain control characters.",
-                              code="ae_control")
+        raise ValidationError(
+            "An AE title cannot contain control characters.", code="ae_control"
+        )
     if not value.strip(" "):
         raise ValidationError("An AE title cannot be all spaces.", code="ae_spaces")
 
@@ -38,8 +44,10 @@ def validate_host(value: str) -> None:
     except ValueError:
         pass
     name = candidate.rstrip(".")
-    if len(name) > 253 or not name or not all(
-        _HOSTNAME_LABEL.match(label) for label in name.split(".")
+    if (
+        len(name) > 253
+        or not name
+        or not all(_HOSTNAME_LABEL.match(label) for label in name.split("."))
     ):
         raise ValidationError(
             "Enter a host name, an IPv4 address or an IPv6 address.", code="host"
@@ -56,4 +64,7 @@ def validate_globs(value: str) -> None:
         if "/" in glob and glob.startswith("/"):
             raise ValidationError(
                 "Exclusion patterns match names inside the series, not absolute paths "
-                "(%(g)s).", params={"g": glob}, code="glob")
+                "(%(g)s).",
+                params={"g": glob},
+                code="glob",
+            )

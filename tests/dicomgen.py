@@ -97,6 +97,11 @@ def make_mixed_study(folder: str | Path, ct: int, mr: int) -> list[GeneratedSeri
     """A study with a CT and an MR series (two SOP classes) under one folder."""
     folder = Path(folder)
     ct_series = make_series(folder / "ct", ct, kind="ct")
-    mr_series = make_series(folder / "mr", mr, kind="mr", study_uid=ct_series.study_uid,
-                            patient_id=str(examples.ct.PatientID))
+    mr_series = make_series(
+        folder / "mr",
+        mr,
+        kind="mr",
+        study_uid=ct_series.study_uid,
+        patient_id=str(examples.ct.PatientID),
+    )
     return [ct_series, mr_series]

@@ -76,15 +76,21 @@ class Peer:
         require_binary(cmd[0])
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=self.env(),
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            env=self.env(),
             start_new_session=True,
         )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise PeerError(f"{self.name} exited with {self.proc.returncode}:\n"
-                                f"{self.log_tail()}")
+                raise PeerError(
+                    f"{self.name} exited with {self.proc.returncode}:\n"
+                    f"{self.log_tail()}"
+                )
             if self.ready():
                 return self
             time.sleep(0.05)
@@ -121,7 +127,9 @@ class Peer:
 
     def log_tail(self, lines: int = 30) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            return "\n".join(
+                self.log_path.read_text(errors="replace").splitlines()[-lines:]
+            )
         except OSError:
             return "(no log)"
 
@@ -265,8 +273,15 @@ class StoreSCP(Peer):
 
     name = "storescp"
 
-    def __init__(self, workdir=None, *, aet: str = "STORESCP", max_pdu: int = 131072,
-                 extra_args: list[str] | None = None, fork: bool = False):
+    def __init__(
+        self,
+        workdir=None,
+        *,
+        aet: str = "STORESCP",
+        max_pdu: int = 131072,
+        extra_args: list[str] | None = None,
+        fork: bool = False,
+    ):
         super().__init__(workdir)
         self.aet = aet
         self.port = free_port()
@@ -277,8 +292,18 @@ class StoreSCP(Peer):
         self.incoming.mkdir(exist_ok=True)
 
     def command(self) -> list[str]:
-        cmd = ["storescp", "-aet", self.aet, "-od", str(self.incoming), "-pdu",
-               str(self.max_pdu), "-fe", ".dcm", "--accept-all"]
+        cmd = [
+            "storescp",
+            "-aet",
+            self.aet,
+            "-od",
+            str(self.incoming),
+            "-pdu",
+            str(self.max_pdu),
+            "-fe",
+            ".dcm",
+            "--accept-all",
+        ]
         if self.fork:
             cmd.append("--fork")
         return cmd + self.extra_args + [str(self.port)]

@@ -53,7 +53,9 @@ class TestResult:
 
     @property
     def ok(self) -> bool:
-        return bool(self.checks) and all(c.ok for c in self.checks if not c.informational)
+        return bool(self.checks) and all(
+            c.ok for c in self.checks if not c.informational
+        )
 
     @property
     def summary(self) -> str:

@@ -20,12 +20,20 @@ from django.core.management.base import BaseCommand
 
 
 class Command(BaseCommand):
-    help = "Migrate, ensure an admin login, then run the web server and the huey worker."
+    help = (
+        "Migrate, ensure an admin login, then run the web server and the huey worker."
+    )
 
     def add_arguments(self, parser):
-        parser.add_argument("--addr", default=os.environ.get("COURIER_ADDR", "127.0.0.1:8000"))
-        parser.add_argument("--workers", type=int, default=None,
-                            help="worker threads (default from settings)")
+        parser.add_argument(
+            "--addr", default=os.environ.get("COURIER_ADDR", "127.0.0.1:8000")
+        )
+        parser.add_argument(
+            "--workers",
+            type=int,
+            default=None,
+            help="worker threads (default from settings)",
+        )
 
     def handle(self, *args, addr: str, workers: int | None, **options):
         call_command("migrate", interactive=False, verbosity=0)
@@ -40,8 +48,11 @@ class Command(BaseCommand):
         }
         commands.update(self.extra_processes(manage))
         procs = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}
-        self.stdout.write(self.style.SUCCESS(
-            f"Courier is running: http://{addr}/admin/  (Ctrl-C stops it)"))
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"Courier is running: http://{addr}/admin/  (Ctrl-C stops it)"
+            )
+        )
         stopping = False
 
         def stop(*_):
@@ -54,7 +65,9 @@ class Command(BaseCommand):
             while not stopping:
                 for name, proc in procs.items():
                     if proc.poll() is not None:
-                        self.stderr.write(f"{name} exited with {proc.returncode}; stopping")
+                        self.stderr.write(
+                            f"{name} exited with {proc.returncode}; stopping"
+                        )
                         stopping = True
                 time.sleep(0.5)
         finally:
@@ -89,6 +102,9 @@ class Command(BaseCommand):
             user.save()
             if shown:
                 # Printed once, on the operator's terminal, so the first login works.
-                self.stdout.write(self.style.WARNING(
-                    f"Admin login created: user {username!r}, password {password!r} "
-                    "(set COURIER_ADMIN_PASSWORD to choose it)."))
+                self.stdout.write(
+                    self.style.WARNING(
+                        f"Admin login created: user {username!r}, password {password!r} "
+                        "(set COURIER_ADMIN_PASSWORD to choose it)."
+                    )
+                )
