@@ -34,17 +34,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pynetdicom import (
-    AE,
     ALL_TRANSFER_SYNTAXES,
     PYNETDICOM_IMPLEMENTATION_UID,
     PYNETDICOM_IMPLEMENTATION_VERSION,
     AllStoragePresentationContexts,
-    evt,
 )
+from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification
 
-from targets.dicomnet import enable_tcp_nodelay
 from targets.dicomvr import ALL_VRS, LONG_VRS
+from targets.kinds.dicom_accept import Rejection, StoreRequest, StoreSCP
 from targets.series import safe_path_part
 
 log = logging.getLogger("courier.receiver")
@@ -440,24 +439,14 @@ class Receiver:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    def make_ae(self) -> AE:
-        enable_tcp_nodelay()
-        ae = AE(ae_title=self.ae_title)
+    def supported_contexts(self) -> list[PresentationContext]:
         # Receive every storage SOP class in whatever transfer syntax the sender
         # prefers (compressed ones included): the bytes are stored as they came.
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        ae.add_supported_context(Verification)
-        ae.maximum_pdu_size = self.max_pdu
-        ae.require_calling_aet = self.accepted
-        # Transparent routing means modalities call Courier with the final
-        # destination's AE title; any called AE title is accepted and recorded.
-        ae.require_called_aet = False
-        ae.maximum_associations = 64
-        ae.acse_timeout = 30
-        ae.dimse_timeout = 60
-        ae.network_timeout = 120
-        return ae
+        contexts = [
+            build_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            for cx in AllStoragePresentationContexts
+        ]
+        return [*contexts, build_context(Verification)]
 
     def start(self) -> None:
         self.incoming.mkdir(parents=True, exist_ok=True)
@@ -466,16 +455,22 @@ class Receiver:
             self._open[series.key] = series
         # Process-wide, and on purpose only once a receiver starts: see the function.
         shorten_pynetdicom_polling()
-        ae = self.make_ae()
-        handlers = [
-            (evt.EVT_C_STORE, self.handle_store),
-            (evt.EVT_C_ECHO, lambda event: SUCCESS),
-            (evt.EVT_REJECTED, self._log_rejected),
-        ]
-        self._server = ae.start_server(
-            (self.host, self.port), block=False, evt_handlers=handlers
+        # Any called AE title is accepted and recorded: with transparent routing
+        # modalities call Courier by the final destination's AE title.
+        self._server = StoreSCP(
+            (self.host, self.port),
+            contexts=self.supported_contexts(),
+            on_store=self.handle_store,
+            on_rejected=self._log_rejected,
+            accepted_calling_aets=self.accepted,
+            max_pdu=self.max_pdu,
+            max_associations=64,
+            acse_timeout=30,
+            dimse_timeout=60,
+            network_timeout=120,
         )
         self.port = self._server.server_address[1]
+        self._server.start()
         self._stop.clear()
         self._thread = threading.Thread(
             target=self._run_bookkeeping, name="receiver-bookkeeping", daemon=True
@@ -513,22 +508,18 @@ class Receiver:
 
     # -- association handlers (one thread per association) ------------------------
 
-    def _log_rejected(self, event) -> None:
-        rq = event.assoc.requestor
+    def _log_rejected(self, rejection: Rejection) -> None:
         log.warning(
             "event=association_rejected calling_aet=%s peer=%s reason=%s",
-            rq.ae_title,
-            rq.address,
-            "calling AE title not in the accepted list" if self.accepted else "refused",
+            rejection.calling_aet,
+            rejection.address,
+            rejection.reason,
         )
 
-    def handle_store(self, event) -> int:
-        rq = event.assoc.requestor
-        calling = rq.ae_title.strip()
-        called = (rq.primitive.called_ae_title or "").strip()
-        peer = f"{rq.address}:{rq.port}"
-        ts = str(event.context.transfer_syntax)
-        raw = event.encoded_dataset(include_meta=False)
+    def handle_store(self, request: StoreRequest) -> int:
+        calling, called = request.calling_aet, request.called_aet
+        peer = f"{request.address}:{request.port}"
+        ts, raw = request.transfer_syntax, request.dataset
         try:
             uids = check_dataset(raw, ts)
         except CorruptDataset as exc:
@@ -540,7 +531,7 @@ class Receiver:
                 CANNOT_UNDERSTAND,
                 calling,
                 peer,
-                event.request.AffectedSOPInstanceUID,
+                request.sop_instance,
                 str(exc),
             )
             return CANNOT_UNDERSTAND
@@ -554,7 +545,7 @@ class Receiver:
         except OSError as exc:  # the series' folder or description not written
             return self._refuse_write(calling, peer, exc)
         meta = file_meta_bytes(
-            uids["SOPClassUID"] or str(event.request.AffectedSOPClassUID),
+            uids["SOPClassUID"] or request.sop_class,
             sop_uid,
             ts,
             calling,
