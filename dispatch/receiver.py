@@ -7,6 +7,10 @@ an acknowledged image is on disk. Instances are grouped into series by
 (Series Instance UID, calling AE title, called AE title), so the pass-incoming
 switches of DICOM targets have one value per series.
 
+Associations are accepted by `targets.kinds.dicom_accept` (one thread per association
+reading a plain blocking socket), not by pynetdicom's acceptor, whose reader and
+reactor threads cost about three times Courier's own work per instance.
+
 The association threads never touch the database. They keep the open series in
 memory; one bookkeeping thread (`tick()`, once a second) writes counts and times to
 the database through a `Recorder` in batches, and closes series that have been quiet
@@ -378,11 +382,13 @@ class _CappedSleep:
 def shorten_pynetdicom_polling(cap: float = 0.0002) -> None:
     """Make pynetdicom's polling loops sleep at most `cap` seconds (idempotent).
 
-    pynetdicom 3.0's acceptor polls: its association loop sleeps 1 ms before each look
-    at the message queue, and the DUL loop 1 ms whenever it finds nothing to do. With
-    a C-STORE every few milliseconds those sleeps are a third of the time per instance
-    (measured: +45 % instances/s at 0.2 ms, for a few per cent more CPU per idle
-    association).
+    pynetdicom 3.0's associations poll: the association loop sleeps 1 ms before each
+    look at the message queue, and the DUL loop 1 ms whenever it finds nothing to do.
+    With a C-STORE every few milliseconds those sleeps were a third of the time per
+    instance of the receiver when it used pynetdicom's acceptor (+45 % instances/s at
+    0.2 ms). The receiver's own associations no longer go through pynetdicom
+    (`targets.kinds.dicom_accept`); `Receiver.start()` still applies it for any
+    pynetdicom association in the receiving process.
 
     Process-wide: it replaces the `time` those two pynetdicom modules see, so every
     association in the process (sending ones too) polls faster. Only the length of

@@ -14,6 +14,7 @@ no extended negotiation, no other DIMSE services (a peer sending one is aborted)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import socketserver
@@ -117,7 +118,7 @@ class StoreSCP:
         self.acse_timeout = acse_timeout
         self.dimse_timeout = dimse_timeout
         self.network_timeout = network_timeout
-        self._active = 0
+        self._active: set[socket.socket] = set()
         self._lock = threading.Lock()
         scp = self
 
@@ -141,27 +142,42 @@ class StoreSCP:
         self._thread.start()
 
     def shutdown(self) -> None:
+        """Stop listening and abort the associations still open."""
         self._server.shutdown()
         self._server.server_close()
         if self._thread is not None:
             self._thread.join(10)
+        with self._lock:
+            active = list(self._active)
+        for sock in active:
+            _send_abort(sock)
+            # Wakes the association's thread from its read; it then closes.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     # -- one association ---------------------------------------------------------------
 
     def _serve(self, sock: socket.socket, client: tuple[str, int]) -> None:
         _nodelay(sock)
         with self._lock:
-            self._active += 1
-            too_many = self._active > self.max_associations
+            self._active.add(sock)
+            too_many = len(self._active) > self.max_associations
         try:
             _Association(self, sock, client).run(too_many)
-        except (OSError, LinkError) as exc:
+        except (TimeoutError, LinkError) as exc:
+            # A silent peer, or bytes that are not DICOM: abort, as PS3.8 9.1.6 asks.
+            log.warning(
+                "event=association_aborted peer=%s:%s reason=%r", *client, str(exc)
+            )
+            _send_abort(sock)
+        except OSError as exc:
             log.info("event=association_lost peer=%s:%s error=%r", *client, str(exc))
         except Exception:
             log.exception("event=association_failed peer=%s:%s", *client)
+            _send_abort(sock)
         finally:
             with self._lock:
-                self._active -= 1
+                self._active.discard(sock)
             try:
                 sock.close()
             except OSError:
@@ -239,13 +255,7 @@ class _Association:
         self.scp.on_rejected(Rejection(self.calling, self.address, reason))
 
     def abort(self) -> None:
-        pdu = A_ABORT_RQ()
-        pdu.source = 0x02  # service provider
-        pdu.reason_diagnostic = 0x00
-        try:
-            self.sock.sendall(pdu.encode())
-        except OSError:
-            pass
+        _send_abort(self.sock)
 
     def messages(self) -> None:
         """Serve DIMSE messages until the peer releases or aborts."""
@@ -344,6 +354,15 @@ class _Association:
         self.sock.settimeout(self.scp.dimse_timeout)
         self.sock.sendall(header + body)
         return True
+
+
+def _send_abort(sock: socket.socket) -> None:
+    pdu = A_ABORT_RQ()
+    pdu.source = 0x02  # service provider
+    pdu.reason_diagnostic = 0x00
+    with contextlib.suppress(OSError):
+        sock.settimeout(1.0)
+        sock.sendall(pdu.encode())
 
 
 def _u16(value: bytes | None) -> int | None:
