@@ -356,55 +356,6 @@ def write_durably(path: Path, *parts: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-# The longest sleep in pynetdicom's association and DUL modules that is a poll (the
-# loop looks again after it). Longer ones are deliberate waits and are kept: the
-# 0.1 s after an abort "to ensure everything shuts down".
-_POLL_SLEEP_MAX = 0.01
-
-
-class _CappedSleep:
-    """Stands in for the `time` module inside pynetdicom's association and DUL code."""
-
-    def __init__(self, cap: float):
-        self.cap = cap
-
-    def __getattr__(self, name: str):
-        return getattr(time, name)
-
-    def duration(self, seconds: float) -> float:
-        """How long a sleep of `seconds` lasts: polls capped, waits unchanged."""
-        return min(seconds, self.cap) if seconds <= _POLL_SLEEP_MAX else seconds
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(self.duration(seconds))
-
-
-def shorten_pynetdicom_polling(cap: float = 0.0002) -> None:
-    """Make pynetdicom's polling loops sleep at most `cap` seconds (idempotent).
-
-    pynetdicom 3.0's associations poll: the association loop sleeps 1 ms before each
-    look at the message queue, and the DUL loop 1 ms whenever it finds nothing to do.
-    With a C-STORE every few milliseconds those sleeps were a third of the time per
-    instance of the receiver when it used pynetdicom's acceptor (+45 % instances/s at
-    0.2 ms). The receiver's own associations no longer go through pynetdicom
-    (`targets.kinds.dicom_accept`); `Receiver.start()` still applies it for any
-    pynetdicom association in the receiving process.
-
-    Process-wide: it replaces the `time` those two pynetdicom modules see, so every
-    association in the process (sending ones too) polls faster. Only the length of
-    poll sleeps changes (every loop still checks the same conditions, and sleeps
-    longer than `_POLL_SLEEP_MAX` are kept), so other code gets speed and a little
-    CPU, never different results. `Receiver.start()` applies it, not the import:
-    importing this module (the admin, tests, the worker) changes nothing.
-    """
-    import pynetdicom.association
-    import pynetdicom.dul
-
-    for module in (pynetdicom.association, pynetdicom.dul):
-        if not isinstance(module.time, _CappedSleep):
-            module.time = _CappedSleep(cap)
-
-
 class Receiver:
     """The C-STORE/C-ECHO SCP. `start()` serves in the background, `stop()` ends it."""
 
@@ -459,8 +410,6 @@ class Receiver:
         for series in self.recorder.restore(self.incoming):
             series.last_instance_at = time.monotonic()
             self._open[series.key] = series
-        # Process-wide, and on purpose only once a receiver starts: see the function.
-        shorten_pynetdicom_polling()
         # Any called AE title is accepted and recorded: with transparent routing
         # modalities call Courier by the final destination's AE title.
         self._server = StoreSCP(

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 import threading
-import time
 from io import BytesIO
 from pathlib import Path
 
@@ -22,7 +19,7 @@ from pynetdicom.dsutils import encode
 from dispatch.receiver import CorruptDataset, check_dataset
 from targets.dicomnet import enable_tcp_nodelay
 from tests.dicomgen import make_mixed_study, make_series
-from tests.fixtures.receive_peers import PROJECT, echoscu, storescu
+from tests.fixtures.receive_peers import echoscu, storescu
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -278,29 +275,3 @@ def test_the_dataset_check_needs_the_series_uid():
     raw = encode(ds, False, True)
     with pytest.raises(CorruptDataset, match="SeriesInstanceUID"):
         check_dataset(raw, str(ds.file_meta.TransferSyntaxUID))
-
-
-def test_importing_the_receiver_leaves_pynetdicom_polling_alone():
-    code = (
-        "import dispatch.receiver, pynetdicom.association as a, pynetdicom.dul as d; "
-        "print(type(a.time).__name__, type(d.time).__name__)"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["module", "module"]
-
-
-def test_a_started_receiver_shortens_polls_and_keeps_deliberate_waits(receiver):
-    import pynetdicom.association
-    import pynetdicom.dul
-
-    receiver()
-
-    for module in (pynetdicom.association, pynetdicom.dul):
-        sleeps = module.time
-        assert sleeps.duration(0.001) == 0.0002  # the reactor and DUL polls
-        assert sleeps.duration(0.0001) == 0.0001  # already shorter
-        assert sleeps.duration(0.1) == 0.1  # the wait after an abort
-        assert sleeps.monotonic is time.monotonic  # everything else is `time`
