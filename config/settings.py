@@ -102,6 +102,10 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
             "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
         }
     )
+    # The test database is a file too (in the run's own data dir), not Django's
+    # shared-cache in-memory default: that one answers "table is locked" at once
+    # instead of waiting when the receiver's thread writes beside a test.
+    DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test-courier.sqlite3")}
 else:
     # Keep server connections open between worker tasks (huey closes them after
     # every task otherwise): a new PostgreSQL connection costs a process fork.
