@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from io import BytesIO
 from pathlib import Path
@@ -236,7 +237,7 @@ def test_a_series_folder_that_cannot_be_made_answers_out_of_resources(
     rx = receiver()
     # The spool's incoming folder replaced by a file: a new series' folder cannot
     # be made (as on a full or read-only disk), before any instance is written.
-    rx.incoming.rmdir()
+    shutil.rmtree(rx.incoming)
     rx.incoming.write_bytes(b"")
 
     with caplog.at_level(logging.ERROR, logger="courier.receiver"):
