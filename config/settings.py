@@ -222,10 +222,10 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {
         # key=value lines a log collector can parse
-        # (config.logsafe: control characters escaped, so no value from the network
+        # (config.safetext: control characters escaped, so no value from the network
         # can start a line of its own)
         "plain": {
-            "()": "config.logsafe.SafeFormatter",
+            "()": "config.safetext.SafeFormatter",
             "format": "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
         },
     },

@@ -57,7 +57,7 @@ from pynetdicom import (
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification
 
-from config.logsafe import log_fields
+from config.safetext import log_fields
 from targets.dicomvr import ALL_VRS, LONG_VRS
 from targets.kinds.dicom_accept import (
     DEFAULT_MAX_PDU,

@@ -51,7 +51,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
-from config.logsafe import log_fields
+from config.safetext import log_fields
 from targets.dicomnet import _nodelay
 from targets.kinds.dicom_link import (
     ABORT,

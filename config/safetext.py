@@ -1,4 +1,4 @@
-"""Log lines that data from the network cannot forge.
+"""Text from the network made safe for log lines and database columns.
 
 Values that come from DICOM or a peer (UIDs, AE titles, tags, error comments, paths
 made from them) go into `key=value` lines through `log_fields()` or `log_value()`:
@@ -7,6 +7,8 @@ or a control character in it can neither start a new line nor fake another field
 `SafeFormatter` (the console formatter in config/settings.py) is the backstop for
 every other logger, pynetdicom's and pydicom's included: control characters in a
 message are escaped, and a traceback's lines are indented under their record.
+`db_text()` makes such a value fit for any database column (PostgreSQL refuses a
+NUL).
 """
 
 from __future__ import annotations
@@ -56,3 +58,17 @@ def _indent(text: str) -> str:
     return "\n".join(
         "    " + escape_controls(line) for line in text.splitlines() if line
     )
+
+
+_DB_CONTROLS = re.compile(r"[\x01-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def db_text(value: object, max_length: int | None = None) -> str:
+    """Text from a DICOM file or a peer, fit for any database column.
+
+    PostgreSQL refuses a NUL in text and `\\u0000` in JSON (the whole statement
+    fails); NULs are dropped and other control characters (but tab, CR, LF)
+    become U+FFFD, so the value stays visibly odd rather than silently changed.
+    """
+    text = _DB_CONTROLS.sub("\ufffd", str(value or "").replace("\x00", ""))
+    return text if max_length is None else text[:max_length]
