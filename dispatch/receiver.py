@@ -85,6 +85,8 @@ PARTIAL_DIR = ".partial"
 STALE_PARTIAL_SECONDS = 600
 # While a dataset streams in, the free space is looked at again after this many bytes.
 SPACE_CHECK_BYTES = 8 * 1024 * 1024
+# A dataset up to this size is also kept in memory to be checked (per association).
+KEEP_IN_MEMORY = 256 * 1024
 DEFAULT_MAX_INSTANCE_BYTES = 4 * 1024**3
 
 _VALID_UID = re.compile(r"[0-9.]{1,64}")
@@ -443,10 +445,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+def _write_all(fd: int, *parts: bytes | memoryview) -> None:
+    """Write `parts` in one `writev`, finishing a short write piece by piece."""
+    written = os.writev(fd, parts)
+    for part in parts:
+        view = memoryview(part)[written:]
+        written = max(0, written - len(part))
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 def write_durably(path: Path, *parts: bytes) -> None:
@@ -454,10 +460,7 @@ def write_durably(path: Path, *parts: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{threading.get_ident()}.part")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
-        total = sum(len(p) for p in parts)
-        written = os.writev(fd, parts)
-        if written < total:  # a short write: finish it piece by piece
-            _write_all(fd, memoryview(b"".join(parts))[written:])
+        _write_all(fd, *parts)
         os.fdatasync(fd)
     except BaseException:
         os.close(fd)
@@ -471,9 +474,11 @@ def write_durably(path: Path, *parts: bytes) -> None:
 class IncomingInstance:
     """One C-STORE's dataset on its way to the spool (a `DatasetSink`).
 
-    Written to a partial file as it arrives, so memory never holds the instance.
-    Once a refusal is decided (spool disk short of space, instance too large, a
-    write failing), the rest is read and dropped, and `finish()` answers it.
+    Written to a partial file as it arrives, so memory never holds the instance
+    (a small one, up to `KEEP_IN_MEMORY`, is also kept to be checked without
+    reading it back). Once a refusal is decided (spool disk short of space,
+    instance too large, a write failing), the rest is read and dropped, and
+    `finish()` answers it.
     """
 
     def __init__(self, receiver: Receiver, request: StoreRequest):
@@ -486,6 +491,8 @@ class IncomingInstance:
         self.fd = -1
         self.path: Path | None = None
         self.offset = 0
+        self.meta = b""  # written with the first piece of the dataset
+        self.head: bytearray | None = bytearray()
         free = receiver._space_short(0)
         if free is not None:
             self.status = receiver._refuse_full(request, f"{free} bytes free")
@@ -503,11 +510,10 @@ class IncomingInstance:
                 receiver.partial.mkdir(parents=True, exist_ok=True)
                 self.fd = os.open(path, flags, 0o640)
             self.path = path
-            _write_all(self.fd, meta)
         except OSError as exc:
             self._fail(receiver._refuse_write(request, exc))
             return
-        self.offset = len(meta)
+        self.meta, self.offset = meta, len(meta)
 
     def write(self, data: bytes | memoryview) -> None:
         if self.status is not None:
@@ -530,8 +536,17 @@ class IncomingInstance:
                 self._fail(rx._refuse_full(self.request, f"{free} bytes free"))
                 return
             self.unchecked = 0
+        if self.head is not None:
+            if self.size <= KEEP_IN_MEMORY:
+                self.head += data
+            else:
+                self.head = None
         try:
-            _write_all(self.fd, data)
+            if self.meta:
+                _write_all(self.fd, self.meta, data)
+                self.meta = b""
+            else:
+                _write_all(self.fd, data)
         except OSError as exc:
             self._fail(rx._refuse_write(self.request, exc))
 
@@ -561,15 +576,13 @@ class IncomingInstance:
         if (free := rx._space_short(self.unchecked)) is not None:
             return rx._refuse_full(request, f"{free} bytes free")
         assert self.path is not None
+        syntax = request.transfer_syntax
         try:
-            os.fdatasync(self.fd)
-        except OSError as exc:
-            return rx._refuse_write(request, exc)
-        try:
-            uids = check_file(
-                self.path, self.offset, request.transfer_syntax,
-                max_inflated=rx.max_instance_bytes,
-            )  # fmt: skip
+            if self.head is not None and syntax != DEFLATED:
+                uids = check_dataset(self.head, syntax)
+            else:
+                uids = check_file(self.path, self.offset, syntax,
+                                  max_inflated=rx.max_instance_bytes)  # fmt: skip
         except CorruptDataset as exc:
             return rx._refuse_corrupt(request, CANNOT_UNDERSTAND, str(exc))
         except TooLarge as exc:
@@ -578,6 +591,10 @@ class IncomingInstance:
         if problem is not None:
             status, reason = problem
             return rx._refuse_corrupt(request, status, reason)
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            return rx._refuse_write(request, exc)
         sop_uid = uids["SOPInstanceUID"]
         try:
             series = rx._series_for(uids, request)
