@@ -282,7 +282,9 @@ def test_editing_keeps_the_kind_and_validates_with_its_rules(admin_client, tmp_p
 
 def test_the_test_button_is_on_the_change_page(admin_client, folder_target):
     html = admin_client.get(change_url(folder_target)).content.decode()
-    assert f'action="{url_of_test(folder_target)}"' in html
+    # It submits the form itself (the settings as edited), not the saved target.
+    assert re.search(r'<input type="submit" value="Test" name="_test"', html)
+    assert 'id="target-test-button"' in html
     assert "Not tested yet" in html
 
 
