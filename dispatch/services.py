@@ -27,7 +27,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from django.conf import settings
-from django.db import connection, connections, transaction
+from django.db import connections, transaction
 from django.db.models import Count, F, Min, Q, Sum
 from django.utils import timezone
 
@@ -975,27 +975,3 @@ def status_summary(now=None) -> dict:
         if oldest
         else None,
     }
-
-
-def health() -> tuple[bool, dict]:
-    """Whether the database and the queue answer, and how old the oldest job is."""
-    report: dict = {"database": "ok", "queue": "ok"}
-    ok = True
-    try:
-        connection.ensure_connection()
-        summary = status_summary()
-        report["oldest_queued_age_s"] = summary["oldest_queued_age_s"]
-        report["queued"] = summary["queued"]
-        report["sending"] = summary["sending"]
-    except Exception as exc:
-        ok = False
-        report["database"] = f"error: {type(exc).__name__}"
-    try:
-        from huey.contrib.djhuey import HUEY
-
-        report["queue_pending"] = HUEY.pending_count()
-    except Exception as exc:
-        ok = False
-        report["queue"] = f"error: {type(exc).__name__}"
-    report["ok"] = ok
-    return ok, report

@@ -631,7 +631,10 @@ def test_the_admin_header_links_staff_to_the_query_page(admin_client):
     assert re.search(rf'<div id="user-tools">.*<a href="{query}">Query</a>', body, re.S)
     # Django's own header is still there.
     assert "Change password" in body and 'id="logout-form"' in body
-    assert "<title>Site administration" in body
+    # Courier's name, not Django's; no "View site" (the Query link is the site).
+    assert "<title>Status | Courier</title>" in body
+    assert '<div id="site-name"><a href="/admin/">Courier</a></div>' in body
+    assert "Django administration" not in body and "View site" not in body
 
 
 def test_the_login_page_has_no_query_link(client):
