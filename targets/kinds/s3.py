@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import socket
+import ssl
 import threading
 import uuid
 from collections.abc import Callable
@@ -24,12 +26,12 @@ from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
+    ConnectionClosedError,
     NoCredentialsError,
     ParamValidationError,
     ReadTimeoutError,
 )
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.utils import determine_content_length
 
 from targets.series import Instance, Series
@@ -324,9 +326,14 @@ class S3Handler(Handler):
                 message = f"S3 error {code} ({status}) while {doing}: {server_says}"
             permanent = code in _PERMANENT_CODES or status in (400, 403, 404)
             return TargetError(self._scrub(message), permanent=permanent)
-        if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
+        if isinstance(exc, BotoConnectionError):
             return TargetError(
-                f"cannot connect to {where} while {doing}: {self._scrub(str(exc))}"
+                f"endpoint unreachable: cannot connect to {where} while {doing} "
+                f"({self._connection_words(exc)})"
+            )
+        if isinstance(exc, ConnectionClosedError):
+            return TargetError(
+                f"{where} closed the connection without an answer while {doing}"
             )
         if isinstance(exc, ReadTimeoutError):
             return TargetError(
@@ -350,15 +357,50 @@ class S3Handler(Handler):
         return text.replace(secret, "********") if secret else text
 
     # -- test ---------------------------------------------------------------------------
+    def _connection_words(self, exc: BaseException) -> str:
+        """Why a connection failed, in words (botocore's own text is a request URL)."""
+        seen: BaseException | None = exc
+        chain = []
+        while seen is not None and len(chain) < 10:
+            chain.append(seen)
+            kwargs = getattr(seen, "kwargs", None) or {}
+            seen = kwargs.get("error") or seen.__cause__ or seen.__context__
+        for err in chain:
+            if isinstance(err, ConnectionRefusedError):
+                return "connection refused: nothing listens on that port"
+            if isinstance(err, socket.gaierror):
+                return "the host name does not resolve"
+            if isinstance(err, ssl.SSLCertVerificationError):
+                return f"TLS failed: the certificate is not trusted ({err.reason})"
+            if isinstance(err, ssl.SSLError):
+                return "TLS failed (is it an https:// endpoint?)"
+            if isinstance(err, TimeoutError | socket.timeout):
+                return f"no answer within {self.target.connect_timeout:g} s"
+            if isinstance(err, OSError) and err.strerror:
+                return err.strerror
+        if "timeout" in type(exc).__name__.lower():
+            return f"no answer within {self.target.connect_timeout:g} s"
+        return "the connection failed"
+
     def test(self) -> TestResult:
         result = TestResult()
         bucket = self.target.bucket
         client = self.client(attempts=1, pool=2)
         listing: BaseException | None = None
-        try:
-            client.list_objects_v2(Bucket=bucket, Prefix=self.key_prefix, MaxKeys=1)
-        except (ClientError, BotoCoreError) as exc:
-            listing = exc
+        where = self.target.endpoint_url or "AWS S3"
+        # One request answers three questions; it is timed as the first check.
+        with result.check("endpoint reachable") as check:
+            try:
+                client.list_objects_v2(Bucket=bucket, Prefix=self.key_prefix, MaxKeys=1)
+            except (ClientError, BotoCoreError) as exc:
+                listing = exc
+            if isinstance(
+                listing, BotoConnectionError | ConnectionClosedError | ReadTimeoutError
+            ):
+                raise self.error(listing, "listing the bucket")
+            check.message = f"{where} answered"
+        if result.stopped:
+            return result
 
         with result.check("credentials") as check:
             code = _code(listing) if isinstance(listing, ClientError) else ""
