@@ -129,6 +129,9 @@ class TargetForm(forms.ModelForm):
             self.fields[name] = field
             # The current value must not reach the page through `initial` either.
             self.initial.pop(name, None)
+        for name, text in getattr(model, "help_texts", {}).items():
+            if name in self.fields:
+                self.fields[name].help_text = text
         if "layout" in self.fields:
             from .series import HEADER_TAGS
 

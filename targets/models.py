@@ -353,6 +353,8 @@ class Target(models.Model):
     required_fields: ClassVar[tuple[str, ...]] = ()
     # Connection fields the admin form hides while they do not apply.
     show_if: ClassVar[tuple[ShowIf, ...]] = ()
+    # Help texts for this kind's form, where a shared column means more here.
+    help_texts: ClassVar[dict[str, str]] = {}
 
     def __str__(self) -> str:
         return self.name
@@ -522,6 +524,11 @@ class DicomWebTarget(Target):
         "stow_max_bytes",
     )
     required_fields = ("url",)
+    help_texts = {
+        "url": "The DICOMweb root, e.g. https://pacs.example.org/dicom-web; or "
+        "file:///path/to/folder to make a local folder of DICOM files a query "
+        "source (direction Query)."
+    }
     show_if = (
         # A file:// URL is a local folder (a query source): no HTTP settings.
         ShowIf(

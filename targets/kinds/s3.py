@@ -109,10 +109,27 @@ def _no_expect_for_small_puts(model=None, params=None, **kwargs) -> None:
 
 class S3Handler(Handler):
     # -- client -------------------------------------------------------------------------
-    def client(self, *, attempts: int = 3, pool: int = UPLOAD_THREADS):
+    @property
+    def secret_missing(self) -> bool:
+        """An access key id without its secret (e.g. cleared when re-pointed)."""
+        return bool(self.target.access_key_id) and not self.target.secret_key
+
+    def client(
+        self, *, attempts: int = 3, pool: int = UPLOAD_THREADS, unsigned: bool = False
+    ):
+        """A boto3 client; `unsigned` sends anonymous requests (to reach the
+        endpoint when the secret is missing)."""
+        from botocore import UNSIGNED
+
         target = self.target
+        if self.secret_missing and not unsigned:
+            raise TargetError(
+                f"the secret access key of {target.access_key_id} is not set: enter "
+                "it in the target's settings",
+                permanent=True,
+            )
         config = Config(
-            signature_version="s3v4",
+            signature_version=UNSIGNED if unsigned else "s3v4",
             s3={"addressing_style": target.addressing_style or "auto"},
             connect_timeout=target.connect_timeout,
             read_timeout=READ_TIMEOUT,
@@ -129,8 +146,8 @@ class S3Handler(Handler):
         client = _make_client(
             endpoint_url=target.endpoint_url or None,
             region_name=target.region or None,
-            aws_access_key_id=target.access_key_id or None,
-            aws_secret_access_key=str(target.secret_key) or None,
+            aws_access_key_id=None if unsigned else target.access_key_id or None,
+            aws_secret_access_key=None if unsigned else str(target.secret_key) or None,
             config=config,
         )
         client.meta.events.register_last("before-call.s3", _no_expect_for_small_puts)
@@ -385,7 +402,8 @@ class S3Handler(Handler):
     def test(self) -> TestResult:
         result = TestResult()
         bucket = self.target.bucket
-        client = self.client(attempts=1, pool=2)
+        unsigned = self.secret_missing
+        client = self.client(attempts=1, pool=2, unsigned=unsigned)
         listing: BaseException | None = None
         where = self.target.endpoint_url or "AWS S3"
         # One request answers three questions; it is timed as the first check.
@@ -403,6 +421,8 @@ class S3Handler(Handler):
             return result
 
         with result.check("credentials") as check:
+            if unsigned:
+                self.client()  # raises: the secret access key is not set
             code = _code(listing) if isinstance(listing, ClientError) else ""
             if listing is not None and (
                 code

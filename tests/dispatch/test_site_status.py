@@ -72,8 +72,8 @@ def test_the_home_page_shows_the_receiver_listening_and_what_it_received(
 
     assert "<title>Status | Courier</title>" in html
     assert '<div class="courier-status" id="courier-status">' in html
-    assert "<th>COURIER@rx</th>" in html
-    assert '<td class="state-listening">listening</td>' in html
+    assert '<th class="receiver-name">COURIER@rx</th>' in html
+    assert '<span class="state-listening">listening</span>' in html
     received = ReceivedSeries.objects.get().last_received_at
     stamp = timezone.localtime(received).strftime("%Y-%m-%d %H:%M:%S")
     assert f'<td class="n" id="last-received">{stamp}</td>' in html
@@ -152,7 +152,7 @@ def test_a_silent_receiver_makes_the_site_degraded_not_down(client, admin_client
     assert data["receivers"][0]["state"] == "not responding"
     assert data["problems"] == ["receiver COURIER@11112 silent for 300 s"]
     html = admin_client.get(INDEX).content.decode()
-    assert '<td class="state-not-responding">not responding</td>' in html
+    assert '<span class="state-not-responding">not responding</span>' in html
 
 
 def test_a_receiver_stopped_on_purpose_is_not_a_problem(client):

@@ -193,6 +193,22 @@ def test_read_only_credentials_say_access_denied_not_no_such_bucket(
     assert raised.value.permanent
 
 
+def test_a_missing_secret_is_named_by_the_test_and_the_send(make_target, generated):
+    # As after the endpoint changed and the stored secret was cleared.
+    target = make_target(secret_key="")
+
+    result = target.handler.test()
+    with pytest.raises(TargetError) as raised:
+        target.handler.send(scan_folder(generated.folder))
+
+    checks = checks_of(result)
+    assert checks["endpoint reachable"].ok  # asked anonymously
+    assert not checks["credentials"].ok
+    words = f"the secret access key of {target.access_key_id} is not set"
+    assert checks["credentials"].message.startswith(words)
+    assert raised.value.permanent and raised.value.message.startswith(words)
+
+
 @pytest.mark.parametrize(
     ("host", "words"),
     [
