@@ -159,6 +159,26 @@ def test_an_invalid_form_is_not_tested(admin_client, share):
     assert 'id="form-test-result"' not in html
 
 
+def test_a_user_who_may_only_view_cannot_test_the_form(
+    django_user_model, share, tmp_path
+):
+    from django.contrib.auth.models import Permission
+    from django.test import Client
+
+    user = django_user_model.objects.create_user("viewer", password="pw", is_staff=True)
+    user.user_permissions.add(Permission.objects.get(codename="view_target"))
+    client = Client()
+    client.force_login(user)
+    html = client.get(change_url(share)).content.decode()
+    assert 'name="_test"' not in html and "target-test-button" not in html
+    response = client.post(
+        change_url(share), {"path": str(tmp_path), "name": "Share", "_test": "Test"}
+    )
+    assert response.status_code == 403
+    share.refresh_from_db()
+    assert share.last_test_at is None
+
+
 class Recorder(ThreadingHTTPServer):
     """A stranger's HTTP server that answers anything and records the logins."""
 
