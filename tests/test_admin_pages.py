@@ -297,6 +297,13 @@ def build_site() -> dict[str, list]:
 FILTER_LINK = re.compile(r'<a href="(\?[^"]*)"')
 
 
+def is_column(model, name) -> bool:
+    try:
+        return isinstance(name, str) and not model._meta.get_field(name).is_relation
+    except Exception:
+        return False
+
+
 def test_no_admin_page_fails_on_a_realistic_database(admin_client):
     samples = build_site()
     assert Target.objects.count() == N_TARGETS and Job.objects.count() == N_JOBS
@@ -337,10 +344,12 @@ def test_no_admin_page_fails_on_a_realistic_database(admin_client):
             if "_facets" not in keys:
                 by_filter.setdefault(keys, []).append(link)
         for links in by_filter.values():
-            for link in links[:2]:
-                fetch(changelist + link)
-        for column in range(1, len(model_admin.list_display) + 1):
-            fetch(f"{changelist}?o={column}")
+            fetch(changelist + links[min(1, len(links) - 1)])  # past "All"
+        # Sorting by a model's own column is the database's business; by a computed
+        # or annotated column it is the admin's.
+        for column, name in enumerate(model_admin.list_display, 1):
+            if not is_column(model, name):
+                fetch(f"{changelist}?o={column}")
         if model_admin.search_fields:
             fetch(f"{changelist}?q=1.2&o=-1")
         fetch(f"{changelist}?p=2")

@@ -341,7 +341,7 @@ def test_a_tour_of_the_main_pages(admin_login, live_server, tmp_path, orthanc,
     ReceivedSeries.objects.create(series_uid="1.2.3", folder="/spool/incoming/a",
                                   calling_aet="CT01", instance_count=120,
                                   state="routed", tags={"Modality": "CT"})  # fmt: skip
-    browser = admin_login()
+    browser = admin_login(through_form=True)
     browser.set_window_size(1680, 1050)  # a common desk screen, for the pictures
     try:
         tour(browser, live_server.url, pacs, screenshots)
