@@ -22,7 +22,7 @@ from django.utils import timezone
 
 from dispatch.services import crash_site, scrub
 from targets.models import Direction, Target
-from targets.series import safe_path_part
+from targets.paths import clean_part, inside
 
 from .index import ScanReport
 from .models import AuditAction, AuditEntry, RetrievalJob, RetrievalState
@@ -289,8 +289,9 @@ def retry_retrieval(job: RetrievalJob, user) -> bool:
 
 def _output_folder(job: RetrievalJob) -> Path:
     if job.download:
-        name = safe_path_part(f"{job.pk:06d}_{job.label or job.study_uid}")[:120]
-        return Path(settings.COURIER_DOWNLOAD_DIR) / name
+        # The label is the patient's name, the accession, ...: data.
+        name = clean_part(f"{job.pk:06d}_{job.label or job.study_uid}")[:120]
+        return inside(settings.COURIER_DOWNLOAD_DIR, name)
     # Inside the spool, so the dispatch engine deletes it once the jobs are done.
     return Path(settings.COURIER_SPOOL_DIR) / "retrieved" / f"{job.pk:06d}"
 

@@ -9,6 +9,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from targets.paths import clean_part
+
 # Read once per file; enough for presentation contexts, layouts and routing.
 HEADER_TAGS = [
     "SOPClassUID",
@@ -155,15 +157,8 @@ def scan_folder(folder: str | Path) -> Series:
     return series
 
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._+=@,-]+")
-
-
-def safe_path_part(value: str, fallback: str = "unknown") -> str:
-    """Turn a DICOM value into one safe path component: no separators, no `..`."""
-    cleaned = _UNSAFE.sub("_", str(value).strip()).strip("._")
-    if not cleaned:
-        return fallback
-    return cleaned[:128]
+# The one path-cleaning rule (targets/paths.py), under the name its callers know.
+safe_path_part = clean_part
 
 
 class LayoutError(ValueError):
