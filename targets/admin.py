@@ -94,6 +94,7 @@ class TargetAdmin(admin.ModelAdmin):
         "endpoint_url",
         "called_aet",
     )
+    filter_horizontal = ("export_groups",)
     actions = ["test_selected", "trust_host_key", "pause_dispatch", "resume_dispatch"]
     readonly_fields = ("kind_display", "last_test_display")
 
@@ -151,6 +152,14 @@ class TargetAdmin(admin.ModelAdmin):
                 },
             ),
             ("Information", {"fields": ("contact_email", "description")}),
+            (
+                "Query tool",
+                {
+                    "fields": ("export_groups",),
+                    "description": "Who may send studies retrieved on the query "
+                    "page to this target (besides users allowed every target).",
+                },
+            ),
             (
                 "Dispatch",
                 {
