@@ -198,3 +198,11 @@ def test_the_permissions_and_grants_are_in_the_admin(admin_client, targets):
     assert 'name="export_groups"' in target_page
     refused = admin_client.get("/admin/querytool/auditentry/?action__exact=refused")
     assert refused.status_code == 200
+
+
+def test_the_admin_header_links_to_the_query_page_only_for_searchers(make_user):
+    _, plain = make_user("plain")
+    _, searcher = make_user("searcher", "search_sources")
+    index = reverse("admin:index")
+    assert f'href="{URL}"' not in plain.get(index).content.decode()
+    assert f'href="{URL}"' in searcher.get(index).content.decode()
