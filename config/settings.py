@@ -7,10 +7,14 @@ RedisHuey for sites that outgrow one box.
 
 from __future__ import annotations
 
+import os
 import secrets
+import time
 from pathlib import Path
 
 import environ
+
+from targets.paths import private_dir, private_file, private_sqlite
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -18,7 +22,11 @@ env = environ.Env()
 environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 
 DATA_DIR = Path(env.str("COURIER_DATA_DIR", default=str(BASE_DIR / "data"))).resolve()
-DATA_DIR.mkdir(parents=True, exist_ok=True)
+# 0700, and 0600 for every file Courier keeps there (checked by courier.W010).
+try:
+    private_dir(DATA_DIR)
+except PermissionError:  # owned by another user: the system check says so
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
 
 
 def _persistent_secret(name: str) -> str:
@@ -28,10 +36,22 @@ def _persistent_secret(name: str) -> str:
     restart (sessions, encrypted target secrets), so it is generated once and kept.
     """
     path = DATA_DIR / name
-    if not path.exists():
-        path.touch(mode=0o600)
-        path.write_text(secrets.token_urlsafe(48))
-    return path.read_text().strip()
+    try:
+        # O_EXCL: of two processes starting at once, exactly one writes it.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        private_file(path)  # one from before 0600 was the rule
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(48))
+            f.flush()
+            os.fsync(f.fileno())
+    for _ in range(50):
+        value = path.read_text().strip()
+        if value:
+            return value
+        time.sleep(0.1)  # the process that created it is writing it now
+    raise RuntimeError(f"{path} is empty: delete it to have a new one generated.")
 
 
 SECRET_KEY = env.str("SECRET_KEY", default="") or _persistent_secret("secret_key")
@@ -93,6 +113,8 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    if DATABASES["default"]["NAME"] not in ("", ":memory:"):
+        private_sqlite(DATABASES["default"]["NAME"])
     # The web server and the worker share the file: wait for locks instead of
     # failing, and let readers run beside the writer.
     DATABASES["default"].setdefault("OPTIONS", {}).update(
@@ -130,7 +152,7 @@ else:
     HUEY = {
         "huey_class": "huey.SqliteHuey",
         "name": "courier",
-        "filename": str(DATA_DIR / "huey.sqlite3"),
+        "filename": str(private_sqlite(DATA_DIR / "huey.sqlite3")),
         "immediate": HUEY_IMMEDIATE,
         "consumer": {
             "workers": env.int("COURIER_WORKERS", default=4),

@@ -23,7 +23,7 @@ from django.utils import timezone
 
 from dispatch.services import crash_site, scrub
 from targets.models import Direction, Target
-from targets.paths import clean_part, inside
+from targets.paths import clean_part, inside, private_dir
 
 from .index import ScanReport
 from .models import AuditAction, AuditEntry, RetrievalJob, RetrievalState
@@ -399,8 +399,10 @@ def run_retrieval(job_id: int, progress_hook: Callable | None = None) -> Retriev
             raise SourceError("The source target was deleted or disabled.")
         if not job.download and not job.move_aet and job.destination is None:
             raise SourceError("The destination target was deleted.")
-        if dest is not None:
+        if dest is not None and job.download:
             dest.mkdir(parents=True, exist_ok=True)
+        elif dest is not None:
+            private_dir(dest)  # the spool: Courier's alone
         request = RetrieveRequest(job.study_uid, list(job.series_uids), job.move_aet)
         result = job.source.handler.retrieve(request, dest, _Progress(job_id))
         if result.failed:

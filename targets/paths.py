@@ -5,12 +5,15 @@ who can store an instance somewhere Courier reads from chooses it. Every writer
 (retrieval, Folder, SFTP, S3 keys, rsync staging, XNAT zip members, the spool)
 builds names with `clean_part` / `uid_part` and checks the joined result with
 `inside` (local paths) or `remote_inside` (SFTP paths, S3 keys) before writing.
-This module imports nothing of Courier's, so any layer can use it.
+`private_dir` / `private_file` / `private_sqlite` create what only Courier's user may
+read. This module imports nothing of Courier's, so any layer (settings too) can use
+it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -81,3 +84,67 @@ def remote_inside(root: str, *parts: str) -> str:
     if not root:
         return "/".join(segments)
     return root.rstrip("/") + "/" + "/".join(segments)
+
+
+# -- private files -----------------------------------------------------------------
+# The data directory holds the database (sessions included), the queue, the keys
+# and folder indexes (patient names): Courier's user alone may read any of it.
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
+
+
+def _tighten(path: Path, mode: int) -> None:
+    try:
+        if os.stat(path).st_mode & 0o777 != mode:
+            os.chmod(path, mode)
+    except (FileNotFoundError, PermissionError):
+        # Gone, or another user's: system check courier.W010 names what stays open.
+        pass
+
+
+def loose_files(folder: str | Path) -> list[Path]:
+    """`folder` and the files directly in it that others may read or write."""
+    folder = Path(folder)
+    found = []
+    try:
+        if folder.stat().st_mode & 0o077:
+            found.append(folder)
+        for entry in os.scandir(folder):
+            if entry.is_file(follow_symlinks=False) and entry.stat().st_mode & 0o077:
+                found.append(Path(entry.path))
+    except FileNotFoundError:
+        pass
+    return found
+
+
+def private_dir(path: str | Path) -> Path:
+    """Create `path` (and its parents) if missing; make it 0700 either way."""
+    path = Path(path)
+    path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    _tighten(path, PRIVATE_DIR)
+    return path
+
+
+def private_file(path: str | Path) -> Path:
+    """Create `path` empty with mode 0600 if missing; make an existing one 0600.
+
+    Created before anything writes it, so it is never readable by others, not even
+    for a moment (a later chmod would leave that window).
+    """
+    path = Path(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, PRIVATE_FILE)
+    os.close(fd)
+    _tighten(path, PRIVATE_FILE)
+    return path
+
+
+def private_sqlite(path: str | Path) -> Path:
+    """`private_file` for an SQLite database and its -wal, -shm and -journal files.
+
+    SQLite creates those with the database file's mode, so a 0600 database keeps
+    them 0600; existing ones (from before) are tightened here.
+    """
+    path = private_file(path)
+    for suffix in ("-wal", "-shm", "-journal"):
+        _tighten(path.with_name(path.name + suffix), PRIVATE_FILE)
+    return path
