@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import environ
@@ -72,6 +73,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "huey.contrib.djhuey",
+    "axes",
     "targets",
     "dispatch",
     "querytool",
@@ -87,6 +89,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: it turns a locked-out login into its 429 page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -161,8 +165,87 @@ else:
     }
 
 AUTH_PASSWORD_VALIDATORS = [
-    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {
+        "NAME": "django.contrib.auth.password_validation."
+        "UserAttributeSimilarityValidator"
+    },
+    {
+        "NAME": "django.contrib.auth.password_validation.MinimumLengthValidator",
+        "OPTIONS": {"min_length": env.int("COURIER_PASSWORD_MIN_LENGTH", default=12)},
+    },
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+
+# -- login throttling (django-axes) ----------------------------------------------------
+# Failed logins are counted in the database (so across every web process and
+# machine) per username and client address; after COURIER_LOGIN_FAILURE_LIMIT
+# failures that pair is locked out for COURIER_LOGIN_LOCKOUT_MINUTES. Another address
+# can still log in as that user, so a guesser cannot lock the real admin out.
+# `manage.py axes_reset` unlocks everyone; the admin lists attempts and lockouts.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env.int("COURIER_LOGIN_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = timedelta(
+    minutes=env.float("COURIER_LOGIN_LOCKOUT_MINUTES", default=15)
+)
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_ENABLE_ACCESS_FAILURE_LOG = True
+
+# -- sessions --------------------------------------------------------------------------
+# A session ends after COURIER_SESSION_IDLE_MINUTES without a request (each request
+# moves the deadline), and with the browser.
+SESSION_COOKIE_AGE = int(env.float("COURIER_SESSION_IDLE_MINUTES", default=30) * 60)
+SESSION_SAVE_EVERY_REQUEST = True
+SESSION_EXPIRE_AT_BROWSER_CLOSE = True
+
+# -- HTTPS (production: behind a TLS proxy, see the README's "Security") ---------------
+# COURIER_HTTPS=true: cookies only over HTTPS, plain HTTP redirected (except the
+# monitoring URL, polled on the loopback port), HSTS. COURIER_PROXY_SSL_HEADER names
+# the header the proxy sets to "https" (e.g. X-Forwarded-Proto); set it only when
+# a proxy that always sets that header is the sole way in. Behind it, the client
+# address for login throttling is the last X-Forwarded-For entry (the proxy's view).
+COURIER_HTTPS = env.bool("COURIER_HTTPS", default=False)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = COURIER_HTTPS
+SECURE_SSL_REDIRECT = COURIER_HTTPS
+SECURE_REDIRECT_EXEMPT = [r"^health/$"]
+SECURE_HSTS_SECONDS = env.int(
+    "COURIER_HSTS_SECONDS", default=365 * 24 * 3600 if COURIER_HTTPS else 0
+)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool(
+    "COURIER_HSTS_INCLUDE_SUBDOMAINS", default=True
+)
+SECURE_HSTS_PRELOAD = env.bool("COURIER_HSTS_PRELOAD", default=True)
+_PROXY_SSL_HEADER = env.str("COURIER_PROXY_SSL_HEADER", default="").strip()
+SECURE_PROXY_SSL_HEADER = (
+    ("HTTP_" + _PROXY_SSL_HEADER.upper().replace("-", "_"), "https")
+    if _PROXY_SSL_HEADER
+    else None
+)
+
+
+def _client_ip(request) -> str | None:
+    """The client's address for login throttling (see above)."""
+    if SECURE_PROXY_SSL_HEADER:
+        forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "")
+        if forwarded.strip():
+            return forwarded.split(",")[-1].strip()
+    return request.META.get("REMOTE_ADDR")
+
+
+def _client_str(username, ip_address, user_agent, path_info, request) -> str:
+    """How axes names a client in its log lines: quoted, so a username holding a
+    line break cannot forge a log line."""
+    path = path_info[0] if isinstance(path_info, tuple | list) else path_info
+    return f"user={username!r} ip={ip_address!r} path={path!r}"
+
+
+AXES_CLIENT_IP_CALLABLE = _client_ip
+AXES_CLIENT_STR_CALLABLE = _client_str
+AXES_VERBOSE = False  # no banner on every manage.py command
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = env.str("TIME_ZONE", default="UTC")
