@@ -65,7 +65,7 @@ def no_failures(result) -> None:
     assert not [o for o in result.outcomes if o.status == FAILED], result.outcomes
 
 
-def test_folder_target(crafted, tmp_path):
+def test_a_folder_target_keeps_crafted_names_inside_and_apart(crafted, tmp_path):
     out = tmp_path / "deep" / "er" / "out"
     out.mkdir(parents=True)
     target = FolderTarget(name="f", path=str(out), layout=LAYOUT)
@@ -76,7 +76,7 @@ def test_folder_target(crafted, tmp_path):
     assert_four_distinct(sorted(files_under(out)), crafted)
 
 
-def test_dicomweb_file_folder_target(crafted, tmp_path):
+def test_a_dicomweb_file_folder_keeps_crafted_names_inside_and_apart(crafted, tmp_path):
     out = tmp_path / "deep" / "er" / "web"
     out.mkdir(parents=True)
     target = DicomWebTarget(name="w", url=f"file://{out}")
@@ -103,7 +103,9 @@ def ssh_target(model, sshd, **fields):
 
 
 @pytest.mark.parametrize("model", [SftpTarget, RsyncTarget], ids=["sftp", "rsync"])
-def test_ssh_targets(model, crafted, sshd):
+def test_sftp_and_rsync_keep_crafted_names_inside_the_remote_folder(
+    model, crafted, sshd
+):
     target = ssh_target(model, sshd)
     home = sshd.home(sshd.key_user)
 
@@ -114,7 +116,7 @@ def test_ssh_targets(model, crafted, sshd):
     assert_four_distinct(sorted(files_under(out)), crafted)
 
 
-def test_s3_keys(crafted, seaweedfs):
+def test_s3_keys_from_crafted_tags_have_no_dot_or_empty_segments(crafted, seaweedfs):
     bucket = seaweedfs.create_bucket(f"courier-{uuid.uuid4().hex[:10]}")
     target = S3Target.objects.create(
         name="s3",
@@ -139,7 +141,7 @@ def test_s3_keys(crafted, seaweedfs):
         assert not {"", ".", ".."} & set(key.split("/")), key
 
 
-def test_xnat_zip_members(crafted, xnat_fake, tmp_path):
+def test_xnat_zip_members_are_plain_distinct_file_names(crafted, xnat_fake, tmp_path):
     target = XnatTarget(
         name="x",
         url=xnat_fake.url,
