@@ -20,7 +20,7 @@ from django.utils.formats import date_format
 from django.utils.html import format_html, format_html_join
 from django.views.decorators.http import require_POST
 
-from .forms import TargetForm
+from .forms import REPOINT_NOTE, TargetForm
 from .kinds.base import TestResult
 from .models import PROXIES, QUERYABLE_KINDS, Kind, Target
 from .secrets import EncryptedTextField
@@ -55,10 +55,6 @@ KIND_HINTS = {
 OK_COLOUR = "#2e7d32"
 FAILED_COLOUR = "#c62828"
 PAUSED_COLOUR = "#9e6a03"
-
-# Editing one of these points the target somewhere else: a Test of the edited form
-# must not hand the stored secrets (or the pinned host key) to the new address.
-ADDRESS_FIELDS = ("host", "port", "url", "endpoint_url", "username")
 
 
 def _as_target(obj: Target) -> Target:
@@ -126,26 +122,15 @@ def settings_under_test(form: TargetForm) -> tuple[Target, list[str]]:
     """The target as the valid, unsaved `form` describes it, and what was left out.
 
     Secrets left blank mean "keep the stored one", except when the form points the
-    target at another host, URL, port or user: then the stored secrets and the
-    pinned host key stay out of the test (they must not go to a new address).
+    target at another host, URL, port or user: the form then clears the stored
+    secrets and the pinned host key (they must not go to a new address), and so
+    does the test.
     """
-    target = form.instance
-    moved = [n for n in ADDRESS_FIELDS if n in form.changed_data]
-    notes: list[str] = []
-    if target.pk is None or not moved:
-        return target, notes
-    for name in getattr(form, "secret_fields", []):
-        typed = form.data.get(f"{name}_0", "")
-        if getattr(target, name) and not typed:
-            setattr(target, name, "")
-            label = target._meta.get_field(name).verbose_name
-            notes.append(f"the stored {label} was not used (the address changed)")
-    if "host_key" in form.fields and "host_key" not in form.changed_data:
-        if target.host_key:
-            notes.append("the pinned host key was not used (the address changed)")
-        target.host_key = ""
-        target.host_key_type = target.host_key_data = ""
-    return target, notes
+    notes = [
+        f"the stored {label} was not used (the address changed)"
+        for label in form.cleared_labels()
+    ]
+    return form.instance, notes
 
 
 class StatusFilter(admin.SimpleListFilter):
@@ -191,6 +176,7 @@ class TargetAdmin(admin.ModelAdmin):
         "contact_email",
         "description",
     )
+    filter_horizontal = ("export_groups",)
     actions = ["test_selected", "trust_host_key", "pause_dispatch", "resume_dispatch"]
     readonly_fields = ("kind_display", "last_test_display")
 
@@ -256,11 +242,19 @@ class TargetAdmin(admin.ModelAdmin):
                 f"{name}_status" if name in SECRET_FIELDS else name
                 for name in connection
             )
-        # Connection, Information and Dispatch become tabs in the browser
-        # (target_admin.js); without JavaScript they are the usual sections.
+        guarded = any(n in SECRET_FIELDS or n == "host_key" for n in connection)
+        # Connection, Information, Query tool and Dispatch become tabs in the
+        # browser (target_admin.js); without JavaScript they are the usual sections.
         fieldsets = [
             (None, {"fields": ("name", "kind_display", "direction", "enabled")}),
-            ("Connection", {"fields": connection, "classes": ("target-tab",)}),
+            (
+                "Connection",
+                {
+                    "fields": connection,
+                    "description": REPOINT_NOTE if obj is not None and guarded else "",
+                    "classes": ("target-tab",),
+                },
+            ),
             (
                 "Information",
                 {
@@ -268,6 +262,15 @@ class TargetAdmin(admin.ModelAdmin):
                     "classes": ("target-tab",),
                     "description": "For the record: whom to call when this target "
                     "has a problem, and what it is.",
+                },
+            ),
+            (
+                "Query tool",
+                {
+                    "fields": ("export_groups",),
+                    "description": "Who may send studies retrieved on the query "
+                    "page to this target (besides users allowed every target).",
+                    "classes": ("target-tab",),
                 },
             ),
             (
@@ -294,6 +297,18 @@ class TargetAdmin(admin.ModelAdmin):
             fields=form._meta.fields,
             formfield_callback=form._meta.formfield_callback,
         )
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        cleared = form.cleared_labels() if change else []
+        if cleared:
+            self.message_user(
+                request,
+                f"{obj.name} points somewhere new, so its stored "
+                f"{', '.join(cleared)} {'was' if len(cleared) == 1 else 'were'} "
+                "cleared: enter them again if the new address needs them.",
+                messages.WARNING,
+            )
 
     @admin.display(description="kind")
     def kind_display(self, obj: Target | None) -> str:

@@ -33,7 +33,7 @@ def test_runcourier_serves_with_gunicorn_and_stops_on_ctrl_c(courier_site):
     env = {
         **site.env,
         "COURIER_RECEIVER_PORT": str(dicom),
-        "COURIER_ADMIN_PASSWORD": "pw-for-the-test",
+        "COURIER_ADMIN_PASSWORD": "Runcourier-test-9f3a2c",
     }
     with open(log, "wb") as out:
         proc = subprocess.Popen(

@@ -146,7 +146,11 @@ def s3_case(get, tmp: Path) -> Case:
             "bucket reachable",
             "write probe",
         ),  # fmt: skip
-        wrong={"endpoint_url": f"http://127.0.0.1:{free_port()}"},
+        # A new endpoint clears the stored secret: it is typed again, as the form asks.
+        wrong={
+            "endpoint_url": f"http://127.0.0.1:{free_port()}",
+            "secret_key": weed.admin.secret_key,
+        },  # fmt: skip
         wrong_words="endpoint unreachable",
         unchanged={"endpoint_url": weed.endpoint_url},
     )
@@ -162,7 +166,7 @@ def xnat_case(get, tmp: Path) -> Case:
             "password": "s3cret",
         },  # fmt: skip
         passing=("XNAT server", "Login", "Project", "Upload permission"),
-        wrong={"url": f"http://127.0.0.1:{orthanc.http_port}"},
+        wrong={"url": f"http://127.0.0.1:{orthanc.http_port}", "password": "s3cret"},
         wrong_words="not an XNAT server",
         unchanged={"url": fake.url},
     )
@@ -261,10 +265,10 @@ def test_an_admin_adds_saves_and_tests_each_kind_of_target(
     panel = browser.find_element(By.ID, "form-test-result")
     assert "failed" in panel.text and case.wrong_words in panel.text, panel.text
     assert "(not saved) failed" in messages(browser)
-    field_name = next(iter(case.wrong))
-    if field_name not in ("password", "secret_key"):  # secrets are never shown
-        shown = browser.find_element(By.NAME, field_name).get_attribute("value")
-        assert shown == case.wrong[field_name]
+    for field_name, value in case.wrong.items():
+        if field_name not in ("password", "secret_key"):  # secrets are never shown
+            shown = browser.find_element(By.NAME, field_name).get_attribute("value")
+            assert shown == value
 
     target = Target.objects.get(name=name).as_kind()
     assert target.last_test_ok is True  # still the saved settings' result
