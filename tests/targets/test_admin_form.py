@@ -337,7 +337,8 @@ def test_the_dicomweb_form_carries_the_rules_for_a_local_folder(admin_client):
 
 def test_connection_information_and_dispatch_are_tab_sections(admin_client, share):
     html = admin_client.get(change_url(share)).content.decode()
-    assert html.count('<fieldset class="module aligned target-tab"') == 3
+    # Connection, Information, Query tool (who may export here), Dispatch.
+    assert html.count('<fieldset class="module aligned target-tab"') == 4
     assert "targets/target_admin.js" in html
     assert "whom to call when this target has a problem" in html
 
