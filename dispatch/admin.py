@@ -171,7 +171,6 @@ class JobAdmin(admin.ModelAdmin):
         "created_at",
         "error_column",
     )
-    change_form_template = "admin/dispatch/job/change_form.html"
     list_filter = ("state", TargetSearchFilter, "created_at", "source")
     search_fields = ("series_uid", "study_uid", "folder", "target__name")
     date_hierarchy = "created_at"

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -73,6 +74,32 @@ def _redact(message: str, *targets: Target | None) -> str:
     return message
 
 
+@contextmanager
+def _in_words(source: Target, what: str) -> Iterator[None]:
+    """Any failure of a source is a `SourceError` the page shows, never a 500.
+
+    The sources name the failures they know; this catches the rest (a library's
+    unexpected exception) with its type and message, secrets blanked out.
+    """
+    try:
+        yield
+    except SourceError:
+        raise
+    except Exception as exc:
+        log.error(
+            "query source error source=%s error=%s at=%s",
+            source.pk,
+            type(exc).__name__,
+            crash_site(exc),
+        )
+        raise SourceError(
+            _redact(
+                f"The {what} on {source.name} failed: {type(exc).__name__}: {exc}",
+                source,
+            )
+        ) from exc
+
+
 def audit(user, action: str, source: Target | None, **fields) -> AuditEntry:
     return AuditEntry.objects.create(
         user=user if getattr(user, "pk", None) else None,
@@ -90,7 +117,8 @@ def search(
     """Search one source; audit it (also when it fails). Raise `SourceError`."""
     limit = limit or settings.COURIER_QUERY_LIMIT
     try:
-        found = source.handler.query(criteria, limit)
+        with _in_words(source, "search"):
+            found = source.handler.query(criteria, limit)
     except SourceError as exc:
         exc.message = _redact(exc.message, source)
         audit(
@@ -118,7 +146,8 @@ def search(
 
 def list_series(source: Target, study_uid: str, user) -> list[Series]:
     try:
-        series = source.handler.query_series(study_uid)
+        with _in_words(source, "listing the series"):
+            series = source.handler.query_series(study_uid)
     except SourceError as exc:
         exc.message = _redact(exc.message, source)
         audit(
@@ -144,7 +173,8 @@ def reindex(source: Target, user=None, progress=None) -> ScanReport:
     """Rescan a local-folder source's index now."""
     if not is_local_folder(source):
         raise SourceError(f"{source.name} is not a local folder.")
-    report = source_for(source).index().scan(progress)
+    with _in_words(source, "rescan"):
+        report = source_for(source).rescan(progress)
     audit(
         user,
         AuditAction.INDEX,

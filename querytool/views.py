@@ -147,16 +147,11 @@ def query_page(request):
 def _index_info(source) -> dict | None:
     """Counts, last scan and unreadable files of a local folder's index."""
     try:
-        index = source_for(source).index()
+        info = source_for(source).index_info()
     except SourceError:
         return None
-    last = index.last_scan()
-    return {
-        **index.counts(),
-        "last_scan": datetime.fromtimestamp(last, tz=UTC) if last else None,
-        "problem_list": index.problems(limit=200),
-        "path": index.path,
-    }
+    last = info["last_scan"]
+    return {**info, "last_scan": datetime.fromtimestamp(last, tz=UTC) if last else None}
 
 
 def _back(request) -> str:
