@@ -19,14 +19,17 @@ from pathlib import Path
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F
+from django.template.defaultfilters import pluralize
 from django.utils import timezone
 
+from dispatch import services as dispatch_services
+from dispatch.models import ACTIVE_STATES, SUCCESS_STATES, Job, State
 from dispatch.services import crash_site, scrub
 from targets.models import Direction, Target
 from targets.series import safe_path_part
 
 from .index import ScanReport
-from .models import AuditAction, AuditEntry, RetrievalJob, RetrievalState
+from .models import AuditAction, AuditEntry, Delivery, RetrievalJob, RetrievalState
 from .sources import (
     Cancelled,
     Criteria,
@@ -291,8 +294,56 @@ def cancel_retrieval(job: RetrievalJob, user) -> None:
     audit(user, AuditAction.CANCEL, job.source, detail=f"#{job.pk} {job.label}")
 
 
+def attach_deliveries(jobs) -> list[RetrievalJob]:
+    """Set `delivery` on each retrieval that queued send jobs (one query for all)."""
+    jobs = list(jobs)
+    ids = {pk for job in jobs for pk in job.dispatch_jobs or []}
+    sends = {j.pk: j for j in Job.objects.filter(pk__in=ids)} if ids else {}
+    now = timezone.now()
+    for job in jobs:
+        mine = [sends[pk] for pk in job.dispatch_jobs or [] if pk in sends]
+        if not mine:
+            continue
+        delivery = Delivery(jobs=len(mine))
+        for send in mine:
+            delivery.instances += send.total
+            delivery.delivered += send.done_count
+            if send.state in ACTIVE_STATES:
+                delivery.active += 1
+                delivery.waiting = delivery.waiting or send.status_text(now)
+            elif send.state in SUCCESS_STATES:
+                delivery.done += 1
+            else:
+                delivery.failures.append(
+                    send.last_error or send.get_state_display().lower()
+                )
+        job.delivery = delivery
+    return jobs
+
+
 def retry_retrieval(job: RetrievalJob, user) -> bool:
-    """Queue a failed, partial or cancelled job again (files already there stay)."""
+    """Queue a failed, partial or cancelled job again (files already there stay).
+
+    A retrieval whose instances arrived but whose send jobs failed retries those
+    send jobs: the series are still in the spool.
+    """
+    (job,) = attach_deliveries([job])
+    if job.shown_state == RetrievalState.FAILED and job.state in (
+        RetrievalState.DONE,
+        RetrievalState.PARTIAL,
+    ):
+        failed = Job.objects.filter(
+            pk__in=job.dispatch_jobs, state__in=[State.FAILED, State.CANCELLED]
+        )
+        if dispatch_services.retry_now(failed):
+            audit(
+                user,
+                AuditAction.RETRY,
+                job.source,
+                detail=f"#{job.pk} {job.label}: send to {job.destination_label}",
+            )
+            return True
+        return False
     updated = RetrievalJob.objects.filter(
         pk=job.pk,
         state__in=[
@@ -374,7 +425,10 @@ def run_retrieval(job_id: int, progress_hook: Callable | None = None) -> Retriev
         result = job.source.handler.retrieve(request, dest, _Progress(job_id))
         if result.failed:
             state = RetrievalState.PARTIAL
-            message = result.message or f"{result.failed} instance(s) failed."
+            message = (
+                result.message
+                or f"{result.failed} instance{pluralize(result.failed)} failed."
+            )
         elif result.completed == 0:
             state = RetrievalState.FAILED
             message = result.message or "The source sent no instances."
@@ -442,5 +496,6 @@ def _dispatch(job: RetrievalJob, folders: list[Path], message: str) -> str:
             f"not be queued: {exc}"
         ) from exc
     RetrievalJob.objects.filter(pk=job.pk).update(dispatch_jobs=ids)
-    note = f"Queued {len(ids)} send job(s) to {job.destination_name}."
+    n = len(ids)
+    note = f"Queued {n} send job{pluralize(n)} to {job.destination_name}."
     return f"{message} {note}" if message else note
