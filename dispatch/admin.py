@@ -43,13 +43,21 @@ def percent(job: Job) -> int:
 
 
 def job_progress(job: Job, now=None) -> dict:
-    """What the pages show of a job and update while it is active."""
+    """What the pages show of a job and update while it is active.
+
+    A cancelled job whose worker has not let go yet counts as active: its page
+    goes on polling until it may be retried.
+    """
+    now = now or timezone.now()
+    retryable = not services.retry_refusal(job, now)
+    stopping = job.state == State.CANCELLED and not retryable
     return {
         "id": job.pk,
         "state": job.state,
         "state_label": job.get_state_display(),
         "colour": STATE_COLOURS.get(job.state, ""),
-        "active": job.is_active,
+        "active": job.is_active or stopping,
+        "retryable": retryable,
         "progress": progress_text(job),
         "percent": percent(job),
         "sent_size": filesizeformat(job.bytes_sent),
@@ -298,7 +306,8 @@ class JobAdmin(admin.ModelAdmin):
     def live_status(self, job: Job) -> str:
         info = job_progress(job)
         return format_html(
-            '<div id="job-live" data-job="{}" data-active="{}" data-state="{}">'
+            '<div id="job-live" data-job="{}" data-active="{}" data-state="{}" '
+            'data-retryable="{}">'
             '<strong class="job-state" style="color:{}">{}</strong> · '
             '<span class="job-progress">{}</span> instances · '
             '<span class="job-size">{}</span> sent '
@@ -307,6 +316,7 @@ class JobAdmin(admin.ModelAdmin):
             job.pk,
             "1" if info["active"] else "0",
             job.state,
+            "1" if info["retryable"] else "0",
             info["colour"] or "inherit",
             info["state_label"],
             info["progress"],
@@ -382,14 +392,11 @@ class JobAdmin(admin.ModelAdmin):
         ]
         now = timezone.now()
         jobs = Job.objects.filter(pk__in=ids)
-        newest = Job.objects.order_by("-id").values_list("id", flat=True).first()
-        return JsonResponse(
-            {
-                "jobs": [job_progress(job, now) for job in jobs],
-                "summary": services.status_summary(now),
-                "newest": newest or 0,
-            }
-        )
+        newest = Job.objects.order_by("-id").values_list("id", flat=True).first
+        data = {"jobs": [job_progress(job, now) for job in jobs]}
+        if request.GET.get("summary") != "0":  # the job page does not show it
+            data.update(summary=services.status_summary(now), newest=newest() or 0)
+        return JsonResponse(data)
 
     def retry_view(self, request: HttpRequest, object_id: int):
         job = get_object_or_404(Job, pk=object_id)

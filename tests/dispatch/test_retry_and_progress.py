@@ -1,18 +1,17 @@
-"""Retrying failed and cancelled jobs, and progress written while a job sends.
+"""Retrying failed and cancelled jobs, and progress written in batches.
 
 Against dcmtk's storescp: first stopped (its port held, so connections are refused,
-as with a peer that is down), then started.
+as with a peer that is down), then started. Progress moving on the pages while a
+job sends, and Cancel then Retry of a sending job, are walked in a browser in
+tests/dispatch/test_browser.py.
 """
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from datetime import timedelta
 
 import pytest
-from django.db import connection, connections
+from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
@@ -21,16 +20,9 @@ from dispatch import services
 from dispatch.models import InstanceState, Job, State
 from targets.models import DicomTarget
 from tests.dicomgen import make_series
-from tests.peers import StoreSCP
+from tests.peers import StoreSCP, held_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def hold(port: int) -> socket.socket:
-    """Bind `port` on loopback without listening: connections to it are refused."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", port))
-    return sock
 
 
 def scp_target(peer: StoreSCP, **fields) -> DicomTarget:
@@ -48,7 +40,8 @@ def test_a_retried_job_counts_its_attempts_on_and_ends_done(
     how, tmp_path, immediate_huey
 ):
     peer = StoreSCP(tmp_path / "scp")
-    held = hold(peer.port)
+    held = held_port()
+    peer.port = held.getsockname()[1]
     attempts = 1 if how == "failed" else 5
     target = scp_target(peer, retry_max_attempts=attempts, retry_base_delay=60)
     series = make_series(tmp_path / "in", 3)
@@ -91,7 +84,8 @@ def test_the_retry_budget_starts_afresh_but_attempt_numbers_do_not(
     tmp_path, immediate_huey
 ):
     peer = StoreSCP(tmp_path / "scp")
-    held = hold(peer.port)
+    held = held_port()
+    peer.port = held.getsockname()[1]
     target = scp_target(peer, retry_max_attempts=1)
     series = make_series(tmp_path / "in", 1)
     try:
@@ -148,67 +142,3 @@ def test_outcomes_and_progress_are_written_in_batches_not_per_instance(
         if q["sql"].startswith('UPDATE "dispatch_jobinstance"')
     ]
     assert 1 <= len(instance_updates) <= 5, len(instance_updates)
-
-
-def test_progress_moves_while_a_job_sends(tmp_path):
-    """A slow peer (1 s per instance): the job's counters grow during the send."""
-    series = make_series(tmp_path / "in", 4)
-    with StoreSCP(tmp_path / "slow", extra_args=["--sleep-after", "1"]) as slow:
-        target = scp_target(slow, name="slow-scp")
-        (job,) = services.create_jobs(
-            series.folder, [target], owned_spool=False, enqueue_now=False
-        )
-        seen: list[tuple[str, int]] = []
-        worker = threading.Thread(target=_run_job_closing, args=(job.pk,))
-        worker.start()
-        while worker.is_alive():
-            state, sent = Job.objects.filter(pk=job.pk).values_list("state", "sent")[0]
-            seen.append((state, sent))
-            time.sleep(0.2)
-        worker.join()
-    job.refresh_from_db()
-    assert job.state == State.DONE and job.sent == 4
-    during = {sent for state, sent in seen if state == State.SENDING}
-    # Seen sending with some but not all instances counted: progress moved.
-    assert during & {1, 2, 3}, seen
-
-
-def _run_job_closing(job_id: int) -> None:
-    try:
-        services.run_job(job_id)
-    finally:
-        connections.close_all()
-
-
-def test_a_cancel_stops_a_sending_job_soon_and_a_retry_finishes_it(tmp_path):
-    series = make_series(tmp_path / "in", 6)
-    with StoreSCP(tmp_path / "slow", extra_args=["--sleep-after", "1"]) as slow:
-        target = scp_target(slow, name="slow-scp")
-        (job,) = services.create_jobs(
-            series.folder, [target], owned_spool=False, enqueue_now=False
-        )
-        worker = threading.Thread(target=_run_job_closing, args=(job.pk,))
-        worker.start()
-        deadline = time.monotonic() + 60
-        while Job.objects.get(pk=job.pk).sent < 1 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        job = Job.objects.get(pk=job.pk)
-        assert job.state == State.SENDING
-        assert services.cancel([job]) == 1
-        worker.join(60)
-        # The worker noticed at its next progress write (not at its next lease
-        # renewal, a third of COURIER_JOB_LEASE away): the rest was not sent.
-        assert len(slow.files()) < 6
-        job.refresh_from_db()
-        assert job.state == State.CANCELLED and not job.lease_owner
-        assert 1 <= job.sent < 6
-        assert job.attempts.get().outcome == "cancelled"
-
-        assert services.retry_now([job]) == 1
-        services.run_job(job.pk)
-    job.refresh_from_db()
-    assert job.state == State.DONE and job.sent == 6
-    assert list(job.attempts.values_list("number", "outcome")) == [
-        (1, "cancelled"),
-        (2, "done"),
-    ]

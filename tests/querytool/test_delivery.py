@@ -6,8 +6,6 @@ so connections are refused), started later.
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 from django.urls import reverse
 
@@ -16,7 +14,7 @@ from dispatch.models import Job, State
 from querytool import services
 from querytool.models import RetrievalState
 from targets.models import DicomTarget, DicomWebTarget
-from tests.peers import StoreSCP
+from tests.peers import StoreSCP, held_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -44,8 +42,8 @@ def test_a_retrieval_waits_for_its_send_jobs_and_shows_why_they_failed(
         name="Archive", url=folder.as_uri(), direction="query"
     )
     peer = StoreSCP(tmp_path / "scp")
-    held = socket.socket()
-    held.bind(("127.0.0.1", peer.port))  # down: connections are refused
+    held = held_port()  # down: connections are refused
+    peer.port = held.getsockname()[1]
     pacs = DicomTarget.objects.create(
         name="PACS",
         host="127.0.0.1",
