@@ -158,11 +158,11 @@ class RetrievalJob(models.Model):
             return self.message
         dest = self.destination_label
         if d.failures:
-            n = len(d.failures)
+            reasons = list(dict.fromkeys(d.failures))  # the same reason once
             words = (
-                f"{n} of {d.jobs} series could not be sent to {dest}: "
-                + "; ".join(d.failures[:3])
-                + (" …" if n > 3 else "")
+                f"{len(d.failures)} of {d.jobs} series could not be sent to {dest}: "
+                + "; ".join(reasons[:3])
+                + (" …" if len(reasons) > 3 else "")
             )
         elif d.active:
             words = (
