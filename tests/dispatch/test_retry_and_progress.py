@@ -8,10 +8,12 @@ tests/dispatch/test_browser.py.
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import pytest
 from django.db import connection
+from django.template.defaultfilters import filesizeformat
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
@@ -142,3 +144,35 @@ def test_outcomes_and_progress_are_written_in_batches_not_per_instance(
         if q["sql"].startswith('UPDATE "dispatch_jobinstance"')
     ]
     assert 1 <= len(instance_updates) <= 5, len(instance_updates)
+
+
+def test_job_pages_show_seconds_sizes_and_plurals(tmp_path, admin_client, storescp):
+    target = scp_target(storescp, name="fast-scp")
+    series = make_series(tmp_path / "in", 2)
+    (job,) = services.create_jobs(
+        series.folder, [target], owned_spool=False, enqueue_now=False
+    )
+    services.run_job(job.pk)
+    listing = admin_client.get(reverse("admin:dispatch_job_changelist"))
+    body = listing.content.decode()
+    assert re.search(
+        r"<td class=\"field-created_at[^>]*>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d<", body
+    )
+    page = admin_client.get(reverse("admin:dispatch_job_change", args=[job.pk]))
+    body = page.content.decode()
+    job.refresh_from_db()
+    size = filesizeformat(job.bytes_sent)
+    assert re.fullmatch(r"\d+\.\d\xa0KB", size)
+    assert body.count(size) >= 2, size  # the job's and its attempt's
+    response = admin_client.post(
+        reverse("admin:dispatch_job_changelist"),
+        {"action": "retry_now_action", "_selected_action": [job.pk]},
+        follow=True,
+    )
+    body = response.content.decode()
+    assert f"Not retried: job {job.pk} is already done: nothing to retry." in body
+    Job.objects.filter(pk=job.pk).update(state=State.FAILED)
+    response = admin_client.post(
+        reverse("admin:dispatch_job_retry", args=[job.pk]), follow=True
+    )
+    assert "1 job queued again." in response.content.decode()
