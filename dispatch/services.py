@@ -221,7 +221,7 @@ def create_jobs(
                 calling_aet=context.calling_aet or "",
                 called_aet=context.called_aet or "",
                 total=len(own.instances),
-                skipped=len(scanned.skipped),
+                skipped=len(scanned.skipped) + len(scanned.corrupt),
             )
             JobInstance.objects.bulk_create(
                 JobInstance(
@@ -463,7 +463,7 @@ def run_jobs_from(job_id: int, *, budget_seconds: float = 20.0) -> int:
 def _mark_missing(job: Job, paths: set[str]) -> None:
     JobInstance.objects.filter(job=job, path__in=paths).update(
         state=InstanceState.FAILED,
-        message="file is gone from the folder or is no longer DICOM",
+        message="file is gone from the folder, is no longer DICOM or is corrupt",
     )
 
 
@@ -1009,14 +1009,7 @@ def send_series(
         raise DispatchError(waiting.split(";")[0] + "; enable or resume it first")
     series = scan_folder(folder)
     if not series.instances:
-        raise DispatchError(
-            f"no DICOM files in {folder}"
-            + (
-                f" ({len(series.skipped)} other files skipped)"
-                if series.skipped
-                else ""
-            )
-        )
+        raise DispatchError(f"no DICOM files in {folder}" + _refused_note(series))
     start = time.monotonic()
     (job,) = create_jobs(
         folder,
@@ -1035,7 +1028,21 @@ def send_series(
     if result is None and job.state == State.QUEUED:
         # Not claimed (cannot happen without a limit, but never leave it orphaned).
         enqueue(job)
-    return SendReport(job=job, skipped=series.skipped, seconds=time.monotonic() - start)
+    return SendReport(
+        job=job,
+        skipped=series.skipped + series.corrupt,
+        seconds=time.monotonic() - start,
+    )
+
+
+def _refused_note(series: Series) -> str:
+    parts = []
+    if series.corrupt:
+        names = ", ".join(p.name for p, _ in series.corrupt[:3])
+        parts.append(f"{len(series.corrupt)} corrupt DICOM files refused: {names}")
+    if series.skipped:
+        parts.append(f"{len(series.skipped)} other files skipped")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def queue_series(
@@ -1047,7 +1054,7 @@ def queue_series(
         raise DispatchError(f"{folder} is not a folder")
     series = scan_folder(folder)
     if not series.instances:
-        raise DispatchError(f"no DICOM files in {folder}")
+        raise DispatchError(f"no DICOM files in {folder}" + _refused_note(series))
     (job,) = create_jobs(
         folder,
         [target],

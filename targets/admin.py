@@ -15,7 +15,7 @@ from django.utils.formats import date_format
 from django.utils.html import format_html, format_html_join
 from django.views.decorators.http import require_POST
 
-from .forms import TargetForm
+from .forms import REPOINT_NOTE, TargetForm
 from .models import PROXIES, QUERYABLE_KINDS, Kind, Target
 from .secrets import EncryptedTextField
 from .services import run_test
@@ -94,6 +94,7 @@ class TargetAdmin(admin.ModelAdmin):
         "endpoint_url",
         "called_aet",
     )
+    filter_horizontal = ("export_groups",)
     actions = ["test_selected", "trust_host_key", "pause_dispatch", "resume_dispatch"]
     readonly_fields = ("kind_display", "last_test_display")
 
@@ -140,10 +141,25 @@ class TargetAdmin(admin.ModelAdmin):
                 f"{name}_status" if name in SECRET_FIELDS else name
                 for name in connection
             )
+        guarded = any(n in SECRET_FIELDS or n == "host_key" for n in connection)
         fieldsets = [
             (None, {"fields": ("name", "kind_display", "direction", "enabled")}),
-            ("Connection", {"fields": connection}),
+            (
+                "Connection",
+                {
+                    "fields": connection,
+                    "description": REPOINT_NOTE if obj is not None and guarded else "",
+                },
+            ),
             ("Information", {"fields": ("contact_email", "description")}),
+            (
+                "Query tool",
+                {
+                    "fields": ("export_groups",),
+                    "description": "Who may send studies retrieved on the query "
+                    "page to this target (besides users allowed every target).",
+                },
+            ),
             (
                 "Dispatch",
                 {
@@ -167,6 +183,18 @@ class TargetAdmin(admin.ModelAdmin):
             fields=form._meta.fields,
             formfield_callback=form._meta.formfield_callback,
         )
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        cleared = form.cleared_labels() if change else []
+        if cleared:
+            self.message_user(
+                request,
+                f"{obj.name} points somewhere new, so its stored "
+                f"{', '.join(cleared)} {'was' if len(cleared) == 1 else 'were'} "
+                "cleared: enter them again if the new address needs them.",
+                messages.WARNING,
+            )
 
     @admin.display(description="kind")
     def kind_display(self, obj: Target | None) -> str:

@@ -321,6 +321,17 @@ class Target(models.Model):
         default=False, help_text="Jobs for a paused target wait until it is resumed."
     )
 
+    # -- query tool ------------------------------------------------------------------
+    export_groups = models.ManyToManyField(
+        "auth.Group",
+        blank=True,
+        related_name="export_targets",
+        verbose_name="groups that may export here",
+        help_text="Members of these groups (with the permission to retrieve "
+        "studies) may send query results to this target. Users with 'Can export "
+        "retrieved studies to any target' may always.",
+    )
+
     class Meta:
         ordering = ["name"]
         constraints = [

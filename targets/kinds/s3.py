@@ -32,6 +32,7 @@ from botocore.exceptions import (
 )
 from botocore.utils import determine_content_length
 
+from targets.paths import UnsafePath, remote_inside
 from targets.series import Instance, Series
 
 from .base import (
@@ -139,7 +140,15 @@ class S3Handler(Handler):
         return "/".join(p for p in (self.target.prefix or "").split("/") if p)
 
     def key_for(self, rel: str, name: str) -> str:
-        return "/".join(p for p in (self.key_prefix, rel, name) if p)
+        """`<prefix>/<rel>/<name>`; raise `TargetError` if a part is not clean (a
+        consumer syncing the bucket to disk must not meet `..` or `//`)."""
+        parts = [p for p in (rel, name) if p]
+        if not parts:
+            return self.key_prefix
+        try:
+            return remote_inside(self.key_prefix, *parts)
+        except UnsafePath as exc:
+            raise TargetError(str(exc), permanent=True) from None
 
     def extra_args(self) -> dict[str, str]:
         args = {"ContentType": CONTENT_TYPE}

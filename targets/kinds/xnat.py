@@ -27,6 +27,7 @@ import requests
 from django.conf import settings
 
 from targets.models import DEFAULT_SESSION_TEMPLATE, DEFAULT_SUBJECT_TEMPLATE
+from targets.paths import plain_name, uid_part
 from targets.series import Series
 
 from .base import (
@@ -338,7 +339,10 @@ class XnatHandler(Handler):
                 archive, "w", zipfile.ZIP_DEFLATED, compresslevel=1
             ) as zf:
                 for index, inst in enumerate(series.instances):
-                    zf.write(inst.path, f"{index + 1:05d}_{inst.sop_instance_uid}.dcm")
+                    # The UID is data: a member named "../x" would be written
+                    # wherever the server's unzip puts it.
+                    name = f"{index + 1:05d}_{uid_part(inst.sop_instance_uid)}.dcm"
+                    zf.write(inst.path, plain_name(name))
         except OSError as exc:
             raise TargetError(f"cannot zip the series: {exc}") from None
 

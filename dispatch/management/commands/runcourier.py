@@ -15,8 +15,10 @@ import time
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.contrib.auth.password_validation import validate_password
+from django.core.exceptions import ValidationError
 from django.core.management import call_command
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
 
 class Command(BaseCommand):
@@ -91,6 +93,14 @@ class Command(BaseCommand):
         password = os.environ.get("COURIER_ADMIN_PASSWORD")
         if User.objects.filter(is_superuser=True).exists() and not password:
             return
+        if password:
+            # The same rules as every password set in the admin.
+            try:
+                validate_password(password, User(username=username))
+            except ValidationError as exc:
+                raise CommandError(
+                    "COURIER_ADMIN_PASSWORD is too weak: " + " ".join(exc.messages)
+                ) from None
         user, created = User.objects.get_or_create(
             username=username, defaults={"is_staff": True, "is_superuser": True}
         )
