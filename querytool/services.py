@@ -10,22 +10,27 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
+from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.db.models import F
+from django.template.defaultfilters import pluralize
 from django.utils import timezone
 
+from dispatch import services as dispatch_services
+from dispatch.models import ACTIVE_STATES, SUCCESS_STATES, Job, State
 from dispatch.services import crash_site, scrub
 from targets.models import Direction, Target
-from targets.series import safe_path_part
+from targets.paths import clean_part, inside, private_dir
 
 from .index import ScanReport
-from .models import AuditAction, AuditEntry, RetrievalJob, RetrievalState
+from .models import AuditAction, AuditEntry, Delivery, RetrievalJob, RetrievalState
 from .sources import (
     Cancelled,
     Criteria,
@@ -43,6 +48,56 @@ log = logging.getLogger("courier.querytool")
 PROGRESS_INTERVAL = 0.5
 # A running job without progress for this long (seconds) may be cancelled at once.
 STALE_AFTER = 600
+
+
+# -- permissions ---------------------------------------------------------------------
+# Model permissions (querytool.models.RetrievalJob.Meta), granted to groups in the
+# admin; superusers have them all. Staff status alone opens nothing here.
+SEARCH_PERMISSION = "querytool.search_sources"
+RETRIEVE_PERMISSION = "querytool.retrieve_studies"
+EXPORT_ANY_PERMISSION = "querytool.export_to_any_target"
+
+
+def may_search(user) -> bool:
+    return user.has_perm(SEARCH_PERMISSION)
+
+
+def may_retrieve(user) -> bool:
+    return user.has_perm(RETRIEVE_PERMISSION)
+
+
+def export_destinations(user) -> list[Target]:
+    """The enabled store targets `user` may send retrieved studies to."""
+    if not may_retrieve(user):
+        return []
+    targets = store_destinations()
+    if user.has_perm(EXPORT_ANY_PERMISSION):
+        return targets
+    granted = set(
+        Target.objects.filter(export_groups__user=user).values_list("pk", flat=True)
+    )
+    return [t for t in targets if t.pk in granted]
+
+
+def may_export(user, target: Target) -> bool:
+    return any(t.pk == target.pk for t in export_destinations(user))
+
+
+def refuse(user, what: str, source: Target | None = None) -> PermissionDenied:
+    """Record a refusal in the audit log; return the exception to raise."""
+    audit(user, AuditAction.REFUSED, source, ok=False, detail=f"refused: {what}")
+    log.warning("query tool refused user=%s what=%s", getattr(user, "pk", None), what)
+    return PermissionDenied(f"You have no permission to {what}.")
+
+
+def require_search(user, source: Target | None = None) -> None:
+    if not may_search(user):
+        raise refuse(user, "search the query sources", source)
+
+
+def require_retrieve(user, source: Target | None = None) -> None:
+    if not may_retrieve(user):
+        raise refuse(user, "retrieve studies", source)
 
 
 def query_sources():
@@ -73,6 +128,32 @@ def _redact(message: str, *targets: Target | None) -> str:
     return message
 
 
+@contextmanager
+def _in_words(source: Target, what: str) -> Iterator[None]:
+    """Any failure of a source is a `SourceError` the page shows, never a 500.
+
+    The sources name the failures they know; this catches the rest (a library's
+    unexpected exception) with its type and message, secrets blanked out.
+    """
+    try:
+        yield
+    except SourceError:
+        raise
+    except Exception as exc:
+        log.error(
+            "query source error source=%s error=%s at=%s",
+            source.pk,
+            type(exc).__name__,
+            crash_site(exc),
+        )
+        raise SourceError(
+            _redact(
+                f"The {what} on {source.name} failed: {type(exc).__name__}: {exc}",
+                source,
+            )
+        ) from exc
+
+
 def audit(user, action: str, source: Target | None, **fields) -> AuditEntry:
     return AuditEntry.objects.create(
         user=user if getattr(user, "pk", None) else None,
@@ -88,9 +169,11 @@ def search(
     source: Target, criteria: Criteria, user, limit: int | None = None
 ) -> StudySearch:
     """Search one source; audit it (also when it fails). Raise `SourceError`."""
+    require_search(user, source)
     limit = limit or settings.COURIER_QUERY_LIMIT
     try:
-        found = source.handler.query(criteria, limit)
+        with _in_words(source, "search"):
+            found = source.handler.query(criteria, limit)
     except SourceError as exc:
         exc.message = _redact(exc.message, source)
         audit(
@@ -117,8 +200,10 @@ def search(
 
 
 def list_series(source: Target, study_uid: str, user) -> list[Series]:
+    require_search(user, source)
     try:
-        series = source.handler.query_series(study_uid)
+        with _in_words(source, "listing the series"):
+            series = source.handler.query_series(study_uid)
     except SourceError as exc:
         exc.message = _redact(exc.message, source)
         audit(
@@ -144,7 +229,8 @@ def reindex(source: Target, user=None, progress=None) -> ScanReport:
     """Rescan a local-folder source's index now."""
     if not is_local_folder(source):
         raise SourceError(f"{source.name} is not a local folder.")
-    report = source_for(source).index().scan(progress)
+    with _in_words(source, "rescan"):
+        report = source_for(source).rescan(progress)
     audit(
         user,
         AuditAction.INDEX,
@@ -180,6 +266,9 @@ def start_retrieval(
     Exactly one destination: a store target, the download folder, or (DICOM
     sources) a C-MOVE destination AE title.
     """
+    require_retrieve(user, source)
+    if destination is not None and not may_export(user, destination):
+        raise refuse(user, f"export to {destination.name}", source)
     chosen = sum(bool(x) for x in (destination, download, move_aet))
     if chosen != 1:
         raise SourceError(
@@ -236,6 +325,7 @@ def _enqueue(job_id: int) -> None:
 
 def cancel_retrieval(job: RetrievalJob, user) -> None:
     """Cancel a queued job at once; ask a running one to stop (it aborts soon)."""
+    require_retrieve(user, job.source)
     updated = RetrievalJob.objects.filter(
         pk=job.pk, state=RetrievalState.QUEUED
     ).update(
@@ -261,8 +351,59 @@ def cancel_retrieval(job: RetrievalJob, user) -> None:
     audit(user, AuditAction.CANCEL, job.source, detail=f"#{job.pk} {job.label}")
 
 
+def attach_deliveries(jobs) -> list[RetrievalJob]:
+    """Set `delivery` on each retrieval that queued send jobs (one query for all)."""
+    jobs = list(jobs)
+    ids = {pk for job in jobs for pk in job.dispatch_jobs or []}
+    sends = {j.pk: j for j in Job.objects.filter(pk__in=ids)} if ids else {}
+    now = timezone.now()
+    for job in jobs:
+        mine = [sends[pk] for pk in job.dispatch_jobs or [] if pk in sends]
+        if not mine:
+            continue
+        delivery = Delivery(jobs=len(mine))
+        for send in mine:
+            delivery.instances += send.total
+            delivery.delivered += send.done_count
+            if send.state in ACTIVE_STATES:
+                delivery.active += 1
+                delivery.waiting = delivery.waiting or send.status_text(now)
+            elif send.state in SUCCESS_STATES:
+                delivery.done += 1
+            else:
+                delivery.failures.append(
+                    send.last_error or send.get_state_display().lower()
+                )
+        job.delivery = delivery
+    return jobs
+
+
 def retry_retrieval(job: RetrievalJob, user) -> bool:
-    """Queue a failed, partial or cancelled job again (files already there stay)."""
+    """Queue a failed, partial or cancelled job again (files already there stay).
+
+    A retrieval whose instances arrived but whose send jobs failed retries those
+    send jobs: the series are still in the spool.
+    """
+    require_retrieve(user, job.source)
+    if job.destination is not None and not may_export(user, job.destination):
+        raise refuse(user, f"export to {job.destination.name}", job.source)
+    (job,) = attach_deliveries([job])
+    if job.shown_state == RetrievalState.FAILED and job.state in (
+        RetrievalState.DONE,
+        RetrievalState.PARTIAL,
+    ):
+        failed = Job.objects.filter(
+            pk__in=job.dispatch_jobs, state__in=[State.FAILED, State.CANCELLED]
+        )
+        if dispatch_services.retry_now(failed):
+            audit(
+                user,
+                AuditAction.RETRY,
+                job.source,
+                detail=f"#{job.pk} {job.label}: send to {job.destination_label}",
+            )
+            return True
+        return False
     updated = RetrievalJob.objects.filter(
         pk=job.pk,
         state__in=[
@@ -289,8 +430,9 @@ def retry_retrieval(job: RetrievalJob, user) -> bool:
 
 def _output_folder(job: RetrievalJob) -> Path:
     if job.download:
-        name = safe_path_part(f"{job.pk:06d}_{job.label or job.study_uid}")[:120]
-        return Path(settings.COURIER_DOWNLOAD_DIR) / name
+        # The label is the patient's name, the accession, ...: data.
+        name = clean_part(f"{job.pk:06d}_{job.label or job.study_uid}")[:120]
+        return inside(settings.COURIER_DOWNLOAD_DIR, name)
     # Inside the spool, so the dispatch engine deletes it once the jobs are done.
     return Path(settings.COURIER_SPOOL_DIR) / "retrieved" / f"{job.pk:06d}"
 
@@ -338,13 +480,18 @@ def run_retrieval(job_id: int, progress_hook: Callable | None = None) -> Retriev
             raise SourceError("The source target was deleted or disabled.")
         if not job.download and not job.move_aet and job.destination is None:
             raise SourceError("The destination target was deleted.")
-        if dest is not None:
+        if dest is not None and job.download:
             dest.mkdir(parents=True, exist_ok=True)
+        elif dest is not None:
+            private_dir(dest)  # the spool: Courier's alone
         request = RetrieveRequest(job.study_uid, list(job.series_uids), job.move_aet)
         result = job.source.handler.retrieve(request, dest, _Progress(job_id))
         if result.failed:
             state = RetrievalState.PARTIAL
-            message = result.message or f"{result.failed} instance(s) failed."
+            message = (
+                result.message
+                or f"{result.failed} instance{pluralize(result.failed)} failed."
+            )
         elif result.completed == 0:
             state = RetrievalState.FAILED
             message = result.message or "The source sent no instances."
@@ -412,5 +559,6 @@ def _dispatch(job: RetrievalJob, folders: list[Path], message: str) -> str:
             f"not be queued: {exc}"
         ) from exc
     RetrievalJob.objects.filter(pk=job.pk).update(dispatch_jobs=ids)
-    note = f"Queued {len(ids)} send job(s) to {job.destination_name}."
+    n = len(ids)
+    note = f"Queued {n} send job{pluralize(n)} to {job.destination_name}."
     return f"{message} {note}" if message else note

@@ -9,6 +9,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from targets.dicomcheck import CorruptDataset, check_file
+from targets.paths import clean_part
+
 # Read once per file; enough for presentation contexts, layouts and routing.
 HEADER_TAGS = [
     "SOPClassUID",
@@ -55,6 +58,9 @@ class Series:
     instances: list[Instance] = field(default_factory=list)
     # Files that are not DICOM (or unreadable), with the reason.
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    # DICOM files that fail the structural check (truncated, corrupt), with the
+    # reason: never sent anywhere, in any form.
+    corrupt: list[tuple[Path, str]] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
@@ -80,7 +86,12 @@ class Series:
                 for g in globs
             ):
                 kept.append(inst)
-        return Series(root=self.root, instances=kept, skipped=list(self.skipped))
+        return Series(
+            root=self.root,
+            instances=kept,
+            skipped=list(self.skipped),
+            corrupt=list(self.corrupt),
+        )
 
     def only(self, paths: Iterable[str | Path]) -> Series:
         """Return the series restricted to the given file paths (for a retry)."""
@@ -89,6 +100,7 @@ class Series:
             root=self.root,
             instances=[i for i in self.instances if str(i.path) in wanted],
             skipped=list(self.skipped),
+            corrupt=list(self.corrupt),
         )
 
 
@@ -133,6 +145,9 @@ def scan_folder(folder: str | Path) -> Series:
     """Collect every DICOM file under `folder`, recursively, in a stable order.
 
     Files that are not DICOM are listed in `skipped` with the reason, never fatal.
+    A DICOM file whose header reads but whose data does not walk to its end (a
+    truncated copy, say) is listed in `corrupt`: it must never reach a target, nor
+    replace a good copy there.
     """
     from pydicom.errors import InvalidDicomError
 
@@ -145,7 +160,11 @@ def scan_folder(folder: str | Path) -> Series:
             paths.append(Path(dirpath) / name)
     for path in paths:
         try:
-            series.instances.append(read_instance(path))
+            instance = read_instance(path)
+            check_file(path)
+            series.instances.append(instance)
+        except CorruptDataset as exc:
+            series.corrupt.append((path, f"corrupt DICOM ({exc})"))
         except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
             series.skipped.append(
                 (path, f"not DICOM ({exc})" if str(exc) else "not DICOM")
@@ -155,15 +174,8 @@ def scan_folder(folder: str | Path) -> Series:
     return series
 
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._+=@,-]+")
-
-
-def safe_path_part(value: str, fallback: str = "unknown") -> str:
-    """Turn a DICOM value into one safe path component: no separators, no `..`."""
-    cleaned = _UNSAFE.sub("_", str(value).strip()).strip("._")
-    if not cleaned:
-        return fallback
-    return cleaned[:128]
+# The one path-cleaning rule (targets/paths.py), under the name its callers know.
+safe_path_part = clean_part
 
 
 class LayoutError(ValueError):

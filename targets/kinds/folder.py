@@ -23,12 +23,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from targets.series import (
-    HEADER_TAGS,
-    Instance,
-    Series,
-    safe_path_part,
-)
+from targets.paths import UnsafePath, inside, plain_name, uid_part
+from targets.series import HEADER_TAGS, Instance, Series
 
 from .base import (
     PRESENT,
@@ -171,7 +167,8 @@ def layout_error(template: str) -> str | None:
 
 
 def instance_file_name(instance: Instance) -> str:
-    return safe_path_part(instance.sop_instance_uid) + ".dcm"
+    """`<SOP Instance UID>.dcm`, one plain file name whatever the UID holds."""
+    return plain_name(uid_part(instance.sop_instance_uid) + ".dcm")
 
 
 class FolderHandler(Handler):
@@ -194,7 +191,11 @@ class FolderHandler(Handler):
         # folder each instance belongs in.
         groups = group_by_layout(series, self.target, report)
         for rel, instances in groups.items():
-            self._send_group(self.root / rel if rel else self.root, instances, report)
+            try:
+                dest = inside(self.root, rel) if rel else self.root
+            except UnsafePath as exc:
+                raise TargetError(str(exc), permanent=True) from None
+            self._send_group(dest, instances, report)
         return result
 
     def _check_root(self) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import posixpath
 import re
 import shlex
 import shutil
@@ -23,6 +22,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from targets.paths import UnsafePath, inside, remote_inside
 from targets.series import Instance, Series
 
 from .base import (
@@ -87,11 +87,11 @@ class RsyncHandler(Handler):
         duplicates: list[Instance] = []
         for rel, instances in groups.items():
             for inst in instances:
-                path = (
-                    posixpath.join(rel, instance_file_name(inst))
-                    if rel
-                    else instance_file_name(inst)
-                )
+                try:
+                    path = remote_inside("", rel, instance_file_name(inst))
+                except UnsafePath as exc:
+                    report(instance_outcome(inst, FAILED, str(exc)))
+                    continue
                 if path in staged:
                     duplicates.append(inst)
                 else:
@@ -105,7 +105,7 @@ class RsyncHandler(Handler):
             stage = workdir / "stage"
             for rel, inst in list(staged.items()):
                 try:
-                    _link(inst.path, stage / rel)
+                    _link(inst.path, inside(stage, rel))
                 except FileNotFoundError:
                     del staged[rel]
                     report(instance_outcome(inst, FAILED, f"{inst.path} is gone"))

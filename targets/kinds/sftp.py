@@ -21,6 +21,7 @@ from io import BytesIO
 
 import paramiko
 
+from targets.paths import UnsafePath, remote_inside
 from targets.series import Instance, Series
 
 from .base import (
@@ -99,7 +100,12 @@ class SftpHandler(Handler):
         uploads: list[tuple[Instance, str, str]] = []  # (instance, folder, name)
         folders: dict[str, bool] = {}  # folder -> every file there is complete
         for rel, instances in groups.items():
-            folder = posixpath.join(self.target.path, rel) if rel else self.target.path
+            try:
+                folder = (
+                    remote_inside(self.target.path, rel) if rel else self.target.path
+                )
+            except UnsafePath as exc:
+                raise TargetError(str(exc), permanent=True) from None
             folders[folder] = True
             try:
                 _makedirs(sftp, folder, made)

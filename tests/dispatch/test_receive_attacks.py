@@ -22,7 +22,7 @@ import pytest
 from pydicom import examples
 from pydicom.uid import generate_uid
 
-from dispatch.receiver import DOES_NOT_MATCH, CorruptDataset, TooLarge, check_file
+from dispatch.receiver import DOES_NOT_MATCH, CorruptDataset, TooLarge, check_stored
 from targets.kinds.dicom_accept import Limits
 from tests.dicomgen import make_series
 from tests.fixtures.receive_peers import ReceiverProcess, echoscu, storescu
@@ -182,13 +182,13 @@ def test_a_deflated_dataset_is_inflated_to_disk_within_the_size_limit(tmp_path):
     )
     deflated = "1.2.840.10008.1.2.1.99"
 
-    uids = check_file(good, 4, deflated, max_inflated=MiB)
+    uids = check_stored(good, 4, deflated, max_inflated=MiB)
 
     assert uids["SOPInstanceUID"] == ds.SOPInstanceUID
     with pytest.raises(TooLarge):
-        check_file(bomb, 4, deflated, max_inflated=8 * MiB)
+        check_stored(bomb, 4, deflated, max_inflated=8 * MiB)
     with pytest.raises(CorruptDataset):
-        check_file(good, 4, EXPLICIT_LE, max_inflated=MiB)
+        check_stored(good, 4, EXPLICIT_LE, max_inflated=MiB)
 
 
 # -- slow connections cannot shut the intake -------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.urls import reverse
 
 from querytool import services, views
@@ -22,6 +23,16 @@ URL = "/query/"
 def staff(client, django_user_model, settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     user = django_user_model.objects.create_user("nurse", password="pw", is_staff=True)
+    user.user_permissions.add(
+        *Permission.objects.filter(
+            content_type__app_label="querytool",
+            codename__in=[
+                "search_sources",
+                "retrieve_studies",
+                "export_to_any_target",
+            ],
+        )
+    )
     client.force_login(user)
     return user
 
@@ -79,7 +90,9 @@ def test_search_by_patient_id_lists_the_studies_and_audits(client, staff, pacs):
     assert resp.status_code == 200
     body = resp.content.decode()
     assert "ACC001" in body and "ACC002" in body and "ACC003" not in body
-    assert "DOE^JOHN" in body and "1970-01-01" in body and "CT CHEST" in body
+    assert "1970-01-01" in body and "CT CHEST" in body
+    # Names as people read them, in the table and in the retrieval's label.
+    assert "DOE, JOHN" in body and "DOE^JOHN" not in body
     entry = AuditEntry.objects.get()
     assert (entry.username, entry.action, entry.source_name) == (
         "nurse",

@@ -32,6 +32,7 @@ class Command(BaseCommand):
     ):
         ae_title = ae_title or settings.COURIER_AE_TITLE
         port = settings.COURIER_RECEIVER_PORT if port is None else port
+        recorder = DatabaseRecorder(f"{ae_title}@{port}")
         receiver = Receiver(
             ae_title=ae_title,
             port=port,
@@ -40,7 +41,7 @@ class Command(BaseCommand):
             accepted_calling_aets=settings.COURIER_RECEIVER_ACCEPTED_CALLING_AETS,
             min_free_bytes=settings.COURIER_MIN_FREE_BYTES,
             quiet_seconds=settings.COURIER_SERIES_QUIET_SECONDS,
-            recorder=DatabaseRecorder(f"{ae_title}@{port}"),
+            recorder=recorder,
             max_instance_bytes=settings.COURIER_RECEIVER_MAX_INSTANCE_BYTES,
             limits=receiver_limits(),
         )
@@ -61,6 +62,7 @@ class Command(BaseCommand):
         )
         self.stdout.flush()
         receiver.wait_stopped()
+        recorder.stopped(receiver.info())
 
 
 def receiver_limits() -> Limits:
