@@ -51,10 +51,11 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
-    "huey.contrib.djhuey",
     "targets",
     "dispatch",
     "querytool",
+    # After dispatch: its run_huey (preload, then huey's consumer) replaces huey's.
+    "huey.contrib.djhuey",
 ]
 
 MIDDLEWARE = [
