@@ -337,6 +337,9 @@ class Target(models.Model):
     connection_fields: ClassVar[tuple[str, ...]] = ()
     # Fields whose emptiness is a form error for this kind.
     required_fields: ClassVar[tuple[str, ...]] = ()
+    # Whether the kind delivers a series folder's other files (reports, previews,
+    # results) beside its DICOM instances; the DICOM kinds send DICOM only.
+    delivers_other_files: ClassVar[bool] = False
 
     def __str__(self) -> str:
         return self.name
@@ -601,6 +604,7 @@ class FolderTarget(Target):
     objects = _kind_manager(Kind.FOLDER)
     connection_fields = ("path", "layout", "exclude", "write_complete_marker")
     required_fields = ("path",)
+    delivers_other_files = True
 
     class Meta:
         proxy = True
@@ -644,6 +648,7 @@ class RsyncTarget(Target):
         "connect_timeout",
     )
     required_fields = ("host", "username", "path")
+    delivers_other_files = True
 
     class Meta:
         proxy = True
@@ -690,6 +695,7 @@ class S3Target(Target):
         "exclude",
     )
     required_fields = ("bucket", "access_key_id")
+    delivers_other_files = True
 
     class Meta:
         proxy = True
@@ -754,6 +760,7 @@ class SftpTarget(Target):
         "connect_timeout",
     )
     required_fields = ("host", "username", "path")
+    delivers_other_files = True
 
     class Meta:
         proxy = True

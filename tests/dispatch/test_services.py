@@ -284,12 +284,15 @@ def test_the_summary_counts_states_and_failures_of_the_last_day(tmp_path):
     assert summary["oldest_queued_age_s"] is not None
 
 
-def test_non_dicom_files_are_counted_as_skipped(tmp_path):
+def test_other_files_are_counted_to_deliver_or_left_out_in_the_job_name(tmp_path):
     series = make_series(tmp_path / "in", 1)
     (series.folder / "notes.txt").write_text("hello")
-    target = folder_target(tmp_path / "out")
+    (series.folder / "preview.png").write_bytes(b"\x89PNG\r\n")
+    target = folder_target(tmp_path / "out", exclude="*.png")
     (job,) = services.create_jobs(series.folder, [target], enqueue_now=False)
-    assert job.skipped == 1 and job.total == 1
+    assert (job.total, job.other_files, job.skipped) == (1, 1, 1)
+    assert "(1 instance + 1 other file; 1 file left out) → folder-out" in str(job)
+    assert job.instances.filter(dicom=False).get().path.endswith("notes.txt")
 
 
 def test_it_refuses_a_missing_folder(tmp_path):
