@@ -293,7 +293,7 @@ def other_files_for(
         else f"{target.get_kind_display()} targets send DICOM instances only"
     )
     left = [
-        (o.path, f"{why}; {o.reason}")
+        (o.path, f"{why} ({o.reason})")
         for o in series.others
         if o.path not in kept_paths
     ]
