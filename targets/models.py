@@ -531,7 +531,36 @@ class DicomWebTarget(Target):
                     "A prefix is a path such as dicom-web or rs (no spaces, ? or #)."
                 )
             setattr(self, field, value)
-        if not (self.url or "").lower().startswith("file://"):
+        local = (self.url or "").lower().startswith("file://")
+        login = bool(self.username or self.password)
+        if local and (login or self.token):
+            errors.setdefault("url", []).append(
+                "A file:// URL is a folder on this server, read without a login: "
+                "clear the username, password and token."
+            )
+        elif not local and self.auth in ("", "none"):
+            # Credentials with authentication left at None would silently not be
+            # sent: pick the method they mean, or say why not.
+            if login and self.token:
+                errors.setdefault("auth", []).append(
+                    "Both a login and a bearer token are set: choose Basic or "
+                    "Bearer token (and clear the other)."
+                )
+            elif self.username and self.password:
+                self.auth = "basic"
+            elif self.username:
+                errors.setdefault("password", []).append(
+                    "A username without a password sends no credentials: enter "
+                    "the password (Basic authentication), or clear the username."
+                )
+            elif self.password:
+                errors.setdefault("username", []).append(
+                    "A password without a username sends no credentials: enter "
+                    "the username (Basic authentication), or clear the password."
+                )
+            elif self.token:
+                self.auth = "bearer"
+        if not local:
             if self.auth == "basic":
                 if not self.username:
                     errors.setdefault("username", []).append(
