@@ -87,6 +87,8 @@ class JobAdmin(admin.ModelAdmin):
         "warnings",
         "failed",
         "bytes_sent",
+        "other_files",
+        "other_sent",
         "skipped",
         "last_error",
         "problem_instances",
@@ -118,6 +120,8 @@ class JobAdmin(admin.ModelAdmin):
                     "warnings",
                     "failed",
                     "bytes_sent",
+                    "other_files",
+                    "other_sent",
                     "skipped",
                 )
             },

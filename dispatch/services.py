@@ -463,9 +463,15 @@ def _claim(
             return None
         waiting = _wait_reason(target)
         if waiting:
+            # A direct send's hold ends here too: the job waits like any other.
             Job.objects.filter(
                 pk=job_id, state__in=[State.QUEUED, State.RETRY_WAIT]
-            ).update(state=State.PAUSED, last_error=waiting)
+            ).update(
+                state=State.PAUSED,
+                last_error=waiting,
+                lease_owner="",
+                lease_expires_at=None,
+            )
             return None
         # A job takes as many of the target's free connections as it has
         # instances left: one big series uses them all, small ones share them.
