@@ -7,10 +7,15 @@ RedisHuey for sites that outgrow one box.
 
 from __future__ import annotations
 
+import os
 import secrets
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import environ
+
+from targets.paths import private_dir, private_file, private_sqlite
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -18,7 +23,11 @@ env = environ.Env()
 environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 
 DATA_DIR = Path(env.str("COURIER_DATA_DIR", default=str(BASE_DIR / "data"))).resolve()
-DATA_DIR.mkdir(parents=True, exist_ok=True)
+# 0700, and 0600 for every file Courier keeps there (checked by courier.W010).
+try:
+    private_dir(DATA_DIR)
+except PermissionError:  # owned by another user: the system check says so
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
 
 
 def _persistent_secret(name: str) -> str:
@@ -28,10 +37,22 @@ def _persistent_secret(name: str) -> str:
     restart (sessions, encrypted target secrets), so it is generated once and kept.
     """
     path = DATA_DIR / name
-    if not path.exists():
-        path.touch(mode=0o600)
-        path.write_text(secrets.token_urlsafe(48))
-    return path.read_text().strip()
+    try:
+        # O_EXCL: of two processes starting at once, exactly one writes it.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        private_file(path)  # one from before 0600 was the rule
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(48))
+            f.flush()
+            os.fsync(f.fileno())
+    for _ in range(50):
+        value = path.read_text().strip()
+        if value:
+            return value
+        time.sleep(0.1)  # the process that created it is writing it now
+    raise RuntimeError(f"{path} is empty: delete it to have a new one generated.")
 
 
 SECRET_KEY = env.str("SECRET_KEY", default="") or _persistent_secret("secret_key")
@@ -45,12 +66,13 @@ ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[:
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    "config.admin_site.CourierAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "axes",
     "targets",
     "dispatch",
     "querytool",
@@ -68,6 +90,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: it turns a locked-out login into its 429 page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -94,6 +118,8 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    if DATABASES["default"]["NAME"] not in ("", ":memory:"):
+        private_sqlite(DATABASES["default"]["NAME"])
     # The web server and the worker share the file: wait for locks instead of
     # failing, and let readers run beside the writer.
     DATABASES["default"].setdefault("OPTIONS", {}).update(
@@ -131,7 +157,7 @@ else:
     HUEY = {
         "huey_class": "huey.SqliteHuey",
         "name": "courier",
-        "filename": str(DATA_DIR / "huey.sqlite3"),
+        "filename": str(private_sqlite(DATA_DIR / "huey.sqlite3")),
         "immediate": HUEY_IMMEDIATE,
         "consumer": {
             "workers": env.int("COURIER_WORKERS", default=4),
@@ -140,8 +166,87 @@ else:
     }
 
 AUTH_PASSWORD_VALIDATORS = [
-    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {
+        "NAME": "django.contrib.auth.password_validation."
+        "UserAttributeSimilarityValidator"
+    },
+    {
+        "NAME": "django.contrib.auth.password_validation.MinimumLengthValidator",
+        "OPTIONS": {"min_length": env.int("COURIER_PASSWORD_MIN_LENGTH", default=12)},
+    },
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+
+# -- login throttling (django-axes) ----------------------------------------------------
+# Failed logins are counted in the database (so across every web process and
+# machine) per username and client address; after COURIER_LOGIN_FAILURE_LIMIT
+# failures that pair is locked out for COURIER_LOGIN_LOCKOUT_MINUTES. Another address
+# can still log in as that user, so a guesser cannot lock the real admin out.
+# `manage.py axes_reset` unlocks everyone; the admin lists attempts and lockouts.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env.int("COURIER_LOGIN_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = timedelta(
+    minutes=env.float("COURIER_LOGIN_LOCKOUT_MINUTES", default=15)
+)
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_ENABLE_ACCESS_FAILURE_LOG = True
+
+# -- sessions --------------------------------------------------------------------------
+# A session ends after COURIER_SESSION_IDLE_MINUTES without a request (each request
+# moves the deadline), and with the browser.
+SESSION_COOKIE_AGE = int(env.float("COURIER_SESSION_IDLE_MINUTES", default=30) * 60)
+SESSION_SAVE_EVERY_REQUEST = True
+SESSION_EXPIRE_AT_BROWSER_CLOSE = True
+
+# -- HTTPS (production: behind a TLS proxy, see the README's "Security") ---------------
+# COURIER_HTTPS=true: cookies only over HTTPS, plain HTTP redirected (except the
+# monitoring URL, polled on the loopback port), HSTS. COURIER_PROXY_SSL_HEADER names
+# the header the proxy sets to "https" (e.g. X-Forwarded-Proto); set it only when
+# a proxy that always sets that header is the sole way in. Behind it, the client
+# address for login throttling is the last X-Forwarded-For entry (the proxy's view).
+COURIER_HTTPS = env.bool("COURIER_HTTPS", default=False)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = COURIER_HTTPS
+SECURE_SSL_REDIRECT = COURIER_HTTPS
+SECURE_REDIRECT_EXEMPT = [r"^health/$"]
+SECURE_HSTS_SECONDS = env.int(
+    "COURIER_HSTS_SECONDS", default=365 * 24 * 3600 if COURIER_HTTPS else 0
+)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool(
+    "COURIER_HSTS_INCLUDE_SUBDOMAINS", default=True
+)
+SECURE_HSTS_PRELOAD = env.bool("COURIER_HSTS_PRELOAD", default=True)
+_PROXY_SSL_HEADER = env.str("COURIER_PROXY_SSL_HEADER", default="").strip()
+SECURE_PROXY_SSL_HEADER = (
+    ("HTTP_" + _PROXY_SSL_HEADER.upper().replace("-", "_"), "https")
+    if _PROXY_SSL_HEADER
+    else None
+)
+
+
+def _client_ip(request) -> str | None:
+    """The client's address for login throttling (see above)."""
+    if SECURE_PROXY_SSL_HEADER:
+        forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "")
+        if forwarded.strip():
+            return forwarded.split(",")[-1].strip()
+    return request.META.get("REMOTE_ADDR")
+
+
+def _client_str(username, ip_address, user_agent, path_info, request) -> str:
+    """How axes names a client in its log lines: quoted, so a username holding a
+    line break cannot forge a log line."""
+    path = path_info[0] if isinstance(path_info, tuple | list) else path_info
+    return f"user={username!r} ip={ip_address!r} path={path!r}"
+
+
+AXES_CLIENT_IP_CALLABLE = _client_ip
+AXES_CLIENT_STR_CALLABLE = _client_str
+AXES_VERBOSE = False  # no banner on every manage.py command
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = env.str("TIME_ZONE", default="UTC")

@@ -222,4 +222,4 @@ class JobAdmin(admin.ModelAdmin):
         self.message_user(request, f"Resumed {names}.", messages.SUCCESS)
 
 
-from . import routing_admin  # noqa: E402, F401
+from . import routing_admin, target_admin  # noqa: E402, F401

@@ -111,10 +111,7 @@ class Job(models.Model):
         if self.other_files:
             text += f" + {self.other_files} other file{'' if self.other_files == 1 else 's'}"
         if self.skipped:
-            text += (
-                f"; {self.skipped} {'other ' if not self.other_files else ''}"
-                f"file{'' if self.skipped == 1 else 's'} left out"
-            )
+            text += f"; {self.skipped} file{'' if self.skipped == 1 else 's'} left out"
         return text
 
     @property

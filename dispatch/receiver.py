@@ -31,7 +31,6 @@ import shutil
 import struct
 import threading
 import time
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -46,7 +45,8 @@ from pynetdicom import (
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification
 
-from targets.dicomvr import ALL_VRS, LONG_VRS
+from targets.dicomcheck import CorruptDataset, check_dataset
+from targets.dicomvr import LONG_VRS
 from targets.kinds.dicom_accept import Rejection, StoreRequest, StoreSCP
 from targets.series import safe_path_part
 
@@ -59,167 +59,6 @@ CANNOT_UNDERSTAND = 0xC210  # "Failed: cannot understand" range 0xC000-0xCFFF
 PROCESSING_FAILURE = 0x0110
 
 SIDECAR_SUFFIX = ".series.json"
-
-DEFLATED = "1.2.840.10008.1.2.1.99"
-IMPLICIT_LE = "1.2.840.10008.1.2"
-EXPLICIT_BE = "1.2.840.10008.1.2.2"
-
-# Tags read from the raw bytes of every instance (top level only).
-TAG_SOP_CLASS = 0x00080016
-TAG_SOP_INSTANCE = 0x00080018
-TAG_STUDY_UID = 0x0020000D
-TAG_SERIES_UID = 0x0020000E
-_CAPTURED = (TAG_SOP_CLASS, TAG_SOP_INSTANCE, TAG_STUDY_UID, TAG_SERIES_UID)
-
-_UNDEFINED = 0xFFFFFFFF
-_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-
-
-class CorruptDataset(ValueError):
-    """The encoded dataset cannot be walked to its end (truncated or not DICOM)."""
-
-
-# -- structural check of the encoded dataset ---------------------------------------
-
-
-class _Walker:
-    """Walk an encoded dataset's elements, checking every length fits.
-
-    pydicom decodes leniently (a truncated value is silently shortened, garbage becomes
-    a few UN elements), so it cannot tell a corrupt dataset from a good one. This walk
-    is cheap (headers only, values are skipped) and strict: ascending tags at each
-    level, known VRs, every length inside the buffer, every undefined-length
-    sequence closed.
-    """
-
-    def __init__(self, buf: bytes, implicit: bool, little: bool):
-        self.buf = buf
-        self.implicit = implicit
-        e = "<" if little else ">"
-        self.tag = struct.Struct(e + "HH")
-        self.u32 = struct.Struct(e + "L")
-        # One unpack per element header: tag, then the VR and a 2-byte length
-        # (explicit VR) or a 4-byte length (implicit VR).
-        self.header = struct.Struct(e + ("HHL" if implicit else "HH2sH"))
-        self.captured: dict[int, bytes] = {}
-
-    def _read_tag(self, pos: int, end: int) -> tuple[int, int]:
-        if pos + 8 > end:
-            raise CorruptDataset(f"truncated element header at byte {pos}")
-        group, elem = self.tag.unpack_from(self.buf, pos)
-        return (group << 16) | elem, pos
-
-    def dataset(self, pos: int, end: int, *, top: bool, in_item: bool) -> int:
-        """Walk a dataset from `pos`; return the position after it.
-
-        `in_item`: the dataset is an undefined-length item ending with an item
-        delimiter rather than at `end`.
-        """
-        # The loop runs once per element (hundreds per instance): locals only.
-        buf, last, implicit = self.buf, -1, self.implicit
-        header, u32 = self.header.unpack_from, self.u32.unpack_from
-        long_vrs, all_vrs = LONG_VRS, ALL_VRS
-        captured = self.captured if top else None
-        while pos < end:
-            if pos + 8 > end:
-                raise CorruptDataset(f"truncated element header at byte {pos}")
-            if implicit:
-                group, elem, length = header(buf, pos)
-                pos += 8
-            else:
-                group, elem, vr, length = header(buf, pos)
-                if vr in long_vrs:
-                    if pos + 12 > end:
-                        raise CorruptDataset(f"truncated element header at byte {pos}")
-                    length = u32(buf, pos + 8)[0]
-                    pos += 12
-                elif vr in all_vrs or group == 0xFFFE:
-                    pos += 8
-                else:
-                    raise CorruptDataset(f"unknown VR {vr!r} at byte {pos + 4}")
-            tag = (group << 16) | elem
-            if group == 0xFFFE:
-                if in_item and tag == _ITEM_END:
-                    return pos
-                raise CorruptDataset(
-                    f"unexpected delimiter {tag:08X} at byte {pos - 8}"
-                )
-            if tag <= last:
-                raise CorruptDataset(f"tags out of order at byte {pos} ({tag:08X})")
-            last = tag
-            if length == _UNDEFINED:
-                pos = self.items(pos, end)
-                continue
-            if pos + length > end:
-                raise CorruptDataset(
-                    f"element ({group:04X},{elem:04X}) runs past the end "
-                    f"of the data ({length} bytes at byte {pos} of {end})"
-                )
-            if captured is not None and tag in _CAPTURED:
-                captured[tag] = buf[pos : pos + length]
-            pos += length
-        if in_item:
-            raise CorruptDataset("item without its delimiter at the end of the data")
-        return pos
-
-    def items(self, pos: int, end: int) -> int:
-        """Walk an undefined-length value: items up to the sequence delimiter."""
-        while True:
-            tag, _ = self._read_tag(pos, end)
-            length = self.u32.unpack_from(self.buf, pos + 4)[0]
-            pos += 8
-            if tag == _SEQ_END:
-                return pos
-            if tag != _ITEM:
-                raise CorruptDataset(f"expected an item at byte {pos - 8}")
-            if length == _UNDEFINED:
-                pos = self.dataset(pos, end, top=False, in_item=True)
-            elif pos + length > end:
-                raise CorruptDataset(
-                    f"item runs past the end of the data at byte {pos}"
-                )
-            else:
-                pos += length
-
-
-def check_dataset(raw: bytes, transfer_syntax: str) -> dict[str, str]:
-    """Check an encoded dataset end to end; return its SOP/Study/Series UIDs.
-
-    Raise `CorruptDataset` if it is truncated, not DICOM, or lacks the UIDs
-    Courier needs to file it.
-    """
-    if transfer_syntax == DEFLATED:
-        try:
-            raw = zlib.decompress(raw, -zlib.MAX_WBITS)
-        except zlib.error as exc:
-            raise CorruptDataset(f"deflated data does not inflate: {exc}") from None
-        implicit, little = False, True
-    else:
-        implicit = transfer_syntax == IMPLICIT_LE
-        little = transfer_syntax != EXPLICIT_BE
-    if not raw:
-        raise CorruptDataset("empty dataset")
-    walker = _Walker(raw, implicit, little)
-    try:
-        walker.dataset(0, len(raw), top=True, in_item=False)
-    except struct.error as exc:  # a header cut short inside a long-VR element
-        raise CorruptDataset(f"truncated data ({exc})") from None
-
-    def uid(tag: int) -> str:
-        value = walker.captured.get(tag, b"")
-        return value.rstrip(b"\x00 ").decode("ascii", "replace")
-
-    found = {
-        "SOPClassUID": uid(TAG_SOP_CLASS),
-        "SOPInstanceUID": uid(TAG_SOP_INSTANCE),
-        "StudyInstanceUID": uid(TAG_STUDY_UID),
-        "SeriesInstanceUID": uid(TAG_SERIES_UID),
-    }
-    for keyword in ("SOPInstanceUID", "SeriesInstanceUID"):
-        if not found[keyword]:
-            raise CorruptDataset(f"the dataset has no {keyword}")
-    return found
-
 
 # -- file meta -------------------------------------------------------------------------
 

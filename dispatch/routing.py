@@ -586,7 +586,11 @@ class DatabaseRecorder:
 
         ReceiverStatus.objects.update_or_create(
             name=self.name,
-            defaults={"started_at": timezone.now(), "heartbeat_at": timezone.now()},
+            defaults={
+                "started_at": timezone.now(),
+                "heartbeat_at": timezone.now(),
+                "info": {},
+            },
         )
         return restore_open_series(spool_incoming)
 
@@ -617,3 +621,7 @@ class DatabaseRecorder:
         ReceiverStatus.objects.filter(name=self.name).update(
             heartbeat_at=timezone.now(), info=info
         )
+
+    def stopped(self, info: dict) -> None:
+        """The receiver stopped on purpose (not a silent heartbeat: not degraded)."""
+        self.heartbeat({**info, "stopped": True})

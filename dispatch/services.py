@@ -30,7 +30,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from django.conf import settings
-from django.db import connection, connections, transaction
+from django.db import connections, transaction
 from django.db.models import Count, F, Min, Q, Sum
 from django.utils import timezone
 
@@ -44,6 +44,7 @@ from targets.kinds.base import (
     TargetError,
 )
 from targets.models import Target
+from targets.paths import private_dir
 from targets.series import OtherFile, Series, scan_folder
 from targets.services import redact, secret_values
 from targets.validators import split_globs
@@ -297,7 +298,8 @@ def other_files_for(
         for o in series.others
         if o.path not in kept_paths
     ]
-    return kept, left + list(series.skipped)
+    # Corrupt DICOM files are refused everywhere, in any form.
+    return kept, left + list(series.skipped) + list(series.corrupt)
 
 
 # -- creating jobs -----------------------------------------------------------------
@@ -660,7 +662,7 @@ def _mark_changed(job: Job, series: Series, pending: dict[str, str]) -> set[str]
 def _mark_missing(job: Job, paths: set[str]) -> None:
     JobInstance.objects.filter(job=job, path__in=paths).update(
         state=InstanceState.FAILED,
-        message="file is gone from the folder or is no longer DICOM",
+        message="file is gone from the folder, is no longer DICOM or is corrupt",
     )
 
 
@@ -969,8 +971,8 @@ def take_into_spool(folder: str | Path) -> Path:
     tmp = queued / f".{name}.part"
     made: list[Path] = []
     try:
-        queued.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
+        private_dir(queued)  # the spool: Courier's alone
+        tmp.mkdir(mode=0o700)
         folders = [tmp]
         for dirpath, dirnames, filenames in os.walk(folder):
             dirnames.sort()
@@ -1174,10 +1176,7 @@ def send_series(
         raise DispatchError(waiting.split(";")[0] + "; enable or resume it first")
     series = scan_folder(folder)
     if not series.instances:
-        raise DispatchError(
-            f"no DICOM files in {folder}"
-            + (f" ({len(series.others)} other files)" if series.others else "")
-        )
+        raise DispatchError(f"no DICOM files in {folder}" + _refused_note(series))
     _others, left_out = other_files_for(target, series)
     start = time.monotonic()
     (job,) = create_jobs(
@@ -1235,6 +1234,17 @@ def send_series(
     return SendReport(job=job, left_out=left_out, seconds=time.monotonic() - start)
 
 
+def _refused_note(series: Series) -> str:
+    parts = []
+    if series.corrupt:
+        names = ", ".join(p.name for p, _ in series.corrupt[:3])
+        parts.append(f"{len(series.corrupt)} corrupt DICOM files refused: {names}")
+    others = len(series.others) + len(series.skipped)
+    if others:
+        parts.append(f"{others} other files")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def queue_series(
     target: Target, folder: str | Path, *, context: SendContext | None = None
 ) -> SendReport:
@@ -1249,7 +1259,7 @@ def queue_series(
     start = time.monotonic()
     series = scan_folder(folder)
     if not series.instances:
-        raise DispatchError(f"no DICOM files in {folder}")
+        raise DispatchError(f"no DICOM files in {folder}" + _refused_note(series))
     _others, left_out = other_files_for(target, series)
     owned = take_into_spool(folder)
     try:
@@ -1343,27 +1353,3 @@ def status_summary(now=None) -> dict:
         if oldest
         else None,
     }
-
-
-def health() -> tuple[bool, dict]:
-    """Whether the database and the queue answer, and how old the oldest job is."""
-    report: dict = {"database": "ok", "queue": "ok"}
-    ok = True
-    try:
-        connection.ensure_connection()
-        summary = status_summary()
-        report["oldest_queued_age_s"] = summary["oldest_queued_age_s"]
-        report["queued"] = summary["queued"]
-        report["sending"] = summary["sending"]
-    except Exception as exc:
-        ok = False
-        report["database"] = f"error: {type(exc).__name__}"
-    try:
-        from huey.contrib.djhuey import HUEY
-
-        report["queue_pending"] = HUEY.pending_count()
-    except Exception as exc:
-        ok = False
-        report["queue"] = f"error: {type(exc).__name__}"
-    report["ok"] = ok
-    return ok, report

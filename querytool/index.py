@@ -26,6 +26,7 @@ from pathlib import Path
 from django.conf import settings
 
 from targets.dicomvr import LONG_VRS
+from targets.paths import private_dir, private_sqlite
 
 INDEX_NAME = ".courier-index.sqlite3"
 
@@ -306,8 +307,7 @@ def index_path_for(folder: Path) -> Path:
     if folder_is_writable(folder):
         return inside
     digest = hashlib.sha256(str(folder).encode()).hexdigest()[:24]
-    out = Path(settings.DATA_DIR) / "indexes"
-    out.mkdir(parents=True, exist_ok=True)
+    out = private_dir(Path(settings.DATA_DIR) / "indexes")
     return out / f"{digest}.sqlite3"
 
 
@@ -319,6 +319,8 @@ class FolderIndex:
         if not self.folder.is_dir():
             raise FileNotFoundError(f"{self.folder} is not a folder")
         self.path = index_path or index_path_for(self.folder)
+        # Patient names and IDs: 0600, also inside a folder others may read.
+        private_sqlite(self.path)
         with self.connect() as db:
             db.executescript(SCHEMA)
 

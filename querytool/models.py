@@ -74,6 +74,17 @@ class RetrievalJob(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
+        # The query page's permissions (grant them to groups in the admin). Which
+        # store targets a user may export to: "any target", or the target's own
+        # "groups that may export here".
+        permissions = [
+            ("search_sources", "Can search query sources and open studies"),
+            (
+                "retrieve_studies",
+                "Can retrieve studies (download folder, C-MOVE, targets allowed)",
+            ),
+            ("export_to_any_target", "Can export retrieved studies to any target"),
+        ]
 
     def __str__(self) -> str:
         return f"retrieval {self.pk} of {self.label or self.study_uid}"
@@ -118,6 +129,7 @@ class AuditAction(models.TextChoices):
     INDEX = "index", "Rescan folder"
     CANCEL = "cancel", "Cancel retrieval"
     RETRY = "retry", "Retry retrieval"
+    REFUSED = "refused", "Refused (no permission)"
 
 
 class AuditEntry(models.Model):

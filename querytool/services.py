@@ -16,13 +16,14 @@ from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
+from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
 from dispatch.services import crash_site, scrub
 from targets.models import Direction, Target
-from targets.series import safe_path_part
+from targets.paths import clean_part, inside, private_dir
 
 from .index import ScanReport
 from .models import AuditAction, AuditEntry, RetrievalJob, RetrievalState
@@ -43,6 +44,56 @@ log = logging.getLogger("courier.querytool")
 PROGRESS_INTERVAL = 0.5
 # A running job without progress for this long (seconds) may be cancelled at once.
 STALE_AFTER = 600
+
+
+# -- permissions ---------------------------------------------------------------------
+# Model permissions (querytool.models.RetrievalJob.Meta), granted to groups in the
+# admin; superusers have them all. Staff status alone opens nothing here.
+SEARCH_PERMISSION = "querytool.search_sources"
+RETRIEVE_PERMISSION = "querytool.retrieve_studies"
+EXPORT_ANY_PERMISSION = "querytool.export_to_any_target"
+
+
+def may_search(user) -> bool:
+    return user.has_perm(SEARCH_PERMISSION)
+
+
+def may_retrieve(user) -> bool:
+    return user.has_perm(RETRIEVE_PERMISSION)
+
+
+def export_destinations(user) -> list[Target]:
+    """The enabled store targets `user` may send retrieved studies to."""
+    if not may_retrieve(user):
+        return []
+    targets = store_destinations()
+    if user.has_perm(EXPORT_ANY_PERMISSION):
+        return targets
+    granted = set(
+        Target.objects.filter(export_groups__user=user).values_list("pk", flat=True)
+    )
+    return [t for t in targets if t.pk in granted]
+
+
+def may_export(user, target: Target) -> bool:
+    return any(t.pk == target.pk for t in export_destinations(user))
+
+
+def refuse(user, what: str, source: Target | None = None) -> PermissionDenied:
+    """Record a refusal in the audit log; return the exception to raise."""
+    audit(user, AuditAction.REFUSED, source, ok=False, detail=f"refused: {what}")
+    log.warning("query tool refused user=%s what=%s", getattr(user, "pk", None), what)
+    return PermissionDenied(f"You have no permission to {what}.")
+
+
+def require_search(user, source: Target | None = None) -> None:
+    if not may_search(user):
+        raise refuse(user, "search the query sources", source)
+
+
+def require_retrieve(user, source: Target | None = None) -> None:
+    if not may_retrieve(user):
+        raise refuse(user, "retrieve studies", source)
 
 
 def query_sources():
@@ -88,6 +139,7 @@ def search(
     source: Target, criteria: Criteria, user, limit: int | None = None
 ) -> StudySearch:
     """Search one source; audit it (also when it fails). Raise `SourceError`."""
+    require_search(user, source)
     limit = limit or settings.COURIER_QUERY_LIMIT
     try:
         found = source.handler.query(criteria, limit)
@@ -117,6 +169,7 @@ def search(
 
 
 def list_series(source: Target, study_uid: str, user) -> list[Series]:
+    require_search(user, source)
     try:
         series = source.handler.query_series(study_uid)
     except SourceError as exc:
@@ -180,6 +233,9 @@ def start_retrieval(
     Exactly one destination: a store target, the download folder, or (DICOM
     sources) a C-MOVE destination AE title.
     """
+    require_retrieve(user, source)
+    if destination is not None and not may_export(user, destination):
+        raise refuse(user, f"export to {destination.name}", source)
     chosen = sum(bool(x) for x in (destination, download, move_aet))
     if chosen != 1:
         raise SourceError(
@@ -236,6 +292,7 @@ def _enqueue(job_id: int) -> None:
 
 def cancel_retrieval(job: RetrievalJob, user) -> None:
     """Cancel a queued job at once; ask a running one to stop (it aborts soon)."""
+    require_retrieve(user, job.source)
     updated = RetrievalJob.objects.filter(
         pk=job.pk, state=RetrievalState.QUEUED
     ).update(
@@ -263,6 +320,9 @@ def cancel_retrieval(job: RetrievalJob, user) -> None:
 
 def retry_retrieval(job: RetrievalJob, user) -> bool:
     """Queue a failed, partial or cancelled job again (files already there stay)."""
+    require_retrieve(user, job.source)
+    if job.destination is not None and not may_export(user, job.destination):
+        raise refuse(user, f"export to {job.destination.name}", job.source)
     updated = RetrievalJob.objects.filter(
         pk=job.pk,
         state__in=[
@@ -289,8 +349,9 @@ def retry_retrieval(job: RetrievalJob, user) -> bool:
 
 def _output_folder(job: RetrievalJob) -> Path:
     if job.download:
-        name = safe_path_part(f"{job.pk:06d}_{job.label or job.study_uid}")[:120]
-        return Path(settings.COURIER_DOWNLOAD_DIR) / name
+        # The label is the patient's name, the accession, ...: data.
+        name = clean_part(f"{job.pk:06d}_{job.label or job.study_uid}")[:120]
+        return inside(settings.COURIER_DOWNLOAD_DIR, name)
     # Inside the spool, so the dispatch engine deletes it once the jobs are done.
     return Path(settings.COURIER_SPOOL_DIR) / "retrieved" / f"{job.pk:06d}"
 
@@ -338,8 +399,10 @@ def run_retrieval(job_id: int, progress_hook: Callable | None = None) -> Retriev
             raise SourceError("The source target was deleted or disabled.")
         if not job.download and not job.move_aet and job.destination is None:
             raise SourceError("The destination target was deleted.")
-        if dest is not None:
+        if dest is not None and job.download:
             dest.mkdir(parents=True, exist_ok=True)
+        elif dest is not None:
+            private_dir(dest)  # the spool: Courier's alone
         request = RetrieveRequest(job.study_uid, list(job.series_uids), job.move_aet)
         result = job.source.handler.retrieve(request, dest, _Progress(job_id))
         if result.failed:

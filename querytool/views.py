@@ -69,12 +69,14 @@ def _url(request, **changes) -> str:
 
 @staff_member_required
 def query_page(request):
+    services.require_search(request.user)
     sources = services.query_sources()
-    destinations = services.store_destinations()
+    destinations = services.export_destinations(request.user)
     ctx = {
         **admin.site.each_context(request),
         "title": "Query and retrieve",
         "sources": sources,
+        "can_retrieve": services.may_retrieve(request.user),
         "destination_choices": destination_choices(destinations),
         "jobs": RetrievalJob.objects.select_related("created_by")[:30],
         "columns": COLUMNS,
@@ -178,7 +180,10 @@ def _limit() -> int:
 @staff_member_required
 @require_POST
 def retrieve(request):
+    services.require_retrieve(request.user)
     sources = services.query_sources()
+    # Every store target is a valid choice here: one the user may not export to is
+    # refused (and audited) by the service, not silently dropped by the form.
     destinations = services.store_destinations()
     back = _back(request)
     form = RetrieveForm(request.POST, sources=sources, destinations=destinations)
@@ -237,6 +242,7 @@ def _items(studies: list[str], series: list[str]) -> list[services.RetrieveItem]
 @staff_member_required
 @require_POST
 def reindex(request):
+    services.require_search(request.user)
     source = next(
         (
             t
@@ -275,6 +281,7 @@ def reindex(request):
 
 @staff_member_required
 def jobs_json(request):
+    services.require_search(request.user)
     ids = [int(i) for i in request.GET.get("ids", "").split(",") if i.isdigit()]
     jobs = (
         RetrievalJob.objects.filter(pk__in=ids)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from django.conf import settings
-from django.core.checks import Error, Tags, register
+from django.core.checks import Error, Tags, Warning, register
 
 
 @register(Tags.security, deploy=False)
@@ -38,3 +38,23 @@ def check_encryption_key(app_configs, **kwargs):
     except DatabaseError:
         pass
     return errors
+
+
+@register(Tags.security)
+def check_data_dir(app_configs, **kwargs):
+    """courier.W010: the data directory and its files are Courier's user's alone."""
+    from .paths import loose_files
+
+    loose = loose_files(settings.DATA_DIR)
+    if not loose:
+        return []
+    shown = ", ".join(str(p) for p in loose[:5])
+    return [
+        Warning(
+            f"Others may read or write the data directory or its files: {shown}.",
+            hint="It holds the database (sessions too) and the keys: run Courier "
+            "as the user owning it (it then fixes the modes at start-up), or "
+            f"chmod 700 {settings.DATA_DIR} and chmod 600 the files in it.",
+            id="courier.W010",
+        )
+    ]

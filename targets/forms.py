@@ -6,9 +6,9 @@ import logging
 
 from django import forms
 from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
-from django.utils.html import format_html
+from django.utils.html import conditional_escape, format_html
 
-from .models import Target
+from .models import Kind, Target
 from .secrets import EncryptedTextField
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,19 @@ class SecretField(forms.MultiValueField):
         return bool(value) or clear
 
 
+# Where a target's credentials go. Changing one of these must not carry the stored
+# secrets (or the old server's pinned SSH host key) to the new place: whoever may
+# edit a target could otherwise point it at their own server, press Test, and read
+# the password there. They are kept only when entered again in the same save.
+ADDRESS_FIELDS = ("host", "port", "url", "username", "endpoint_url", "access_key_id")
+PIN_FIELDS = ("host_key", "host_key_type", "host_key_data")
+REPOINT_NOTE = (
+    "Changing the host, port, URL or username (S3: endpoint URL or access key id) "
+    "clears the stored secrets and the pinned host key, unless you enter them "
+    "again in the same save."
+)
+
+
 class TargetForm(forms.ModelForm):
     """Base form for every kind; the admin builds it for the kind's proxy model.
 
@@ -129,6 +142,30 @@ class TargetForm(forms.ModelForm):
             self.fields[name] = field
             # The current value must not reach the page through `initial` either.
             self.initial.pop(name, None)
+        for name, text in getattr(model, "help_texts", {}).items():
+            if name in self.fields:
+                self.fields[name].help_text = text
+        if "layout" in self.fields:
+            from .series import HEADER_TAGS
+
+            self.fields["layout"].help_text = (
+                "Folders under the path, from DICOM keywords in braces; the default "
+                "is {StudyInstanceUID}/{SeriesInstanceUID}. Keywords: "
+                + ", ".join(HEADER_TAGS)
+                + "."
+            )
+        kind = Kind(model.KIND).label if model.KIND else ""
+        for name in getattr(model, "required_fields", ()):
+            if name in self.fields:
+                # Marked required in the page; the message is the model's own.
+                field = self.fields[name]
+                field.required = True
+                label = model._meta.get_field(name).verbose_name
+                field.error_messages["required"] = f"A {kind} target needs a {label}."
+        for field in self.fields.values():
+            # The admin renders help text as HTML: a literal "<script>" in one once
+            # swallowed the rest of the form. Help text here is plain text.
+            field.help_text = conditional_escape(field.help_text)
 
     def clean_name(self) -> str:
         name = (self.cleaned_data.get("name") or "").strip()
@@ -143,23 +180,51 @@ class TargetForm(forms.ModelForm):
             )
         return name
 
+    def repointed(self) -> list[str]:
+        """The address fields this save changes (none for a new target)."""
+        if not self.instance.pk:
+            return []
+        return [
+            f for f in ADDRESS_FIELDS if f in self.fields and f in self.changed_data
+        ]
+
     def clean(self):
         cleaned = super().clean()
+        moved = self.repointed()
+        # Secrets (and the pin) this save drops because the target moved.
+        self.cleared: list[str] = []
         for name in self.secret_fields:
             value, clear = cleaned.get(name) or ("", False)
+            current = getattr(self.instance, name, "") or ""
             if value:
                 cleaned[name] = value
-            elif clear:
+            elif clear or moved:
                 cleaned[name] = ""
+                if moved and current and not clear:
+                    self.cleared.append(name)
             else:
-                cleaned[name] = getattr(self.instance, name, "") or ""
+                cleaned[name] = current
+        if moved and self.instance.host_key and "host_key" not in self.changed_data:
+            if "host_key" in self.fields:
+                cleaned["host_key"] = ""
+            self.cleared.append("host_key")
+        if moved or "host_key" in self.changed_data:
+            # The full key belongs to the old pin: never kept beside a new one.
+            self.instance.host_key_type = self.instance.host_key_data = ""
         return cleaned
+
+    def cleared_labels(self) -> list[str]:
+        return [
+            str(self._meta.model._meta.get_field(name).verbose_name)
+            for name in getattr(self, "cleared", [])
+        ]
 
     def _post_clean(self) -> None:
         # The proxy's clean() may touch files or libraries (certificates, keys); a
         # surprise there must be a form error, not a server error.
         try:
             super()._post_clean()
+            self._explain_cleared()
         except ValidationError:
             raise
         except Exception as exc:
@@ -174,6 +239,20 @@ class TargetForm(forms.ModelForm):
                 "see the log.",
             )
 
+    def _explain_cleared(self) -> None:
+        """A secret this kind needs, dropped because the target moved, gets the
+        reason beside the model's "needs a password"."""
+        moved = ", ".join(
+            str(self._meta.model._meta.get_field(f).verbose_name)
+            for f in self.repointed()
+        )
+        for name in getattr(self, "cleared", []):
+            if name in self.errors:
+                self.errors[name].append(
+                    f"The stored value was cleared because the {moved} changed: "
+                    "enter it again to keep using it."
+                )
+
     def add_error(self, field, error) -> None:
         """Show a model error for a field this kind's form lacks as a form error."""
         if (
@@ -183,6 +262,8 @@ class TargetForm(forms.ModelForm):
         ):
             known: dict[str, list] = {}
             for name, errors in error.error_dict.items():
+                if name in self.fields and self.has_error(name, "required"):
+                    continue  # the form already said it is missing
                 if name == NON_FIELD_ERRORS or name in self.fields:
                     known.setdefault(name, []).extend(errors)
                     continue

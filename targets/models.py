@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 from urllib.parse import urlsplit
 
@@ -63,6 +64,19 @@ DEFAULT_LAYOUT = "{StudyInstanceUID}/{SeriesInstanceUID}"
 # studies of one patient on one day apart, even without an AccessionNumber.
 DEFAULT_SUBJECT_TEMPLATE = "{PatientID}"
 DEFAULT_SESSION_TEMPLATE = "{PatientID}_{StudyDate}_{StudyUIDHash}"
+
+
+@dataclass(frozen=True)
+class ShowIf:
+    """Show `fields` in the admin form only while the field `when` matches: its value
+    is one of `equals`, does not start with `not_prefix` (case-insensitive), or the
+    checkbox is ticked (`checked`). A field is shown when every rule naming it holds."""
+
+    fields: tuple[str, ...]
+    when: str
+    equals: tuple[str, ...] = ()
+    not_prefix: str = ""
+    checked: bool = False
 
 
 def _default_calling_aet() -> str:
@@ -321,6 +335,17 @@ class Target(models.Model):
         default=False, help_text="Jobs for a paused target wait until it is resumed."
     )
 
+    # -- query tool ------------------------------------------------------------------
+    export_groups = models.ManyToManyField(
+        "auth.Group",
+        blank=True,
+        related_name="export_targets",
+        verbose_name="groups that may export here",
+        help_text="Members of these groups (with the permission to retrieve "
+        "studies) may send query results to this target. Users with 'Can export "
+        "retrieved studies to any target' may always.",
+    )
+
     class Meta:
         ordering = ["name"]
         constraints = [
@@ -340,6 +365,10 @@ class Target(models.Model):
     # Whether the kind delivers a series folder's other files (reports, previews,
     # results) beside its DICOM instances; the DICOM kinds send DICOM only.
     delivers_other_files: ClassVar[bool] = False
+    # Connection fields the admin form hides while they do not apply.
+    show_if: ClassVar[tuple[ShowIf, ...]] = ()
+    # Help texts for this kind's form, where a shared column means more here.
+    help_texts: ClassVar[dict[str, str]] = {}
 
     def __str__(self) -> str:
         return self.name
@@ -509,6 +538,34 @@ class DicomWebTarget(Target):
         "stow_max_bytes",
     )
     required_fields = ("url",)
+    help_texts = {
+        "url": "The DICOMweb root, e.g. https://pacs.example.org/dicom-web; or "
+        "file:///path/to/folder to make a local folder of DICOM files a query "
+        "source (direction Query)."
+    }
+    show_if = (
+        # A file:// URL is a local folder (a query source): no HTTP settings.
+        ShowIf(
+            (
+                "qido_prefix",
+                "wado_prefix",
+                "stow_prefix",
+                "auth",
+                "username",
+                "password",
+                "token",
+                "verify_tls",
+                "ca_bundle",
+                "request_timeout",
+                "stow_batch_size",
+                "stow_max_bytes",
+            ),
+            when="url",
+            not_prefix="file://",
+        ),
+        ShowIf(("username", "password"), when="auth", equals=("basic",)),
+        ShowIf(("token",), when="auth", equals=("bearer",)),
+    )
 
     class Meta:
         proxy = True
@@ -532,15 +589,11 @@ class DicomWebTarget(Target):
                 )
             setattr(self, field, value)
         local = (self.url or "").lower().startswith("file://")
-        login = bool(self.username or self.password)
-        if local and (login or self.token):
-            errors.setdefault("url", []).append(
-                "A file:// URL is a folder on this server, read without a login: "
-                "clear the username, password and token."
-            )
-        elif not local and self.auth in ("", "none"):
+        if not local and self.auth in ("", "none"):
             # Credentials with authentication left at None would silently not be
-            # sent: pick the method they mean, or say why not.
+            # sent: pick the method they mean, or say (at the authentication
+            # choice, which is always shown) why not.
+            login = bool(self.username or self.password)
             if login and self.token:
                 errors.setdefault("auth", []).append(
                     "Both a login and a bearer token are set: choose Basic or "
@@ -549,14 +602,16 @@ class DicomWebTarget(Target):
             elif self.username and self.password:
                 self.auth = "basic"
             elif self.username:
-                errors.setdefault("password", []).append(
-                    "A username without a password sends no credentials: enter "
-                    "the password (Basic authentication), or clear the username."
+                errors.setdefault("auth", []).append(
+                    f"The username {self.username!r} has no password, so no "
+                    "credentials would be sent: choose Basic and enter the password, "
+                    "or clear the username."
                 )
             elif self.password:
-                errors.setdefault("username", []).append(
-                    "A password without a username sends no credentials: enter "
-                    "the username (Basic authentication), or clear the password."
+                errors.setdefault("auth", []).append(
+                    "A password is set without a username, so no credentials would "
+                    "be sent: choose Basic and enter the username, or clear the "
+                    "password."
                 )
             elif self.token:
                 self.auth = "bearer"
@@ -678,6 +733,7 @@ class RsyncTarget(Target):
     )
     required_fields = ("host", "username", "path")
     delivers_other_files = True
+    show_if = (ShowIf(("complete_script",), when="run_on_complete", checked=True),)
 
     class Meta:
         proxy = True

@@ -12,7 +12,7 @@ import hashlib
 
 from cryptography.fernet import Fernet, InvalidToken
 from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured
+from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.db import models
 
 PREFIX = "fernet:"
@@ -71,9 +71,20 @@ class EncryptedTextField(models.TextField):
     def to_python(self, value):
         if isinstance(value, Secret) or value is None:
             return value
+        if isinstance(value, str) and value.startswith(PREFIX):
+            # The serialised (dumpdata) form: `loaddata` must store the secret,
+            # not an encryption of its token.
+            try:
+                return decrypt(value)
+            except SecretKeyMismatch as exc:
+                raise ValidationError(str(exc), code="secret_key_mismatch") from None
         return Secret(value)
 
     def get_prep_value(self, value):
         if not value:
             return ""
         return encrypt(str(value))
+
+    def value_to_string(self, obj) -> str:
+        """Serialise the encrypted form only: `dumpdata` never prints a secret."""
+        return self.get_prep_value(self.value_from_object(obj))

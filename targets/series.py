@@ -9,6 +9,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from targets.dicomcheck import CorruptDataset, check_file
+from targets.paths import clean_part, plain_name, uid_part
+
 # Read once per file; enough for presentation contexts, layouts and routing.
 HEADER_TAGS = [
     "SOPClassUID",
@@ -74,6 +77,9 @@ class Series:
     others: list[OtherFile] = field(default_factory=list)
     # Files that could not be read at all, with the reason.
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    # DICOM files that fail the structural check (truncated, corrupt), with the
+    # reason: never sent anywhere, in any form.
+    corrupt: list[tuple[Path, str]] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
@@ -105,6 +111,7 @@ class Series:
             instances=[i for i in self.instances if kept(i.path)],
             others=[o for o in self.others if kept(o.path)],
             skipped=list(self.skipped),
+            corrupt=list(self.corrupt),
         )
 
     def rebased(self, root: Path) -> Series:
@@ -118,6 +125,7 @@ class Series:
             instances=[replace(i, path=moved(i.path)) for i in self.instances],
             others=[replace(o, path=moved(o.path)) for o in self.others],
             skipped=[(moved(p), why) for p, why in self.skipped],
+            corrupt=[(moved(p), why) for p, why in self.corrupt],
         )
 
     def only(self, paths: Iterable[str | Path]) -> Series:
@@ -128,6 +136,7 @@ class Series:
             instances=[i for i in self.instances if str(i.path) in wanted],
             others=[o for o in self.others if str(o.path) in wanted],
             skipped=list(self.skipped),
+            corrupt=list(self.corrupt),
         )
 
 
@@ -172,7 +181,10 @@ def scan_folder(folder: str | Path) -> Series:
     """Collect every file under `folder`, recursively, in a stable order.
 
     DICOM files become instances (headers read), other files `others`, and files
-    that cannot be read `skipped` with the reason; none of it is fatal.
+    that cannot be read `skipped` with the reason; none of it is fatal. A DICOM file
+    whose header reads but whose data does not walk to its end (a truncated copy,
+    say) is listed in `corrupt`: it must never reach a target, in any form (not as an
+    other file either), nor replace a good copy there.
     """
     from pydicom.errors import InvalidDicomError
 
@@ -185,7 +197,11 @@ def scan_folder(folder: str | Path) -> Series:
             paths.append(Path(dirpath) / name)
     for path in paths:
         try:
-            series.instances.append(read_instance(path))
+            instance = read_instance(path)
+            check_file(path)
+            series.instances.append(instance)
+        except CorruptDataset as exc:
+            series.corrupt.append((path, f"corrupt DICOM ({exc})"))
         except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
             try:
                 size = path.stat().st_size
@@ -199,20 +215,14 @@ def scan_folder(folder: str | Path) -> Series:
     return series
 
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._+=@,-]+")
-
-
-def safe_path_part(value: str, fallback: str = "unknown") -> str:
-    """Turn a DICOM value into one safe path component: no separators, no `..`."""
-    cleaned = _UNSAFE.sub("_", str(value).strip()).strip("._")
-    if not cleaned:
-        return fallback
-    return cleaned[:128]
+# The one path-cleaning rule (targets/paths.py), under the name its callers know.
+safe_path_part = clean_part
 
 
 def instance_file_name(instance: Instance) -> str:
-    """The name an instance gets in a target's folder: its SOP Instance UID."""
-    return safe_path_part(instance.sop_instance_uid) + ".dcm"
+    """`<SOP Instance UID>.dcm`, one plain file name whatever the UID holds: the
+    name an instance gets in a target's folder."""
+    return plain_name(uid_part(instance.sop_instance_uid) + ".dcm")
 
 
 class LayoutError(ValueError):

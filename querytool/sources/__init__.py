@@ -15,6 +15,8 @@ from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from targets.paths import inside, plain_name, uid_part
+
 if TYPE_CHECKING:
     from targets.models import Target
 
@@ -197,6 +199,31 @@ class Source:
                     continue
                 out.studies.append(study)
         return out
+
+
+class SeriesFolders:
+    """The folders a retrieval writes: `dest/<series>/<sop>.dcm`, names from data.
+
+    Both UIDs come from the source (a PACS holding an instance whose
+    SeriesInstanceUID is `../../x` is enough): each becomes one cleaned name, and
+    the folder is checked to be inside `dest` before anything is written.
+    """
+
+    def __init__(self, dest: Path):
+        self.dest = dest
+        self.folders: dict[str, Path] = {}
+
+    def path_for(self, series_uid: str, sop_uid: str) -> Path:
+        """Where the instance goes (its series folder created); raise `UnsafePath`."""
+        folder = self.folders.get(series_uid)
+        if folder is None:
+            folder = inside(self.dest, uid_part(series_uid))
+            folder.mkdir(parents=True, exist_ok=True)
+            self.folders[series_uid] = folder
+        return folder / plain_name(uid_part(sop_uid) + ".dcm")
+
+    def written(self) -> list[Path]:
+        return list(self.folders.values())
 
 
 def is_local_folder(target: Target) -> bool:

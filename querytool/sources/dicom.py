@@ -35,6 +35,7 @@ from pynetdicom.sop_class import (
 )
 
 from targets.dicomnet import enable_tcp_nodelay
+from targets.paths import UnsafePath
 
 from . import (
     Cancelled,
@@ -43,6 +44,7 @@ from . import (
     RetrieveRequest,
     RetrieveResult,
     Series,
+    SeriesFolders,
     Source,
     SourceError,
     Study,
@@ -327,7 +329,7 @@ class DicomSource(Source):
         self, request: RetrieveRequest, dest: Path, progress: ProgressCallback
     ) -> RetrieveResult:
         result = RetrieveResult()
-        folders: dict[str, Path] = {}
+        folders = SeriesFolders(dest)
         lock = threading.Lock()
         write_errors: list[str] = []
         # A whole study is fetched series by series: the total is known from the
@@ -350,13 +352,11 @@ class DicomSource(Source):
                 sop_uid = str(event.request.AffectedSOPInstanceUID)
                 series_uid = current[0] or str(event.dataset.SeriesInstanceUID)
                 with lock:
-                    folder = folders.get(series_uid)
-                    if folder is None:
-                        folder = folders[series_uid] = dest / series_uid
-                        folder.mkdir(parents=True, exist_ok=True)
-                (folder / f"{sop_uid}.dcm").write_bytes(
-                    event.encoded_dataset(include_meta=True)
-                )
+                    path = folders.path_for(series_uid, sop_uid)
+                path.write_bytes(event.encoded_dataset(include_meta=True))
+            except UnsafePath as exc:
+                write_errors.append(f"refused: {exc}")
+                return 0xC210
             except OSError as exc:
                 write_errors.append(f"cannot write the instance: {exc.strerror or exc}")
                 return 0xA700  # out of resources: the source counts it as failed
@@ -385,7 +385,7 @@ class DicomSource(Source):
                     assoc=assoc,
                     known_total=known_total,
                 )
-        result.series_folders = list(folders.values())
+        result.series_folders = folders.written()
         if write_errors and not result.message:
             result.message = write_errors[0]
         return result

@@ -12,10 +12,12 @@ import re
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import pydicom
 import requests
+
+from targets.paths import UnsafePath
 
 from . import (
     Criteria,
@@ -23,6 +25,7 @@ from . import (
     RetrieveRequest,
     RetrieveResult,
     Series,
+    SeriesFolders,
     Source,
     SourceError,
     Study,
@@ -239,7 +242,7 @@ class DicomWebSource(Source):
 
     def find_series(self, study_uid: str) -> list[Series]:
         query = "&".join(f"includefield={T[k]}" for k in SERIES_FIELDS)
-        found = self._qido(f"studies/{study_uid}/series", query)
+        found = self._qido(f"studies/{_seg(study_uid)}/series", query)
         series = [
             Series(
                 series_uid=_text(r, "SeriesInstanceUID"),
@@ -271,7 +274,7 @@ class DicomWebSource(Source):
         counts = [known[uid].instance_count for uid in wanted if uid in known]
         total = sum(c or 0 for c in counts) if counts and None not in counts else None
         result = RetrieveResult()
-        folders: dict[str, Path] = {}
+        folders = SeriesFolders(dest)
         progress(0, total, 0)
 
         def stored(path: Path) -> None:
@@ -287,19 +290,21 @@ class DicomWebSource(Source):
                 result.failed += 1
                 result.message = f"a WADO-RS part is not a DICOM instance ({exc})"
             else:
-                folder = folders.get(series_uid)
-                if folder is None:
-                    folder = folders[series_uid] = dest / series_uid
-                    folder.mkdir(parents=True, exist_ok=True)
-                os.replace(path, folder / f"{sop_uid}.dcm")
-                result.completed += 1
+                try:
+                    os.replace(path, folders.path_for(series_uid, sop_uid))
+                except UnsafePath as exc:
+                    path.unlink(missing_ok=True)
+                    result.failed += 1
+                    result.message = f"refused: {exc}"
+                else:
+                    result.completed += 1
             progress(result.completed, total, result.failed)
 
         dest.mkdir(parents=True, exist_ok=True)
         for series_uid in wanted:
-            url = f"{self.wado}/studies/{request.study_uid}/series/{series_uid}"
+            url = f"{self.wado}/studies/{_seg(request.study_uid)}/series/{_seg(series_uid)}"
             self._stream(url, dest, stored)
-        result.series_folders = list(folders.values())
+        result.series_folders = folders.written()
         return result
 
     def _stream(self, url: str, dest: Path, stored: Callable[[Path], None]) -> None:
@@ -320,6 +325,13 @@ class DicomWebSource(Source):
                     "WADO-RS did not answer with a multipart/related body."
                 )
             write_parts(resp.iter_content(CHUNK), boundary, dest, stored)
+
+
+def _seg(uid: str) -> str:
+    """A UID as one URL path segment: a "UID" with `/` or `..` from the source (or
+    a crafted form post) must not reach another endpoint."""
+    segment = quote(uid, safe="")
+    return segment.replace(".", "%2E") if segment in (".", "..") else segment
 
 
 STUDY_ATTRS = {

@@ -14,6 +14,7 @@ from urllib.parse import unquote, urlparse
 from django.conf import settings
 
 from querytool.index import FolderIndex, text_condition
+from targets.paths import UnsafePath, inside
 
 from . import (
     Criteria,
@@ -21,6 +22,7 @@ from . import (
     RetrieveRequest,
     RetrieveResult,
     Series,
+    SeriesFolders,
     Source,
     SourceError,
     Study,
@@ -175,22 +177,25 @@ class FolderSource(Source):
         with index.connect() as db:
             rows = db.execute(sql + " ORDER BY path", args).fetchall()
         result = RetrieveResult()
-        folders: dict[str, Path] = {}
+        folders = SeriesFolders(dest)
         total = len(rows)
         progress(0, total, 0)
         for rel, series_uid, sop_uid in rows:
-            folder = folders.get(series_uid)
-            if folder is None:
-                folder = folders[series_uid] = dest / series_uid
-                folder.mkdir(parents=True, exist_ok=True)
             try:
-                shutil.copyfile(self.folder / rel, folder / f"{sop_uid}.dcm")
+                # The index's paths are relative to the folder, but it is a file
+                # anyone who can write the folder can edit: check it stays inside.
+                shutil.copyfile(
+                    inside(self.folder, rel), folders.path_for(series_uid, sop_uid)
+                )
                 result.completed += 1
+            except UnsafePath as exc:
+                result.failed += 1
+                result.message = f"refused: {exc}"
             except OSError as exc:
                 result.failed += 1
                 result.message = f"{rel}: {exc.strerror or exc}"
             progress(result.completed, total, result.failed)
-        result.series_folders = list(folders.values())
+        result.series_folders = folders.written()
         if not rows:
             raise SourceError(
                 "Nothing to retrieve: the study is no longer in the folder."

@@ -244,6 +244,7 @@ def files_by_folder(
     from there. An other file whose name an earlier file already has, or that has
     no folder to go to, is reported FAILED.
     """
+    from targets.paths import UnsafePath, remote_inside
     from targets.series import instance_file_name
     from targets.validators import split_globs
 
@@ -268,6 +269,11 @@ def files_by_folder(
                     "destination folder comes from the instances' tags)",
                 )
             )
+            continue
+        try:
+            remote_inside("", name)  # a clean relative path: no "..", no "//"
+        except UnsafePath as exc:
+            report(instance_outcome(other, FAILED, str(exc)))
             continue
         taken = {n for _, n in files.get(folder, [])}
         if name in taken:

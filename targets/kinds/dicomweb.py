@@ -27,7 +27,8 @@ from urllib.parse import unquote, urlsplit
 
 import requests
 
-from targets.series import Instance, Series, safe_path_part
+from targets.paths import UnsafePath, inside, uid_part
+from targets.series import Instance, Series
 
 from .base import (
     FAILED,
@@ -468,15 +469,19 @@ class DicomWebHandler(Queryable, Handler):
         if not root.is_dir():
             raise TargetError(f"the folder {root} does not exist", permanent=True)
         for inst in series.instances:
-            dest = (
-                root
-                / "studies"
-                / safe_path_part(inst.study_uid)
-                / "series"
-                / safe_path_part(inst.series_uid)
-                / "instances"
-                / f"{safe_path_part(inst.sop_instance_uid)}.dcm"
-            )
+            try:
+                dest = inside(
+                    root,
+                    "studies",
+                    uid_part(inst.study_uid),
+                    "series",
+                    uid_part(inst.series_uid),
+                    "instances",
+                    f"{uid_part(inst.sop_instance_uid)}.dcm",
+                )
+            except UnsafePath as exc:
+                report(instance_outcome(inst, FAILED, str(exc)))
+                continue
             if dest.is_file() and dest.stat().st_size == inst.size:
                 report(instance_outcome(inst, PRESENT, "already in the folder"))
                 continue

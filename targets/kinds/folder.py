@@ -26,12 +26,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from targets.series import (
-    HEADER_TAGS,
-    Instance,
-    OtherFile,
-    Series,
-)
+from targets.paths import UnsafePath, inside
+from targets.series import HEADER_TAGS, Instance, OtherFile, Series
 
 from .base import (
     PRESENT,
@@ -211,7 +207,11 @@ class FolderHandler(Handler):
         # folder each instance belongs in.
         groups = files_by_folder(series, self.target, report)
         for rel, files in groups.items():
-            self._send_group(self.root / rel if rel else self.root, files, report)
+            try:
+                dest = inside(self.root, rel) if rel else self.root
+            except UnsafePath as exc:
+                raise TargetError(str(exc), permanent=True) from None
+            self._send_group(dest, files, report)
         return result
 
     def _check_root(self) -> None:
@@ -271,7 +271,7 @@ class FolderHandler(Handler):
                 tmp.mkdir()
                 for inst, name in to_write:
                     if "/" in name:  # an other file in a subfolder
-                        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                        inside(tmp, name).parent.mkdir(parents=True, exist_ok=True)
                     _copy(inst.path, tmp / name)
                 _fsync_all([tmp / name for _, name in to_write])
                 outcomes.extend(instance_outcome(inst, SENT) for inst, _ in to_write)
@@ -345,7 +345,7 @@ class FolderHandler(Handler):
     ) -> None:
         folders = {dest}
         for inst, name in files:
-            final = dest / name
+            final = inside(dest, name) if "/" in name else dest / name
             try:
                 if final.parent != dest:
                     final.parent.mkdir(parents=True, exist_ok=True)

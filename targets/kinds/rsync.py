@@ -16,7 +16,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import posixpath
 import re
 import shlex
 import shutil
@@ -24,6 +23,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from targets.paths import UnsafePath, inside, remote_inside
 from targets.series import Instance, OtherFile, Series
 
 from .base import (
@@ -87,7 +87,11 @@ class RsyncHandler(Handler):
         duplicates: list[Instance | OtherFile] = []
         for rel, files in groups.items():
             for inst, name in files:
-                path = posixpath.join(rel, name) if rel else name
+                try:
+                    path = remote_inside("", rel, name)
+                except UnsafePath as exc:
+                    report(instance_outcome(inst, FAILED, str(exc)))
+                    continue
                 if path in staged:
                     duplicates.append(inst)
                 else:
@@ -101,7 +105,7 @@ class RsyncHandler(Handler):
             stage = workdir / "stage"
             for rel, inst in list(staged.items()):
                 try:
-                    _link(inst.path, stage / rel)
+                    _link(inst.path, inside(stage, rel))
                 except FileNotFoundError:
                     del staged[rel]
                     report(instance_outcome(inst, FAILED, f"{inst.path} is gone"))

@@ -24,6 +24,7 @@ from io import BytesIO
 
 import paramiko
 
+from targets.paths import UnsafePath, remote_inside
 from targets.series import Instance, OtherFile, Series
 
 from .base import (
@@ -121,16 +122,19 @@ class SftpHandler(Handler):
             return listings[folder]
 
         for rel, files in groups.items():
-            series_folder = (
-                posixpath.join(self.target.path, rel) if rel else self.target.path
-            )
+            try:
+                series_folder = (
+                    remote_inside(self.target.path, rel) if rel else self.target.path
+                )
+            except UnsafePath as exc:
+                raise TargetError(str(exc), permanent=True) from None
             folders[series_folder] = True
             listing(series_folder)
             seen: set[str] = set()
             for inst, path in files:
                 # An other file may sit in a subfolder of the series folder.
                 sub, name = posixpath.split(path)
-                folder = posixpath.join(series_folder, sub) if sub else series_folder
+                folder = remote_inside(series_folder, sub) if sub else series_folder
                 existing = listing(folder)
                 if path in seen:
                     report(

@@ -71,7 +71,8 @@ def test_staff_searches_opens_a_study_and_retrieves_it_to_a_folder(
     )
     browser.find_element(By.ID, "retrieve-button").click()
 
-    job = RetrievalJob.objects.get()
+    # The click returns before the page has posted: wait for the job it makes.
+    job = WebDriverWait(browser, 30).until(lambda _: RetrievalJob.objects.first())
     state = (By.CSS_SELECTOR, f"tr[data-job='{job.pk}'] .job-state")
     WebDriverWait(browser, 30).until(ec.text_to_be_present_in_element(state, "Queued"))
     assert worker_queue == [job.pk]

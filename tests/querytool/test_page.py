@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.urls import reverse
 
 from querytool import services, views
@@ -22,6 +23,16 @@ URL = "/query/"
 def staff(client, django_user_model, settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     user = django_user_model.objects.create_user("nurse", password="pw", is_staff=True)
+    user.user_permissions.add(
+        *Permission.objects.filter(
+            content_type__app_label="querytool",
+            codename__in=[
+                "search_sources",
+                "retrieve_studies",
+                "export_to_any_target",
+            ],
+        )
+    )
     client.force_login(user)
     return user
 

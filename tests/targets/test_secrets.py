@@ -134,3 +134,48 @@ def test_no_secret_appears_in_the_admin_pages(admin_client, caplog):
     assert "secret-status" in change_html and ">set<" in change_html
     for secret in SECRETS:
         assert secret not in caplog.text
+
+
+@pytest.mark.parametrize("fmt", ["json", "xml"])
+def test_dumpdata_carries_only_ciphertext_and_loaddata_round_trips(tmp_path, fmt):
+    from io import StringIO
+
+    make_targets()
+    out = StringIO()
+    call_command("dumpdata", "targets.target", format=fmt, stdout=out)
+    dumped = out.getvalue()
+    assert "fernet:" in dumped
+    for secret in SECRETS:
+        assert secret not in dumped
+
+    fixture = tmp_path / f"targets.{fmt}"
+    fixture.write_text(dumped)
+    Target.objects.all().delete()
+    call_command("loaddata", str(fixture), stdout=StringIO())
+
+    sftp = SftpTarget.objects.get(name="sftp secret")
+    assert (sftp.password, sftp.key_passphrase) == (PASSWORD, PASSPHRASE)
+    assert sftp.private_key == PASTED_KEY
+    assert S3Target.objects.get(name="s3 secret").secret_key == SECRET_KEY
+    # Stored encrypted once again, not as an encryption of the token.
+    stored = raw_columns()
+    for secret in SECRETS:
+        assert secret not in stored
+    assert "fernet:" in stored
+
+
+def test_loaddata_with_another_key_fails_loudly(tmp_path, settings):
+    from io import StringIO
+
+    from django.core.serializers.base import DeserializationError
+
+    make_targets()
+    out = StringIO()
+    call_command("dumpdata", "targets.target", stdout=out)
+    fixture = tmp_path / "targets.json"
+    fixture.write_text(out.getvalue())
+    Target.objects.all().delete()
+    settings.COURIER_ENCRYPTION_KEY = "another-key-" + uuid.uuid4().hex
+
+    with pytest.raises(DeserializationError, match="cannot be decrypted"):
+        call_command("loaddata", str(fixture), stdout=StringIO())

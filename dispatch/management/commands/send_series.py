@@ -134,7 +134,7 @@ class Command(BaseCommand):
         more = ", …" if len(left_out) > 3 else ""
         self.stderr.write(
             self.style.WARNING(
-                f"left out {len(left_out)} other "
+                f"left out {len(left_out)} "
                 f"file{'s' if len(left_out) != 1 else ''}: {why} "
                 f"(e.g. {names}{more})"
             )
@@ -176,7 +176,7 @@ class Command(BaseCommand):
         if job.other_files:
             summary += f"; {job.other_sent} of {job.other_files} other files delivered"
         if job.skipped:
-            summary += f"; {job.skipped} other files left out"
+            summary += f"; {job.skipped} files left out"
         summary += f"; {mb:.1f} MB in {seconds:.1f} s"
         if job.state in SUCCESS_STATES:
             self.stdout.write(self.style.SUCCESS(summary))

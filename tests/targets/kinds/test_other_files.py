@@ -180,11 +180,11 @@ def test_a_dicom_target_sends_the_instances_and_says_what_it_left_out(storescp, 
 
     received = " ".join(p.name for p in storescp.files())
     assert all(uid in received for uid in series.sop_uids)
-    assert "3 sent" in out.getvalue() and "3 other files left out" in out.getvalue()
+    assert "3 sent" in out.getvalue() and "3 files left out" in out.getvalue()
     assert (
-        "left out 3 other files: 3 DICOM targets send DICOM instances only "
+        "left out 3 files: 3 DICOM targets send DICOM instances only "
         "(e.g. preview.png, report.pdf, measurements.json)"
     ) in err.getvalue()
     job = services.Job.objects.get(target__name="pacs")
-    assert "(3 instances; 3 other files left out) → pacs" in str(job)
+    assert "(3 instances; 3 files left out) → pacs" in str(job)
     assert job.other_files == 0 and job.skipped == 3
