@@ -104,9 +104,7 @@ def test_target_down_waits_to_retry_and_completes_when_it_is_back(
         f"connection refused by 127.0.0.1:{peer.dicom_port}: is the DICOM service "
         "running, and the port right?"
     )
-    assert re.fullmatch(
-        re.escape(refused) + r" \(attempt \d+; next in \d+ s\)", job["last_error"]
-    )
+    assert re.fullmatch(re.escape(refused) + r" \(attempt \d+\)", job["last_error"])
     first = site.attempts(job_id)[0]
     assert first["outcome"] == "error" and first["sent"] == 0
     assert first["error"] == refused
@@ -145,7 +143,10 @@ def test_a_killed_workers_job_is_resumed_by_a_live_worker_when_its_lease_ends(
         (victim,) = [w for w in workers if str(w.pid) == owner]
         (survivor,) = [w for w in workers if w is not victim]
         site.kill_worker(victim)
-        assert done_at_kill < total, "the series finished before the kill"
+        # What the killed worker had written down as confirmed; outcomes it held
+        # in memory (written every second) are lost with it and sent again.
+        confirmed = site.instances_done(job_id)
+        assert done_at_kill <= confirmed < total, "the series finished before the kill"
         assert site.jobs()[0]["state"] == "sending"
 
         site.wait_for(lambda: site.jobs()[0]["state"] == "done", what="resumed")
@@ -159,10 +160,9 @@ def test_a_killed_workers_job_is_resumed_by_a_live_worker_when_its_lease_ends(
         assert first["worker"].split(":")[1] == str(victim.pid)
         assert second["outcome"] == "done"
         assert second["worker"].split(":")[1] == str(survivor.pid)
-        # The resumed attempt sent what was not confirmed, not the whole series
-        # again (instances in flight at the kill may be sent twice; Orthanc keeps
-        # one copy of each SOP Instance UID).
-        assert second["sent"] <= total - done_at_kill + 8
+        # The resumed attempt sent exactly what was not confirmed, not the whole
+        # series again (Orthanc keeps one copy of each SOP Instance UID).
+        assert second["sent"] == total - confirmed
     finally:
         peer.stop()
 

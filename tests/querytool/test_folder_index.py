@@ -243,7 +243,7 @@ def test_index_folder_command_scans_and_lists_problems(folder, data_dir, query_s
     files = query_studies.instances + 2
     assert (
         f"Archive: {files} files, {query_studies.instances} added, 0 changed, "
-        "0 removed, 0 unchanged, 2 not DICOM in"
+        "0 removed, 0 unchanged, 2 not DICOM or unreadable in"
     ) in text
     assert "notes.txt" in text and "broken.dcm" in text
     assert (folder / INDEX_NAME).exists()
@@ -252,7 +252,7 @@ def test_index_folder_command_scans_and_lists_problems(folder, data_dir, query_s
     call_command("index_folder", "archive", stdout=out)
     assert (
         f"{files + 1} files, 0 added, 0 changed, 0 removed, {files} unchanged, "
-        "1 not DICOM in" in out.getvalue()
+        "1 not DICOM or unreadable in" in out.getvalue()
     )
 
 

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('dispatch', '0004_job_source_query'),
+        ('dispatch', '0005_job_attempt_base'),
     ]
 
     operations = [
