@@ -23,11 +23,18 @@ from django.db.models import F
 from django.template.defaultfilters import pluralize
 from django.utils import timezone
 
-from dispatch import services as dispatch_services
-from dispatch.models import ACTIVE_STATES, SUCCESS_STATES, Job, State
-from dispatch.services import crash_site, scrub
+from dispatch.jobs.models import (
+    ACTIVE_STATES,
+    SUCCESS_STATES,
+    DispatchError,
+    Job,
+    JobOrigin,
+    State,
+)
+from dispatch.jobs.services import create_jobs, retry_now
 from targets.models import Direction, Target
 from targets.paths import clean_part, inside, private_dir
+from targets.redaction import crash_site, scrub
 
 from .index import ScanReport
 from .models import AuditAction, AuditEntry, Delivery, RetrievalJob, RetrievalState
@@ -395,7 +402,7 @@ def retry_retrieval(job: RetrievalJob, user) -> bool:
         failed = Job.objects.filter(
             pk__in=job.dispatch_jobs, state__in=[State.FAILED, State.CANCELLED]
         )
-        if dispatch_services.retry_now(failed):
+        if retry_now(failed):
             audit(
                 user,
                 AuditAction.RETRY,
@@ -544,13 +551,11 @@ def run_retrieval(job_id: int, progress_hook: Callable | None = None) -> Retriev
 
 def _dispatch(job: RetrievalJob, folders: list[Path], message: str) -> str:
     """Queue dispatch jobs sending each retrieved series folder to the destination."""
-    from dispatch.services import DispatchError, create_jobs
-
     ids = []
     try:
         for folder in folders:
             for created in create_jobs(
-                folder, [job.destination], owned_spool=True, source="query"
+                folder, [job.destination], owned_spool=True, source=JobOrigin.QUERY
             ):
                 ids.append(created.pk)
     except DispatchError as exc:

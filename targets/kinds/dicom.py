@@ -215,14 +215,14 @@ class DicomHandler(Queryable, Handler):
         report: Callable[[Outcome], None],
         notes: list[str],
     ) -> None:
-        """Send over `max_associations` associations sharing one queue of instances.
+        """Send over `max_connections` associations sharing one queue of instances.
 
         A shared queue rather than fixed shares: a fast association takes more, and
         when one cannot be opened (e.g. the peer allows fewer associations) the
         others send its share. Fails only if instances are left that none could send.
         """
         work = _WorkQueue(instances)
-        n = max(1, min(self.target.max_associations or 1, len(instances)))
+        n = max(1, min(self.target.max_connections or 1, len(instances)))
         if n == 1:
             self._send_one(work, contexts, calling, called, report, notes)
             return

@@ -293,7 +293,7 @@ class DicomWebHandler(Queryable, Handler):
             self._send_to_folder(series, report)
             return result
         batches = list(self._batches(series.instances))
-        workers = max(1, min(self.target.max_associations or 1, len(batches)))
+        workers = max(1, min(self.target.max_connections or 1, len(batches)))
         order = {str(inst.path): i for i, inst in enumerate(series.instances)}
         try:
             if workers == 1:
@@ -324,7 +324,7 @@ class DicomWebHandler(Queryable, Handler):
             session.close()
 
     def _send_parallel(self, batches, workers: int, report, result) -> None:
-        # Several requests at once, one connection each (`max_associations`, which
+        # Several requests at once, one connection each (`max_connections`, which
         # the dispatcher sets to the connections this job may use). A server that
         # spends its time storing rather than receiving gains most from this.
         shared, lock, stop = iter(batches), threading.Lock(), threading.Event()

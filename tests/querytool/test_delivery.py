@@ -10,8 +10,8 @@ import pytest
 from django.contrib.auth.models import Permission
 from django.urls import reverse
 
-from dispatch import services as dispatch
-from dispatch.models import Job, State
+from dispatch.jobs import tasks as dispatch
+from dispatch.jobs.models import Job, State
 from querytool import services
 from querytool.models import RetrievalState
 from targets.models import DicomTarget, DicomWebTarget

@@ -241,16 +241,14 @@ def test_parallel_associations_deliver_every_instance_exactly_once(
     series = scan_folder(tmp_path)
     seen = []
 
-    result = target(fresh_recorder.port, "RECORDER", max_associations=4).handler.send(
+    result = target(fresh_recorder.port, "RECORDER", max_connections=4).handler.send(
         series, progress=seen.append
     )
     assert result.sent == 60 and len(seen) == 60
     assert Counter(fresh_recorder.received) == Counter(generated.sop_uids)
     assert [o.path for o in result.outcomes] == [str(i.path) for i in series.instances]
 
-    result = target(storescp.port, storescp.aet, max_associations=4).handler.send(
-        series
-    )
+    result = target(storescp.port, storescp.aet, max_connections=4).handler.send(series)
     assert result.sent == 60
     names = {f.name for f in storescp.files()}
     assert all(
@@ -294,7 +292,7 @@ def test_when_the_peer_allows_fewer_associations_the_others_send_their_share(
 ):
     scp = RecordingSCP(max_associations=1)
     try:
-        handler = target(scp.port, "RECORDER", max_associations=4).handler
+        handler = target(scp.port, "RECORDER", max_connections=4).handler
         result = handler.send(scan_folder(ct_series.folder))
     finally:
         scp.stop()
