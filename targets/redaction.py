@@ -34,12 +34,13 @@ def redact(text: str, secrets: list[str]) -> str:
     return text
 
 
-def scrub(message: str, target: Model) -> str:
-    """Blank out the target's secrets should a message ever carry one.
+def scrub(message: str, *targets: Model | None) -> str:
+    """Blank out the targets' secrets should a message ever carry one.
 
     Also their URL-quoted form: a library error may quote the URL it was given.
+    `None` stands for a target that is gone (a deleted destination).
     """
-    secrets = secret_values(target)
+    secrets = [s for t in targets if t is not None for s in secret_values(t)]
     quoted = [quote(s, safe="") for s in secrets]
     return redact(message, secrets + [q for q in quoted if q not in secrets])
 

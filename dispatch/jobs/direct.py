@@ -80,9 +80,7 @@ def send_series(
     )
     worker = lease.worker_id()
     # Hold the job (queued, leased to this process) so that no worker takes it.
-    Job.objects.filter(pk=job.pk).update(
-        lease_owner=worker, lease_expires_at=timezone.now() + lease.lease_length()
-    )
+    lease.take(Job.objects.filter(pk=job.pk), worker, timezone.now())
     keeper = engine.keeper_for(job.pk, worker).start()
     if on_start:
         on_start(job)

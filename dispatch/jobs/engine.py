@@ -177,17 +177,14 @@ def claim(
             return None
         left = max(1, job.total - job.sent - job.present - job.failed)
         slots = max(1, min(free, left) if respect_limit else job_limit(target))
-        claimed = (
-            Job.objects.filter(pk=job_id)
-            .filter(claimable)
-            .update(
-                state=State.SENDING,
-                lease_owner=worker,
-                lease_expires_at=now + lease.lease_length(),
-                connections=slots,
-                attempt_count=F("attempt_count") + 1,
-                updated_at=now,
-            )
+        claimed = lease.take(
+            Job.objects.filter(pk=job_id).filter(claimable),
+            worker,
+            now,
+            state=State.SENDING,
+            connections=slots,
+            attempt_count=F("attempt_count") + 1,
+            updated_at=now,
         )
         if not claimed:
             return None

@@ -17,7 +17,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -64,6 +64,31 @@ def take(rows: QuerySet, worker: str, now: datetime, **fields) -> int:
 def look_again_at(expires: datetime) -> datetime:
     """When to look at a held row again: just after its lease would run out."""
     return expires + timedelta(seconds=min(1.0, renew_every()))
+
+
+def check_on(
+    model: type[Model],
+    pk: int,
+    held_state: str,
+    *,
+    look_again: Callable[[datetime], None],
+    take_over: Callable[[], object],
+) -> None:
+    """What a watch on a held row does when it comes due.
+
+    Queued when the row is claimed, for when its lease would run out. A row no
+    longer in `held_state` was finished: nothing to do. One whose worker still
+    renews gets `look_again(new end)`; one whose lease ran out is taken over
+    (`take_over()`), seconds after its worker died rather than at the next sweep.
+    """
+    row = model.objects.filter(pk=pk).values_list("state", "lease_expires_at").first()
+    if row is None or row[0] != held_state:
+        return
+    expires = row[1]
+    if expires is not None and expires >= timezone.now():
+        look_again(expires)
+        return
+    take_over()
 
 
 class LeaseKeeper:

@@ -184,20 +184,14 @@ def run_jobs_from(job_id: int, *, budget_seconds: float = 20.0) -> int:
 
 
 def watch_lease(job_id: int) -> None:
-    """Resume a sending job whose worker stopped renewing its lease.
-
-    Queued when a job is claimed, for when its lease would run out; while the
-    worker renews, it looks again at the new end. So a killed worker's job is taken
-    over by any live worker seconds after its lease ends, not at the next sweep.
-    """
-    row = Job.objects.filter(pk=job_id).values_list("state", "lease_expires_at").first()
-    if row is None or row[0] != State.SENDING:
-        return
-    expires = row[1]
-    if expires is not None and expires >= timezone.now():
-        watch(job_id, expires)
-        return
-    run_jobs_from(job_id)
+    """Resume a sending job whose worker stopped renewing its lease (`watch`)."""
+    lease.check_on(
+        Job,
+        job_id,
+        State.SENDING,
+        look_again=lambda expires: watch(job_id, expires),
+        take_over=lambda: run_jobs_from(job_id),
+    )
 
 
 def sweep(now=None, *, at_startup: bool = False) -> int:
