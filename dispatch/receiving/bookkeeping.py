@@ -18,8 +18,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from config.safetext import db_text, log_fields
-from dispatch.routing.models import DESCRIPTION_SUFFIX, ReceivedSeries
-from dispatch.routing.services import count_instances
+from dispatch.routing.models import DESCRIPTION_SUFFIX, ReceivedSeries, count_instances
 from dispatch.routing.tasks import route_received
 
 from .models import ReceiverStatus

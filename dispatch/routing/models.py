@@ -15,6 +15,8 @@ of the `dispatch` app (`db_table`).
 from __future__ import annotations
 
 import fnmatch
+import os
+from pathlib import Path
 
 from django.core.exceptions import ValidationError
 from django.db import models
@@ -23,10 +25,25 @@ from django.utils import timezone
 
 from .matching import CALLED_AET, CALLING_AET, RegexError, compile_regex
 
-# The receiver writes a small description beside each series folder
-# (`<folder>.series.json`), so a folder whose row was never written is adopted on
-# its next start; it goes when the folder goes.
+# A received series' spool folder holds its instances as `*.dcm` files; the
+# receiver writes a small description beside it (`<folder>.series.json`), so a
+# folder whose row was never written is adopted on its next start. The description
+# goes when the folder goes.
 DESCRIPTION_SUFFIX = ".series.json"
+
+
+def count_instances(folder: Path) -> tuple[int, int]:
+    """How many instances a series folder holds, and their bytes (0, 0 if gone)."""
+    count = size = 0
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                if entry.name.endswith(".dcm") and entry.is_file():
+                    count += 1
+                    size += entry.stat().st_size
+    except OSError:
+        pass
+    return count, size
 
 
 class ReceivedSeries(models.Model):

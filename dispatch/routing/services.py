@@ -35,7 +35,7 @@ from targets.kinds.base import SendContext
 from targets.models import Target
 
 from .matching import RuleSpec, matching_rules, targets_of
-from .models import DESCRIPTION_SUFFIX, ReceivedSeries, Rule
+from .models import DESCRIPTION_SUFFIX, ReceivedSeries, Rule, count_instances
 
 log = logging.getLogger("courier.routing")
 State = ReceivedSeries.State
@@ -120,19 +120,6 @@ def _first_dicom(folder: Path) -> Path | None:
     except OSError:
         return None
     return folder / names[0] if names else None
-
-
-def count_instances(folder: Path) -> tuple[int, int]:
-    count = size = 0
-    try:
-        with os.scandir(folder) as it:
-            for entry in it:
-                if entry.name.endswith(".dcm") and entry.is_file():
-                    count += 1
-                    size += entry.stat().st_size
-    except OSError:
-        pass
-    return count, size
 
 
 def complete_series(pk: int) -> bool:
