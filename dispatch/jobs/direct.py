@@ -64,10 +64,7 @@ def send_series(
     waiting = engine.wait_reason(target)
     if waiting:
         raise DispatchError(waiting.split(";")[0] + "; enable or resume it first")
-    series = scan_folder(folder)
-    if not series.instances:
-        raise DispatchError(f"no DICOM files in {folder}" + _refused_note(series))
-    _others, left_out = other_files_for(target, series)
+    series, left_out = _read(target, folder)
     start = time.monotonic()
     (job,) = create_jobs(
         folder,
@@ -122,6 +119,17 @@ def send_series(
     return SendReport(job=job, left_out=left_out, seconds=time.monotonic() - start)
 
 
+def _read(target: Target, folder: Path) -> tuple[Series, list[tuple[Path, str]]]:
+    """The series under `folder`, and the files `target` will not get (and why).
+
+    A folder without a DICOM file to send is refused in words.
+    """
+    series = scan_folder(folder)
+    if not series.instances:
+        raise DispatchError(f"no DICOM files in {folder}" + _refused_note(series))
+    return series, other_files_for(target, series)[1]
+
+
 def _refused_note(series: Series) -> str:
     parts = []
     if series.corrupt:
@@ -145,10 +153,7 @@ def queue_series(
     if not folder.is_dir():
         raise DispatchError(f"{folder} is not a folder")
     start = time.monotonic()
-    series = scan_folder(folder)
-    if not series.instances:
-        raise DispatchError(f"no DICOM files in {folder}" + _refused_note(series))
-    _others, left_out = other_files_for(target, series)
+    series, left_out = _read(target, folder)
     owned = take_into_spool(folder)
     try:
         (job,) = create_jobs(

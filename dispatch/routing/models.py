@@ -102,10 +102,6 @@ class ReceivedSeries(models.Model):
             CALLED_AET: self.called_aet,
         }
 
-    @property
-    def description_file(self) -> str:
-        return f"{self.folder}{DESCRIPTION_SUFFIX}"
-
 
 class Rule(models.Model):
     class Match(models.TextChoices):
