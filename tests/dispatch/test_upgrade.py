@@ -184,15 +184,17 @@ def sqlite_upgraded(tmp_path, django_db_blocker):
 @pytest.fixture(scope="module")
 def postgres_upgraded(postgres_server, django_db_blocker):
     """A PostgreSQL database upgraded from the old head (kept for the module: the
-    send test below uses it), and a fresh one."""
+    send test below uses it), and one `manage.py migrate` made fresh."""
+    names = {
+        "old": postgres_server.create_database(f"upgrade_{uuid.uuid4().hex[:8]}"),
+        "fresh": postgres_server.migrated_database(f"fresh_{uuid.uuid4().hex[:8]}"),
+    }
     aliases = {"old": "pg-upgraded", "fresh": "pg-fresh"}
     for key, alias in aliases.items():
-        name = f"upgrade_{key}_{uuid.uuid4().hex[:8]}"
-        postgres_server.create_database(name)
         _connect(
             alias,
             ENGINE="django.db.backends.postgresql",
-            NAME=name,
+            NAME=names[key].rsplit("/", 1)[-1],
             USER="postgres",
             PASSWORD="",
             HOST="127.0.0.1",
@@ -201,7 +203,6 @@ def postgres_upgraded(postgres_server, django_db_blocker):
         )
     try:
         with django_db_blocker.unblock():
-            _migrate(connections[aliases["fresh"]])
             yield _upgrade(aliases["old"], aliases["fresh"])
     finally:
         for alias in aliases.values():
