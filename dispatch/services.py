@@ -10,7 +10,6 @@ worker looks next resumes the job, sending only the instances not yet confirmed.
 
 from __future__ import annotations
 
-import copy
 import errno
 import logging
 import os
@@ -559,9 +558,6 @@ def _attempt(
     progress: ProgressHook | None,
     retry: bool,
 ) -> Job:
-    # The handler opens at most the connections this job was given.
-    handler_target = copy.copy(target)
-    handler_target.max_associations = job.associations
     attempt = Attempt.objects.create(job=job, number=job.attempt_count, worker=worker)
     started = time.monotonic()
     error: TargetError | None = None
@@ -590,7 +586,7 @@ def _attempt(
             if found:
                 ids = {path: pk for path, (pk, _) in pending.items()}
                 recorder = _Recorder(job, target, attempt, worker, ids)
-                aborted = _send(job, handler_target, series, recorder, keeper, progress)
+                aborted = _send(job, target, series, recorder, keeper, progress)
     except TargetError as exc:
         error = exc
         error.message = scrub(exc.message, target)
@@ -698,7 +694,13 @@ def _send(
 
     def sender() -> None:
         try:
-            target.handler.send(series, progress=report, context=context)
+            # The handler opens at most the connections this job was given.
+            target.handler.send(
+                series,
+                progress=report,
+                context=context,
+                connections=job.associations,
+            )
         except BaseException as exc:  # handed to the worker thread below
             failure.append(exc)
         finally:

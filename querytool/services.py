@@ -1,8 +1,9 @@
 """Query tool services: search, open a study, retrieve in the background, audit.
 
-Plain functions called by the page, the huey task and `manage.py index_folder`. The
-protocols live in `querytool.sources`; this module adds the audit log, the
-retrieval jobs and their hand-over to the dispatch engine.
+Plain functions called by the page, the huey task and `manage.py index_folder`. A
+target answers for itself (`target.query_source()`, the contract in
+`targets.query`); this module adds the audit log, the retrieval jobs and their
+hand-over to the dispatch engine. It knows no kinds.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.core.exceptions import PermissionDenied
@@ -28,19 +30,19 @@ from dispatch.models import ACTIVE_STATES, SUCCESS_STATES, Job, State
 from dispatch.services import crash_site, scrub
 from targets.models import Direction, Target
 from targets.paths import clean_part, inside, private_dir
-
-from .index import ScanReport
-from .models import AuditAction, AuditEntry, Delivery, RetrievalJob, RetrievalState
-from .sources import (
+from targets.query import (
     Cancelled,
     Criteria,
+    FoundSeries,
     RetrieveRequest,
-    Series,
     SourceError,
     StudySearch,
-    is_local_folder,
-    source_for,
 )
+
+from .models import AuditAction, AuditEntry, Delivery, RetrievalJob, RetrievalState
+
+if TYPE_CHECKING:
+    from targets.kinds.dicomweb.index import ScanReport
 
 log = logging.getLogger("courier.querytool")
 
@@ -173,7 +175,7 @@ def search(
     limit = limit or settings.COURIER_QUERY_LIMIT
     try:
         with _in_words(source, "search"):
-            found = source.handler.query(criteria, limit)
+            found = source.query_source().find_studies(criteria, limit)
     except SourceError as exc:
         exc.message = _redact(exc.message, source)
         audit(
@@ -199,11 +201,11 @@ def search(
     return found
 
 
-def list_series(source: Target, study_uid: str, user) -> list[Series]:
+def list_series(source: Target, study_uid: str, user) -> list[FoundSeries]:
     require_search(user, source)
     try:
         with _in_words(source, "listing the series"):
-            series = source.handler.query_series(study_uid)
+            series = source.query_source().find_series(study_uid)
     except SourceError as exc:
         exc.message = _redact(exc.message, source)
         audit(
@@ -225,12 +227,17 @@ def list_series(source: Target, study_uid: str, user) -> list[Series]:
     return series
 
 
+def keeps_index(source: Target) -> bool:
+    """Whether Courier keeps an index of the source (a local folder)."""
+    return source.can_query and source.query_source().indexed
+
+
 def reindex(source: Target, user=None, progress=None) -> ScanReport:
     """Rescan a local-folder source's index now."""
-    if not is_local_folder(source):
+    if not keeps_index(source):
         raise SourceError(f"{source.name} is not a local folder.")
     with _in_words(source, "rescan"):
-        report = source_for(source).rescan(progress)
+        report = source.query_source().rescan(progress)
     audit(
         user,
         AuditAction.INDEX,
@@ -275,7 +282,7 @@ def start_retrieval(
             "Choose one destination: a target, the download folder, "
             "or a C-MOVE destination."
         )
-    if move_aet and source.kind != "dicom":
+    if move_aet and not source.can_move:
         raise SourceError("C-MOVE needs a DICOM source.")
     if destination is not None and not (destination.enabled and destination.can_store):
         raise SourceError(f"{destination.name} is not an enabled store target.")
@@ -485,7 +492,7 @@ def run_retrieval(job_id: int, progress_hook: Callable | None = None) -> Retriev
         elif dest is not None:
             private_dir(dest)  # the spool: Courier's alone
         request = RetrieveRequest(job.study_uid, list(job.series_uids), job.move_aet)
-        result = job.source.handler.retrieve(request, dest, _Progress(job_id))
+        result = job.source.query_source().retrieve(request, dest, _Progress(job_id))
         if result.failed:
             state = RetrievalState.PARTIAL
             message = (

@@ -9,7 +9,7 @@ import traceback
 
 from django.utils import timezone
 
-from .kinds.base import Check, TestResult
+from .kinds.base import Check, CheckReport
 from .models import Target
 from .secrets import EncryptedTextField
 
@@ -35,7 +35,7 @@ def redact(text: str, secrets: list[str]) -> str:
     return text
 
 
-def run_test(target: Target, *, store: bool = True) -> TestResult:
+def run_test(target: Target, *, store: bool = True) -> CheckReport:
     """Run the target's checks for real, store the outcome on it and return it.
 
     With `store=False` (settings from a form that are not saved) the outcome is only
@@ -49,7 +49,7 @@ def run_test(target: Target, *, store: bool = True) -> TestResult:
     target = target.as_kind()
     try:
         result = target.handler.test()
-        if not isinstance(result, TestResult):
+        if not isinstance(result, CheckReport):
             raise TypeError(f"test() returned {type(result).__name__}")
     except Exception as exc:
         frames = traceback.extract_tb(exc.__traceback__)
@@ -61,7 +61,7 @@ def run_test(target: Target, *, store: bool = True) -> TestResult:
             type(exc).__name__,
             where,
         )
-        result = TestResult(
+        result = CheckReport(
             checks=[
                 Check(
                     name="test",

@@ -38,18 +38,17 @@ from pynetdicom.sop_class import (
 from targets.dicomnet import enable_tcp_nodelay
 from targets.kinds.dicom_link import LinkError, connect
 from targets.paths import UnsafePath
-
-from . import (
+from targets.query import (
     Cancelled,
     Criteria,
-    ProgressCallback,
+    FoundSeries,
+    FoundStudy,
+    QuerySource,
+    RetrieveProgress,
     RetrieveRequest,
     RetrieveResult,
-    Series,
     SeriesFolders,
-    Source,
     SourceError,
-    Study,
     StudySearch,
 )
 
@@ -106,7 +105,7 @@ def _text(ds: Dataset, keyword: str) -> str:
     return str(value).strip()
 
 
-class DicomSource(Source):
+class DicomQuery(QuerySource):
     # -- association ---------------------------------------------------------------
     @contextmanager
     def associate(
@@ -311,7 +310,7 @@ class DicomSource(Source):
         ds.NumberOfStudyRelatedInstances = None
         found, truncated = self._c_find(ds, limit, assoc)
         studies = [
-            Study(
+            FoundStudy(
                 study_uid=_text(r, "StudyInstanceUID"),
                 patient_id=_text(r, "PatientID"),
                 patient_name=_text(r, "PatientName"),
@@ -330,7 +329,7 @@ class DicomSource(Source):
         studies.sort(key=lambda s: (s.study_date, s.study_time), reverse=True)
         return StudySearch(studies=studies, truncated=truncated)
 
-    def find_series(self, study_uid: str) -> list[Series]:
+    def find_series(self, study_uid: str) -> list[FoundSeries]:
         ds = Dataset()
         ds.QueryRetrieveLevel = "SERIES"
         ds.StudyInstanceUID = study_uid
@@ -341,7 +340,7 @@ class DicomSource(Source):
         ds.NumberOfSeriesRelatedInstances = None
         found, _ = self._c_find(ds)
         series = [
-            Series(
+            FoundSeries(
                 series_uid=_text(r, "SeriesInstanceUID"),
                 study_uid=study_uid,
                 number=_int(r.get("SeriesNumber")),
@@ -369,14 +368,14 @@ class DicomSource(Source):
         return out
 
     def retrieve(
-        self, request: RetrieveRequest, dest: Path, progress: ProgressCallback
+        self, request: RetrieveRequest, dest: Path, progress: RetrieveProgress
     ) -> RetrieveResult:
         if request.move_aet:
             return self._move(request, progress)
         return self._get(request, dest, progress)
 
     def _get(
-        self, request: RetrieveRequest, dest: Path, progress: ProgressCallback
+        self, request: RetrieveRequest, dest: Path, progress: RetrieveProgress
     ) -> RetrieveResult:
         result = RetrieveResult()
         folders = SeriesFolders(dest)
@@ -441,7 +440,7 @@ class DicomSource(Source):
         return result
 
     def _move(
-        self, request: RetrieveRequest, progress: ProgressCallback
+        self, request: RetrieveRequest, progress: RetrieveProgress
     ) -> RetrieveResult:
         result = RetrieveResult()
         with self.associate([StudyRootQueryRetrieveInformationModelMove]) as assoc:
@@ -466,7 +465,7 @@ class DicomSource(Source):
         responses,
         what: str,
         result: RetrieveResult,
-        progress: ProgressCallback,
+        progress: RetrieveProgress,
         hint: str = "",
         *,
         assoc: Association,
