@@ -1,6 +1,10 @@
 """Targets in the admin: an overview of every kind, a kind chooser, per-kind forms
 and a real Test button (a POST view added through `get_urls()`)."""
 
+# Why this module is long: it is the one Target admin (overview columns, the
+# kind chooser, per-kind forms, Test and Trust host key views, bulk actions), whose
+# methods share its form building; split, each part would reach into the others.
+
 from __future__ import annotations
 
 import dataclasses

@@ -19,7 +19,7 @@ import requests
 
 USER_AGENT = "Courier"
 
-# What `NoAnswer.kind` can be.
+# What `NoAnswer.cause` can be.
 TLS, TIMEOUT, CONNECT, OTHER = "tls", "timeout", "connect", "other"
 
 
@@ -62,12 +62,12 @@ def session_for(target: Any, *, credentials: bool = False) -> HttpSession:
 
 
 class NoAnswer(Exception):
-    """A request got no HTTP answer. `kind` is TLS, TIMEOUT, CONNECT or OTHER;
+    """A request got no HTTP answer. `cause` is TLS, TIMEOUT, CONNECT or OTHER;
     `words` say why, for a message (never with a secret: no URL query, no header)."""
 
-    def __init__(self, kind: str, words: str):
+    def __init__(self, cause: str, words: str):
         super().__init__(words)
-        self.kind = kind
+        self.cause = cause
         self.words = words
 
 
@@ -77,6 +77,20 @@ def send(
     """`session.request(...)`; a request that gets no answer raises `NoAnswer`."""
     try:
         return session.request(method, url, **kwargs)
+    except requests.exceptions.RequestException as exc:
+        raise no_answer(exc) from exc
+
+
+def send_prepared(
+    session: HttpSession, prepared: requests.PreparedRequest, *, stream: bool = False
+) -> requests.Response:
+    """Send a request prepared by hand (its URL as the caller built it) with the
+    settings `session.request()` would use; no answer raises `NoAnswer`."""
+    settings = session.merge_environment_settings(
+        prepared.url, {}, stream, session.verify, None
+    )
+    try:
+        return session.send(prepared, timeout=session.default_timeout, **settings)
     except requests.exceptions.RequestException as exc:
         raise no_answer(exc) from exc
 

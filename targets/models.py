@@ -10,6 +10,9 @@ admin fields and their rules. Everything else derives from `PROXIES`; nothing
 outside the proxies branches on a kind.
 """
 
+# Why this module is long: one table holds every kind's columns and each kind's
+# proxy is its registry entry; one place to read all of them is the point.
+
 from __future__ import annotations
 
 from dataclasses import dataclass

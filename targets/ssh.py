@@ -10,6 +10,10 @@ target's key, its password, or the service account's default keys. This module
 imports no model: it reads a target's attributes (and `pin_host_key` saves them).
 """
 
+# Why this module is long: host-key pinning, private keys, the client with its
+# policy and auth strategy, and the settings rules are the one SSH seam of SFTP
+# and rsync; they share the messages an admin acts on.
+
 from __future__ import annotations
 
 import base64

@@ -13,6 +13,9 @@ Only what an SCU that sends needs is here: no asynchronous operations window, no
 role selection, no extended negotiation (DICOM PS3.7 and PS3.8).
 """
 
+# Why this module is long: one SCU association (A-ASSOCIATE, P-DATA framing,
+# C-STORE and C-ECHO, release and abort) with its errors in words, read top down.
+
 from __future__ import annotations
 
 import socket

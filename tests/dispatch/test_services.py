@@ -390,7 +390,7 @@ def test_a_secret_in_an_unexpected_exception_reaches_no_error_and_no_log(
 ):
     from urllib.parse import quote
 
-    from targets.kinds.folder import FolderHandler
+    from targets.kinds.folder.handler import FolderHandler
 
     secret = "p@ss/w0rd-42"
 

@@ -5,6 +5,9 @@ explicit timeouts from the target, every status checked, and the association alw
 released (or aborted when something went wrong part-way).
 """
 
+# Why this module is long: C-FIND, C-GET and C-MOVE share one association
+# set-up and one way of putting a refusal, a silent peer or a status in words.
+
 from __future__ import annotations
 
 import socket

@@ -189,18 +189,18 @@ class DicomWebHandler(Handler):
         try:
             return http.send(session, method, url, **kwargs)
         except http.NoAnswer as exc:
-            if exc.kind == http.TLS:
+            if exc.cause == http.TLS:
                 raise TargetError(
                     f"TLS failed with {where}: {exc.words} — check the CA bundle or "
                     "the server's certificate",
                     permanent=True,
                 ) from None
-            if exc.kind == http.TIMEOUT:
+            if exc.cause == http.TIMEOUT:
                 raise TargetError(
                     f"no answer from {where} within "
                     f"{self.target.request_timeout:g} s (request timeout)"
                 ) from None
-            if exc.kind == http.CONNECT:
+            if exc.cause == http.CONNECT:
                 raise TargetError(f"cannot connect to {where}: {exc.words}") from None
             raise TargetError(f"the request to {where} failed: {exc.words}") from None
         except OSError as exc:

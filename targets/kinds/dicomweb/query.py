@@ -124,16 +124,9 @@ class DicomWebQuery(QuerySource):
             # Set after preparing, so requests does not re-encode it (see qido_query).
             prepared.url = f"{prepared.url}?{query}"
         try:
-            # `send` skips the session's defaults: give the timeout and the
-            # target's TLS verification here, per request.
-            resp = self.session.send(
-                prepared,
-                stream=stream,
-                timeout=self.target.request_timeout,
-                verify=self.session.verify,
-            )
-        except requests.exceptions.RequestException as exc:
-            raise self._no_answer(http.no_answer(exc), what) from exc
+            resp = http.send_prepared(self.session, prepared, stream=stream)
+        except http.NoAnswer as exc:
+            raise self._no_answer(exc, what) from exc
         if resp.status_code == 401:
             resp.close()
             raise SourceError(
@@ -146,17 +139,17 @@ class DicomWebQuery(QuerySource):
         return resp
 
     def _no_answer(self, exc: http.NoAnswer, what: str) -> SourceError:
-        if exc.kind == http.TLS:
+        if exc.cause == http.TLS:
             return SourceError(
                 f"TLS failed with {self.where}: {exc.words} "
                 "(check the certificate or the CA bundle)."
             )
-        if exc.kind == http.TIMEOUT:
+        if exc.cause == http.TIMEOUT:
             return SourceError(
                 f"{what} to {self.where} timed out after "
                 f"{self.target.request_timeout:g} s."
             )
-        if exc.kind == http.CONNECT:
+        if exc.cause == http.CONNECT:
             return SourceError(f"Source unreachable: {self.where}: {exc.words}.")
         return SourceError(f"{what} to {self.where} failed: {exc.words}.")
 

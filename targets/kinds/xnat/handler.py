@@ -10,6 +10,10 @@ neither the series nor the zip is held in memory. Subject and session labels com
 from templates filled with the series' tags (`labels.py`).
 """
 
+# Why this module is long: XNAT's REST conversation (login, project and
+# permission checks, import, the check afterwards) is one sequence, each step's
+# errors in words beside it.
+
 from __future__ import annotations
 
 import logging
@@ -144,13 +148,13 @@ class XnatHandler(Handler):
     def _no_answer(self, exc: http.NoAnswer, doing: str) -> TargetError:
         """A request without an answer, in words; `doing` e.g. "the import"."""
         t = self.target
-        if exc.kind == http.TLS:
+        if exc.cause == http.TLS:
             return TargetError(
                 f"TLS failed with {self._netloc}: {exc.words} — check the CA bundle "
                 "or the server's certificate",
                 permanent=True,
             )
-        if exc.kind == http.TIMEOUT and doing:
+        if exc.cause == http.TIMEOUT and doing:
             return TargetError(
                 f"XNAT did not answer {doing} within {t.request_timeout:g} s"
                 + (
@@ -160,7 +164,7 @@ class XnatHandler(Handler):
                     else ""
                 )
             )
-        if exc.kind == http.TIMEOUT:
+        if exc.cause == http.TIMEOUT:
             return TargetError(
                 f"no answer from {self._netloc} within {t.request_timeout:g} s"
             )
