@@ -142,7 +142,7 @@ class RetrieveForm(forms.Form):
         if data.get("destination") == "move" and not data.get("move_aet"):
             self.add_error("move_aet", "Enter the AE title the source should send to.")
         if data.get("destination") == "move" and data.get("source"):
-            if not self.sources[data["source"]].can_move:
+            if not self.sources[data["source"]].as_kind().can_move:
                 self.add_error("destination", "C-MOVE needs a DICOM source.")
         return data
 

@@ -282,7 +282,7 @@ def start_retrieval(
             "Choose one destination: a target, the download folder, "
             "or a C-MOVE destination."
         )
-    if move_aet and not source.can_move:
+    if move_aet and not source.as_kind().can_move:
         raise SourceError("C-MOVE needs a DICOM source.")
     if destination is not None and not (destination.enabled and destination.can_store):
         raise SourceError(f"{destination.name} is not an enabled store target.")
