@@ -19,9 +19,11 @@ fresh `python -S -I` (about 6 MB; the floor every figure is above), which times 
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -107,14 +109,15 @@ def run_process(
 ) -> Run:
     """Run `cmd` as one process; return its wall time, CPU and peak RSS.
 
-    stdout and stderr go to `log` (a temporary file if not given; its path is in
-    `Run.extra["log"]`). A non-zero exit raises `BenchError` with the log's tail.
+    stdout and stderr go to `log` (if not given, a file in a temporary folder removed
+    when the script exits; its path is in `Run.extra["log"]`). A non-zero exit raises
+    `BenchError` with the log's tail.
     """
     cmd = [str(c) for c in cmd]
     if log is None:
-        fd, log = tempfile.mkstemp(prefix="bench-", suffix=".log")
+        fd, log = tempfile.mkstemp(suffix=".log", dir=_scratch())
         os.close(fd)
-    fd, result = tempfile.mkstemp(prefix="bench-", suffix=".json")
+    fd, result = tempfile.mkstemp(suffix=".json", dir=_scratch())
     os.close(fd)
     try:
         with open(log, "ab") as out:
@@ -135,6 +138,17 @@ def run_process(
             f"{' '.join(cmd[:4])} ... exited {data['rc']}:\n{tail(Path(log))}"
         )
     return run
+
+
+_SCRATCH: list[str] = []
+
+
+def _scratch() -> str:
+    """This script's folder for run logs, removed when the script exits."""
+    if not _SCRATCH:
+        _SCRATCH.append(tempfile.mkdtemp(prefix="courier-bench-logs-"))
+        atexit.register(shutil.rmtree, _SCRATCH[0], True)
+    return _SCRATCH[0]
 
 
 def tail(path: Path, chars: int = 3000) -> str:
