@@ -68,6 +68,11 @@ class Job(models.Model):
     # Earliest time the next attempt may start (retry-wait backoff).
     not_before = models.DateTimeField(default=timezone.now)
     attempt_count = models.PositiveIntegerField("attempts", default=0)
+    # attempt_count when an operator last retried the job: attempt numbers keep
+    # counting up, the target's retry budget counts from here.
+    attempt_base = models.PositiveIntegerField(
+        "attempts before the last manual retry", default=0
+    )
 
     # The lease: the worker sending the job and until when its claim holds. A worker
     # renews it while it sends; an expired lease means the worker died.
@@ -108,6 +113,30 @@ class Job(models.Model):
     @property
     def is_finished(self) -> bool:
         return self.state in FINISHED_STATES
+
+    @property
+    def is_active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+    def next_retry_text(self, now=None) -> str:
+        """When a waiting job tries again, computed now: "next retry in 12 s"."""
+        if self.state != State.RETRY_WAIT:
+            return ""
+        seconds = round((self.not_before - (now or timezone.now())).total_seconds())
+        if seconds <= 0:
+            return "retrying now"
+        if seconds < 120:
+            return f"next retry in {seconds} s"
+        if seconds < 7200:
+            return f"next retry in {round(seconds / 60)} min"
+        return f"next retry in {seconds / 3600:.1f} h"
+
+    def status_text(self, now=None) -> str:
+        """The last error, with the time to the next retry when it waits."""
+        retry = self.next_retry_text(now)
+        if retry and self.last_error:
+            return f"{self.last_error}; {retry}"
+        return retry or self.last_error
 
 
 class Attempt(models.Model):

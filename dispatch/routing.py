@@ -489,6 +489,65 @@ def route_series(pk: int, *, reroute: bool = False) -> RouteResult | None:
     return RouteResult(state, [r.name for r in matched], [j.pk for j in jobs], note)
 
 
+def send_by_hand(pk: int, target, *, user: str = "") -> RouteResult:
+    """Send a received series to `target` because an operator chose it (no rule).
+
+    For a series kept as unrouted or failed, or routed but also wanted elsewhere.
+    Raise `DispatchError` in words when it cannot be sent: still receiving, its
+    spool folder gone, or a job of that target for it is live or done already.
+    """
+    from targets.kinds.base import SendContext
+
+    from . import services
+    from .models import FINISHED_STATES, SUCCESS_STATES, Source
+    from .routing_models import ReceivedSeries
+
+    State = ReceivedSeries.State
+    with transaction.atomic():
+        row = ReceivedSeries.objects.select_for_update().filter(pk=pk).first()
+        if row is None:
+            raise services.DispatchError("the series no longer exists")
+        if row.state not in (State.UNROUTED, State.FAILED, State.ROUTED):
+            raise services.DispatchError(
+                f"the series is {row.get_state_display().lower()}: wait until it "
+                "is complete"
+            )
+        folder = Path(row.folder)
+        if row.folder_removed_at or not folder.is_dir():
+            raise services.DispatchError(
+                f"its spool folder {folder} is gone (retention, or all its jobs done)"
+            )
+        live = row.jobs.filter(target=target).exclude(
+            state__in=[s for s in FINISHED_STATES if s not in SUCCESS_STATES]
+        )
+        if live.exists():
+            raise services.DispatchError(
+                f"{target.name} already has a job for this series (job "
+                f"{live.first().pk}): retry that one instead"
+            )
+        jobs = services.create_jobs(
+            folder,
+            [target],
+            context=SendContext(calling_aet=row.calling_aet, called_aet=row.called_aet),
+            owned_spool=True,
+            source=Source.ADMIN,
+        )
+        now = timezone.now()
+        note = f"sent by hand to {target.name}" + (f" by {user}" if user else "")
+        row.state, row.state_changed_at, row.note = State.ROUTED, now, note
+        row.routed_at = row.routed_at or now
+        row.save(update_fields=["state", "state_changed_at", "note", "routed_at"])
+        row.jobs.add(*jobs)
+    log.info(
+        "event=series_sent_by_hand series_uid=%s target=%s jobs=%s user=%s",
+        row.series_uid,
+        target.name,
+        ",".join(str(j.pk) for j in jobs),
+        user or "-",
+    )
+    return RouteResult(State.ROUTED, [], [j.pk for j in jobs], note)
+
+
 def route_pending(now: datetime | None = None) -> int:
     """Route every complete series not routed yet (a lost message, a killed worker)."""
     from .routing_models import ReceivedSeries
@@ -586,7 +645,11 @@ class DatabaseRecorder:
 
         ReceiverStatus.objects.update_or_create(
             name=self.name,
-            defaults={"started_at": timezone.now(), "heartbeat_at": timezone.now()},
+            defaults={
+                "started_at": timezone.now(),
+                "heartbeat_at": timezone.now(),
+                "info": {},
+            },
         )
         return restore_open_series(spool_incoming)
 
@@ -617,3 +680,7 @@ class DatabaseRecorder:
         ReceiverStatus.objects.filter(name=self.name).update(
             heartbeat_at=timezone.now(), info=info
         )
+
+    def stopped(self, info: dict) -> None:
+        """The receiver stopped on purpose (not a silent heartbeat: not degraded)."""
+        self.heartbeat({**info, "stopped": True})

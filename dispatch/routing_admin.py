@@ -5,13 +5,17 @@ from __future__ import annotations
 from django.contrib import admin, messages
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
+from django.template.defaultfilters import pluralize
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
+from targets.models import Direction, Target
+
 from . import routing
 from .routing_models import ReceivedSeries, ReceiverStatus, Rule, RuleCondition
+from .services import DispatchError
 
 PREVIEW_LIMIT = 50
 
@@ -130,6 +134,15 @@ def _spec_from_post(data) -> tuple[routing.RuleSpec, list[str]]:
         conditions.append((cond.fact_name, cond.operator, cond.value))
     match = data.get("match") if data.get("match") in Rule.Match.values else "all"
     return routing.RuleSpec(data.get("name", ""), match, conditions), errors
+
+
+def _store_targets() -> list[Target]:
+    """Targets a series can be sent to by hand: enabled, and not query-only."""
+    return list(
+        Target.objects.filter(
+            enabled=True, direction__in=[Direction.STORE, Direction.BOTH]
+        ).order_by("name")
+    )
 
 
 def _job_states(series: ReceivedSeries) -> str:
@@ -303,9 +316,10 @@ class ReceivedSeriesAdmin(admin.ModelAdmin):
                     messages.WARNING,
                 )
             else:
+                n = len(result.job_ids)
                 done.append(
-                    f"{series}: {result.state}, {len(result.job_ids)} new "
-                    f"job(s){'; ' + result.note if result.note else ''}"
+                    f"{series}: {result.state}, {n} new job{pluralize(n)}"
+                    f"{'; ' + result.note if result.note else ''}"
                 )
         for line in done:
             self.message_user(request, line, messages.SUCCESS)
@@ -317,7 +331,65 @@ class ReceivedSeriesAdmin(admin.ModelAdmin):
                 self.admin_site.admin_view(self.reroute_view),
                 name="dispatch_receivedseries_reroute",
             ),
+            path(
+                "<int:object_id>/send/",
+                self.admin_site.admin_view(self.send_view),
+                name="dispatch_receivedseries_send",
+            ),
         ] + super().get_urls()
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        extra_context = extra_context or {}
+        series = self.get_object(request, object_id)
+        if series is not None and self.has_reroute_permission(request):
+            sendable = (
+                series.state
+                in (
+                    ReceivedSeries.State.UNROUTED,
+                    ReceivedSeries.State.FAILED,
+                    ReceivedSeries.State.ROUTED,
+                )
+                and not series.folder_removed_at
+            )
+            if sendable:
+                extra_context["send_targets"] = _store_targets()
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    def send_view(self, request: HttpRequest, object_id: int):
+        """Send the series to the target chosen on its page (an operator's choice)."""
+        if request.method != "POST" or not self.has_reroute_permission(request):
+            return HttpResponse(status=405 if request.method != "POST" else 403)
+        series = get_object_or_404(ReceivedSeries, pk=object_id)
+        back = HttpResponseRedirect(
+            reverse("admin:dispatch_receivedseries_change", args=[series.pk])
+        )
+        target = next(
+            (t for t in _store_targets() if str(t.pk) == request.POST.get("target")),
+            None,
+        )
+        if target is None:
+            self.message_user(request, "Choose a target to send to.", messages.ERROR)
+            return back
+        try:
+            result = routing.send_by_hand(
+                series.pk, target, user=request.user.get_username()
+            )
+        except DispatchError as exc:
+            self.message_user(
+                request, f"Not sent to {target.name}: {exc}.", messages.ERROR
+            )
+            return back
+        self.message_user(
+            request,
+            format_html(
+                'Sending to {}: <a href="{}">job {}</a>.',
+                target.name,
+                reverse("admin:dispatch_job_change", args=[result.job_ids[0]]),
+                result.job_ids[0],
+            ),
+            messages.SUCCESS,
+        )
+        return back
 
     def reroute_view(self, request: HttpRequest, object_id: int):
         if request.method != "POST" or not self.has_reroute_permission(request):

@@ -27,8 +27,9 @@ from pathlib import Path
 from urllib.parse import quote
 
 from django.conf import settings
-from django.db import connection, connections, transaction
+from django.db import connections, transaction
 from django.db.models import Count, F, Min, Q, Sum
+from django.template.defaultfilters import pluralize
 from django.utils import timezone
 
 from targets.kinds.base import (
@@ -57,6 +58,9 @@ from .models import (
 )
 
 log = logging.getLogger("courier.dispatch")
+
+# Seconds between progress writes while a job sends (instances, attempt and job).
+PROGRESS_INTERVAL = 1.0
 
 ProgressHook = Callable[[Outcome], None]
 
@@ -392,18 +396,17 @@ def run_job(
         folder = Path(job.folder)
         if not folder.is_dir():
             raise TargetError(f"folder {folder} no longer exists", permanent=True)
-        pending = set(
-            job.instances.filter(state=InstanceState.PENDING).values_list(
-                "path", flat=True
-            )
+        pending = dict(
+            job.instances.filter(state=InstanceState.PENDING).values_list("path", "id")
         )
         if pending:
-            series = _scan(folder, target).only(pending)
-            missing = pending - {str(i.path) for i in series.instances}
+            series = _scan(folder, target).only(set(pending))
+            missing = set(pending) - {str(i.path) for i in series.instances}
             if missing:
                 _mark_missing(job, missing)
             if series.instances:
-                aborted = _send(job, handler_target, series, attempt, worker, progress)
+                recorder = _Recorder(job, target, attempt, worker, pending)
+                aborted = _send(job, handler_target, series, recorder, worker, progress)
     except TargetError as exc:
         error = exc
         error.message = scrub(exc.message, target)
@@ -468,14 +471,16 @@ def _send(
     job: Job,
     target: Target,
     series: Series,
-    attempt: Attempt,
+    recorder: _Recorder,
     worker: str,
     progress: ProgressHook | None,
 ) -> bool:
     """Run the handler in a thread; record outcomes and renew the lease here.
 
     All database work stays in this (the worker's) thread, whichever thread the
-    handler reports from. Return True if the send was aborted (cancel, lease lost).
+    handler reports from. Outcomes and progress are written in batches every
+    `PROGRESS_INTERVAL`, and at the end. Return True if the send was aborted
+    (cancel, lease lost).
     """
     outcomes: queue.Queue[Outcome | None] = queue.Queue()
     stop = threading.Event()
@@ -512,22 +517,23 @@ def _send(
     lease = _lease().total_seconds()
     renew_every = max(0.5, lease / 3)
     next_renew = time.monotonic() + renew_every
-    next_flush = time.monotonic() + 2.0
+    next_flush = time.monotonic() + PROGRESS_INTERVAL
     while True:
         try:
-            outcome = outcomes.get(timeout=0.5)
+            outcome = outcomes.get(timeout=min(0.5, PROGRESS_INTERVAL))
         except queue.Empty:
             outcome = False
         if outcome is None:
             break
         if outcome:
-            _record_outcome(job, target, attempt, outcome)
+            recorder.add(outcome)
             if progress:
                 progress(outcome)
         now = time.monotonic()
-        if now >= next_flush:
-            _save_attempt(attempt)
-            next_flush = now + 2.0
+        if now >= next_flush or recorder.full:
+            if not recorder.flush() and not stop.is_set():
+                stop.set()  # cancelled or taken over: stop at the next instance
+            next_flush = now + PROGRESS_INTERVAL
         if now >= next_renew and not stop.is_set():
             renewed = Job.objects.filter(
                 pk=job.pk, lease_owner=worker, state=State.SENDING
@@ -536,6 +542,8 @@ def _send(
                 stop.set()
             next_renew = now + renew_every
     thread.join()
+    # What the target confirmed is kept, however the send ended.
+    recorder.flush()
     if failure:
         exc = failure[0]
         if isinstance(exc, _SendAborted) or stop.is_set():
@@ -544,30 +552,85 @@ def _send(
     return stop.is_set()
 
 
-def _record_outcome(
-    job: Job, target: Target, attempt: Attempt, outcome: Outcome
-) -> None:
-    state = _INSTANCE_STATE.get(outcome.status, InstanceState.FAILED)
-    message = scrub(outcome.message, target) if outcome.message else ""
-    JobInstance.objects.filter(job=job, path=outcome.path).update(
-        state=state,
-        message=message[:2000],
-        bytes=outcome.bytes,
-        updated_at=timezone.now(),
-    )
-    if outcome.status in (SENT, WARNING):
-        attempt.sent += 1
-        attempt.bytes_sent += outcome.bytes
-    if outcome.status == WARNING:
-        attempt.warnings += 1
-    elif outcome.status == PRESENT:
-        attempt.present += 1
-    elif outcome.status == FAILED:
-        attempt.failed += 1
+class _Recorder:
+    """The outcomes of one attempt, written in batches rather than one by one.
+
+    Each flush is one transaction: the instances' rows (one bulk UPDATE per 500),
+    the attempt's counters, and the job's counters (so the pages show progress
+    while a job sends). A worker that dies loses at most one interval of outcomes:
+    those instances are sent again by the next attempt.
+    """
+
+    BATCH = 500
+
+    def __init__(
+        self,
+        job: Job,
+        target: Target,
+        attempt: Attempt,
+        worker: str,
+        ids: dict[str, int],
+    ):
+        self.job, self.target, self.attempt, self.worker = job, target, attempt, worker
+        self.ids = ids
+        self.rows: list[JobInstance] = []
+        self.delta = dict.fromkeys(_COUNTERS, 0)
+
+    @property
+    def full(self) -> bool:
+        return len(self.rows) >= self.BATCH
+
+    def add(self, outcome: Outcome) -> None:
+        pk = self.ids.get(str(outcome.path))
+        if pk is None:
+            return  # not a file of this job: nothing to record
+        state = _INSTANCE_STATE.get(outcome.status, InstanceState.FAILED)
+        message = scrub(outcome.message, self.target) if outcome.message else ""
+        self.rows.append(
+            JobInstance(
+                pk=pk,
+                state=state,
+                message=message[:2000],
+                bytes=outcome.bytes,
+                updated_at=timezone.now(),
+            )
+        )
+        delta = self.delta
+        if outcome.status in (SENT, WARNING):
+            delta["sent"] += 1
+            delta["bytes_sent"] += outcome.bytes
+        if outcome.status == WARNING:
+            delta["warnings"] += 1
+        elif outcome.status == PRESENT:
+            delta["present"] += 1
+        elif outcome.status not in (SENT, WARNING, PRESENT):
+            delta["failed"] += 1
+
+    def flush(self) -> bool:
+        """Write what was recorded; False if the job is no longer this worker's."""
+        job, delta = self.job, self.delta
+        owned = Job.objects.filter(
+            pk=job.pk, lease_owner=self.worker, state=State.SENDING
+        )
+        if not self.rows:
+            return owned.exists()
+        with transaction.atomic():
+            JobInstance.objects.bulk_update(
+                self.rows, ["state", "message", "bytes", "updated_at"], self.BATCH
+            )
+            for name, value in delta.items():
+                setattr(self.attempt, name, getattr(self.attempt, name) + value)
+            self.attempt.save(update_fields=list(_COUNTERS))
+            still_ours = owned.update(
+                updated_at=timezone.now(),
+                **{name: F(name) + value for name, value in delta.items() if value},
+            )
+        self.rows = []
+        self.delta = dict.fromkeys(_COUNTERS, 0)
+        return bool(still_ours)
 
 
-def _save_attempt(attempt: Attempt) -> None:
-    attempt.save(update_fields=["sent", "present", "warnings", "failed", "bytes_sent"])
+_COUNTERS = ("sent", "present", "warnings", "failed", "bytes_sent")
 
 
 def _refresh_counts(job: Job) -> dict:
@@ -618,6 +681,17 @@ def _finish(
         attempt.outcome = "cancelled" if job.state == State.CANCELLED else "taken over"
         attempt.error = "stopped: " + attempt.outcome
         attempt.save()
+        if job.lease_owner == worker and job.state != State.SENDING:
+            # Cancelled: let go of the job (it may be retried) with true counters.
+            counts = _refresh_counts(job)
+            Job.objects.filter(pk=job.pk, lease_owner=worker).exclude(
+                state=State.SENDING
+            ).update(
+                lease_owner="",
+                lease_expires_at=None,
+                **{k: counts[k] for k in ("total",) + _COUNTERS},
+            )
+            job.refresh_from_db()
         _log_attempt(job, target, attempt, started)
         return job
 
@@ -630,30 +704,31 @@ def _finish(
         )
         counts = _refresh_counts(job)
     retry_at = None
+    # Attempts since the job was queued or last retried by an operator.
+    tries = job.attempt_count - job.attempt_base
     if error is not None:
         if error.permanent:
             state, message = State.FAILED, error.message
-        elif retry and job.attempt_count < target.retry_max_attempts:
-            delay = backoff_delay(target, job.attempt_count)
+        elif retry and tries < target.retry_max_attempts:
+            delay = backoff_delay(target, tries)
             retry_at = now + timedelta(seconds=delay)
             state = State.RETRY_WAIT
-            message = (
-                f"{error.message} (attempt {job.attempt_count}; next in {delay:.0f} s)"
-            )
+            # The time to the next retry is shown from `not_before` when rendered.
+            message = f"{error.message} (attempt {job.attempt_count})"
         else:
             state = State.FAILED
             message = (
                 error.message
                 if not retry
-                else f"gave up after {job.attempt_count} attempts: {error.message}"
+                else f"gave up after {tries} attempt{pluralize(tries)}: {error.message}"
             )
         attempt.outcome = "failed" if state == State.FAILED else "error"
         attempt.error = error.message
     elif counts["failed"]:
         state = State.FAILED
         message = (
-            f"{counts['failed']} of {counts['total']} instances failed: "
-            + _failed_listing(job)
+            f"{counts['failed']} of {counts['total']} instance"
+            f"{pluralize(counts['total'])} failed: " + _failed_listing(job)
         )
         attempt.outcome = "failed"
         attempt.error = message
@@ -664,9 +739,10 @@ def _finish(
             warned = job.instances.filter(state=InstanceState.WARNING).values_list(
                 "path", "message"
             )[:5]
-            message = f"{counts['warnings']} instances stored with a warning: " + (
-                "; ".join(f"{Path(p).name}: {m}" for p, m in warned)
-            )
+            message = (
+                f"{counts['warnings']} instance{pluralize(counts['warnings'])} "
+                "stored with a warning: "
+            ) + ("; ".join(f"{Path(p).name}: {m}" for p, m in warned))
         attempt.outcome = state
 
     attempt.ended_at = now
@@ -807,27 +883,61 @@ def sweep(now=None, *, at_startup: bool = False) -> int:
     return queued
 
 
+RETRYABLE_STATES = (State.FAILED, State.CANCELLED, State.RETRY_WAIT)
+
+
+def retry_refusal(job: Job, now=None) -> str:
+    """Why `job` cannot be retried now, in words; "" if it can."""
+    if job.state in SUCCESS_STATES:
+        return f"job {job.pk} is already done: nothing to retry"
+    if job.state in (State.QUEUED, State.SENDING):
+        return f"job {job.pk} is {job.get_state_display().lower()} already"
+    if job.state == State.PAUSED:
+        return f"job {job.pk} waits for its target: {job.last_error or 'resume it'}"
+    if (
+        job.lease_owner
+        and job.lease_expires_at
+        and job.lease_expires_at > (now or timezone.now())
+    ):
+        return f"job {job.pk} is still stopping its last attempt; retry in a moment"
+    return ""
+
+
 def retry_now(jobs: Iterable[Job]) -> int:
-    """Queue failed, waiting or cancelled jobs again, failed instances included."""
+    """Queue failed, waiting or cancelled jobs again, failed instances included.
+
+    Attempt numbers go on counting; after a failed or cancelled job the target's
+    retry budget starts afresh (the operator decided to try again). Done, queued
+    and sending jobs are left alone: see `retry_refusal`. Return how many were
+    queued.
+    """
     count = 0
     now = timezone.now()
     for job in jobs:
-        if job.state == State.SENDING:
+        if retry_refusal(job, now):
             continue
         with transaction.atomic():
             job.instances.filter(state=InstanceState.FAILED).update(
                 state=InstanceState.PENDING, message=""
             )
-            Job.objects.filter(pk=job.pk).update(
-                state=State.QUEUED,
-                not_before=now,
-                finished_at=None,
-                # A new budget of attempts: the operator decided to try again.
-                attempt_count=0
-                if job.state in (State.FAILED, State.CANCELLED)
-                else job.attempt_count,
-                updated_at=now,
+            fresh_budget = job.state in (State.FAILED, State.CANCELLED)
+            updated = (
+                Job.objects.filter(pk=job.pk, state__in=RETRYABLE_STATES)
+                .exclude(lease_expires_at__gt=now, lease_owner__gt="")
+                .update(
+                    state=State.QUEUED,
+                    not_before=now,
+                    finished_at=None,
+                    failed=0,
+                    last_error="",
+                    attempt_base=F("attempt_count")
+                    if fresh_budget
+                    else F("attempt_base"),
+                    updated_at=now,
+                )
             )
+            if not updated:
+                continue
             kick_target(job.target_id)
         count += 1
     return count
@@ -982,27 +1092,3 @@ def status_summary(now=None) -> dict:
         if oldest
         else None,
     }
-
-
-def health() -> tuple[bool, dict]:
-    """Whether the database and the queue answer, and how old the oldest job is."""
-    report: dict = {"database": "ok", "queue": "ok"}
-    ok = True
-    try:
-        connection.ensure_connection()
-        summary = status_summary()
-        report["oldest_queued_age_s"] = summary["oldest_queued_age_s"]
-        report["queued"] = summary["queued"]
-        report["sending"] = summary["sending"]
-    except Exception as exc:
-        ok = False
-        report["database"] = f"error: {type(exc).__name__}"
-    try:
-        from huey.contrib.djhuey import HUEY
-
-        report["queue_pending"] = HUEY.pending_count()
-    except Exception as exc:
-        ok = False
-        report["queue"] = f"error: {type(exc).__name__}"
-    report["ok"] = ok
-    return ok, report

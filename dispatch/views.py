@@ -1,4 +1,4 @@
-"""`/health/` for monitoring: database, queue, age of the oldest waiting job."""
+"""`/health/` for monitoring: database, queue, receivers, stuck and waiting jobs."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
-from . import services
+from . import overview
 
 
 @never_cache
 @require_GET
 def health(request: HttpRequest) -> JsonResponse:
-    ok, report = services.health()
-    return JsonResponse(report, status=200 if ok else 503)
+    status, report = overview.health()
+    # 503 only when down; "degraded" answers 200 and says so in `status`.
+    return JsonResponse(report, status=503 if status == "down" else 200)

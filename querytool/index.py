@@ -256,8 +256,15 @@ def _read_chunk(paths: list[str]) -> list[tuple[str, tuple | str]]:
     return [read_header(p) for p in paths]
 
 
-def _walk(root: str) -> Iterator[tuple[str, int, int]]:
-    """Yield (relative path, size, mtime_ns) of every regular file under root."""
+def _walk(
+    root: str, unreadable: list[tuple[str, str]] | None = None
+) -> Iterator[tuple[str, int, int]]:
+    """Yield (relative path, size, mtime_ns) of every regular file under root.
+
+    A root that cannot be read raises `OSError`; a sub-folder that cannot be read is
+    added to `unreadable` as (relative path, reason) and skipped.
+    """
+    os.scandir(root).close()  # an unreadable root is an error, not an empty folder
     stack = [root]
     skip = {
         INDEX_NAME,
@@ -270,7 +277,9 @@ def _walk(root: str) -> Iterator[tuple[str, int, int]]:
         current = stack.pop()
         try:
             entries = list(os.scandir(current))
-        except OSError:
+        except OSError as exc:
+            if unreadable is not None:
+                unreadable.append((current[cut:], exc.strerror or str(exc)))
             continue
         for entry in entries:
             try:
@@ -372,7 +381,8 @@ class FolderIndex:
             }
         to_read: list[str] = []
         stats: dict[str, tuple[int, int]] = {}
-        for rel, size, mtime in _walk(root):
+        unreadable: list[tuple[str, str]] = []
+        for rel, size, mtime in _walk(root, unreadable):
             report.seen += 1
             was = known.pop(rel, None) or known_problems.pop(rel, None)
             if was == (size, mtime):
@@ -384,6 +394,13 @@ class FolderIndex:
             else:
                 report.updated += 1
             to_read.append(rel)
+        # What was indexed under a folder that cannot be read now is kept (it may
+        # be a passing permission problem); the folder is listed as a problem.
+        for rel, _ in unreadable:
+            inside = rel + os.sep
+            for table in (known, known_problems):
+                for path in [p for p in table if p.startswith(inside)]:
+                    del table[path]
         vanished = list(known) + list(known_problems)
         report.removed = len(vanished)
 
@@ -426,6 +443,13 @@ class FolderIndex:
                 done += len(results)
                 if progress:
                     progress(done, len(to_read))
+            db.executemany(
+                "INSERT OR REPLACE INTO problems VALUES (?, 0, 0, ?)",
+                (
+                    (rel + os.sep, f"folder cannot be read: {reason}")
+                    for rel, reason in unreadable
+                ),
+            )
             db.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('last_scan', ?)",
                 (str(time.time()),),

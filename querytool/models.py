@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from django.conf import settings
 from django.db import models
 
@@ -23,8 +25,30 @@ FINISHED = {
 }
 
 
+@dataclass
+class Delivery:
+    """Where the send jobs of a retrieval to a store target stand."""
+
+    jobs: int = 0
+    active: int = 0
+    done: int = 0
+    # The reasons of the failed (or cancelled) send jobs.
+    failures: list[str] = field(default_factory=list)
+    # What a waiting job says (its error and the time to its next retry).
+    waiting: str = ""
+    instances: int = 0
+    delivered: int = 0
+
+
 class RetrievalJob(models.Model):
-    """One study (or some of its series) pulled from a source in the background."""
+    """One study (or some of its series) pulled from a source in the background.
+
+    A retrieval to a store target is finished only when its send jobs are: the
+    `shown_*` properties combine its own state with `delivery` (set by
+    `querytool.services.attach_deliveries`).
+    """
+
+    delivery: Delivery | None = None
 
     source = models.ForeignKey(
         "targets.Target", on_delete=models.SET_NULL, null=True, related_name="+"
@@ -107,17 +131,70 @@ class RetrievalJob(models.Model):
             return None
         return min(100, round(100 * (self.done + self.failed) / self.total))
 
+    @property
+    def _delivering(self) -> Delivery | None:
+        """The delivery, when the retrieval itself got through."""
+        d = self.delivery
+        if d and d.jobs and self.state in (RetrievalState.DONE, RetrievalState.PARTIAL):
+            return d
+        return None
+
+    @property
+    def shown_state(self) -> str:
+        d = self._delivering
+        if d and d.active:
+            return "sending"
+        if d and d.failures:
+            return RetrievalState.FAILED
+        return self.state
+
+    @property
+    def shown_state_label(self) -> str:
+        d = self._delivering
+        if d and d.active:
+            return f"Sending to {self.destination_label}"
+        if d and d.failures:
+            return "Delivery failed"
+        return self.get_state_display()
+
+    @property
+    def shown_finished(self) -> bool:
+        d = self._delivering
+        return self.finished and not (d and d.active)
+
+    @property
+    def shown_message(self) -> str:
+        d = self._delivering
+        if not d:
+            return self.message
+        dest = self.destination_label
+        if d.failures:
+            reasons = list(dict.fromkeys(d.failures))  # the same reason once
+            words = (
+                f"{len(d.failures)} of {d.jobs} series could not be sent to {dest}: "
+                + "; ".join(reasons[:3])
+                + (" …" if len(reasons) > 3 else "")
+            )
+        elif d.active:
+            words = (
+                f"Sending to {dest}: {d.delivered} of {d.instances} instances "
+                f"delivered" + (f"; {d.waiting}" if d.waiting else "") + "."
+            )
+        else:
+            words = f"Delivered to {dest}."
+        return f"{self.message} {words}" if self.message else words
+
     def as_json(self) -> dict:
         return {
             "id": self.pk,
-            "state": self.state,
-            "state_label": self.get_state_display(),
+            "state": self.shown_state,
+            "state_label": self.shown_state_label,
             "done": self.done,
             "failed": self.failed,
             "total": self.total,
             "percent": self.percent,
-            "message": self.message,
-            "finished": self.finished,
+            "message": self.shown_message,
+            "finished": self.shown_finished,
             "cancel_requested": self.cancel_requested,
         }
 

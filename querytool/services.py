@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -19,14 +20,17 @@ from django.conf import settings
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.db.models import F
+from django.template.defaultfilters import pluralize
 from django.utils import timezone
 
+from dispatch import services as dispatch_services
+from dispatch.models import ACTIVE_STATES, SUCCESS_STATES, Job, State
 from dispatch.services import crash_site, scrub
 from targets.models import Direction, Target
 from targets.paths import clean_part, inside, private_dir
 
 from .index import ScanReport
-from .models import AuditAction, AuditEntry, RetrievalJob, RetrievalState
+from .models import AuditAction, AuditEntry, Delivery, RetrievalJob, RetrievalState
 from .sources import (
     Cancelled,
     Criteria,
@@ -124,6 +128,32 @@ def _redact(message: str, *targets: Target | None) -> str:
     return message
 
 
+@contextmanager
+def _in_words(source: Target, what: str) -> Iterator[None]:
+    """Any failure of a source is a `SourceError` the page shows, never a 500.
+
+    The sources name the failures they know; this catches the rest (a library's
+    unexpected exception) with its type and message, secrets blanked out.
+    """
+    try:
+        yield
+    except SourceError:
+        raise
+    except Exception as exc:
+        log.error(
+            "query source error source=%s error=%s at=%s",
+            source.pk,
+            type(exc).__name__,
+            crash_site(exc),
+        )
+        raise SourceError(
+            _redact(
+                f"The {what} on {source.name} failed: {type(exc).__name__}: {exc}",
+                source,
+            )
+        ) from exc
+
+
 def audit(user, action: str, source: Target | None, **fields) -> AuditEntry:
     return AuditEntry.objects.create(
         user=user if getattr(user, "pk", None) else None,
@@ -142,7 +172,8 @@ def search(
     require_search(user, source)
     limit = limit or settings.COURIER_QUERY_LIMIT
     try:
-        found = source.handler.query(criteria, limit)
+        with _in_words(source, "search"):
+            found = source.handler.query(criteria, limit)
     except SourceError as exc:
         exc.message = _redact(exc.message, source)
         audit(
@@ -171,7 +202,8 @@ def search(
 def list_series(source: Target, study_uid: str, user) -> list[Series]:
     require_search(user, source)
     try:
-        series = source.handler.query_series(study_uid)
+        with _in_words(source, "listing the series"):
+            series = source.handler.query_series(study_uid)
     except SourceError as exc:
         exc.message = _redact(exc.message, source)
         audit(
@@ -197,7 +229,8 @@ def reindex(source: Target, user=None, progress=None) -> ScanReport:
     """Rescan a local-folder source's index now."""
     if not is_local_folder(source):
         raise SourceError(f"{source.name} is not a local folder.")
-    report = source_for(source).index().scan(progress)
+    with _in_words(source, "rescan"):
+        report = source_for(source).rescan(progress)
     audit(
         user,
         AuditAction.INDEX,
@@ -318,11 +351,59 @@ def cancel_retrieval(job: RetrievalJob, user) -> None:
     audit(user, AuditAction.CANCEL, job.source, detail=f"#{job.pk} {job.label}")
 
 
+def attach_deliveries(jobs) -> list[RetrievalJob]:
+    """Set `delivery` on each retrieval that queued send jobs (one query for all)."""
+    jobs = list(jobs)
+    ids = {pk for job in jobs for pk in job.dispatch_jobs or []}
+    sends = {j.pk: j for j in Job.objects.filter(pk__in=ids)} if ids else {}
+    now = timezone.now()
+    for job in jobs:
+        mine = [sends[pk] for pk in job.dispatch_jobs or [] if pk in sends]
+        if not mine:
+            continue
+        delivery = Delivery(jobs=len(mine))
+        for send in mine:
+            delivery.instances += send.total
+            delivery.delivered += send.done_count
+            if send.state in ACTIVE_STATES:
+                delivery.active += 1
+                delivery.waiting = delivery.waiting or send.status_text(now)
+            elif send.state in SUCCESS_STATES:
+                delivery.done += 1
+            else:
+                delivery.failures.append(
+                    send.last_error or send.get_state_display().lower()
+                )
+        job.delivery = delivery
+    return jobs
+
+
 def retry_retrieval(job: RetrievalJob, user) -> bool:
-    """Queue a failed, partial or cancelled job again (files already there stay)."""
+    """Queue a failed, partial or cancelled job again (files already there stay).
+
+    A retrieval whose instances arrived but whose send jobs failed retries those
+    send jobs: the series are still in the spool.
+    """
     require_retrieve(user, job.source)
     if job.destination is not None and not may_export(user, job.destination):
         raise refuse(user, f"export to {job.destination.name}", job.source)
+    (job,) = attach_deliveries([job])
+    if job.shown_state == RetrievalState.FAILED and job.state in (
+        RetrievalState.DONE,
+        RetrievalState.PARTIAL,
+    ):
+        failed = Job.objects.filter(
+            pk__in=job.dispatch_jobs, state__in=[State.FAILED, State.CANCELLED]
+        )
+        if dispatch_services.retry_now(failed):
+            audit(
+                user,
+                AuditAction.RETRY,
+                job.source,
+                detail=f"#{job.pk} {job.label}: send to {job.destination_label}",
+            )
+            return True
+        return False
     updated = RetrievalJob.objects.filter(
         pk=job.pk,
         state__in=[
@@ -407,7 +488,10 @@ def run_retrieval(job_id: int, progress_hook: Callable | None = None) -> Retriev
         result = job.source.handler.retrieve(request, dest, _Progress(job_id))
         if result.failed:
             state = RetrievalState.PARTIAL
-            message = result.message or f"{result.failed} instance(s) failed."
+            message = (
+                result.message
+                or f"{result.failed} instance{pluralize(result.failed)} failed."
+            )
         elif result.completed == 0:
             state = RetrievalState.FAILED
             message = result.message or "The source sent no instances."
@@ -475,5 +559,6 @@ def _dispatch(job: RetrievalJob, folders: list[Path], message: str) -> str:
             f"not be queued: {exc}"
         ) from exc
     RetrievalJob.objects.filter(pk=job.pk).update(dispatch_jobs=ids)
-    note = f"Queued {len(ids)} send job(s) to {job.destination_name}."
+    n = len(ids)
+    note = f"Queued {n} send job{pluralize(n)} to {job.destination_name}."
     return f"{message} {note}" if message else note

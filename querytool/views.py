@@ -9,6 +9,7 @@ from django.contrib.admin.views.decorators import staff_member_required
 from django.core.paginator import Paginator
 from django.http import JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.template.defaultfilters import pluralize
 from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
@@ -19,6 +20,9 @@ from .models import RetrievalJob
 from .sources import SourceError, is_local_folder, source_for
 
 PAGE_SIZE = 25
+# Session keys: the destination chosen for the last retrieval stays chosen.
+DESTINATION_KEY = "querytool_destination"
+MOVE_AET_KEY = "querytool_move_aet"
 SORTS = {
     "patient": lambda s: (s.patient_name.lower(), s.patient_id),
     "birth": lambda s: s.birth_date,
@@ -41,9 +45,19 @@ COLUMNS = [
 ]
 
 
+def person_name(value: str) -> str:
+    """A DICOM person name as people read it: "Smith^John^A" -> "Smith, John A"."""
+    alphabetic = (value or "").split("=")[0]
+    parts = [p.strip() for p in alphabetic.split("^")] + [""] * 5
+    family, given, middle, prefix, suffix = parts[:5]
+    first = " ".join(p for p in (prefix, given, middle) if p)
+    name = ", ".join(p for p in (family, first) if p)
+    return f"{name}, {suffix}" if name and suffix else name or suffix
+
+
 def _label(study) -> str:
     parts = [
-        study.patient_name or study.patient_id,
+        person_name(study.patient_name) or study.patient_id,
         _date(study.study_date),
         study.accession,
         study.description,
@@ -78,7 +92,11 @@ def query_page(request):
         "sources": sources,
         "can_retrieve": services.may_retrieve(request.user),
         "destination_choices": destination_choices(destinations),
-        "jobs": RetrievalJob.objects.select_related("created_by")[:30],
+        "chosen_destination": request.session.get(DESTINATION_KEY, ""),
+        "chosen_move_aet": request.session.get(MOVE_AET_KEY, ""),
+        "jobs": services.attach_deliveries(
+            RetrievalJob.objects.select_related("created_by")[:30]
+        ),
         "columns": COLUMNS,
     }
     submitted = "source" in request.GET
@@ -107,6 +125,7 @@ def query_page(request):
             for study in page.object_list:
                 study.label = _label(study)
                 study.open_url = _url(request, study=study.study_uid)
+                study.patient_name_display = person_name(study.patient_name)
                 study.study_date_display = _date(study.study_date)
                 study.birth_date_display = _date(study.birth_date)
             ctx.update(
@@ -149,16 +168,11 @@ def query_page(request):
 def _index_info(source) -> dict | None:
     """Counts, last scan and unreadable files of a local folder's index."""
     try:
-        index = source_for(source).index()
+        info = source_for(source).index_info()
     except SourceError:
         return None
-    last = index.last_scan()
-    return {
-        **index.counts(),
-        "last_scan": datetime.fromtimestamp(last, tz=UTC) if last else None,
-        "problem_list": index.problems(limit=200),
-        "path": index.path,
-    }
+    last = info["last_scan"]
+    return {**info, "last_scan": datetime.fromtimestamp(last, tz=UTC) if last else None}
 
 
 def _back(request) -> str:
@@ -187,6 +201,10 @@ def retrieve(request):
     destinations = services.store_destinations()
     back = _back(request)
     form = RetrieveForm(request.POST, sources=sources, destinations=destinations)
+    # The destination stays chosen for the next retrieval.
+    if form.is_valid() or "destination" not in form.errors:
+        request.session[DESTINATION_KEY] = request.POST.get("destination", "")
+        request.session[MOVE_AET_KEY] = request.POST.get("move_aet", "")[:16]
     if not form.is_valid():
         for field, errors in form.errors.items():
             for error in errors:
@@ -214,7 +232,8 @@ def retrieve(request):
     except SourceError as exc:
         messages.error(request, exc.message)
         return redirect(back)
-    messages.success(request, f"Queued {len(jobs)} retrieval job(s).")
+    n = len(jobs)
+    messages.success(request, f"Queued {n} retrieval{pluralize(n)}.")
     return redirect(back + "#jobs")
 
 
@@ -283,7 +302,7 @@ def reindex(request):
 def jobs_json(request):
     services.require_search(request.user)
     ids = [int(i) for i in request.GET.get("ids", "").split(",") if i.isdigit()]
-    jobs = (
+    jobs = services.attach_deliveries(
         RetrievalJob.objects.filter(pk__in=ids)
         if ids
         else RetrievalJob.objects.all()[:30]
@@ -307,5 +326,8 @@ def retry_job(request, pk: int):
     if services.retry_retrieval(job, request.user):
         messages.success(request, f"Retrieval #{pk} queued again.")
     else:
-        messages.error(request, f"Retrieval #{pk} is not finished with a failure.")
+        messages.error(
+            request,
+            f"Retrieval #{pk} is not finished with a failure: nothing to retry.",
+        )
     return redirect(reverse("querytool:query") + "#jobs")

@@ -3,8 +3,13 @@ and a real Test button (a POST view added through `get_urls()`)."""
 
 from __future__ import annotations
 
+import dataclasses
+import socket
+
 from django.contrib import admin, messages
-from django.contrib.admin.utils import quote, unquote
+from django.contrib.admin import helpers
+from django.contrib.admin.options import IS_POPUP_VAR, csrf_protect_m
+from django.contrib.admin.utils import flatten_fieldsets, quote, unquote
 from django.core.exceptions import PermissionDenied
 from django.forms.models import modelform_factory
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
@@ -16,6 +21,7 @@ from django.utils.html import format_html, format_html_join
 from django.views.decorators.http import require_POST
 
 from .forms import REPOINT_NOTE, TargetForm
+from .kinds.base import TestResult
 from .models import PROXIES, QUERYABLE_KINDS, Kind, Target
 from .secrets import EncryptedTextField
 from .services import run_test
@@ -36,8 +42,10 @@ SECRET_FIELDS = [
 KIND_HINTS = {
     Kind.DICOM: "C-STORE to a PACS, modality or workstation (DIMSE).",
     Kind.DICOM_TLS: "DICOM over TLS, with certificates.",
-    Kind.DICOMWEB: "STOW-RS / QIDO-RS / WADO-RS over HTTP(S).",
-    Kind.FOLDER: "Files in a local or mounted folder, one folder per series.",
+    Kind.DICOMWEB: "STOW-RS / QIDO-RS / WADO-RS over HTTP(S). With a file:// URL "
+    "instead, a local folder of DICOM files becomes a query source.",
+    Kind.FOLDER: "Files in a local or mounted folder, one folder per series (to "
+    "query a folder, add a DICOMweb target with a file:// URL).",
     Kind.RSYNC: "rsync over SSH to a remote folder.",
     Kind.S3: "Objects in an S3 bucket (AWS or any S3-compatible store).",
     Kind.SFTP: "Files over SFTP to a remote folder.",
@@ -46,6 +54,7 @@ KIND_HINTS = {
 
 OK_COLOUR = "#2e7d32"
 FAILED_COLOUR = "#c62828"
+PAUSED_COLOUR = "#9e6a03"
 
 
 def _as_target(obj: Target) -> Target:
@@ -72,6 +81,76 @@ def _when(value) -> str:
     return date_format(timezone.localtime(value), "Y-m-d H:i:s") if value else ""
 
 
+def result_html(ok: bool, when, host: str, summary: str, checks: list[dict]) -> str:
+    """A Test outcome as the target page shows it: a line, then one row per check."""
+    rows = format_html_join(
+        "",
+        '<tr class="check-{}"><td>{}</td><td style="color:{};font-weight:bold">{}'
+        "</td><td>{}</td><td>{} ms</td><td>{}</td></tr>",
+        (
+            (
+                "ok" if c.get("ok") else "failed",
+                c.get("name", ""),
+                OK_COLOUR if c.get("ok") else FAILED_COLOUR,
+                "ok"
+                if c.get("ok")
+                else ("info" if c.get("informational") else "failed"),
+                c.get("message", ""),
+                _duration(c.get("duration_ms") or 0),
+                "; ".join(
+                    f"{k}: {_short(v)}" for k, v in (c.get("details") or {}).items()
+                ),
+            )
+            for c in checks
+        ),
+    )
+    return format_html(
+        '<p><span style="color:{};font-weight:bold">{}</span> at {}{}: {}</p>'
+        '<table class="test-result"><thead><tr><th>check</th><th>result</th>'
+        "<th>message</th><th>duration</th><th>details</th></tr></thead>"
+        "<tbody>{}</tbody></table>",
+        OK_COLOUR if ok else FAILED_COLOUR,
+        "passed" if ok else "failed",
+        _when(when),
+        format_html(" on {}", host) if host else "",
+        summary,
+        rows,
+    )
+
+
+def settings_under_test(form: TargetForm) -> tuple[Target, list[str]]:
+    """The target as the valid, unsaved `form` describes it, and what was left out.
+
+    Secrets left blank mean "keep the stored one", except when the form points the
+    target at another host, URL, port or user: the form then clears the stored
+    secrets and the pinned host key (they must not go to a new address), and so
+    does the test.
+    """
+    notes = [
+        f"the stored {label} was not used (the address changed)"
+        for label in form.cleared_labels()
+    ]
+    return form.instance, notes
+
+
+class StatusFilter(admin.SimpleListFilter):
+    title = "status"
+    parameter_name = "status"
+
+    def lookups(self, request, model_admin):
+        return [("active", "Active"), ("paused", "Paused"), ("disabled", "Disabled")]
+
+    def queryset(self, request, queryset):
+        value = self.value()
+        if value == "active":
+            return queryset.filter(enabled=True, paused=False)
+        if value == "paused":
+            return queryset.filter(enabled=True, paused=True)
+        if value == "disabled":
+            return queryset.filter(enabled=False)
+        return queryset
+
+
 @admin.register(Target)
 class TargetAdmin(admin.ModelAdmin):
     form = TargetForm
@@ -80,11 +159,11 @@ class TargetAdmin(admin.ModelAdmin):
         "kind",
         "direction",
         "address_column",
-        "enabled",
+        "status_column",
         "last_test_column",
     )
     list_display_links = ("name",)
-    list_filter = ("kind", "direction", "enabled")
+    list_filter = ("kind", "direction", StatusFilter)
     search_fields = (
         "name",
         "host",
@@ -93,15 +172,37 @@ class TargetAdmin(admin.ModelAdmin):
         "bucket",
         "endpoint_url",
         "called_aet",
+        "username",
+        "contact_email",
+        "description",
     )
     filter_horizontal = ("export_groups",)
     actions = ["test_selected", "trust_host_key", "pause_dispatch", "resume_dispatch"]
     readonly_fields = ("kind_display", "last_test_display")
 
+    class Media:
+        css = {"all": ["targets/target_admin.css"]}
+        js = ["targets/target_admin.js"]
+
     # -- overview -----------------------------------------------------------------------
     @admin.display(description="address")
     def address_column(self, obj: Target) -> str:
         return obj.address
+
+    @admin.display(description="status", ordering="enabled")
+    def status_column(self, obj: Target) -> str:
+        if not obj.enabled:
+            state, colour = "disabled", "#666"
+        elif obj.paused:
+            state, colour = "paused", PAUSED_COLOUR
+        else:
+            state, colour = "active", OK_COLOUR
+        return format_html(
+            '<span class="target-status-{}" style="color:{};font-weight:bold">{}</span>',
+            state,
+            colour,
+            state,
+        )
 
     @admin.display(description="last test", ordering="last_test_at")
     def last_test_column(self, obj: Target) -> str:
@@ -142,6 +243,8 @@ class TargetAdmin(admin.ModelAdmin):
                 for name in connection
             )
         guarded = any(n in SECRET_FIELDS or n == "host_key" for n in connection)
+        # Connection, Information, Query tool and Dispatch become tabs in the
+        # browser (target_admin.js); without JavaScript they are the usual sections.
         fieldsets = [
             (None, {"fields": ("name", "kind_display", "direction", "enabled")}),
             (
@@ -149,15 +252,25 @@ class TargetAdmin(admin.ModelAdmin):
                 {
                     "fields": connection,
                     "description": REPOINT_NOTE if obj is not None and guarded else "",
+                    "classes": ("target-tab",),
                 },
             ),
-            ("Information", {"fields": ("contact_email", "description")}),
+            (
+                "Information",
+                {
+                    "fields": ("contact_email", "description"),
+                    "classes": ("target-tab",),
+                    "description": "For the record: whom to call when this target "
+                    "has a problem, and what it is.",
+                },
+            ),
             (
                 "Query tool",
                 {
                     "fields": ("export_groups",),
                     "description": "Who may send studies retrieved on the query "
                     "page to this target (besides users allowed every target).",
+                    "classes": ("target-tab",),
                 },
             ),
             (
@@ -165,6 +278,7 @@ class TargetAdmin(admin.ModelAdmin):
                 {
                     "fields": DISPATCH_FIELDS,
                     "description": "How the worker sends to this target.",
+                    "classes": ("target-tab",),
                 },
             ),
         ]
@@ -203,41 +317,14 @@ class TargetAdmin(admin.ModelAdmin):
     @admin.display(description="result")
     def last_test_display(self, obj: Target) -> str:
         if obj is None or obj.last_test_at is None:
-            return "Not tested yet: press Test above."
-        checks = (obj.last_test_result or {}).get("checks", [])
-        host = (obj.last_test_result or {}).get("host", "")
-        rows = format_html_join(
-            "",
-            '<tr class="check-{}"><td>{}</td><td style="color:{};font-weight:bold">{}'
-            "</td><td>{}</td><td>{} ms</td><td>{}</td></tr>",
-            (
-                (
-                    "ok" if c.get("ok") else "failed",
-                    c.get("name", ""),
-                    OK_COLOUR if c.get("ok") else FAILED_COLOUR,
-                    "ok"
-                    if c.get("ok")
-                    else ("info" if c.get("informational") else "failed"),
-                    c.get("message", ""),
-                    _duration(c.get("duration_ms") or 0),
-                    "; ".join(
-                        f"{k}: {_short(v)}" for k, v in (c.get("details") or {}).items()
-                    ),
-                )
-                for c in checks
-            ),
-        )
-        return format_html(
-            '<p><span style="color:{};font-weight:bold">{}</span> at {}{}: {}</p>'
-            '<table class="test-result"><thead><tr><th>check</th><th>result</th>'
-            "<th>message</th><th>duration</th><th>details</th></tr></thead>"
-            "<tbody>{}</tbody></table>",
-            OK_COLOUR if obj.last_test_ok else FAILED_COLOUR,
-            "passed" if obj.last_test_ok else "failed",
-            _when(obj.last_test_at),
-            format_html(" on {}", host) if host else "",
+            return "Not tested yet: press Test."
+        stored = obj.last_test_result or {}
+        return result_html(
+            bool(obj.last_test_ok),
+            obj.last_test_at,
+            stored.get("host", ""),
             obj.last_test_message,
-            rows,
+            stored.get("checks", []),
         )
 
     # -- add: choose the kind first --------------------------------------------------
@@ -297,6 +384,110 @@ class TargetAdmin(admin.ModelAdmin):
 
     def log_deletions(self, request, queryset):
         return super().log_deletions(request, [_as_target(obj) for obj in queryset])
+
+    # -- the form: rules for fields that do not apply, and Test without saving -------
+    def render_change_form(
+        self, request, context, add=False, change=False, form_url="", obj=None
+    ):
+        proxy = PROXIES[self._kind(request, obj)]
+        context["show_if"] = [dataclasses.asdict(rule) for rule in proxy.show_if]
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    @csrf_protect_m
+    def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
+        if request.method == "POST" and "_test" in request.POST:
+            # Outside the admin's transaction: a Test can take many seconds, and on
+            # SQLite an open write transaction would hold off the workers' writes.
+            return self._test_form_view(request, object_id, form_url, extra_context)
+        return super().changeform_view(request, object_id, form_url, extra_context)
+
+    def _test_form_view(self, request, object_id, form_url, extra_context):
+        """Test the settings as they are in the form, without saving them.
+
+        When the form holds the saved settings unchanged, this is the ordinary Test
+        (its result is stored); otherwise the result is shown above the form, the
+        edits stay in it, and the target's last test is left alone.
+        """
+        add = object_id is None
+        if add:
+            if not self.has_add_permission(request):
+                raise PermissionDenied
+            obj = None
+        else:
+            obj = self.get_object(request, unquote(object_id))
+            if obj is None:
+                return self._get_obj_does_not_exist_redirect(
+                    request, self.opts, object_id
+                )
+            if not self.has_change_permission(request, obj):
+                raise PermissionDenied
+        fieldsets = self.get_fieldsets(request, obj)
+        form_class = self.get_form(
+            request, obj, change=not add, fields=flatten_fieldsets(fieldsets)
+        )
+        form = form_class(request.POST, request.FILES, instance=obj)
+        form_test = ""
+        if not form.is_valid():
+            self.message_user(
+                request,
+                "Not tested: correct the errors below first.",
+                messages.ERROR,
+            )
+        elif not add and not form.has_changed():
+            self._report(request, obj, run_test(form.instance))
+            return HttpResponseRedirect(request.get_full_path())
+        else:
+            target, notes = settings_under_test(form)
+            result = run_test(target, store=False)
+            form_test = self._form_test_html(result, notes)
+            self.message_user(
+                request,
+                f"Test of the settings in the form (not saved) "
+                f"{'passed' if result.ok else 'failed'}: {result.summary}",
+                messages.SUCCESS if result.ok else messages.ERROR,
+            )
+        admin_form = helpers.AdminForm(
+            form,
+            list(fieldsets),
+            self.get_prepopulated_fields(request, obj),
+            self.get_readonly_fields(request, obj),
+            model_admin=self,
+        )
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Add {form._meta.model._meta.verbose_name}"
+            if add
+            else f"Change {self.opts.verbose_name}",
+            "subtitle": str(obj) if obj else None,
+            "adminform": admin_form,
+            "object_id": object_id,
+            "original": obj,
+            "is_popup": IS_POPUP_VAR in request.POST or IS_POPUP_VAR in request.GET,
+            "to_field": None,
+            "media": self.media + admin_form.media,
+            "inline_admin_formsets": [],
+            "errors": helpers.AdminErrorList(form, []),
+            "preserved_filters": self.get_preserved_filters(request),
+            "form_test": form_test,
+            **(extra_context or {}),
+        }
+        return self.render_change_form(
+            request, context, add=add, change=not add, obj=obj, form_url=form_url
+        )
+
+    def _form_test_html(self, result: TestResult, notes: list[str]) -> str:
+        html = result_html(
+            result.ok,
+            timezone.now(),
+            socket.gethostname(),
+            result.summary if result.checks else "No checks ran.",
+            result.as_dict()["checks"],
+        )
+        if notes:
+            html = format_html(
+                '{}<p class="form-test-notes">Left out: {}.</p>', html, "; ".join(notes)
+            )
+        return html
 
     # -- Test ----------------------------------------------------------------------------
     def get_urls(self):

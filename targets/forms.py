@@ -6,9 +6,9 @@ import logging
 
 from django import forms
 from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
-from django.utils.html import format_html
+from django.utils.html import conditional_escape, format_html
 
-from .models import Target
+from .models import Kind, Target
 from .secrets import EncryptedTextField
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,30 @@ class TargetForm(forms.ModelForm):
             self.fields[name] = field
             # The current value must not reach the page through `initial` either.
             self.initial.pop(name, None)
+        for name, text in getattr(model, "help_texts", {}).items():
+            if name in self.fields:
+                self.fields[name].help_text = text
+        if "layout" in self.fields:
+            from .series import HEADER_TAGS
+
+            self.fields["layout"].help_text = (
+                "Folders under the path, from DICOM keywords in braces; the default "
+                "is {StudyInstanceUID}/{SeriesInstanceUID}. Keywords: "
+                + ", ".join(HEADER_TAGS)
+                + "."
+            )
+        kind = Kind(model.KIND).label if model.KIND else ""
+        for name in getattr(model, "required_fields", ()):
+            if name in self.fields:
+                # Marked required in the page; the message is the model's own.
+                field = self.fields[name]
+                field.required = True
+                label = model._meta.get_field(name).verbose_name
+                field.error_messages["required"] = f"A {kind} target needs a {label}."
+        for field in self.fields.values():
+            # The admin renders help text as HTML: a literal "<script>" in one once
+            # swallowed the rest of the form. Help text here is plain text.
+            field.help_text = conditional_escape(field.help_text)
 
     def clean_name(self) -> str:
         name = (self.cleaned_data.get("name") or "").strip()
@@ -238,6 +262,8 @@ class TargetForm(forms.ModelForm):
         ):
             known: dict[str, list] = {}
             for name, errors in error.error_dict.items():
+                if name in self.fields and self.has_error(name, "required"):
+                    continue  # the form already said it is missing
                 if name == NON_FIELD_ERRORS or name in self.fields:
                     known.setdefault(name, []).extend(errors)
                     continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 from urllib.parse import urlsplit
 
@@ -63,6 +64,19 @@ DEFAULT_LAYOUT = "{StudyInstanceUID}/{SeriesInstanceUID}"
 # studies of one patient on one day apart, even without an AccessionNumber.
 DEFAULT_SUBJECT_TEMPLATE = "{PatientID}"
 DEFAULT_SESSION_TEMPLATE = "{PatientID}_{StudyDate}_{StudyUIDHash}"
+
+
+@dataclass(frozen=True)
+class ShowIf:
+    """Show `fields` in the admin form only while the field `when` matches: its value
+    is one of `equals`, does not start with `not_prefix` (case-insensitive), or the
+    checkbox is ticked (`checked`). A field is shown when every rule naming it holds."""
+
+    fields: tuple[str, ...]
+    when: str
+    equals: tuple[str, ...] = ()
+    not_prefix: str = ""
+    checked: bool = False
 
 
 def _default_calling_aet() -> str:
@@ -348,6 +362,10 @@ class Target(models.Model):
     connection_fields: ClassVar[tuple[str, ...]] = ()
     # Fields whose emptiness is a form error for this kind.
     required_fields: ClassVar[tuple[str, ...]] = ()
+    # Connection fields the admin form hides while they do not apply.
+    show_if: ClassVar[tuple[ShowIf, ...]] = ()
+    # Help texts for this kind's form, where a shared column means more here.
+    help_texts: ClassVar[dict[str, str]] = {}
 
     def __str__(self) -> str:
         return self.name
@@ -517,6 +535,34 @@ class DicomWebTarget(Target):
         "stow_max_bytes",
     )
     required_fields = ("url",)
+    help_texts = {
+        "url": "The DICOMweb root, e.g. https://pacs.example.org/dicom-web; or "
+        "file:///path/to/folder to make a local folder of DICOM files a query "
+        "source (direction Query)."
+    }
+    show_if = (
+        # A file:// URL is a local folder (a query source): no HTTP settings.
+        ShowIf(
+            (
+                "qido_prefix",
+                "wado_prefix",
+                "stow_prefix",
+                "auth",
+                "username",
+                "password",
+                "token",
+                "verify_tls",
+                "ca_bundle",
+                "request_timeout",
+                "stow_batch_size",
+                "stow_max_bytes",
+            ),
+            when="url",
+            not_prefix="file://",
+        ),
+        ShowIf(("username", "password"), when="auth", equals=("basic",)),
+        ShowIf(("token",), when="auth", equals=("bearer",)),
+    )
 
     class Meta:
         proxy = True
@@ -655,6 +701,7 @@ class RsyncTarget(Target):
         "connect_timeout",
     )
     required_fields = ("host", "username", "path")
+    show_if = (ShowIf(("complete_script",), when="run_on_complete", checked=True),)
 
     class Meta:
         proxy = True

@@ -34,8 +34,11 @@ def redact(text: str, secrets: list[str]) -> str:
     return text
 
 
-def run_test(target: Target) -> TestResult:
+def run_test(target: Target, *, store: bool = True) -> TestResult:
     """Run the target's checks for real, store the outcome on it and return it.
+
+    With `store=False` (settings from a form that are not saved) the outcome is only
+    returned: the last-test columns describe the saved settings.
 
     Never raises for anything the handler does: an unexpected exception becomes a
     failed check ("internal error: <type>") and a log line without the exception's
@@ -75,6 +78,8 @@ def run_test(target: Target) -> TestResult:
             str(k): redact(str(v), secrets) for k, v in (check.details or {}).items()
         }
 
+    if not store:
+        return result
     target.last_test_at = timezone.now()
     target.last_test_ok = result.ok
     target.last_test_message = result.summary if result.checks else "No checks ran."

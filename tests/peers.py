@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -31,6 +32,25 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def held_port() -> socket.socket:
+    """A port below the ephemeral range, bound but not listening: refused.
+
+    For a peer that is down and starts later on the same port: close the socket,
+    then start the peer. Outgoing connections never take a port below the
+    ephemeral range as their source port, so nothing else grabs it in between
+    (a port from `free_port` can be, on a busy machine).
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind(("127.0.0.1", random.randint(max(1024, low - 12000), low - 1)))
+            return sock
+        except OSError:
+            sock.close()
+    raise PeerError("no free port below the ephemeral range")
 
 
 def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.2) -> bool:

@@ -7,6 +7,7 @@ released (or aborted when something went wrong part-way).
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from pynetdicom.sop_class import (
 )
 
 from targets.dicomnet import enable_tcp_nodelay
+from targets.kinds.dicom_link import LinkError, connect
 from targets.paths import UnsafePath
 
 from . import (
@@ -126,16 +128,28 @@ class DicomSource(Source):
             else:
                 ae.add_requested_context(context)
         received: list = []
-        evt_handlers = [(evt.EVT_ACSE_RECV, lambda e: received.append(e.primitive))]
-        assoc = ae.associate(
-            t.host,
-            t.port,
-            ae_title=t.called_aet,
-            ext_neg=roles or None,
-            evt_handlers=evt_handlers + (handlers or []),
-        )
+        opened: list = []
+        evt_handlers = [
+            (evt.EVT_ACSE_RECV, lambda e: received.append(e.primitive)),
+            (evt.EVT_CONN_OPEN, lambda e: opened.append(True)),
+        ]
+        self._resolve()
+        started = time.monotonic()
+        try:
+            assoc = ae.associate(
+                t.host,
+                t.port,
+                ae_title=t.called_aet,
+                ext_neg=roles or None,
+                evt_handlers=evt_handlers + (handlers or []),
+            )
+        except (OSError, ValueError) as exc:  # pynetdicom checks some input itself
+            raise SourceError(
+                f"Cannot open an association with {t.host}:{t.port}: {exc}."
+            ) from exc
         if not assoc.is_established:
-            raise SourceError(self._why_not(assoc, received))
+            waited = time.monotonic() - started
+            raise SourceError(self._why_not(assoc, received, bool(opened), waited))
         try:
             yield assoc
         except BaseException:
@@ -147,7 +161,25 @@ class DicomSource(Source):
             if assoc.is_established:  # pragma: no cover - a peer that never answers
                 assoc.abort()
 
-    def _why_not(self, assoc: Association, received: list) -> str:
+    def _resolve(self) -> None:
+        """Fail in words when the host name does not resolve (pynetdicom raises)."""
+        t = self.target
+        if not t.host:
+            raise SourceError("No host is configured for this source.")
+        try:
+            socket.getaddrinfo(t.host, t.port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise SourceError(
+                f"Source unreachable: the host name {t.host!r} does not resolve "
+                f"({exc.strerror}). Check the host in the target's settings, and "
+                "the name server."
+            ) from exc
+        except (UnicodeError, ValueError) as exc:
+            raise SourceError(f"{t.host!r} is not a valid host name.") from exc
+
+    def _why_not(
+        self, assoc: Association, received: list, connected: bool, waited: float
+    ) -> str:
         t = self.target
         where = f"{t.host}:{t.port}"
         answer = next((p for p in received if hasattr(p, "result")), None)
@@ -164,11 +196,29 @@ class DicomSource(Source):
                 f"{where} accepted the association but none of the query/retrieve "
                 "services Courier proposed."
             )
+        if not connected:
+            if waited >= t.connect_timeout * 0.9:
+                return (
+                    f"Source unreachable: no answer from {where} within "
+                    f"{t.connect_timeout:g} s (connection timeout): check the host, "
+                    "the port and firewalls."
+                )
+            # pynetdicom logs why the connection failed but does not say: ask the
+            # network once more, only now that something is wrong.
+            try:
+                connect(t.host, t.port, t.connect_timeout).close()
+            except LinkError as exc:
+                return f"Source unreachable: {exc}."
+            return f"Source unreachable: Courier could not connect to {where}."
         if received:
-            return f"{where} aborted the association."
+            return (
+                f"{where} accepted the connection but aborted the association: is "
+                f"it a DICOM port, and does it accept Courier's AE title "
+                f"{t.calling_aet!r}?"
+            )
         return (
-            f"Source unreachable: no DICOM service answered at {where} within "
-            f"{t.connect_timeout:g} s."
+            f"{where} accepted the connection but did not answer the association "
+            f"request within {t.acse_timeout:g} s: is it a DICOM port?"
         )
 
     def _lost(self, assoc: Association, what: str, started: float) -> str:

@@ -17,6 +17,7 @@ from urllib.parse import quote, urlsplit
 import pydicom
 import requests
 
+from targets.kinds.dicomweb import _connection_words, _ssl_words
 from targets.paths import UnsafePath
 
 from . import (
@@ -137,7 +138,7 @@ class DicomWebSource(Source):
             )
         except requests.exceptions.SSLError as exc:
             raise SourceError(
-                f"TLS failed with {self.where}: {exc.__class__.__name__} "
+                f"TLS failed with {self.where}: {_ssl_words(exc)} "
                 "(check the certificate or the CA bundle)."
             ) from exc
         except requests.exceptions.Timeout as exc:
@@ -147,7 +148,11 @@ class DicomWebSource(Source):
             ) from exc
         except requests.exceptions.ConnectionError as exc:
             raise SourceError(
-                f"Source unreachable: {self.where} refused or dropped the connection."
+                f"Source unreachable: {self.where}: {_connection_words(exc)}."
+            ) from exc
+        except requests.exceptions.RequestException as exc:
+            raise SourceError(
+                f"{what} to {self.where} failed: {type(exc).__name__}."
             ) from exc
         if resp.status_code == 401:
             resp.close()
@@ -162,10 +167,16 @@ class DicomWebSource(Source):
 
     def _check(self, resp: requests.Response, what: str) -> None:
         if resp.status_code >= 400:
-            text = resp.text[:200].strip()
+            text = " ".join(resp.text[:200].split())
             resp.close()
+            if resp.status_code == 404:
+                hint = " (check the URL and the QIDO/WADO prefixes)"
+            elif resp.status_code >= 500:
+                hint = " (the server failed: see its log)"
+            else:
+                hint = ""
             raise SourceError(
-                f"{what} answered {resp.status_code} {resp.reason}"
+                f"{what} answered {resp.status_code} {resp.reason}{hint}"
                 + (f": {text}" if text else "")
                 + "."
             )

@@ -8,12 +8,15 @@ rescanned incrementally first when the last scan is older than
 from __future__ import annotations
 
 import shutil
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from django.conf import settings
 
-from querytool.index import FolderIndex, text_condition
+from querytool.index import INDEX_NAME, FolderIndex, text_condition
 from targets.paths import UnsafePath, inside
 
 from . import (
@@ -42,28 +45,66 @@ class FolderSource(Source):
         super().__init__(target)
         self.folder = folder_of(target.url)
 
-    def index(self) -> FolderIndex:
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Turn file system and index errors into a `SourceError` in words."""
         try:
-            return FolderIndex(self.folder)
-        except FileNotFoundError as exc:
-            raise SourceError(f"The folder {self.folder} does not exist.") from exc
+            yield
+        except sqlite3.Error as exc:
+            raise SourceError(
+                f"The index of the folder {self.folder} cannot be used ({exc}): "
+                f"delete {INDEX_NAME} there (or under the data folder's indexes/) "
+                "and Courier builds it again."
+            ) from exc
+        except PermissionError as exc:
+            raise SourceError(
+                f"Courier cannot read the folder {self.folder}: permission denied "
+                "(check the folder's permissions for the user Courier runs as)."
+            ) from exc
         except OSError as exc:
             raise SourceError(
-                f"The index of {self.folder} cannot be opened: {exc}"
+                f"The folder {self.folder} cannot be read: {exc.strerror or exc}."
             ) from exc
+
+    def index(self) -> FolderIndex:
+        if not self.folder.exists():
+            raise SourceError(f"The folder {self.folder} does not exist.")
+        if not self.folder.is_dir():
+            raise SourceError(f"{self.folder} is a file, not a folder.")
+        with self._guard():
+            return FolderIndex(self.folder)
+
+    def rescan(self, progress=None):
+        """Bring the index up to date now; return the `ScanReport`."""
+        index = self.index()
+        with self._guard():
+            return index.scan(progress)
 
     def fresh_index(self) -> FolderIndex:
         index = self.index()
-        if index.is_stale(settings.COURIER_INDEX_MAX_AGE):
-            index.scan()
+        with self._guard():
+            if index.is_stale(settings.COURIER_INDEX_MAX_AGE):
+                index.scan()
         return index
+
+    def index_info(self) -> dict:
+        """Counts, last scan and unreadable files of the index, for the page."""
+        index = self.index()
+        with self._guard():
+            return {
+                **index.counts(),
+                "last_scan": index.last_scan(),
+                "problem_list": index.problems(limit=200),
+                "path": index.path,
+            }
 
     # -- search --------------------------------------------------------------------
     def find_studies(self, criteria: Criteria, limit: int) -> StudySearch:
         index = self.fresh_index()
-        return self.search_accession_list(
-            criteria, limit, lambda c, n: self._find(index, c, n)
-        )
+        with self._guard():
+            return self.search_accession_list(
+                criteria, limit, lambda c, n: self._find(index, c, n)
+            )
 
     def _find(self, index: FolderIndex, criteria: Criteria, limit: int) -> StudySearch:
         where, args = [], []
@@ -141,7 +182,7 @@ class FolderSource(Source):
 
     def find_series(self, study_uid: str) -> list[Series]:
         index = self.fresh_index()
-        with index.connect() as db:
+        with self._guard(), index.connect() as db:
             rows = db.execute(
                 "SELECT series_uid, max(series_number), max(modality), "
                 "max(series_description), count(*) FROM files WHERE study_uid = ? "
@@ -174,7 +215,7 @@ class FolderSource(Source):
         if request.series_uids:
             sql += f" AND series_uid IN ({', '.join('?' * len(request.series_uids))})"
             args += request.series_uids
-        with index.connect() as db:
+        with self._guard(), index.connect() as db:
             rows = db.execute(sql + " ORDER BY path", args).fetchall()
         result = RetrieveResult()
         folders = SeriesFolders(dest)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import socket
+import ssl
 import threading
 import uuid
 from collections.abc import Callable
@@ -24,12 +26,12 @@ from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
+    ConnectionClosedError,
     NoCredentialsError,
     ParamValidationError,
     ReadTimeoutError,
 )
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.utils import determine_content_length
 
 from targets.paths import UnsafePath, remote_inside
@@ -108,10 +110,27 @@ def _no_expect_for_small_puts(model=None, params=None, **kwargs) -> None:
 
 class S3Handler(Handler):
     # -- client -------------------------------------------------------------------------
-    def client(self, *, attempts: int = 3, pool: int = UPLOAD_THREADS):
+    @property
+    def secret_missing(self) -> bool:
+        """An access key id without its secret (e.g. cleared when re-pointed)."""
+        return bool(self.target.access_key_id) and not self.target.secret_key
+
+    def client(
+        self, *, attempts: int = 3, pool: int = UPLOAD_THREADS, unsigned: bool = False
+    ):
+        """A boto3 client; `unsigned` sends anonymous requests (to reach the
+        endpoint when the secret is missing)."""
+        from botocore import UNSIGNED
+
         target = self.target
+        if self.secret_missing and not unsigned:
+            raise TargetError(
+                f"the secret access key of {target.access_key_id} is not set: enter "
+                "it in the target's settings",
+                permanent=True,
+            )
         config = Config(
-            signature_version="s3v4",
+            signature_version=UNSIGNED if unsigned else "s3v4",
             s3={"addressing_style": target.addressing_style or "auto"},
             connect_timeout=target.connect_timeout,
             read_timeout=READ_TIMEOUT,
@@ -128,8 +147,8 @@ class S3Handler(Handler):
         client = _make_client(
             endpoint_url=target.endpoint_url or None,
             region_name=target.region or None,
-            aws_access_key_id=target.access_key_id or None,
-            aws_secret_access_key=str(target.secret_key) or None,
+            aws_access_key_id=None if unsigned else target.access_key_id or None,
+            aws_secret_access_key=None if unsigned else str(target.secret_key) or None,
             config=config,
         )
         client.meta.events.register_last("before-call.s3", _no_expect_for_small_puts)
@@ -333,9 +352,14 @@ class S3Handler(Handler):
                 message = f"S3 error {code} ({status}) while {doing}: {server_says}"
             permanent = code in _PERMANENT_CODES or status in (400, 403, 404)
             return TargetError(self._scrub(message), permanent=permanent)
-        if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
+        if isinstance(exc, BotoConnectionError):
             return TargetError(
-                f"cannot connect to {where} while {doing}: {self._scrub(str(exc))}"
+                f"endpoint unreachable: cannot connect to {where} while {doing} "
+                f"({self._connection_words(exc)})"
+            )
+        if isinstance(exc, ConnectionClosedError):
+            return TargetError(
+                f"{where} closed the connection without an answer while {doing}"
             )
         if isinstance(exc, ReadTimeoutError):
             return TargetError(
@@ -359,17 +383,55 @@ class S3Handler(Handler):
         return text.replace(secret, "********") if secret else text
 
     # -- test ---------------------------------------------------------------------------
+    def _connection_words(self, exc: BaseException) -> str:
+        """Why a connection failed, in words (botocore's own text is a request URL)."""
+        seen: BaseException | None = exc
+        chain = []
+        while seen is not None and len(chain) < 10:
+            chain.append(seen)
+            kwargs = getattr(seen, "kwargs", None) or {}
+            seen = kwargs.get("error") or seen.__cause__ or seen.__context__
+        for err in chain:
+            if isinstance(err, ConnectionRefusedError):
+                return "connection refused: nothing listens on that port"
+            if isinstance(err, socket.gaierror):
+                return "the host name does not resolve"
+            if isinstance(err, ssl.SSLCertVerificationError):
+                return f"TLS failed: the certificate is not trusted ({err.reason})"
+            if isinstance(err, ssl.SSLError):
+                return "TLS failed (is it an https:// endpoint?)"
+            if isinstance(err, TimeoutError | socket.timeout):
+                return f"no answer within {self.target.connect_timeout:g} s"
+            if isinstance(err, OSError) and err.strerror:
+                return err.strerror
+        if "timeout" in type(exc).__name__.lower():
+            return f"no answer within {self.target.connect_timeout:g} s"
+        return "the connection failed"
+
     def test(self) -> TestResult:
         result = TestResult()
         bucket = self.target.bucket
-        client = self.client(attempts=1, pool=2)
+        unsigned = self.secret_missing
+        client = self.client(attempts=1, pool=2, unsigned=unsigned)
         listing: BaseException | None = None
-        try:
-            client.list_objects_v2(Bucket=bucket, Prefix=self.key_prefix, MaxKeys=1)
-        except (ClientError, BotoCoreError) as exc:
-            listing = exc
+        where = self.target.endpoint_url or "AWS S3"
+        # One request answers three questions; it is timed as the first check.
+        with result.check("endpoint reachable") as check:
+            try:
+                client.list_objects_v2(Bucket=bucket, Prefix=self.key_prefix, MaxKeys=1)
+            except (ClientError, BotoCoreError) as exc:
+                listing = exc
+            if isinstance(
+                listing, BotoConnectionError | ConnectionClosedError | ReadTimeoutError
+            ):
+                raise self.error(listing, "listing the bucket")
+            check.message = f"{where} answered"
+        if result.stopped:
+            return result
 
         with result.check("credentials") as check:
+            if unsigned:
+                self.client()  # raises: the secret access key is not set
             code = _code(listing) if isinstance(listing, ClientError) else ""
             if listing is not None and (
                 code

@@ -120,7 +120,16 @@ class XnatHandler(Handler):
                 default_timeout=t.request_timeout,
                 loglevel="ERROR",
             )
-        except XNATLoginFailedError:
+        except XNATLoginFailedError as exc:
+            if "unknown error" in str(exc):
+                # xnatpy's words when the login request got no XNAT answer at all
+                # (a 404 or 405 from a server that has no /data/services/auth).
+                raise TargetError(
+                    f"not an XNAT server: {self._netloc} did not answer XNAT's login "
+                    "request (/data/services/auth); check that the URL is the XNAT's "
+                    "address",
+                    permanent=True,
+                ) from None
             raise TargetError(
                 f"login failed: XNAT refused user {t.username} — check the username "
                 "and password",
@@ -462,6 +471,33 @@ class XnatHandler(Handler):
             )
 
     # -- test --------------------------------------------------------------------------
+    def _probe_xnat(self) -> str:
+        """Ask `/data/version` (before logging in) whether the URL is an XNAT."""
+        t = self.target
+        try:
+            resp = requests.get(
+                self.base_url + "/data/version",
+                timeout=t.request_timeout,
+                verify=t.verify_tls,
+                allow_redirects=False,
+            )
+        except requests.exceptions.RequestException as exc:
+            raise TargetError(
+                f"cannot ask {self._netloc} for its XNAT version: "
+                f"{_connection_words(exc)}"
+            ) from None
+        seen = _looks_like_xnat(resp)
+        if seen is None:
+            answer = _first_line(resp.text)[:80] if resp.status_code == 200 else ""
+            raise TargetError(
+                f"not an XNAT server: {self._netloc} has no XNAT API (/data/version "
+                f"answered HTTP {resp.status_code}{': ' + answer if answer else ''}); "
+                "check that the URL is the XNAT's address, e.g. "
+                "https://xnat.example.org or https://host/xnat",
+                permanent=True,
+            )
+        return seen
+
     def test(self) -> TestResult:
         result = TestResult()
         t = self.target
@@ -484,6 +520,10 @@ class XnatHandler(Handler):
             c.message = f"{self._netloc} answered HTTP {resp.status_code}"
         if result.stopped:
             return result
+        with result.check("XNAT server") as c:
+            c.message = self._probe_xnat()
+        if result.stopped:
+            return result
         session = None
         with result.check("Login") as c:
             session = self.connect()
@@ -504,6 +544,21 @@ class XnatHandler(Handler):
             except Exception:  # noqa: BLE001 - logout is best effort
                 log.debug("XNAT logout failed", exc_info=True)
         return result
+
+
+def _looks_like_xnat(resp: requests.Response) -> str | None:
+    """What `GET /data/version` says about the server: a description if it is XNAT
+    (or an API that asks for a login, as XNAT's does), else None."""
+    if resp.status_code in (401, 403):
+        return "asks for a login, as XNAT does"
+    if resp.is_redirect and "login" in resp.headers.get("Location", "").lower():
+        return "sends to its login page, as XNAT does"
+    text = resp.text.strip() if resp.status_code == 200 else ""
+    if text and len(text) < 100 and "<" not in text:
+        return f"XNAT {_first_line(text)}"
+    if "xnat" in text.lower():
+        return "an XNAT page answered"
+    return None
 
 
 def _is_session_uri(resp: requests.Response) -> bool:

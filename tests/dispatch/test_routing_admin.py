@@ -160,4 +160,4 @@ def test_the_list_shows_the_receiver_and_its_refusals(admin_client, spool):
         reverse("admin:dispatch_receivedseries_changelist")
     ).content.decode()
     assert "Receiver COURIER@11112" in page and "running" in page
-    assert "Refused 3 instance(s)" in page and "nearly full" in page
+    assert "Refused 3 instances" in page and "nearly full" in page

@@ -404,7 +404,7 @@ def test_a_secret_in_an_unexpected_exception_reaches_no_error_and_no_log(
     attempt = job.attempts.get()
     assert job.state == State.FAILED
     assert job.last_error == (
-        "gave up after 1 attempts: unexpected error: RuntimeError: "
+        "gave up after 1 attempt: unexpected error: RuntimeError: "
         "cannot open sftp://u:********@host (u:********)"
     )
     assert attempt.error == (

@@ -69,10 +69,10 @@ def test_two_workers_on_postgres_and_redis_drain_one_queue_exactly_once(
         assert attempt["worker"].split(":")[1] in worker_pids
     # Both consumers came up (wait_workers_ready) and are still running.
     assert [w.poll() for w in workers] == [None, None]
-    ok, report = site.python(
-        "import json; from dispatch import services; print(json.dumps(services.health()))"
+    status, report = site.python(
+        "import json; from dispatch import overview; print(json.dumps(overview.health()))"
     )
-    assert ok and report["database"] == report["queue"] == "ok"
+    assert status == "ok" and report["database"] == report["queue"] == "ok"
     # The target's limit of 4 connections held across both processes: never more
     # than 4 jobs sending at once (each holds at least one connection).
     events = []
@@ -104,9 +104,7 @@ def test_target_down_waits_to_retry_and_completes_when_it_is_back(
         f"connection refused by 127.0.0.1:{peer.dicom_port}: is the DICOM service "
         "running, and the port right?"
     )
-    assert re.fullmatch(
-        re.escape(refused) + r" \(attempt \d+; next in \d+ s\)", job["last_error"]
-    )
+    assert re.fullmatch(re.escape(refused) + r" \(attempt \d+\)", job["last_error"])
     first = site.attempts(job_id)[0]
     assert first["outcome"] == "error" and first["sent"] == 0
     assert first["error"] == refused
@@ -249,8 +247,8 @@ def test_jobs_whose_queue_messages_were_lost_are_found_by_a_starting_worker(
 
 def test_health_reports_an_unreachable_redis(courier_site):
     site = courier_site(redis_url=f"redis://127.0.0.1:{free_port()}/0").migrate()
-    ok, report = site.python(
-        "import json; from dispatch import services; print(json.dumps(services.health()))"
+    status, report = site.python(
+        "import json; from dispatch import overview; print(json.dumps(overview.health()))"
     )
-    assert not ok
+    assert status == "down"
     assert report["database"] == "ok" and report["queue"].startswith("error")

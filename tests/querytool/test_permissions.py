@@ -114,7 +114,7 @@ def test_search_alone_shows_results_but_no_retrieve_and_refuses_a_crafted_post(
 
     assert page.status_code == 200
     html = page.content.decode()
-    assert "DOE^JOHN" in html
+    assert "DOE, JOHN" in html
     assert 'id="no-retrieve"' in html and 'id="retrieve-button"' not in html
     assert refused.status_code == 403
     [entry] = refusals()

@@ -282,7 +282,9 @@ def test_editing_keeps_the_kind_and_validates_with_its_rules(admin_client, tmp_p
 
 def test_the_test_button_is_on_the_change_page(admin_client, folder_target):
     html = admin_client.get(change_url(folder_target)).content.decode()
-    assert f'action="{url_of_test(folder_target)}"' in html
+    # It submits the form itself (the settings as edited), not the saved target.
+    assert re.search(r'<input type="submit" value="Test" name="_test"', html)
+    assert 'id="target-test-button"' in html
     assert "Not tested yet" in html
 
 
@@ -629,7 +631,10 @@ def test_the_admin_header_links_staff_to_the_query_page(admin_client):
     assert re.search(rf'<div id="user-tools">.*<a href="{query}">Query</a>', body, re.S)
     # Django's own header is still there.
     assert "Change password" in body and 'id="logout-form"' in body
-    assert "<title>Site administration" in body
+    # Courier's name, not Django's; no "View site" (the Query link is the site).
+    assert "<title>Status | Courier</title>" in body
+    assert '<div id="site-name"><a href="/admin/">Courier</a></div>' in body
+    assert "Django administration" not in body and "View site" not in body
 
 
 def test_the_login_page_has_no_query_link(client):

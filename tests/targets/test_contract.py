@@ -100,7 +100,7 @@ FIRST_FAILURE: dict[str, tuple[str, str]] = {
     Kind.DICOMWEB: ("Reachable", "connection refused"),
     Kind.FOLDER: ("folder exists", "does not exist"),
     Kind.RSYNC: ("TCP connect", "connection refused"),
-    Kind.S3: ("credentials", "cannot connect"),
+    Kind.S3: ("endpoint reachable", "connection refused"),
     Kind.SFTP: ("TCP connect", "connection refused"),
     Kind.XNAT: ("Reachable", "connection refused"),
 }

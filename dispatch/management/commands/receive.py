@@ -30,6 +30,7 @@ class Command(BaseCommand):
     ):
         ae_title = ae_title or settings.COURIER_AE_TITLE
         port = settings.COURIER_RECEIVER_PORT if port is None else port
+        recorder = DatabaseRecorder(f"{ae_title}@{port}")
         receiver = Receiver(
             ae_title=ae_title,
             port=port,
@@ -38,7 +39,7 @@ class Command(BaseCommand):
             accepted_calling_aets=settings.COURIER_RECEIVER_ACCEPTED_CALLING_AETS,
             min_free_bytes=settings.COURIER_MIN_FREE_BYTES,
             quiet_seconds=settings.COURIER_SERIES_QUIET_SECONDS,
-            recorder=DatabaseRecorder(f"{ae_title}@{port}"),
+            recorder=recorder,
         )
 
         def stop(*_):
@@ -57,3 +58,4 @@ class Command(BaseCommand):
         )
         self.stdout.flush()
         receiver.wait_stopped()
+        recorder.stopped(receiver.info())

@@ -1,11 +1,13 @@
-"""Run all of Courier in one terminal: migrations, an admin login, web and worker.
+"""Run all of Courier in one terminal: migrations, an admin login, then the web server
+(gunicorn), the huey worker and the DICOM receiver.
 
-Ctrl-C stops everything. For production, run the web server and the workers under a
-supervisor instead (see the README's deployment section).
+Ctrl-C stops everything within seconds. For several machines, run the same processes
+under a supervisor instead (see the README's deployment section).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 import signal
@@ -20,10 +22,44 @@ from django.core.exceptions import ValidationError
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
+# After Ctrl-C, how long each process gets to finish on its own before it is killed
+# (a worker in the middle of a send finishes its instance; the job resumes later).
+STOP_SECONDS = 10.0
+
+
+def web_command(addr: str) -> list[str]:
+    """gunicorn serving the site: threads, so a slow Test or query holds one thread,
+    not a process; the timeout is the worker's heartbeat, not a request's length."""
+    if importlib.util.find_spec("gunicorn") is None:
+        raise CommandError(
+            "gunicorn is not installed: pip install -e '.[scale]' (./courier run does)"
+        )
+    return [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "config.wsgi",
+        "--chdir",
+        str(settings.BASE_DIR),
+        "--bind",
+        addr,
+        "--workers",
+        "2",
+        "--worker-class",
+        "gthread",
+        "--threads",
+        "8",
+        "--graceful-timeout",
+        "5",
+        # No ~/.gunicorn control socket: a second instance (tests) would clash.
+        "--no-control-socket",
+    ]
+
 
 class Command(BaseCommand):
     help = (
-        "Migrate, ensure an admin login, then run the web server and the huey worker."
+        "Migrate, ensure an admin login, then run the web server (gunicorn), the huey "
+        "worker and the DICOM receiver until Ctrl-C."
     )
 
     def add_arguments(self, parser):
@@ -44,17 +80,8 @@ class Command(BaseCommand):
         worker_cmd = manage + ["run_huey"]
         if workers:
             worker_cmd += ["--workers", str(workers)]
-        commands = {
-            "web": manage + ["runserver", "--noreload", addr],
-            "worker": worker_cmd,
-        }
+        commands = {"web": web_command(addr), "worker": worker_cmd}
         commands.update(self.extra_processes(manage))
-        procs = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}
-        self.stdout.write(
-            self.style.SUCCESS(
-                f"Courier is running: http://{addr}/admin/  (Ctrl-C stops it)"
-            )
-        )
         stopping = False
 
         def stop(*_):
@@ -63,7 +90,16 @@ class Command(BaseCommand):
 
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGTERM, stop)
+        procs: dict[str, subprocess.Popen] = {}
         try:
+            for name, cmd in commands.items():
+                procs[name] = subprocess.Popen(cmd)
+            self.stdout.write(
+                self.style.SUCCESS(
+                    f"Courier is running: http://{addr}/admin/  (Ctrl-C stops it)"
+                )
+            )
+            self.stdout.flush()
             while not stopping:
                 for name, proc in procs.items():
                     if proc.poll() is not None:
@@ -73,15 +109,25 @@ class Command(BaseCommand):
                         stopping = True
                 time.sleep(0.5)
         finally:
-            for proc in procs.values():
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGINT)
-            deadline = time.monotonic() + 15
-            for proc in procs.values():
-                try:
-                    proc.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            self.stop_all(procs)
+
+    def stop_all(self, procs: dict[str, subprocess.Popen]) -> None:
+        # Ctrl-C in a terminal already reached every process of the group; a SIGTERM
+        # to this command alone did not, so pass it on as SIGINT (graceful).
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + STOP_SECONDS
+        for name, proc in procs.items():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+                self.stdout.write(f"{name} stopped")
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                self.stderr.write(
+                    f"{name} did not stop within {STOP_SECONDS:g} s: killed"
+                )
 
     def extra_processes(self, manage: list[str]) -> dict[str, list[str]]:
         """Further processes to run beside web and worker (e.g. the DICOM receiver)."""

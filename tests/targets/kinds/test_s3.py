@@ -106,6 +106,10 @@ def test_large_files_go_up_as_multipart_uploads(
     assert head["ContentType"] == "application/dicom"
 
 
+def checks_of(result) -> dict:
+    return {c.name: c for c in result.checks}
+
+
 def test_the_exclusion_filter_skips_matching_files(seaweedfs, make_target, generated):
     target = make_target(exclude="*00001.dcm")
     assert target.handler.send(scan_folder(generated.folder)).sent == 5
@@ -116,6 +120,7 @@ def test_test_passes_and_cleans_up_its_probe_object(seaweedfs, make_target):
     result = target.handler.test()
     assert result.ok, result.as_dict()
     assert [c.name for c in result.checks] == [
+        "endpoint reachable",
         "credentials",
         "bucket reachable",
         "write probe",
@@ -135,7 +140,7 @@ def test_a_wrong_secret_says_authentication_failed_and_never_shows_the_secret(
         target.handler.send(scan_folder(generated.folder))
 
     assert not result.ok
-    assert result.checks[0].message.startswith(
+    assert checks_of(result)["credentials"].message.startswith(
         "authentication failed (signature does not match)"
     )
     assert raised.value.permanent
@@ -151,7 +156,7 @@ def test_an_unknown_access_key_says_authentication_failed(make_target):
     result = make_target(
         access_key_id="NOT-A-KEY-" + uuid.uuid4().hex[:6]
     ).handler.test()
-    assert result.checks[0].message.startswith("authentication failed")
+    assert checks_of(result)["credentials"].message.startswith("authentication failed")
 
 
 def test_a_missing_bucket_says_no_such_bucket_not_access_denied(make_target, generated):
@@ -161,8 +166,8 @@ def test_a_missing_bucket_says_no_such_bucket_not_access_denied(make_target, gen
     with pytest.raises(TargetError) as raised:
         target.handler.send(scan_folder(generated.folder))
 
-    assert result.checks[0].ok
-    bucket_check = result.checks[1]
+    assert checks_of(result)["credentials"].ok
+    bucket_check = checks_of(result)["bucket reachable"]
     assert not bucket_check.ok
     assert bucket_check.message.startswith("no such bucket")
     assert raised.value.message.startswith("no such bucket")
@@ -181,18 +186,52 @@ def test_read_only_credentials_say_access_denied_not_no_such_bucket(
     with pytest.raises(TargetError) as raised:
         target.handler.send(scan_folder(generated.folder))
 
-    assert [c.ok for c in result.checks] == [True, True, False]
-    assert result.checks[2].message.startswith("access denied")
+    assert [c.ok for c in result.checks] == [True, True, True, False]
+    assert checks_of(result)["write probe"].message.startswith("access denied")
     assert raised.value.message.startswith("access denied")
     assert "no such bucket" not in raised.value.message
     assert raised.value.permanent
 
 
-def test_test_against_a_closed_port_fails_with_cannot_connect(make_target):
-    target = make_target(endpoint_url=f"http://127.0.0.1:{free_port()}")
+def test_a_missing_secret_is_named_by_the_test_and_the_send(make_target, generated):
+    # As after the endpoint changed and the stored secret was cleared.
+    target = make_target(secret_key="")
+
     result = target.handler.test()
+    with pytest.raises(TargetError) as raised:
+        target.handler.send(scan_folder(generated.folder))
+
+    checks = checks_of(result)
+    assert checks["endpoint reachable"].ok  # asked anonymously
+    assert not checks["credentials"].ok
+    words = f"the secret access key of {target.access_key_id} is not set"
+    assert checks["credentials"].message.startswith(words)
+    assert raised.value.permanent and raised.value.message.startswith(words)
+
+
+@pytest.mark.parametrize(
+    ("host", "words"),
+    [
+        ("127.0.0.1:{port}", "connection refused"),
+        ("no-such-host.invalid:9000", "the host name does not resolve"),
+    ],
+)
+def test_an_unreachable_endpoint_is_named_not_blamed_on_the_credentials(
+    make_target, host, words
+):
+    endpoint = "http://" + host.format(port=free_port())
+    result = make_target(endpoint_url=endpoint).handler.test()
+
     assert not result.ok
-    assert "cannot connect" in result.checks[0].message
+    (check,) = result.checks  # nothing is said about credentials or the bucket
+    assert check.name == "endpoint reachable"
+    assert check.message.startswith(
+        f"endpoint unreachable: cannot connect to {endpoint}"
+    )
+    assert words in check.message
+    # No request URL from the library, and the time the attempt took.
+    assert "list-type" not in check.message and '"http' not in check.message
+    assert check.duration_ms > 0
 
 
 @pytest.mark.parametrize(

@@ -232,10 +232,34 @@ def test_the_test_passes_for_a_writable_project(xnat_fake):
     assert result.ok, result.summary
     assert [c.name for c in result.checks] == [
         "Reachable",
+        "XNAT server",
         "Login",
         "Project",
         "Upload permission",
     ]
+    assert result.checks[1].message == f"XNAT {xnat_fake.version}"
+
+
+def test_a_url_that_is_not_an_xnat_says_so_not_that_the_password_is_wrong(
+    orthanc, tmp_path
+):
+    # An easy mistake: the PACS's web address instead of the XNAT's.
+    url = f"http://127.0.0.1:{orthanc.http_port}"
+    result = xnat_target(url).handler.test()
+
+    checks = {c.name: c for c in result.checks}
+    assert checks["Reachable"].ok
+    assert not checks["XNAT server"].ok
+    message = checks["XNAT server"].message
+    assert message.startswith(f"not an XNAT server: 127.0.0.1:{orthanc.http_port}")
+    assert "HTTP 404" in message
+    assert "Login" not in checks and "password" not in message
+    # A send says the same, from the login the xnat package attempts.
+    with pytest.raises(TargetError) as exc:
+        xnat_target(url).handler.send(scan_folder(study(tmp_path, "s", 1).folder))
+    assert exc.value.permanent
+    assert str(exc.value).startswith("not an XNAT server")
+    assert "password" not in str(exc.value)
 
 
 def test_a_closed_port_is_a_failed_check_and_a_transient_error(tmp_path):
