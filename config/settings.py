@@ -72,11 +72,12 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
-    "huey.contrib.djhuey",
     "axes",
     "targets",
     "dispatch",
     "querytool",
+    # After dispatch: its run_huey (preload, then huey's consumer) replaces huey's.
+    "huey.contrib.djhuey",
 ]
 
 MIDDLEWARE = [
@@ -274,8 +275,10 @@ COURIER_SPOOL_DIR = Path(env.str("COURIER_SPOOL_DIR", default=str(DATA_DIR / "sp
 # sometimes never answers a C-STORE) frees the worker soon; each target can change it.
 COURIER_DIMSE_TIMEOUT = env.float("COURIER_DIMSE_TIMEOUT", default=10.0)
 # Dispatch: a worker's claim on a job lasts this long unless renewed (it renews every
-# third of it while sending); after a worker dies its jobs resume once it expires.
-COURIER_JOB_LEASE = env.float("COURIER_JOB_LEASE", default=120.0)
+# fifth of it, from a thread of its own, while it holds the job); after a worker dies
+# any live worker resumes its jobs once the lease runs out. Short, so a crash costs
+# seconds; the machines' clocks must agree to well within it (NTP).
+COURIER_JOB_LEASE = env.float("COURIER_JOB_LEASE", default=15.0)
 # Spool folders of failed or cancelled jobs are kept this many days, then deleted.
 COURIER_FAILED_RETENTION_DAYS = env.float("COURIER_FAILED_RETENTION_DAYS", default=14.0)
 # Receiver (manage.py receive, started by runcourier): its port, the calling AE titles

@@ -1,6 +1,14 @@
+"""The WSGI application (runserver, gunicorn)."""
+
 import os
 
 from django.core.wsgi import get_wsgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 application = get_wsgi_application()
+
+# Requests run in threads (runserver, gunicorn's threaded workers) and import pydicom
+# and the kinds' handlers on first use: import them now, before any request thread.
+from config.preload import preload_for_threads  # noqa: E402
+
+preload_for_threads()

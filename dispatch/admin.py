@@ -209,6 +209,8 @@ class JobAdmin(admin.ModelAdmin):
         "warnings",
         "failed",
         "sent_size",
+        "other_files",
+        "other_sent",
         "skipped",
         "last_error",
         "live_status",
@@ -241,6 +243,8 @@ class JobAdmin(admin.ModelAdmin):
                     "warnings",
                     "failed",
                     "sent_size",
+                    "other_files",
+                    "other_sent",
                     "skipped",
                 )
             },

@@ -88,7 +88,12 @@ class Job(models.Model):
     warnings = models.PositiveIntegerField(default=0)
     failed = models.PositiveIntegerField(default=0)
     bytes_sent = models.PositiveBigIntegerField(default=0)
-    skipped = models.PositiveIntegerField("non-DICOM files skipped", default=0)
+    # The series folder's other files (reports, previews, results): those the
+    # target delivers beside the instances, how many of them got there, and those
+    # left out (excluded by the filter, a kind that sends DICOM only, unreadable).
+    other_files = models.PositiveIntegerField("other files", default=0)
+    other_sent = models.PositiveIntegerField("other files delivered", default=0)
+    skipped = models.PositiveIntegerField("other files left out", default=0)
     last_error = models.TextField(blank=True)
 
     class Meta:
@@ -100,7 +105,19 @@ class Job(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"job {self.pk}: {self.series_label} → {self.target}"
+        return (
+            f"job {self.pk}: {self.series_label} ({self.files_label}) → {self.target}"
+        )
+
+    @property
+    def files_label(self) -> str:
+        """What the job carries, e.g. "12 instances + 2 other files; 1 left out"."""
+        text = f"{self.total} instance{'' if self.total == 1 else 's'}"
+        if self.other_files:
+            text += f" + {self.other_files} other file{'' if self.other_files == 1 else 's'}"
+        if self.skipped:
+            text += f"; {self.skipped} file{'' if self.skipped == 1 else 's'} left out"
+        return text
 
     @property
     def series_label(self) -> str:
@@ -186,6 +203,8 @@ class JobInstance(models.Model):
     job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="instances")
     path = models.CharField(max_length=1000)
     sop_instance_uid = models.CharField(max_length=64, blank=True)
+    # False for the series folder's other files (reports, previews, results).
+    dicom = models.BooleanField(default=True)
     state = models.CharField(
         max_length=8, choices=InstanceState.choices, default=InstanceState.PENDING
     )

@@ -11,6 +11,7 @@ worker looks next resumes the job, sending only the instances not yet confirmed.
 from __future__ import annotations
 
 import copy
+import errno
 import logging
 import os
 import queue
@@ -20,7 +21,9 @@ import socket
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -42,7 +45,8 @@ from targets.kinds.base import (
     TargetError,
 )
 from targets.models import Target
-from targets.series import Series, scan_folder
+from targets.paths import private_dir
+from targets.series import OtherFile, Series, scan_folder
 from targets.services import redact, secret_values
 from targets.validators import split_globs
 
@@ -108,14 +112,21 @@ def job_limit(target: Target) -> int:
     return max(1, target.max_associations or 1)
 
 
-def _slots_in_use(target_id: int, now, exclude: int | None = None) -> int:
-    """Connections held by the target's running jobs (live leases only)."""
-    running = Job.objects.filter(
-        target_id=target_id, state=State.SENDING, lease_expires_at__gt=now
-    )
+def _slots_in_use(
+    target_id: int, now, exclude: int | None = None, *, holds: bool = True
+) -> int:
+    """Connections held by the target's running jobs (live leases only).
+
+    With `holds`, a direct send (`send_series`) waiting for a connection counts as
+    holding one, so that queued jobs do not take it first.
+    """
+    live = Job.objects.filter(target_id=target_id, lease_expires_at__gt=now)
     if exclude is not None:
-        running = running.exclude(pk=exclude)
-    return running.aggregate(n=Sum("associations"))["n"] or 0
+        live = live.exclude(pk=exclude)
+    used = live.filter(state=State.SENDING).aggregate(n=Sum("associations"))["n"] or 0
+    if holds:
+        used += live.filter(state=State.QUEUED).count()
+    return used
 
 
 def backoff_delay(target: Target, attempt: int) -> float:
@@ -130,6 +141,97 @@ def backoff_delay(target: Target, attempt: int) -> float:
 
 def _lease() -> timedelta:
     return timedelta(seconds=float(settings.COURIER_JOB_LEASE))
+
+
+def _renew_every() -> float:
+    """Seconds between renewals of a lease: five chances before it runs out."""
+    return max(0.2, float(settings.COURIER_JOB_LEASE) / 5)
+
+
+class _LeaseKeeper:
+    """Renew a job's lease from a thread of its own while the job is held.
+
+    Its own thread, so that nothing the worker does (reading a large folder, a slow
+    instance) delays a renewal. `valid` turns false when the job was taken from
+    this worker (cancelled, taken over) or when no renewal has succeeded for most of
+    a lease: a worker that cannot reach the database stops sending before another
+    may claim the job, so two workers never send one job.
+    """
+
+    def __init__(self, job_id: int, worker: str):
+        self.job_id = job_id
+        self.worker = worker
+        self.lease = _lease().total_seconds()
+        self.every = _renew_every()
+        self.renewed_at = time.monotonic()
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"lease-job-{job_id}", daemon=True
+        )
+
+    def start(self) -> _LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def valid(self) -> bool:
+        # A renewal that started before this point may have extended the lease;
+        # one that did not succeed for (lease - one interval) may not have.
+        overdue = time.monotonic() - self.renewed_at > self.lease - self.every
+        return not self.lost.is_set() and not overdue
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(self.every):
+                started = time.monotonic()
+                try:
+                    renewed = Job.objects.filter(
+                        pk=self.job_id,
+                        lease_owner=self.worker,
+                        state__in=[State.QUEUED, State.SENDING],
+                    ).update(lease_expires_at=timezone.now() + _lease())
+                except Exception as exc:  # the database is away: try again
+                    log.warning(
+                        "dispatch lease renewal failed %s",
+                        _kv(job=self.job_id, error=type(exc).__name__),
+                    )
+                    continue
+                if not renewed:
+                    self.lost.set()
+                    return
+                self.renewed_at = started
+        finally:
+            # This thread's own database connection.
+            connections.close_all()
+
+
+def watch_lease(job_id: int) -> None:
+    """Resume a sending job whose worker stopped renewing its lease.
+
+    Queued when a job is claimed, for when its lease would run out; while the
+    worker renews, it looks again at the new end. So a killed worker's job is taken
+    over by any live worker seconds after its lease ends, not at the next sweep.
+    """
+    row = Job.objects.filter(pk=job_id).values_list("state", "lease_expires_at").first()
+    if row is None or row[0] != State.SENDING:
+        return
+    expires = row[1]
+    if expires is not None and expires >= timezone.now():
+        _watch(job_id, expires)
+        return
+    run_jobs_from(job_id)
+
+
+def _watch(job_id: int, expires) -> None:
+    from . import tasks
+
+    eta = expires + timedelta(seconds=min(1.0, _renew_every()))
+    transaction.on_commit(lambda: tasks.watch_lease_task.schedule((job_id,), eta=eta))
 
 
 def _send_refusal(target: Target) -> str:
@@ -174,6 +276,36 @@ def _scan(folder: str | Path, target: Target) -> Series:
     return series.excluding(split_globs(target.exclude))
 
 
+def other_files_for(
+    target: Target, series: Series
+) -> tuple[list[OtherFile], list[tuple[Path, str]]]:
+    """The series' other files `target` delivers, and the files it leaves out (why).
+
+    Folder, SFTP, rsync and S3 deliver every other file but those the exclusion
+    filter names; the DICOM kinds send DICOM only. Unreadable files are left out
+    everywhere.
+    """
+    target = target.as_kind()
+    kept = (
+        series.excluding(split_globs(target.exclude)).others
+        if target.delivers_other_files
+        else []
+    )
+    kept_paths = {o.path for o in kept}
+    why = (
+        "excluded by the target's exclusion filter"
+        if target.delivers_other_files
+        else f"{target.get_kind_display()} targets send DICOM instances only"
+    )
+    left = [
+        (o.path, f"{why} ({o.reason})")
+        for o in series.others
+        if o.path not in kept_paths
+    ]
+    # Corrupt DICOM files are refused everywhere, in any form.
+    return kept, left + list(series.skipped) + list(series.corrupt)
+
+
 # -- creating jobs -----------------------------------------------------------------
 
 
@@ -210,6 +342,7 @@ def create_jobs(
     with transaction.atomic():
         for target in targets:
             own = scanned.excluding(split_globs(target.exclude))
+            others, left_out = other_files_for(target, scanned)
             job = Job.objects.create(
                 target=target,
                 folder=str(folder),
@@ -221,13 +354,17 @@ def create_jobs(
                 calling_aet=context.calling_aet or "",
                 called_aet=context.called_aet or "",
                 total=len(own.instances),
-                skipped=len(scanned.skipped) + len(scanned.corrupt),
+                other_files=len(others),
+                skipped=len(left_out),
             )
             JobInstance.objects.bulk_create(
-                JobInstance(
-                    job=job, path=str(i.path), sop_instance_uid=i.sop_instance_uid
-                )
-                for i in own.instances
+                [
+                    JobInstance(
+                        job=job, path=str(i.path), sop_instance_uid=i.sop_instance_uid
+                    )
+                    for i in own.instances
+                ]
+                + [JobInstance(job=job, path=str(o.path), dicom=False) for o in others]
             )
             jobs.append(job)
         if enqueue_now:
@@ -269,9 +406,12 @@ def kick_target(target_id: int, target: Target | None = None) -> int:
 
 
 def _claimable_q(now) -> Q:
-    return Q(state__in=[State.QUEUED, State.RETRY_WAIT], not_before__lte=now) | Q(
-        state=State.SENDING, lease_expires_at__lt=now
-    )
+    """Jobs any worker may claim now: due, not held by a direct send, or whose
+    worker's lease ran out."""
+    unheld = Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now)
+    return (
+        Q(state__in=[State.QUEUED, State.RETRY_WAIT], not_before__lte=now) & unheld
+    ) | Q(state=State.SENDING, lease_expires_at__lt=now)
 
 
 # -- running a job -----------------------------------------------------------------
@@ -284,21 +424,29 @@ class _Claim:
     interrupted: list[Attempt] = field(default_factory=list)
 
 
-def _claim(job_id: int, worker: str, respect_limit: bool) -> _Claim | None:
-    """Take the job for `worker` if it may run now; None if not (or taken)."""
+def _claim(
+    job_id: int, worker: str, respect_limit: bool, *, held: bool = False
+) -> _Claim | None:
+    """Take the job for `worker` if it may run now; None if not (or taken).
+
+    `held`: the job is queued and held by `worker` itself (a direct send waiting
+    for a connection); other holds do not count against it.
+    """
     now = timezone.now()
+    claimable = Q(state=State.QUEUED, lease_owner=worker) if held else _claimable_q(now)
     # Most messages for a busy target or a taken job end here, without a write
     # transaction (on SQLite that would wait for the one database-wide write lock).
     if respect_limit:
         seen = (
             Job.objects.filter(pk=job_id)
-            .filter(_claimable_q(now))
+            .filter(claimable)
             .values_list("target_id", "target__max_associations")
             .first()
         )
         if seen is None:
             return None
-        if _slots_in_use(seen[0], now, exclude=job_id) >= max(1, seen[1] or 1):
+        used = _slots_in_use(seen[0], now, exclude=job_id, holds=not held)
+        if used >= max(1, seen[1] or 1):
             return None
     with transaction.atomic():
         # Lock the target row so that counting its running jobs and claiming one is
@@ -321,20 +469,28 @@ def _claim(job_id: int, worker: str, respect_limit: bool) -> _Claim | None:
             return None
         waiting = _wait_reason(target)
         if waiting:
+            # A direct send's hold ends here too: the job waits like any other.
             Job.objects.filter(
                 pk=job_id, state__in=[State.QUEUED, State.RETRY_WAIT]
-            ).update(state=State.PAUSED, last_error=waiting)
+            ).update(
+                state=State.PAUSED,
+                last_error=waiting,
+                lease_owner="",
+                lease_expires_at=None,
+            )
             return None
         # A job takes as many of the target's free connections as it has
         # instances left: one big series uses them all, small ones share them.
-        free = job_limit(target) - _slots_in_use(target.pk, now, exclude=job_id)
+        free = job_limit(target) - _slots_in_use(
+            target.pk, now, exclude=job_id, holds=not held
+        )
         if respect_limit and free <= 0:
             return None
         left = max(1, job.total - job.sent - job.present - job.failed)
         slots = max(1, min(free, left) if respect_limit else job_limit(target))
         claimed = (
             Job.objects.filter(pk=job_id)
-            .filter(_claimable_q(now))
+            .filter(claimable)
             .update(
                 state=State.SENDING,
                 lease_owner=worker,
@@ -372,19 +528,41 @@ def run_job(
     progress: ProgressHook | None = None,
     respect_limit: bool = True,
     retry: bool = True,
+    held: bool = False,
+    keeper: _LeaseKeeper | None = None,
 ) -> Job | None:
     """Claim the job and make one attempt; return the job, or None if not claimed.
 
     Reads the target fresh from the database, sends the job's pending instances,
     records the attempt and each instance's outcome, then sets the job's state:
     done / done-with-warnings / failed, or retry-wait (transient error, `retry`
-    true and attempts left), scheduling the next attempt with backoff.
+    true and attempts left), scheduling the next attempt with backoff. The lease is
+    renewed by a `_LeaseKeeper` (the caller's, if it passes one) while this runs.
     """
     worker = worker or worker_id()
-    claim = _claim(job_id, worker, respect_limit)
+    claim = _claim(job_id, worker, respect_limit, held=held)
     if claim is None:
         return None
     job, target = claim.job, claim.target
+    own_keeper = keeper is None
+    if keeper is None:
+        keeper = _LeaseKeeper(job.pk, worker).start()
+    _watch(job.pk, job.lease_expires_at)
+    try:
+        return _attempt(job, target, worker, keeper, progress, retry)
+    finally:
+        if own_keeper:
+            keeper.stop()
+
+
+def _attempt(
+    job: Job,
+    target: Target,
+    worker: str,
+    keeper: _LeaseKeeper,
+    progress: ProgressHook | None,
+    retry: bool,
+) -> Job:
     # The handler opens at most the connections this job was given.
     handler_target = copy.copy(target)
     handler_target.max_associations = job.associations
@@ -396,17 +574,27 @@ def run_job(
         folder = Path(job.folder)
         if not folder.is_dir():
             raise TargetError(f"folder {folder} no longer exists", permanent=True)
-        pending = dict(
-            job.instances.filter(state=InstanceState.PENDING).values_list("path", "id")
-        )
+        pending = {
+            path: (pk, uid)
+            for path, pk, uid in job.instances.filter(
+                state=InstanceState.PENDING
+            ).values_list("path", "id", "sop_instance_uid")
+        }
         if pending:
             series = _scan(folder, target).only(set(pending))
-            missing = set(pending) - {str(i.path) for i in series.instances}
+            changed = _mark_changed(
+                job, series, {path: uid for path, (_, uid) in pending.items()}
+            )
+            if changed:
+                series = series.only(set(pending) - changed)
+            found = series.instances + series.others
+            missing = set(pending) - changed - {str(i.path) for i in found}
             if missing:
                 _mark_missing(job, missing)
-            if series.instances:
-                recorder = _Recorder(job, target, attempt, worker, pending)
-                aborted = _send(job, handler_target, series, recorder, worker, progress)
+            if found:
+                ids = {path: pk for path, (pk, _) in pending.items()}
+                recorder = _Recorder(job, target, attempt, worker, ids)
+                aborted = _send(job, handler_target, series, recorder, keeper, progress)
     except TargetError as exc:
         error = exc
         error.message = scrub(exc.message, target)
@@ -460,6 +648,26 @@ def run_jobs_from(job_id: int, *, budget_seconds: float = 20.0) -> int:
     return ran
 
 
+def _mark_changed(job: Job, series: Series, pending: dict[str, str]) -> set[str]:
+    """Fail the files that now hold another instance than when the job was made.
+
+    A file rewritten in place (a hard-linked spool copy shares its bytes with the
+    caller's file) must not be sent as the instance the job recorded.
+    """
+    changed = {}
+    for inst in series.instances:
+        was = pending.get(str(inst.path))
+        if was and was != inst.sop_instance_uid:
+            changed[str(inst.path)] = inst.sop_instance_uid
+    for path, now in changed.items():
+        JobInstance.objects.filter(job=job, path=path).update(
+            state=InstanceState.FAILED,
+            message=f"the file changed after the job was made: it now holds SOP "
+            f"Instance UID {now}, not {pending[path]}",
+        )
+    return set(changed)
+
+
 def _mark_missing(job: Job, paths: set[str]) -> None:
     JobInstance.objects.filter(job=job, path__in=paths).update(
         state=InstanceState.FAILED,
@@ -472,10 +680,10 @@ def _send(
     target: Target,
     series: Series,
     recorder: _Recorder,
-    worker: str,
+    keeper: _LeaseKeeper,
     progress: ProgressHook | None,
 ) -> bool:
-    """Run the handler in a thread; record outcomes and renew the lease here.
+    """Run the handler in a thread; record outcomes here, stop if the lease is lost.
 
     All database work stays in this (the worker's) thread, whichever thread the
     handler reports from. Outcomes and progress are written in batches every
@@ -503,20 +711,10 @@ def _send(
             connections.close_all()
             outcomes.put(None)
 
-    if job.lease_expires_at and timezone.now() > job.lease_expires_at - _lease() * (
-        2 / 3
-    ):
-        # Reading a big folder took a while: renew before the first instance goes.
-        renewed = Job.objects.filter(
-            pk=job.pk, lease_owner=worker, state=State.SENDING
-        ).update(lease_expires_at=timezone.now() + _lease())
-        if not renewed:
-            return True
+    if not keeper.valid:
+        return True
     thread = threading.Thread(target=sender, name=f"send-job-{job.pk}", daemon=True)
     thread.start()
-    lease = _lease().total_seconds()
-    renew_every = max(0.5, lease / 3)
-    next_renew = time.monotonic() + renew_every
     next_flush = time.monotonic() + PROGRESS_INTERVAL
     while True:
         try:
@@ -534,13 +732,10 @@ def _send(
             if not recorder.flush() and not stop.is_set():
                 stop.set()  # cancelled or taken over: stop at the next instance
             next_flush = now + PROGRESS_INTERVAL
-        if now >= next_renew and not stop.is_set():
-            renewed = Job.objects.filter(
-                pk=job.pk, lease_owner=worker, state=State.SENDING
-            ).update(lease_expires_at=timezone.now() + _lease())
-            if not renewed:
-                stop.set()
-            next_renew = now + renew_every
+        if not keeper.valid:
+            # Cancelled, taken over, or the lease could not be renewed: stop at
+            # the next instance.
+            stop.set()
     thread.join()
     # What the target confirmed is kept, however the send ended.
     recorder.flush()
@@ -595,6 +790,8 @@ class _Recorder:
                 updated_at=timezone.now(),
             )
         )
+        if not outcome.sop_instance_uid:
+            return  # an other file: the counters are of instances
         delta = self.delta
         if outcome.status in (SENT, WARNING):
             delta["sent"] += 1
@@ -634,16 +831,20 @@ _COUNTERS = ("sent", "present", "warnings", "failed", "bytes_sent")
 
 
 def _refresh_counts(job: Job) -> dict:
-    def n(*states: str) -> Count:
-        return Count("id", filter=Q(state__in=states))
+    def n(*states: str, dicom: bool = True) -> Count:
+        return Count("id", filter=Q(state__in=states, dicom=dicom))
 
+    delivered = (InstanceState.SENT, InstanceState.WARNING, InstanceState.PRESENT)
     counts = job.instances.aggregate(
-        total=Count("id"),
+        total=Count("id", filter=Q(dicom=True)),
         sent=n(InstanceState.SENT, InstanceState.WARNING),
         warnings=n(InstanceState.WARNING),
         present=n(InstanceState.PRESENT),
         failed=n(InstanceState.FAILED),
-        pending=n(InstanceState.PENDING),
+        pending=Count("id", filter=Q(state=InstanceState.PENDING)),
+        other_files=Count("id", filter=Q(dicom=False)),
+        other_sent=n(*delivered, dicom=False),
+        other_failed=n(InstanceState.FAILED, dicom=False),
         bytes_sent=Sum(
             "bytes", filter=Q(state__in=[InstanceState.SENT, InstanceState.WARNING])
         ),
@@ -724,12 +925,20 @@ def _finish(
             )
         attempt.outcome = "failed" if state == State.FAILED else "error"
         attempt.error = error.message
-    elif counts["failed"]:
+    elif counts["failed"] or counts["other_failed"]:
         state = State.FAILED
-        message = (
-            f"{counts['failed']} of {counts['total']} instance"
-            f"{pluralize(counts['total'])} failed: " + _failed_listing(job)
-        )
+        parts = []
+        if counts["failed"]:
+            parts.append(
+                f"{counts['failed']} of {counts['total']} instance"
+                f"{pluralize(counts['total'])}"
+            )
+        if counts["other_failed"]:
+            parts.append(
+                f"{counts['other_failed']} of {counts['other_files']} other file"
+                f"{pluralize(counts['other_files'])}"
+            )
+        message = " and ".join(parts) + " failed: " + _failed_listing(job)
         attempt.outcome = "failed"
         attempt.error = message
     else:
@@ -758,6 +967,8 @@ def _finish(
         "warnings": counts["warnings"],
         "present": counts["present"],
         "failed": counts["failed"],
+        "other_files": counts["other_files"],
+        "other_sent": counts["other_sent"],
         "bytes_sent": counts["bytes_sent"],
     }
     if state in FINISHED_STATES:
@@ -810,6 +1021,73 @@ def _log_attempt(job: Job, target: Target, attempt: Attempt, started: float) -> 
 def _inside_spool(folder: Path) -> bool:
     spool = Path(settings.COURIER_SPOOL_DIR).resolve()
     return folder.resolve().is_relative_to(spool) and folder.resolve() != spool
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError as exc:
+        # Another file system (EXDEV), or protected_hardlinks for a file Courier's
+        # user does not own (EPERM): copy the bytes instead.
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            raise
+        shutil.copyfile(src, dst)
+
+
+def take_into_spool(folder: str | Path) -> Path:
+    """Put the files under `folder` into a new spool folder Courier owns; return it.
+
+    Hard links where the spool is on the same file system (no bytes copied; a file
+    later deleted, moved or replaced by the caller stays as it was here), copies
+    elsewhere. Every file and folder is fsynced and the folder renamed into place
+    only when whole, so the caller may delete or reuse its folder once this
+    returns. Raise `DispatchError` (nothing left behind) if it cannot be done.
+    """
+    folder = Path(folder).resolve()
+    queued = Path(settings.COURIER_SPOOL_DIR) / "queued"
+    name = f"{timezone.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:12]}"
+    tmp = queued / f".{name}.part"
+    made: list[Path] = []
+    try:
+        private_dir(queued)  # the spool: Courier's alone
+        tmp.mkdir(mode=0o700)
+        folders = [tmp]
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames.sort()
+            here = tmp / Path(dirpath).relative_to(folder)
+            if here != tmp:
+                here.mkdir()
+                folders.append(here)
+            for file_name in sorted(filenames):
+                src = Path(dirpath) / file_name
+                if not src.is_file():
+                    continue  # sockets, pipes, dangling links: not files to send
+                _link_or_copy(src, here / file_name)
+                made.append(here / file_name)
+        # Concurrent fsyncs share the file system's journal commits.
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(_fsync, made))
+        for path in reversed(folders):
+            _fsync(path)
+        final = queued / name
+        os.rename(tmp, final)
+        _fsync(queued)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise DispatchError(
+            f"cannot copy {folder} into the spool {queued}: "
+            f"{exc.strerror or exc}{where}"
+        ) from None
+    return final
 
 
 def cleanup_spool(folder: str) -> bool:
@@ -878,7 +1156,7 @@ def sweep(now=None, *, at_startup: bool = False) -> int:
         for job_id, expires in Job.objects.filter(
             state=State.SENDING, lease_expires_at__gte=now
         ).values_list("id", "lease_expires_at"):
-            enqueue(job_id, eta=expires + timedelta(seconds=0.5))
+            _watch(job_id, expires)
     expire_spool(now)
     return queued
 
@@ -982,8 +1260,13 @@ def resume_targets(targets: Iterable[Target]) -> int:
 @dataclass
 class SendReport:
     job: Job
-    skipped: list[tuple[Path, str]]
+    # Files of the folder the target does not get, with why (other files a DICOM
+    # kind leaves out, excluded ones, unreadable ones).
+    left_out: list[tuple[Path, str]]
     seconds: float
+
+
+WaitHook = Callable[[int, int], None]
 
 
 def send_series(
@@ -993,12 +1276,16 @@ def send_series(
     context: SendContext | None = None,
     progress: ProgressHook | None = None,
     on_start: Callable[[Job], None] | None = None,
+    on_wait: WaitHook | None = None,
 ) -> SendReport:
-    """Send every DICOM file under `folder` to `target` now, recording a job.
+    """Send the series under `folder` to `target` now, recording a job.
 
     The job and its attempt are the record shown in the admin. No automatic retry:
-    the caller sees what happened. Raise `DispatchError` for an empty folder or a
-    target that cannot be sent to (query-only, disabled, paused).
+    the caller sees what happened. The send takes its connections from the target's
+    limit like a worker's job: while all are in use it waits (`on_wait(in_use,
+    limit)` is told once), holding its place ahead of queued jobs. Raise
+    `DispatchError` for an empty folder or a target that cannot be sent to
+    (query-only, disabled, paused).
     """
     target = target.as_kind()
     folder = Path(folder)
@@ -1010,6 +1297,7 @@ def send_series(
     series = scan_folder(folder)
     if not series.instances:
         raise DispatchError(f"no DICOM files in {folder}" + _refused_note(series))
+    _others, left_out = other_files_for(target, series)
     start = time.monotonic()
     (job,) = create_jobs(
         folder,
@@ -1020,19 +1308,50 @@ def send_series(
         series=series,
         enqueue_now=False,
     )
+    worker = worker_id()
+    # Hold the job (queued, leased to this process) so that no worker takes it.
+    Job.objects.filter(pk=job.pk).update(
+        lease_owner=worker, lease_expires_at=timezone.now() + _lease()
+    )
+    keeper = _LeaseKeeper(job.pk, worker).start()
     if on_start:
         on_start(job)
-    result = run_job(job.pk, progress=progress, respect_limit=False, retry=False)
+    told = False
+    try:
+        while True:
+            result = run_job(
+                job.pk,
+                worker=worker,
+                progress=progress,
+                retry=False,
+                held=True,
+                keeper=keeper,
+            )
+            if result is not None:
+                break
+            job.refresh_from_db()
+            if job.state != State.QUEUED or job.lease_owner != worker:
+                break  # cancelled, paused or disabled meanwhile
+            if on_wait and not told:
+                on_wait(
+                    _slots_in_use(target.pk, timezone.now(), job.pk, holds=False),
+                    job_limit(Target.objects.get(pk=target.pk)),
+                )
+                told = True
+            time.sleep(0.25)
+    except KeyboardInterrupt:
+        # Interrupted before the send began: nobody expects it to go later.
+        Job.objects.filter(pk=job.pk, state=State.QUEUED).update(
+            state=State.CANCELLED,
+            finished_at=timezone.now(),
+            last_error="send_series was interrupted before the send began",
+        )
+        raise
+    finally:
+        keeper.stop()
     kick_target(target.pk)
     job.refresh_from_db()
-    if result is None and job.state == State.QUEUED:
-        # Not claimed (cannot happen without a limit, but never leave it orphaned).
-        enqueue(job)
-    return SendReport(
-        job=job,
-        skipped=series.skipped + series.corrupt,
-        seconds=time.monotonic() - start,
-    )
+    return SendReport(job=job, left_out=left_out, seconds=time.monotonic() - start)
 
 
 def _refused_note(series: Series) -> str:
@@ -1040,33 +1359,95 @@ def _refused_note(series: Series) -> str:
     if series.corrupt:
         names = ", ".join(p.name for p, _ in series.corrupt[:3])
         parts.append(f"{len(series.corrupt)} corrupt DICOM files refused: {names}")
-    if series.skipped:
-        parts.append(f"{len(series.skipped)} other files skipped")
+    others = len(series.others) + len(series.skipped)
+    if others:
+        parts.append(f"{others} other files")
     return f" ({'; '.join(parts)})" if parts else ""
 
 
 def queue_series(
     target: Target, folder: str | Path, *, context: SendContext | None = None
-) -> Job:
-    """Queue the folder for `target` as a job for the workers (send_series --queue)."""
+) -> SendReport:
+    """Queue the folder for `target` as a job for the workers (send_series --queue).
+
+    The files are taken into the spool first (`take_into_spool`): the job owns
+    them, and the caller's folder is free the moment this returns.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise DispatchError(f"{folder} is not a folder")
+    start = time.monotonic()
     series = scan_folder(folder)
     if not series.instances:
         raise DispatchError(f"no DICOM files in {folder}" + _refused_note(series))
-    (job,) = create_jobs(
-        folder,
-        [target],
-        context=context,
-        owned_spool=False,
-        source=Source.QUEUE,
-        series=series,
-    )
-    return job
+    _others, left_out = other_files_for(target, series)
+    owned = take_into_spool(folder)
+    try:
+        (job,) = create_jobs(
+            owned,
+            [target],
+            context=context,
+            owned_spool=True,
+            source=Source.QUEUE,
+            series=series.rebased(owned),
+        )
+    except BaseException:
+        shutil.rmtree(owned, ignore_errors=True)
+        raise
+    return SendReport(job=job, left_out=left_out, seconds=time.monotonic() - start)
 
 
 # -- status ------------------------------------------------------------------------
+
+
+def files_done(job: Job) -> int:
+    """Files of the job whose fate is known (sent, present, failed), as it runs."""
+    return job.instances.exclude(state=InstanceState.PENDING).count()
+
+
+def waiting_note(job: Job) -> str:
+    """What a job that is not sending waits for, in words ("" if it is not waiting)."""
+    if job.state == State.QUEUED:
+        return "queued: waiting for a worker (manage.py run_huey)"
+    if job.state in (State.RETRY_WAIT, State.PAUSED):
+        return f"{job.get_state_display().lower()}: {job.last_error}"
+    return ""
+
+
+def job_report(job: Job) -> dict:
+    """A job's state, counts, attempts and last error, for scripts (`job_status`)."""
+    attempts = list(
+        job.attempts.values(
+            "number", "worker", "outcome", "started_at", "ended_at", "error"
+        )
+    )
+    for attempt in attempts:
+        for key in ("started_at", "ended_at"):
+            attempt[key] = attempt[key].isoformat() if attempt[key] else None
+    return {
+        "id": job.pk,
+        "state": job.state,
+        "finished": job.state in FINISHED_STATES,
+        "target": job.target.name,
+        "folder": job.folder,
+        "series_uid": job.series_uid,
+        "source": job.source,
+        "instances": job.total,
+        "sent": job.sent,
+        "present": job.present,
+        "warnings": job.warnings,
+        "failed": job.failed,
+        "done": files_done(job),
+        "other_files": job.other_files,
+        "other_sent": job.other_sent,
+        "left_out": job.skipped,
+        "bytes_sent": job.bytes_sent,
+        "attempt_count": job.attempt_count,
+        "attempts": attempts,
+        "last_error": job.last_error,
+        "created_at": job.created_at.isoformat(),
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+    }
 
 
 def status_summary(now=None) -> dict:

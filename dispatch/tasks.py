@@ -18,6 +18,11 @@ def run_job_task(job_id: int) -> None:
     services.run_jobs_from(job_id)
 
 
+@db_task()
+def watch_lease_task(job_id: int) -> None:
+    services.watch_lease(job_id)
+
+
 @db_periodic_task(crontab(minute="*"))
 def sweep_task() -> None:
     services.sweep()

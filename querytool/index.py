@@ -82,17 +82,22 @@ _CHUNK = 500
 
 @dataclass
 class ScanReport:
+    """What a scan did. `added`/`updated` count DICOM files that entered the index
+    or changed in it; files read this time that are not DICOM are `not_dicom`."""
+
     seen: int = 0
     added: int = 0
     updated: int = 0
     removed: int = 0
     unchanged: int = 0
+    not_dicom: int = 0
     problems: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
     def read(self) -> int:
-        return self.added + self.updated
+        """Files whose header was read by this scan."""
+        return self.added + self.updated + self.not_dicom
 
 
 def _text(value) -> str:
@@ -381,18 +386,18 @@ class FolderIndex:
             }
         to_read: list[str] = []
         stats: dict[str, tuple[int, int]] = {}
+        indexed: set[str] = set()  # files read again that were in the index
         unreadable: list[tuple[str, str]] = []
         for rel, size, mtime in _walk(root, unreadable):
             report.seen += 1
+            if rel in known:
+                indexed.add(rel)
             was = known.pop(rel, None) or known_problems.pop(rel, None)
             if was == (size, mtime):
                 report.unchanged += 1
+                indexed.discard(rel)
                 continue
             stats[rel] = (size, mtime)
-            if was is None:
-                report.added += 1
-            else:
-                report.updated += 1
             to_read.append(rel)
         # What was indexed under a folder that cannot be read now is kept (it may
         # be a passing permission problem); the folder is listed as a problem.
@@ -424,8 +429,13 @@ class FolderIndex:
                     size, mtime = stats[rel]
                     if isinstance(value, str):
                         bad.append((rel, size, mtime, value))
+                        report.not_dicom += 1
                     else:
                         rows.append((rel, size, mtime, *value))
+                        if rel in indexed:
+                            report.updated += 1
+                        else:
+                            report.added += 1
                 db.executemany(insert, rows)
                 if rows:
                     db.executemany(

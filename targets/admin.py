@@ -52,6 +52,9 @@ KIND_HINTS = {
     Kind.XNAT: "Sessions in an XNAT project.",
 }
 
+# The one name of the action that pins an SSH host key (button, admin action, hints).
+TRUST_HOST_KEY = "Trust host key"
+
 OK_COLOUR = "#2e7d32"
 FAILED_COLOUR = "#c62828"
 PAUSED_COLOUR = "#9e6a03"
@@ -319,12 +322,38 @@ class TargetAdmin(admin.ModelAdmin):
         if obj is None or obj.last_test_at is None:
             return "Not tested yet: press Test."
         stored = obj.last_test_result or {}
-        return result_html(
-            bool(obj.last_test_ok),
-            obj.last_test_at,
-            stored.get("host", ""),
-            obj.last_test_message,
-            stored.get("checks", []),
+        return format_html(
+            "{}{}",
+            self._trust_button(obj),
+            result_html(
+                bool(obj.last_test_ok),
+                obj.last_test_at,
+                stored.get("host", ""),
+                obj.last_test_message,
+                stored.get("checks", []),
+            ),
+        )
+
+    def _trust_button(self, obj: Target) -> str:
+        """Offer "Trust host key" for the SSH host key the last Test saw, if not pinned.
+
+        The button submits the form beside the Test button (outside this form).
+        """
+        from .kinds.ssh import last_presented_host_key, normalise_fingerprint
+
+        seen = last_presented_host_key(obj)
+        if seen is None or seen.fingerprint == normalise_fingerprint(obj.host_key):
+            return ""
+        return format_html(
+            '<p class="trust-host-key">The server presented the host key<br>'
+            "<code>{}</code> ({}).<br>Check it with the server's administrator, "
+            'then: <button type="submit" form="trust-host-key-form" '
+            'name="fingerprint" value="{}" id="trust-host-key-button" '
+            'class="button">{}</button></p>',
+            seen.fingerprint,
+            seen.key_type,
+            seen.fingerprint,
+            TRUST_HOST_KEY,
         )
 
     # -- add: choose the kind first --------------------------------------------------
@@ -498,7 +527,56 @@ class TargetAdmin(admin.ModelAdmin):
                 self.admin_site.admin_view(self.test_view),
                 name=f"{self.opts.app_label}_{self.opts.model_name}_test",
             ),
+            path(
+                "<path:object_id>/trust-host-key/",
+                self.admin_site.admin_view(self.trust_host_key_view),
+                name=f"{self.opts.app_label}_{self.opts.model_name}_trust_host_key",
+            ),
         ] + urls
+
+    def trust_host_key_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        return require_POST(self._trust_host_key_view)(request, object_id)
+
+    def _trust_host_key_view(self, request: HttpRequest, object_id: str):
+        obj = self.get_object(request, unquote(object_id))
+        if obj is None:
+            raise Http404("No such target.")
+        if not self.has_change_permission(request, obj):
+            raise PermissionDenied
+        self._trust(request, obj, request.POST.get("fingerprint", ""))
+        return HttpResponseRedirect(
+            reverse(
+                "admin:targets_target_change",
+                args=(quote(obj.pk),),
+                current_app=self.admin_site.name,
+            )
+        )
+
+    def _trust(self, request: HttpRequest, obj: Target, fingerprint: str) -> None:
+        """Pin `fingerprint` (one the last Test saw) on an SFTP or rsync target."""
+        from .kinds.base import TargetError
+        from .kinds.ssh import last_presented_host_key, pin_host_key
+
+        seen = last_presented_host_key(obj)
+        if seen is None or not fingerprint:
+            self.message_user(
+                request,
+                f"{obj.name}: no host key to trust; run Test first "
+                "(SFTP and rsync targets only).",
+                messages.WARNING,
+            )
+            return
+        try:
+            pinned = pin_host_key(obj, fingerprint)
+        except TargetError as exc:
+            self.message_user(request, f"{obj.name}: {exc.message}", messages.ERROR)
+            return
+        self.log_change(request, obj, f"Pinned host key {pinned.describe()}")
+        self.message_user(
+            request,
+            f"{obj.name}: pinned host key {pinned.describe()}.",
+            messages.SUCCESS,
+        )
 
     def test_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         return require_POST(self._test_view)(request, object_id)
@@ -530,36 +608,15 @@ class TargetAdmin(admin.ModelAdmin):
                 request, f"Test of {obj.name} failed: {result.summary}", messages.ERROR
             )
 
-    @admin.action(
-        description="Trust the host key shown by the last Test (SFTP, rsync)",
-        permissions=["change"],
-    )
+    @admin.action(description=TRUST_HOST_KEY, permissions=["change"])
     def trust_host_key(self, request: HttpRequest, queryset) -> None:
-        from .kinds.base import TargetError
-        from .kinds.ssh import last_presented_host_key, pin_host_key
+        """Pin, on each selected SFTP or rsync target, the key its last Test saw."""
+        from .kinds.ssh import last_presented_host_key
 
         for obj in queryset:
             obj = obj.as_kind()
             seen = last_presented_host_key(obj)
-            if obj.kind not in (Kind.SFTP, Kind.RSYNC) or seen is None:
-                self.message_user(
-                    request,
-                    f"{obj.name}: no host key to trust; run Test first "
-                    "(SFTP and rsync targets only).",
-                    messages.WARNING,
-                )
-                continue
-            try:
-                pinned = pin_host_key(obj, seen.fingerprint)
-            except TargetError as exc:
-                self.message_user(request, f"{obj.name}: {exc.message}", messages.ERROR)
-                continue
-            self.log_change(request, obj, f"Pinned host key {pinned.describe()}")
-            self.message_user(
-                request,
-                f"{obj.name}: pinned host key {pinned.describe()}.",
-                messages.SUCCESS,
-            )
+            self._trust(request, obj, seen.fingerprint if seen else "")
 
     @admin.action(description="Test selected targets", permissions=["change"])
     def test_selected(self, request: HttpRequest, queryset) -> None:

@@ -362,6 +362,9 @@ class Target(models.Model):
     connection_fields: ClassVar[tuple[str, ...]] = ()
     # Fields whose emptiness is a form error for this kind.
     required_fields: ClassVar[tuple[str, ...]] = ()
+    # Whether the kind delivers a series folder's other files (reports, previews,
+    # results) beside its DICOM instances; the DICOM kinds send DICOM only.
+    delivers_other_files: ClassVar[bool] = False
     # Connection fields the admin form hides while they do not apply.
     show_if: ClassVar[tuple[ShowIf, ...]] = ()
     # Help texts for this kind's form, where a shared column means more here.
@@ -585,7 +588,34 @@ class DicomWebTarget(Target):
                     "A prefix is a path such as dicom-web or rs (no spaces, ? or #)."
                 )
             setattr(self, field, value)
-        if not (self.url or "").lower().startswith("file://"):
+        local = (self.url or "").lower().startswith("file://")
+        if not local and self.auth in ("", "none"):
+            # Credentials with authentication left at None would silently not be
+            # sent: pick the method they mean, or say (at the authentication
+            # choice, which is always shown) why not.
+            login = bool(self.username or self.password)
+            if login and self.token:
+                errors.setdefault("auth", []).append(
+                    "Both a login and a bearer token are set: choose Basic or "
+                    "Bearer token (and clear the other)."
+                )
+            elif self.username and self.password:
+                self.auth = "basic"
+            elif self.username:
+                errors.setdefault("auth", []).append(
+                    f"The username {self.username!r} has no password, so no "
+                    "credentials would be sent: choose Basic and enter the password, "
+                    "or clear the username."
+                )
+            elif self.password:
+                errors.setdefault("auth", []).append(
+                    "A password is set without a username, so no credentials would "
+                    "be sent: choose Basic and enter the username, or clear the "
+                    "password."
+                )
+            elif self.token:
+                self.auth = "bearer"
+        if not local:
             if self.auth == "basic":
                 if not self.username:
                     errors.setdefault("username", []).append(
@@ -658,6 +688,7 @@ class FolderTarget(Target):
     objects = _kind_manager(Kind.FOLDER)
     connection_fields = ("path", "layout", "exclude", "write_complete_marker")
     required_fields = ("path",)
+    delivers_other_files = True
 
     class Meta:
         proxy = True
@@ -701,6 +732,7 @@ class RsyncTarget(Target):
         "connect_timeout",
     )
     required_fields = ("host", "username", "path")
+    delivers_other_files = True
     show_if = (ShowIf(("complete_script",), when="run_on_complete", checked=True),)
 
     class Meta:
@@ -748,6 +780,7 @@ class S3Target(Target):
         "exclude",
     )
     required_fields = ("bucket", "access_key_id")
+    delivers_other_files = True
 
     class Meta:
         proxy = True
@@ -812,6 +845,7 @@ class SftpTarget(Target):
         "connect_timeout",
     )
     required_fields = ("host", "username", "path")
+    delivers_other_files = True
 
     class Meta:
         proxy = True

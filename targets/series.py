@@ -6,11 +6,11 @@ import fnmatch
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from targets.dicomcheck import CorruptDataset, check_file
-from targets.paths import clean_part
+from targets.paths import clean_part, plain_name, uid_part
 
 # Read once per file; enough for presentation contexts, layouts and routing.
 HEADER_TAGS = [
@@ -51,12 +51,31 @@ class Instance:
 
 
 @dataclass
+class OtherFile:
+    """A file of the series folder that is not DICOM: a report, a preview, results.
+
+    Folder, SFTP, rsync and S3 targets deliver these beside the instances; the DICOM
+    kinds leave them out. It looks like an instance to outcome reporting (no SOP
+    Instance UID).
+    """
+
+    path: Path
+    size: int
+    # Why it is not an instance, e.g. "not DICOM (File is missing DICOM File Meta
+    # Information header ...)", for the summaries of kinds that leave it out.
+    reason: str
+    sop_instance_uid: str = ""
+
+
+@dataclass
 class Series:
-    """DICOM instances to send, and what was skipped while collecting them."""
+    """The files of a series folder: DICOM instances, other files, unreadable ones."""
 
     root: Path
     instances: list[Instance] = field(default_factory=list)
-    # Files that are not DICOM (or unreadable), with the reason.
+    # Readable files that are not DICOM.
+    others: list[OtherFile] = field(default_factory=list)
+    # Files that could not be read at all, with the reason.
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     # DICOM files that fail the structural check (truncated, corrupt), with the
     # reason: never sent anywhere, in any form.
@@ -69,28 +88,44 @@ class Series:
     def __len__(self) -> int:
         return len(self.instances)
 
+    def relative(self, path: Path) -> str:
+        """The file's path under the series folder (its name if it is elsewhere)."""
+        if path.is_relative_to(self.root):
+            return path.relative_to(self.root).as_posix()
+        return path.name
+
     def excluding(self, globs: Iterable[str]) -> Series:
         """Return the series without files whose name or relative path matches a glob."""
         globs = list(globs)
         if not globs:
             return self
-        kept = []
-        for inst in self.instances:
-            rel = (
-                inst.path.relative_to(self.root).as_posix()
-                if inst.path.is_relative_to(self.root)
-                else inst.path.name
+
+        def kept(path: Path) -> bool:
+            rel = self.relative(path)
+            return not any(
+                fnmatch.fnmatch(path.name, g) or fnmatch.fnmatch(rel, g) for g in globs
             )
-            if not any(
-                fnmatch.fnmatch(inst.path.name, g) or fnmatch.fnmatch(rel, g)
-                for g in globs
-            ):
-                kept.append(inst)
+
         return Series(
             root=self.root,
-            instances=kept,
+            instances=[i for i in self.instances if kept(i.path)],
+            others=[o for o in self.others if kept(o.path)],
             skipped=list(self.skipped),
             corrupt=list(self.corrupt),
+        )
+
+    def rebased(self, root: Path) -> Series:
+        """The same series as read from a copy of its folder at `root`."""
+
+        def moved(path: Path) -> Path:
+            return root / path.relative_to(self.root)
+
+        return Series(
+            root=root,
+            instances=[replace(i, path=moved(i.path)) for i in self.instances],
+            others=[replace(o, path=moved(o.path)) for o in self.others],
+            skipped=[(moved(p), why) for p, why in self.skipped],
+            corrupt=[(moved(p), why) for p, why in self.corrupt],
         )
 
     def only(self, paths: Iterable[str | Path]) -> Series:
@@ -99,6 +134,7 @@ class Series:
         return Series(
             root=self.root,
             instances=[i for i in self.instances if str(i.path) in wanted],
+            others=[o for o in self.others if str(o.path) in wanted],
             skipped=list(self.skipped),
             corrupt=list(self.corrupt),
         )
@@ -142,12 +178,13 @@ def read_instance(path: Path) -> Instance:
 
 
 def scan_folder(folder: str | Path) -> Series:
-    """Collect every DICOM file under `folder`, recursively, in a stable order.
+    """Collect every file under `folder`, recursively, in a stable order.
 
-    Files that are not DICOM are listed in `skipped` with the reason, never fatal.
-    A DICOM file whose header reads but whose data does not walk to its end (a
-    truncated copy, say) is listed in `corrupt`: it must never reach a target, nor
-    replace a good copy there.
+    DICOM files become instances (headers read), other files `others`, and files
+    that cannot be read `skipped` with the reason; none of it is fatal. A DICOM file
+    whose header reads but whose data does not walk to its end (a truncated copy,
+    say) is listed in `corrupt`: it must never reach a target, in any form (not as an
+    other file either), nor replace a good copy there.
     """
     from pydicom.errors import InvalidDicomError
 
@@ -166,9 +203,13 @@ def scan_folder(folder: str | Path) -> Series:
         except CorruptDataset as exc:
             series.corrupt.append((path, f"corrupt DICOM ({exc})"))
         except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
-            series.skipped.append(
-                (path, f"not DICOM ({exc})" if str(exc) else "not DICOM")
-            )
+            try:
+                size = path.stat().st_size
+            except OSError as err:
+                series.skipped.append((path, f"unreadable ({err.strerror or err})"))
+                continue
+            reason = f"not DICOM ({exc})" if str(exc) else "not DICOM"
+            series.others.append(OtherFile(path=path, size=size, reason=reason))
         except OSError as exc:
             series.skipped.append((path, f"unreadable ({exc.strerror or exc})"))
     return series
@@ -176,6 +217,12 @@ def scan_folder(folder: str | Path) -> Series:
 
 # The one path-cleaning rule (targets/paths.py), under the name its callers know.
 safe_path_part = clean_part
+
+
+def instance_file_name(instance: Instance) -> str:
+    """`<SOP Instance UID>.dcm`, one plain file name whatever the UID holds: the
+    name an instance gets in a target's folder."""
+    return plain_name(uid_part(instance.sop_instance_uid) + ".dcm")
 
 
 class LayoutError(ValueError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import traceback
 
@@ -91,3 +92,20 @@ def run_test(target: Target, *, store: bool = True) -> TestResult:
             **{name: getattr(target, name) for name in TEST_FIELDS}
         )
     return result
+
+
+def run_test_report(target_id: int) -> dict | None:
+    """Test the target here and say where: the result, the host and the process.
+
+    None if there is no such target (deleted meanwhile).
+    """
+    target = Target.objects.filter(pk=target_id).first()
+    if target is None:
+        return None
+    result = run_test(target)
+    return {
+        **result.as_dict(),
+        "summary": result.summary if result.checks else "No checks ran.",
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }

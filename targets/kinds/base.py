@@ -11,11 +11,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from targets.models import Target
-    from targets.series import Instance, Series
+    from targets.series import Instance, OtherFile, Series
 
 
 class TargetError(Exception):
@@ -180,7 +181,9 @@ class Handler:
         raise NotImplementedError
 
 
-def instance_outcome(instance: Instance, status: str, message: str = "") -> Outcome:
+def instance_outcome(
+    instance: Instance | OtherFile, status: str, message: str = ""
+) -> Outcome:
     return Outcome(
         path=str(instance.path),
         status=status,
@@ -227,3 +230,71 @@ def group_by_layout(
             continue
         groups.setdefault(rel, []).append(inst)
     return groups
+
+
+def files_by_folder(
+    series: Series, target: Target, report: Callable[[Outcome], None]
+) -> dict[str, list[tuple[Instance | OtherFile, str]]]:
+    """Every file the target delivers, as (file, name) by destination folder.
+
+    The instances as `group_by_layout` places them, each named after its SOP
+    Instance UID; then the series' other files (reports, previews, results) minus
+    the target's exclusion filter, each in the folder of the DICOM files beside it
+    (or in a folder above it, else the series' first folder) under its own path
+    from there. An other file whose name an earlier file already has, or that has
+    no folder to go to, is reported FAILED.
+    """
+    from targets.paths import UnsafePath, remote_inside
+    from targets.series import instance_file_name
+    from targets.validators import split_globs
+
+    groups = group_by_layout(series, target, report)
+    files: dict[str, list[tuple[Instance | OtherFile, str]]] = {
+        rel: [(inst, instance_file_name(inst)) for inst in instances]
+        for rel, instances in groups.items()
+    }
+    beside: dict[Path, str] = {}
+    for rel, instances in groups.items():
+        for inst in instances:
+            beside.setdefault(inst.path.parent, rel)
+    first = next(iter(groups), None)
+    for other in series.excluding(split_globs(target.exclude)).others:
+        folder, name = _place(other.path, series, beside, first)
+        if folder is None:
+            report(
+                instance_outcome(
+                    other,
+                    FAILED,
+                    "no DICOM instance of the series to place it beside (the "
+                    "destination folder comes from the instances' tags)",
+                )
+            )
+            continue
+        try:
+            remote_inside("", name)  # a clean relative path: no "..", no "//"
+        except UnsafePath as exc:
+            report(instance_outcome(other, FAILED, str(exc)))
+            continue
+        taken = {n for _, n in files.get(folder, [])}
+        if name in taken:
+            report(
+                instance_outcome(
+                    other, FAILED, f"another file of the series is named {name}"
+                )
+            )
+            continue
+        files.setdefault(folder, []).append((other, name))
+    return files
+
+
+def _place(
+    path: Path, series: Series, beside: dict[Path, str], first: str | None
+) -> tuple[str | None, str]:
+    folder = path.parent
+    while folder in beside or (
+        folder != series.root and folder.is_relative_to(series.root)
+    ):
+        if folder in beside:
+            return beside[folder], path.relative_to(folder).as_posix()
+        folder = folder.parent
+    return first, series.relative(path)

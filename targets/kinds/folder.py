@@ -1,5 +1,8 @@
 """Folder targets: one file per instance under `<path>/<layout>/`, a series at a time.
 
+The series folder's other files (reports, previews, results) go beside the instances
+under their own names, minus the exclusion filter.
+
 A consumer watching the folder must never see half a series, and an image that was
 reported as delivered must survive a power cut. So each series is written into a
 hidden temporary folder beside its final place, every file and the folder are
@@ -23,8 +26,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from targets.paths import UnsafePath, inside, plain_name, uid_part
-from targets.series import HEADER_TAGS, Instance, Series
+from targets.paths import UnsafePath, inside
+from targets.series import HEADER_TAGS, Instance, OtherFile, Series
 
 from .base import (
     PRESENT,
@@ -36,7 +39,7 @@ from .base import (
     SendResult,
     TargetError,
     TestResult,
-    group_by_layout,
+    files_by_folder,
     instance_outcome,
     recorder,
 )
@@ -110,7 +113,7 @@ def _copy(src: Path, dst: Path) -> None:
             shutil.copyfileobj(fsrc, fdst, 1024 * 1024)
 
 
-def _same_content(existing: Path, inst: Instance) -> bool:
+def _same_content(existing: Path, inst: Instance | OtherFile) -> bool:
     """Whether the file at `existing` already holds exactly `inst`'s bytes.
 
     The size alone is not enough: a corrected re-send keeps the SOP Instance UID
@@ -149,6 +152,24 @@ def _error(exc: OSError, doing: str) -> TargetError:
     return TargetError(f"{exc.strerror or exc} while {doing}{where}")
 
 
+def _merge_into(tmp: Path, dest: Path) -> None:
+    """Move every file of `tmp` into the same place under `dest`, marker last."""
+    moved: list[tuple[Path, Path]] = []
+    for dirpath, _dirnames, filenames in os.walk(tmp):
+        for name in filenames:
+            src = Path(dirpath) / name
+            moved.append((src, dest / src.relative_to(tmp)))
+    moved.sort(key=lambda pair: pair[1] == dest / COMPLETE_MARKER)
+    folders = {dest}
+    for src, final in moved:
+        if final.parent != dest:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            folders.add(final.parent)
+        os.replace(src, final)
+    for folder in folders:
+        _fsync_dir(folder)
+
+
 def layout_error(template: str) -> str | None:
     """Return why a layout template cannot be used, or None if it can."""
     keywords = re.findall(r"\{(\w+)\}", template)
@@ -164,11 +185,6 @@ def layout_error(template: str) -> str | None:
     if any(part.strip() in (".", "..") for part in template.split("/")):
         return "A layout cannot contain . or .. folders."
     return None
-
-
-def instance_file_name(instance: Instance) -> str:
-    """`<SOP Instance UID>.dcm`, one plain file name whatever the UID holds."""
-    return plain_name(uid_part(instance.sop_instance_uid) + ".dcm")
 
 
 class FolderHandler(Handler):
@@ -189,13 +205,13 @@ class FolderHandler(Handler):
         self._check_root()
         # A source folder may hold more than one series (a study): group by the
         # folder each instance belongs in.
-        groups = group_by_layout(series, self.target, report)
-        for rel, instances in groups.items():
+        groups = files_by_folder(series, self.target, report)
+        for rel, files in groups.items():
             try:
                 dest = inside(self.root, rel) if rel else self.root
             except UnsafePath as exc:
                 raise TargetError(str(exc), permanent=True) from None
-            self._send_group(dest, instances, report)
+            self._send_group(dest, files, report)
         return result
 
     def _check_root(self) -> None:
@@ -214,12 +230,12 @@ class FolderHandler(Handler):
     def _send_group(
         self,
         dest: Path,
-        instances: list[Instance],
+        files: list[tuple[Instance | OtherFile, str]],
         report: Callable[[Outcome], None],
     ) -> None:
         if dest == self.root:
             # A layout of "" writes straight into the root: no folder to rename.
-            self._send_in_place(dest, instances, report)
+            self._send_in_place(dest, files, report)
             return
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -227,10 +243,9 @@ class FolderHandler(Handler):
             raise _error(exc, f"creating {dest.parent}") from None
 
         outcomes: list[Outcome] = []
-        to_write: list[tuple[Instance, str]] = []
+        to_write: list[tuple[Instance | OtherFile, str]] = []
         seen: set[str] = set()
-        for inst in instances:
-            name = instance_file_name(inst)
+        for inst, name in files:
             if name in seen:
                 # Two files with one SOP Instance UID: the first one wins.
                 outcomes.append(
@@ -255,11 +270,15 @@ class FolderHandler(Handler):
             try:
                 tmp.mkdir()
                 for inst, name in to_write:
+                    if "/" in name:  # an other file in a subfolder
+                        inside(tmp, name).parent.mkdir(parents=True, exist_ok=True)
                     _copy(inst.path, tmp / name)
                 _fsync_all([tmp / name for _, name in to_write])
                 outcomes.extend(instance_outcome(inst, SENT) for inst, _ in to_write)
                 if self.target.write_complete_marker:
                     self._write_marker(tmp)
+                for sub in {(tmp / name).parent for _, name in to_write} - {tmp}:
+                    _fsync_dir(sub)
                 _fsync_dir(tmp)
                 self._move_into_place(tmp, dest)
             except OSError as exc:
@@ -314,22 +333,23 @@ class FolderHandler(Handler):
                 raise
             # The series folder exists from an earlier send: move file by file,
             # the marker last so that it still means "complete".
-            names = sorted(os.listdir(tmp), key=lambda n: n == COMPLETE_MARKER)
-            for name in names:
-                os.replace(tmp / name, dest / name)
-            _fsync_dir(dest)
-            os.rmdir(tmp)
+            _merge_into(tmp, dest)
+            shutil.rmtree(tmp, ignore_errors=True)
         _fsync_dir(dest.parent)
 
     def _send_in_place(
         self,
         dest: Path,
-        instances: list[Instance],
+        files: list[tuple[Instance | OtherFile, str]],
         report: Callable[[Outcome], None],
     ) -> None:
-        for inst in instances:
-            final = dest / instance_file_name(inst)
+        folders = {dest}
+        for inst, name in files:
+            final = inside(dest, name) if "/" in name else dest / name
             try:
+                if final.parent != dest:
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    folders.add(final.parent)
                 try:
                     if _same_content(final, inst):
                         report(instance_outcome(inst, PRESENT))
@@ -348,7 +368,8 @@ class FolderHandler(Handler):
                 raise _error(exc, f"writing {final}") from None
             report(instance_outcome(inst, SENT))
         try:
-            _fsync_dir(dest)
+            for folder in folders:
+                _fsync_dir(folder)
         except OSError as exc:
             raise _error(exc, f"writing into {dest}") from None
 

@@ -1,7 +1,8 @@
 """rsync targets: the system `rsync` over `ssh`, checking the pinned host key.
 
-The series is staged as hard links in `<tmp>/<layout>/<SOPInstanceUID>.dcm` and sent
-with one rsync run into `<folder>/`. ssh gets a generated known_hosts holding only the
+The series is staged as hard links in `<tmp>/<layout>/<SOPInstanceUID>.dcm` (its other
+files, such as reports and previews, beside them under their own names, minus the
+exclusion filter) and sent with one rsync run into `<folder>/`. ssh gets a generated known_hosts holding only the
 pinned key (`StrictHostKeyChecking=yes`), never the service account's. Login uses the
 target's key (pasted or a file; written unencrypted to a 0600 temp file for the run),
 else its password through `sshpass -e` (in the environment, never on the command
@@ -23,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from targets.paths import UnsafePath, inside, remote_inside
-from targets.series import Instance, Series
+from targets.series import Instance, OtherFile, Series
 
 from .base import (
     FAILED,
@@ -35,11 +36,10 @@ from .base import (
     SendResult,
     TargetError,
     TestResult,
-    group_by_layout,
+    files_by_folder,
     instance_outcome,
     recorder,
 )
-from .folder import instance_file_name
 from .ssh import (
     DEFAULT_PORT,
     HostKey,
@@ -81,14 +81,14 @@ class RsyncHandler(Handler):
     ) -> SendResult:
         result = SendResult()
         report = recorder(result, progress)
-        groups = group_by_layout(series, self.target, report)
+        groups = files_by_folder(series, self.target, report)
         folders = list(groups)
-        staged: dict[str, Instance] = {}
-        duplicates: list[Instance] = []
-        for rel, instances in groups.items():
-            for inst in instances:
+        staged: dict[str, Instance | OtherFile] = {}
+        duplicates: list[Instance | OtherFile] = []
+        for rel, files in groups.items():
+            for inst, name in files:
                 try:
-                    path = remote_inside("", rel, instance_file_name(inst))
+                    path = remote_inside("", rel, name)
                 except UnsafePath as exc:
                     report(instance_outcome(inst, FAILED, str(exc)))
                     continue

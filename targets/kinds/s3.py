@@ -1,7 +1,9 @@
 """S3 targets (boto3): AWS or any S3-compatible store, one object per instance.
 
 Keys are `<prefix>/<layout>/<SOPInstanceUID>.dcm` (layout as for Folder, by default
-`<StudyInstanceUID>/<SeriesInstanceUID>`) with `Content-Type: application/dicom`.
+`<StudyInstanceUID>/<SeriesInstanceUID>`) with `Content-Type: application/dicom`; the
+series folder's other files (reports, previews, results) go beside them under their
+own names with the content type their name suggests, minus the exclusion filter.
 Uploads run in a bounded thread pool over one client (boto3 clients are thread-safe);
 files above the multipart threshold go through boto3's transfer manager. Objects
 already there with the same bytes are reported PRESENT, so a retry sends only the rest:
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mimetypes
 import socket
 import ssl
 import threading
@@ -35,7 +38,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.utils import determine_content_length
 
 from targets.paths import UnsafePath, remote_inside
-from targets.series import Instance, Series
+from targets.series import Instance, OtherFile, Series
 
 from .base import (
     FAILED,
@@ -48,11 +51,10 @@ from .base import (
     SendResult,
     TargetError,
     TestResult,
-    group_by_layout,
+    files_by_folder,
     instance_outcome,
     recorder,
 )
-from .folder import instance_file_name
 
 log = logging.getLogger(__name__)
 
@@ -187,18 +189,18 @@ class S3Handler(Handler):
     ) -> SendResult:
         result = SendResult()
         report = recorder(result, progress)
-        groups = group_by_layout(series, self.target, report)
+        groups = files_by_folder(series, self.target, report)
         if not groups:
             return result
 
         client = self.client()
         bucket = self.target.bucket
-        todo: list[tuple[Instance, str]] = []
-        for rel, instances in groups.items():
+        todo: list[tuple[Instance | OtherFile, str]] = []
+        for rel, files in groups.items():
             existing = self._existing(client, self.key_for(rel, ""), result)
             seen: set[str] = set()
-            for inst in instances:
-                key = self.key_for(rel, instance_file_name(inst))
+            for inst, name in files:
+                key = self.key_for(rel, name)
                 if key in seen:
                     report(
                         instance_outcome(inst, PRESENT, "duplicate SOP Instance UID")
@@ -216,22 +218,28 @@ class S3Handler(Handler):
             max_concurrency=4,
         )
 
-        def upload(inst: Instance, key: str) -> None:
+        def upload(inst: Instance | OtherFile, key: str) -> None:
+            args = extra
+            if isinstance(inst, OtherFile):
+                kind = mimetypes.guess_type(inst.path.name)[0]
+                args = {**extra, "ContentType": kind or "application/octet-stream"}
             if inst.size >= MULTIPART_THRESHOLD:
                 client.upload_file(
-                    str(inst.path), bucket, key, ExtraArgs=extra, Config=transfer
+                    str(inst.path), bucket, key, ExtraArgs=args, Config=transfer
                 )
             elif inst.size <= SMALL_OBJECT:
                 body = inst.path.read_bytes()
-                client.put_object(Bucket=bucket, Key=key, Body=body, **extra)
+                client.put_object(Bucket=bucket, Key=key, Body=body, **args)
             else:
                 with open(inst.path, "rb") as f:
-                    client.put_object(Bucket=bucket, Key=key, Body=f, **extra)
+                    client.put_object(Bucket=bucket, Key=key, Body=f, **args)
 
         self._run_parallel(todo, upload, report)
         return result
 
-    def _same_object(self, inst: Instance, listed: tuple[int, str] | None) -> bool:
+    def _same_object(
+        self, inst: Instance | OtherFile, listed: tuple[int, str] | None
+    ) -> bool:
         """Whether a listed object (size, ETag) already holds `inst`'s bytes.
 
         A corrected re-send often keeps the size, so a matching size is not enough
@@ -277,8 +285,8 @@ class S3Handler(Handler):
 
     def _run_parallel(
         self,
-        todo: list[tuple[Instance, str]],
-        upload: Callable[[Instance, str], None],
+        todo: list[tuple[Instance | OtherFile, str]],
+        upload: Callable[[Instance | OtherFile, str], None],
         report: Callable[[Outcome], None],
     ) -> None:
         if not todo:

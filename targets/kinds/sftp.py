@@ -1,5 +1,8 @@
 """SFTP targets (paramiko): one file per instance under `<folder>/<layout>/`.
 
+The series folder's other files (reports, previews, results) go beside the instances
+under their own names, minus the exclusion filter.
+
 Each file is written under a hidden temporary name and renamed into place
 (`posix-rename@openssh.com`, atomic on the server), so a consumer never sees half a
 file; a `.complete` marker follows when a series folder is whole. A retry skips files
@@ -22,7 +25,7 @@ from io import BytesIO
 import paramiko
 
 from targets.paths import UnsafePath, remote_inside
-from targets.series import Instance, Series
+from targets.series import Instance, OtherFile, Series
 
 from .base import (
     FAILED,
@@ -35,11 +38,11 @@ from .base import (
     SendResult,
     TargetError,
     TestResult,
-    group_by_layout,
+    files_by_folder,
     instance_outcome,
     recorder,
 )
-from .folder import COMPLETE_MARKER, instance_file_name
+from .folder import COMPLETE_MARKER
 from .ssh import SshSession, login_checks
 
 log = logging.getLogger(__name__)
@@ -75,7 +78,7 @@ class SftpHandler(Handler):
     ) -> SendResult:
         result = SendResult()
         report = recorder(result, progress)
-        groups = group_by_layout(series, self.target, report)
+        groups = files_by_folder(series, self.target, report)
         if not groups:
             return result
 
@@ -92,35 +95,48 @@ class SftpHandler(Handler):
     def _send_groups(
         self,
         session: SshSession,
-        groups: dict[str, list[Instance]],
+        groups: dict[str, list[tuple[Instance | OtherFile, str]]],
         report: Callable[[Outcome], None],
     ) -> None:
         sftp = session.sftp()
         made: set[str] = set()
-        uploads: list[tuple[Instance, str, str]] = []  # (instance, folder, name)
-        folders: dict[str, bool] = {}  # folder -> every file there is complete
-        for rel, instances in groups.items():
+        # (file, series folder, folder of the file, name)
+        uploads: list[tuple[Instance | OtherFile, str, str, str]] = []
+        folders: dict[str, bool] = {}  # series folder -> every file there is complete
+        listings: dict[str, dict[str, int]] = {}
+
+        def listing(folder: str) -> dict[str, int]:
+            if folder not in listings:
+                try:
+                    _makedirs(sftp, folder, made)
+                    listings[folder] = {
+                        a.filename: a.st_size for a in sftp.listdir_attr(folder)
+                    }
+                except OSError as exc:
+                    if isinstance(exc, _CONNECTION_ERRORS) or not _alive(sftp):
+                        raise ConnectionError(str(exc)) from None
+                    raise TargetError(
+                        _describe(exc, f"creating folder {folder}"),
+                        permanent=exc.errno == errno.EACCES,
+                    ) from None
+            return listings[folder]
+
+        for rel, files in groups.items():
             try:
-                folder = (
+                series_folder = (
                     remote_inside(self.target.path, rel) if rel else self.target.path
                 )
             except UnsafePath as exc:
                 raise TargetError(str(exc), permanent=True) from None
-            folders[folder] = True
-            try:
-                _makedirs(sftp, folder, made)
-                existing = {a.filename: a.st_size for a in sftp.listdir_attr(folder)}
-            except OSError as exc:
-                if isinstance(exc, _CONNECTION_ERRORS) or not _alive(sftp):
-                    raise ConnectionError(str(exc)) from None
-                raise TargetError(
-                    _describe(exc, f"creating folder {folder}"),
-                    permanent=exc.errno == errno.EACCES,
-                ) from None
+            folders[series_folder] = True
+            listing(series_folder)
             seen: set[str] = set()
-            for inst in instances:
-                name = instance_file_name(inst)
-                if name in seen:
+            for inst, path in files:
+                # An other file may sit in a subfolder of the series folder.
+                sub, name = posixpath.split(path)
+                folder = remote_inside(series_folder, sub) if sub else series_folder
+                existing = listing(folder)
+                if path in seen:
                     report(
                         instance_outcome(inst, PRESENT, "duplicate SOP Instance UID")
                     )
@@ -131,8 +147,8 @@ class SftpHandler(Handler):
                 elif existing.get(name) == inst.size:
                     report(instance_outcome(inst, PRESENT))
                 else:
-                    uploads.append((inst, folder, name))
-                seen.add(name)
+                    uploads.append((inst, series_folder, folder, name))
+                seen.add(path)
 
         # Several SFTP channels on the one connection: while one waits for the
         # server's answer (open, close, rename), the others keep it busy.
@@ -142,7 +158,9 @@ class SftpHandler(Handler):
         for _ in range(channels - 1):
             clients.put(paramiko.SFTPClient.from_transport(session.transport))
 
-        def upload(inst: Instance, folder: str, name: str) -> Outcome:
+        def upload(
+            inst: Instance | OtherFile, _series: str, folder: str, name: str
+        ) -> Outcome:
             client = clients.get()
             try:
                 return self._upload(client, inst, folder, name)
@@ -168,7 +186,11 @@ class SftpHandler(Handler):
                     self._write_marker(sftp, folder)
 
     def _upload(
-        self, sftp: paramiko.SFTPClient, inst: Instance, folder: str, name: str
+        self,
+        sftp: paramiko.SFTPClient,
+        inst: Instance | OtherFile,
+        folder: str,
+        name: str,
     ) -> Outcome:
         """Upload one file under a temporary name and rename it into place."""
         final = posixpath.join(folder, name)

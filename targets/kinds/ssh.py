@@ -76,7 +76,7 @@ class HostKey:
         return fingerprint_of(base64.b64decode(self.data))
 
     def details(self) -> dict[str, str]:
-        """What Test puts in its check's details, for the "trust this host key" action."""
+        """What Test puts in its check's details, for "Trust host key"."""
         return {
             "host_key_fingerprint": self.fingerprint,
             "host_key_type": self.key_type,
@@ -107,15 +107,16 @@ def verify_host_key(target: Target, presented: HostKey) -> None:
         raise TargetError(
             f"the host key of {where} is not pinned; the server presents "
             f"{presented.describe()}. Run Test on this target, check the fingerprint "
-            "with the server's administrator, then use the admin action "
-            '"Trust this host key" to pin it.',
+            'with the server\'s administrator, then press "Trust host key" beside '
+            "the Test result on the target's page to pin it.",
             permanent=True,
         )
     if pinned != presented.fingerprint:
         raise TargetError(
             f"host key mismatch: {where} presented {presented.describe()} but the "
             f"pinned key is {pinned}. If the server's key was changed on purpose, run "
-            "Test and trust the new key; otherwise the connection may be intercepted.",
+            'Test and press "Trust host key" for the new key; otherwise the '
+            "connection may be intercepted.",
             permanent=True,
         )
 

@@ -87,7 +87,7 @@ def test_a_job_fails_is_retried_from_its_page_moves_is_cancelled_and_ends_done(
         retry_max_attempts=1,
     )
     series = make_series(tmp_path / "in", 8)
-    job = services.queue_series(target, series.folder)
+    job = services.queue_series(target, series.folder).job
     job_page = f"{live_server.url}/admin/dispatch/job/{job.pk}/change/"
     browser = admin_login()
 

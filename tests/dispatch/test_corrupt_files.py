@@ -97,7 +97,7 @@ def test_a_truncated_copy_never_replaces_the_good_one_at_a_folder_target(tmp_pat
     # With an intact file beside them, the send goes on and names what it refused.
     fresh_ct(bad_dir / "ct.dcm")
     err = _stderr_of("send_series", "Archive", str(bad_dir))
-    assert "skipped 2 files: 2 corrupt DICOM (e.g. MR_small.dcm, rtplan.dcm)" in err
+    assert "left out 2 files: 2 corrupt DICOM (e.g. MR_small.dcm, rtplan.dcm)" in err
 
     after = {p.name: p.read_bytes() for p in out.rglob("*.dcm")}
     assert {k: after[k] for k in delivered} == delivered

@@ -35,16 +35,16 @@ def test_it_sends_a_folder_and_prints_a_summary_and_records_the_job(tmp_path, ta
     (series.folder / "thumb.png").write_bytes(b"\x89PNG")
     out, err = run("folder-a", str(series.folder), "--calling-aet", "MOD1")
     assert "4 sent" in out and "0 failed of 4 instances" in out and "MB in" in out
-    assert "skipped 2 files: 2 not DICOM (e.g. readme.txt, thumb.png)" in err
+    assert "2 of 2 other files delivered" in out and "left out" not in out + err
     job = Job.objects.get()
     assert job.source == Source.SEND_SERIES and job.state == State.DONE
     assert job.calling_aet == "MOD1"
     assert job.attempts.get().sent == 4
-    assert (
-        len(list((tmp_path / "out").rglob("*.dcm")))
-        + len([p for p in (tmp_path / "out").rglob("*") if p.is_file()])
-        >= 4
-    )
+    (folder,) = {p.parent for p in (tmp_path / "out").rglob("*.dcm")}
+    assert sorted(p.name for p in folder.iterdir() if p.suffix != ".dcm") == [
+        "readme.txt",
+        "thumb.png",
+    ]
 
 
 def test_an_unknown_target_is_a_clear_error(tmp_path, target):
@@ -72,7 +72,9 @@ def test_a_failed_send_exits_non_zero_with_the_reason(tmp_path, target):
     assert job.state == State.FAILED  # the command does not retry by itself
 
 
-def test_queue_prints_the_job_id_instead_of_waiting(tmp_path, target, monkeypatch):
+def test_queue_prints_the_job_id_instead_of_waiting(
+    tmp_path, target, monkeypatch, spool
+):
     from dispatch import tasks
 
     sent = []
@@ -80,9 +82,11 @@ def test_queue_prints_the_job_id_instead_of_waiting(tmp_path, target, monkeypatc
     series = make_series(tmp_path / "in", 3)
     out, _ = run("Folder-A", str(series.folder), "--queue")
     job = Job.objects.get()
-    assert out.startswith(f"queued job {job.pk}: 3 instances")
+    assert out.startswith(f"queued job {job.pk}: 3 instances to Folder-A")
     assert job.state == State.QUEUED and job.source == Source.QUEUE
     assert sent == [job.pk]
+    # The job reads its own copy in the spool, which Courier deletes when done.
+    assert job.owned_spool and job.folder.startswith(str(spool))
 
 
 def test_it_sends_a_mixed_study_to_orthanc_with_the_pass_incoming_aet(

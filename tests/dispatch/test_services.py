@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.db import OperationalError
 from django.utils import timezone
 
 from dispatch import services
@@ -284,12 +286,15 @@ def test_the_summary_counts_states_and_failures_of_the_last_day(tmp_path):
     assert summary["oldest_queued_age_s"] is not None
 
 
-def test_non_dicom_files_are_counted_as_skipped(tmp_path):
+def test_other_files_are_counted_to_deliver_or_left_out_in_the_job_name(tmp_path):
     series = make_series(tmp_path / "in", 1)
     (series.folder / "notes.txt").write_text("hello")
-    target = folder_target(tmp_path / "out")
+    (series.folder / "preview.png").write_bytes(b"\x89PNG\r\n")
+    target = folder_target(tmp_path / "out", exclude="*.png")
     (job,) = services.create_jobs(series.folder, [target], enqueue_now=False)
-    assert job.skipped == 1 and job.total == 1
+    assert (job.total, job.other_files, job.skipped) == (1, 1, 1)
+    assert "(1 instance + 1 other file; 1 file left out) → folder-out" in str(job)
+    assert job.instances.filter(dicom=False).get().path.endswith("notes.txt")
 
 
 def test_it_refuses_a_missing_folder(tmp_path):
@@ -427,3 +432,82 @@ def test_a_job_queued_by_the_query_tool_says_so(tmp_path):
     )
     job.full_clean()  # "query" is one of the choices
     assert job.get_source_display() == "query tool"
+
+
+def test_a_direct_send_waits_for_a_free_connection_ahead_of_queued_jobs(tmp_path):
+    target = folder_target(tmp_path / "out", max_associations=1)
+
+    def job(name: str) -> Job:
+        folder = make_series(tmp_path / name, 1).folder
+        return services.create_jobs(
+            folder, [target], owned_spool=False, enqueue_now=False
+        )[0]
+
+    # Another worker sends on the target's only connection; another job waits.
+    busy, queued = job("busy"), job("queued")
+    assert services._claim(busy.pk, "other-worker", True)
+    direct = make_series(tmp_path / "direct", 2)
+    waits: list[tuple[int, int]] = []
+    reports: list[services.SendReport] = []
+    sender = threading.Thread(
+        target=lambda: reports.append(
+            services.send_series(
+                target, direct.folder, on_wait=lambda *w: waits.append(w)
+            )
+        )
+    )
+    sender.start()
+    deadline = time.monotonic() + 60
+    while not waits and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert waits == [(1, 1)]
+    held = Job.objects.get(source="send_series")
+    assert held.state == State.QUEUED and not held.attempts.exists()
+    # The waiting send holds its place: a worker does not take the connection
+    # for a queued job meanwhile.
+    assert services._claim(queued.pk, "worker-b", True) is None
+
+    Job.objects.filter(pk=busy.pk).update(
+        state=State.DONE, lease_owner="", lease_expires_at=None
+    )
+    sender.join(60)
+    (report,) = reports
+    assert report.job.state == State.DONE and report.job.sent == 2
+    assert services._claim(queued.pk, "worker-b", True) is not None
+
+
+def test_a_lease_keeper_gives_up_the_job_when_it_is_taken_or_cannot_renew(
+    tmp_path, settings, monkeypatch
+):
+    settings.COURIER_JOB_LEASE = 1.0
+    target = folder_target(tmp_path / "out")
+    (job,) = services.create_jobs(
+        make_series(tmp_path / "in", 1).folder,
+        [target],
+        owned_spool=False,
+        enqueue_now=False,
+    )
+    assert services._claim(job.pk, "worker-a", True)
+
+    def eventually_invalid(keeper) -> bool:
+        deadline = time.monotonic() + 30
+        while keeper.valid and time.monotonic() < deadline:
+            time.sleep(0.05)
+        keeper.stop()
+        return not keeper.valid
+
+    # Taken over (or cancelled): the next renewal finds the job is not its own.
+    Job.objects.filter(pk=job.pk).update(lease_owner="worker-b")
+    assert eventually_invalid(services._LeaseKeeper(job.pk, "worker-a").start())
+
+    # The database does not answer: before the lease could have run out, the
+    # worker stops counting on it.
+    Job.objects.filter(pk=job.pk).update(lease_owner="worker-a")
+
+    def away(*args, **kwargs):
+        raise OperationalError("database is locked")
+
+    monkeypatch.setattr(services.Job.objects, "filter", away)
+    keeper = services._LeaseKeeper(job.pk, "worker-a").start()
+    assert eventually_invalid(keeper)
+    assert not keeper.lost.is_set()

@@ -49,7 +49,8 @@ def test_first_scan_indexes_every_instance_and_lists_non_dicom_files(
     index = FolderIndex(folder)
     assert index.path == folder / INDEX_NAME
     report = index.scan()
-    assert report.added == query_studies.instances + 2
+    # The two files that are not DICOM are listed, not counted as added.
+    assert (report.added, report.not_dicom) == (query_studies.instances, 2)
     assert index.counts() == {"instances": query_studies.instances, "problems": 2}
     problems = dict(report.problems)
     assert "not a DICOM file" in problems["notes.txt"]
@@ -232,15 +233,27 @@ def test_a_stale_index_is_rescanned_before_a_query(folder, data_dir, settings):
 
 
 @pytest.mark.django_db
-def test_index_folder_command_scans_and_lists_problems(folder, data_dir):
+def test_index_folder_command_scans_and_lists_problems(folder, data_dir, query_studies):
     DicomWebTarget.objects.create(
         name="Archive", url=f"file://{folder}", direction="query"
     )
     out = StringIO()
     call_command("index_folder", "archive", stdout=out)
     text = out.getvalue()
-    assert "added" in text and "notes.txt" in text
+    files = query_studies.instances + 2
+    assert (
+        f"Archive: {files} files, {query_studies.instances} added, 0 changed, "
+        "0 removed, 0 unchanged, 2 not DICOM or unreadable in"
+    ) in text
+    assert "notes.txt" in text and "broken.dcm" in text
     assert (folder / INDEX_NAME).exists()
+    (folder / "later.json").write_text("{}")
+    out = StringIO()
+    call_command("index_folder", "archive", stdout=out)
+    assert (
+        f"{files + 1} files, 0 added, 0 changed, 0 removed, {files} unchanged, "
+        "1 not DICOM or unreadable in" in out.getvalue()
+    )
 
 
 def test_fast_header_reader_agrees_with_pydicom(query_studies, tmp_path):

@@ -7,6 +7,7 @@ import signal
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from config.preload import preload_for_threads
 from dispatch.receiver import Receiver
 from dispatch.routing import DatabaseRecorder
 
@@ -47,6 +48,8 @@ class Command(BaseCommand):
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+        # Association and bookkeeping threads import pydicom and the routing code.
+        preload_for_threads()
         try:
             receiver.start()
         except OSError as exc:

@@ -55,7 +55,8 @@ class Command(BaseCommand):
             self.style.SUCCESS(
                 f"{found.name}: {report.seen} files, {report.added} added, "
                 f"{report.updated} changed, {report.removed} removed, "
-                f"{report.unchanged} unchanged in {report.seconds:.1f} s."
+                f"{report.unchanged} unchanged, {report.not_dicom} not DICOM or unreadable in "
+                f"{report.seconds:.1f} s."
             )
         )
         if report.problems:

@@ -288,7 +288,7 @@ def test_a_file_url_writes_the_dicomweb_folder_layout(tmp_path):
     gen = make_series(tmp_path / "s", 3)
     dest = tmp_path / "web"
     dest.mkdir()
-    target = dicomweb_target(f"file://{dest}", auth="none")
+    target = dicomweb_target(f"file://{dest}", auth="none", username="", password="")
     target.clean()
 
     result = target.handler.send(scan_folder(gen.folder))

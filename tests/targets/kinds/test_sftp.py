@@ -166,13 +166,13 @@ def test_an_unpinned_host_key_refuses_sending_until_trusted_from_test(
     assert raised.value.permanent
     assert "not pinned" in raised.value.message
     assert sshd.host_key_fingerprint in raised.value.message
-    assert "Trust this host key" in raised.value.message
+    assert '"Trust host key" beside the Test result' in raised.value.message
 
     result = target.handler.test()
     handshake = result.checks[1]
     assert not handshake.ok and "not pinned" in handshake.message
     assert handshake.details["host_key_fingerprint"] == sshd.host_key_fingerprint
-    # What the admin's "trust this host key" action does with the Test result.
+    # What "Trust host key" does with the Test result.
     target.last_test_result = result.as_dict()
     target.save()
     pin_host_key(target, handshake.details["host_key_fingerprint"])
