@@ -292,6 +292,28 @@ COURIER_RECEIVER_ACCEPTED_CALLING_AETS = env.list(
 )
 COURIER_SERIES_QUIET_SECONDS = env.float("COURIER_SERIES_QUIET_SECONDS", default=60.0)
 COURIER_MIN_FREE_BYTES = env.int("COURIER_MIN_FREE_BYTES", default=2 * 1024**3)
+# Receiver limits (README, "Receiving and routing"): the largest instance it takes
+# (streamed to disk, so memory does not depend on it), established associations at
+# once, connections from one address, and the deadlines that keep slow or silent
+# peers from holding the intake: a complete association request within N s of
+# connecting, each PDU within M s of its first byte, silence in an association.
+COURIER_RECEIVER_MAX_INSTANCE_BYTES = env.int(
+    "COURIER_RECEIVER_MAX_INSTANCE_BYTES", default=4 * 1024**3
+)
+COURIER_RECEIVER_MAX_ASSOCIATIONS = env.int(
+    "COURIER_RECEIVER_MAX_ASSOCIATIONS", default=64
+)
+COURIER_RECEIVER_MAX_ASSOCIATIONS_PER_PEER = env.int(
+    "COURIER_RECEIVER_MAX_ASSOCIATIONS_PER_PEER", default=16
+)
+COURIER_RECEIVER_ASSOCIATE_TIMEOUT = env.float(
+    "COURIER_RECEIVER_ASSOCIATE_TIMEOUT", default=10.0
+)
+COURIER_RECEIVER_PDU_TIMEOUT = env.float("COURIER_RECEIVER_PDU_TIMEOUT", default=30.0)
+COURIER_RECEIVER_IDLE_TIMEOUT = env.float("COURIER_RECEIVER_IDLE_TIMEOUT", default=60.0)
+COURIER_RECEIVER_LISTEN_BACKLOG = env.int(
+    "COURIER_RECEIVER_LISTEN_BACKLOG", default=256
+)
 COURIER_UNROUTED_DEFAULT_TARGET = env.str("COURIER_UNROUTED_DEFAULT_TARGET", default="")
 COURIER_UNROUTED_RETENTION_DAYS = env.float(
     "COURIER_UNROUTED_RETENTION_DAYS", default=COURIER_FAILED_RETENTION_DAYS
@@ -310,8 +332,11 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {
         # key=value lines a log collector can parse
+        # (config.safetext: control characters escaped, so no value from the network
+        # can start a line of its own)
         "plain": {
-            "format": "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
+            "()": "config.safetext.SafeFormatter",
+            "format": "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
         },
     },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},

@@ -11,6 +11,13 @@ Associations are accepted by `targets.kinds.dicom_accept` (one thread per associ
 reading a plain blocking socket), not by pynetdicom's acceptor, whose reader and
 reactor threads cost about three times Courier's own work per instance.
 
+A dataset is never held in memory: its fragments are written to a file under
+`<spool>/incoming/.partial/` as they arrive (behind the file meta, made from the
+C-STORE request), refused early when the disk is short of space or the instance
+grows past `max_instance_bytes`, checked from the file once complete (the dataset's
+SOP Class and Instance UIDs must be the request's, as storescp insists), and renamed
+into its series folder.
+
 The association threads never touch the database. They keep the open series in
 memory; one bookkeeping thread (`tick()`, once a second) writes counts and times to
 the database through a `Recorder` in batches, and closes series that have been quiet
@@ -23,14 +30,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
+import mmap
 import os
+import re
 import secrets
 import shutil
 import struct
+import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,9 +57,16 @@ from pynetdicom import (
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification
 
-from targets.dicomcheck import CorruptDataset, check_dataset
+from config.safetext import log_fields
+from targets.dicomcheck import DEFLATED, CorruptDataset, check_dataset
 from targets.dicomvr import LONG_VRS
-from targets.kinds.dicom_accept import Rejection, StoreRequest, StoreSCP
+from targets.kinds.dicom_accept import (
+    DEFAULT_MAX_PDU,
+    Limits,
+    Rejection,
+    StoreRequest,
+    StoreSCP,
+)
 from targets.series import safe_path_part
 
 log = logging.getLogger("courier.receiver")
@@ -56,9 +75,89 @@ log = logging.getLogger("courier.receiver")
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC210  # "Failed: cannot understand" range 0xC000-0xCFFF
+DOES_NOT_MATCH = 0xA900  # "Error: data set does not match SOP class"
 PROCESSING_FAILURE = 0x0110
 
 SIDECAR_SUFFIX = ".series.json"
+# Datasets being received, beside the series folders (same disk: renamed into them).
+PARTIAL_DIR = ".partial"
+# A partial file untouched this long belongs to no live association (each must send
+# something every idle timeout): removed when a receiver starts.
+STALE_PARTIAL_SECONDS = 600
+# While a dataset streams in, the free space is looked at again after this many bytes.
+SPACE_CHECK_BYTES = 8 * 1024 * 1024
+# A dataset up to this size is also kept in memory to be checked (per association).
+KEEP_IN_MEMORY = 256 * 1024
+DEFAULT_MAX_INSTANCE_BYTES = 4 * 1024**3
+
+_VALID_UID = re.compile(r"[0-9.]{1,64}")
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+class TooLarge(ValueError):
+    """The dataset is larger than the receiver takes (deflated: once inflated)."""
+
+
+def check_stored(
+    path: Path, offset: int, transfer_syntax: str, *, max_inflated: int
+) -> dict[str, str]:
+    """`check_dataset` on the dataset stored in `path` from byte `offset`.
+
+    The file is mapped, not read: the walk touches the element headers only, so
+    memory does not grow with the instance. A deflated dataset is inflated into a
+    temporary file beside it first, at most `max_inflated` bytes (`TooLarge`).
+    """
+    with open(path, "rb") as f:
+        if transfer_syntax != DEFLATED:
+            return _check_mapped(f, offset, transfer_syntax)
+        with tempfile.TemporaryFile(dir=path.parent) as out:
+            _inflate(f, offset, out, max_inflated)
+            # Deflated is explicit VR little endian once inflated.
+            return _check_mapped(out, 0, EXPLICIT_LE)
+
+
+def _inflate(src, offset: int, out, limit: int) -> None:
+    src.seek(offset)
+    inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    try:
+        while chunk := src.read(1 << 20):
+            while chunk:
+                data = inflater.decompress(chunk, 4 << 20)
+                chunk = inflater.unconsumed_tail
+                total += len(data)
+                if total > limit:
+                    raise TooLarge(f"inflates to more than {limit} bytes")
+                out.write(data)
+        out.write(inflater.flush())
+    except zlib.error as exc:
+        raise CorruptDataset(f"deflated data does not inflate: {exc}") from None
+    out.flush()
+
+
+def _check_mapped(f, offset: int, transfer_syntax: str) -> dict[str, str]:
+    if os.fstat(f.fileno()).st_size <= offset:
+        raise CorruptDataset("empty dataset")
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        return check_dataset(mapped, transfer_syntax, start=offset)
+
+
+def instance_file_name(sop_uid: str) -> str:
+    """The spool file name of an instance: the UID itself when it is a valid UID.
+
+    Anything else (letters, separators, over 64 characters) is cleaned and given a
+    hash of the whole UID, so two distinct UIDs that clean alike never share a file
+    (the `_` before the hash never occurs in a valid UID's name).
+    """
+    if _VALID_UID.fullmatch(sop_uid):
+        return f"{sop_uid}.dcm"
+    digest = hashlib.sha256(sop_uid.encode("utf-8", "surrogateescape")).hexdigest()
+    return f"{safe_path_part(sop_uid)[:64]}_{digest[:20]}.dcm"
+
+
+def unprintable(value: str) -> bool:
+    """True if `value` has control or non-ASCII characters (no UID or AE title may)."""
+    return any(not (" " <= c <= "~") for c in value)
+
 
 # -- file meta -------------------------------------------------------------------------
 
@@ -153,8 +252,12 @@ class Recorder:
         """Return the series still open from a previous run (to continue them)."""
         return []
 
-    def save(self, series: list[OpenSeries]) -> None:
-        """Write new and changed series (creating rows, setting `pk`)."""
+    def save(self, series: list[OpenSeries]) -> list[OpenSeries] | None:
+        """Write new and changed series (creating rows, setting `pk`).
+
+        Return the series that could not be written (tried again later); raise
+        only when nothing could be.
+        """
 
     def close(self, series: OpenSeries) -> None:
         """The series has been quiet for the quiet period: hand it to routing."""
@@ -174,17 +277,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, *parts: bytes | memoryview) -> None:
+    """Write `parts` in one `writev`, finishing a short write piece by piece."""
+    written = os.writev(fd, parts)
+    for part in parts:
+        view = memoryview(part)[written:]
+        written = max(0, written - len(part))
+        while view:
+            view = view[os.write(fd, view) :]
+
+
 def write_durably(path: Path, *parts: bytes) -> None:
     """Write `parts` to `path` atomically (replacing any file there), fsynced."""
     tmp = path.with_name(f".{path.name}.{threading.get_ident()}.part")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
-        total = sum(len(p) for p in parts)
-        written = os.writev(fd, parts)
-        if written < total:  # a short write: finish it piece by piece
-            rest = memoryview(b"".join(parts))[written:]
-            while rest:
-                rest = rest[os.write(fd, rest) :]
+        _write_all(fd, *parts)
         os.fdatasync(fd)
     except BaseException:
         os.close(fd)
@@ -193,6 +301,180 @@ def write_durably(path: Path, *parts: bytes) -> None:
     os.close(fd)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+class IncomingInstance:
+    """One C-STORE's dataset on its way to the spool (a `DatasetSink`).
+
+    Written to a partial file as it arrives, so memory never holds the instance
+    (a small one, up to `KEEP_IN_MEMORY`, is also kept to be checked without
+    reading it back). Once a refusal is decided (spool disk short of space,
+    instance too large, a write failing), the rest is read and dropped, and
+    `finish()` answers it.
+    """
+
+    def __init__(self, receiver: Receiver, request: StoreRequest):
+        self.rx = receiver
+        self.request = request
+        self.peer = f"{request.address}:{request.port}"
+        self.status: int | None = None
+        self.size = 0
+        self.unchecked = 0  # bytes written since the free space was looked at
+        self.fd = -1
+        self.path: Path | None = None
+        self.offset = 0
+        self.meta = b""  # written with the first piece of the dataset
+        self.head: bytearray | None = bytearray()
+        free = receiver._space_short(0)
+        if free is not None:
+            self.status = receiver._refuse_full(request, f"{free} bytes free")
+            return
+        meta = file_meta_bytes(
+            request.sop_class, request.sop_instance, request.transfer_syntax,
+            request.calling_aet,
+        )  # fmt: skip
+        path = receiver.partial / f"{secrets.token_hex(8)}.part"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        try:
+            try:
+                self.fd = os.open(path, flags, 0o640)
+            except FileNotFoundError:  # the spool folder was removed under us
+                receiver.partial.mkdir(parents=True, exist_ok=True)
+                self.fd = os.open(path, flags, 0o640)
+            self.path = path
+        except OSError as exc:
+            self._fail(receiver._refuse_write(request, exc))
+            return
+        self.meta, self.offset = meta, len(meta)
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self.status is not None:
+            return
+        rx = self.rx
+        self.size += len(data)
+        if self.size > rx.max_instance_bytes:
+            self._fail(
+                rx._refuse(
+                    self.request,
+                    f"instance larger than {rx.max_instance_bytes} bytes (the "
+                    "receiver's maximum instance size): refused with 'out of "
+                    "resources'",
+                )
+            )
+            return
+        self.unchecked += len(data)
+        if self.unchecked >= SPACE_CHECK_BYTES:
+            if (free := rx._space_short(self.unchecked)) is not None:
+                self._fail(rx._refuse_full(self.request, f"{free} bytes free"))
+                return
+            self.unchecked = 0
+        if self.head is not None:
+            if self.size <= KEEP_IN_MEMORY:
+                self.head += data
+            else:
+                self.head = None
+        try:
+            if self.meta:
+                _write_all(self.fd, self.meta, data)
+                self.meta = b""
+            else:
+                _write_all(self.fd, data)
+        except OSError as exc:
+            self._fail(rx._refuse_write(self.request, exc))
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+    def _fail(self, status: int) -> None:
+        self.status = status
+        self.discard()
+
+    def finish(self) -> int:
+        """Check the whole dataset, file it in its series folder; return the status."""
+        try:
+            if self.status is None:
+                self.status = self._file()
+            return self.status
+        finally:
+            self.discard()  # whatever was not renamed into a series folder
+
+    def _file(self) -> int:
+        rx, request = self.rx, self.request
+        if (free := rx._space_short(self.unchecked)) is not None:
+            return rx._refuse_full(request, f"{free} bytes free")
+        assert self.path is not None
+        syntax = request.transfer_syntax
+        try:
+            if self.head is not None and syntax != DEFLATED:
+                uids = check_dataset(self.head, syntax)
+            else:
+                uids = check_stored(self.path, self.offset, syntax,
+                                  max_inflated=rx.max_instance_bytes)  # fmt: skip
+        except CorruptDataset as exc:
+            return rx._refuse_corrupt(request, CANNOT_UNDERSTAND, str(exc))
+        except TooLarge as exc:
+            return rx._refuse(request, f"deflated instance {exc}: refused")
+        problem = _identity_problem(uids, request)
+        if problem is not None:
+            status, reason = problem
+            return rx._refuse_corrupt(request, status, reason)
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            return rx._refuse_write(request, exc)
+        sop_uid = uids["SOPInstanceUID"]
+        try:
+            series = rx._series_for(uids, request)
+        except OSError as exc:  # the series' folder or description not written
+            return rx._refuse_write(request, exc)
+        target = series.folder / instance_file_name(sop_uid)
+        try:
+            os.replace(self.path, target)
+            self.path = None
+            _fsync_dir(series.folder)
+        except OSError as exc:
+            with rx._lock:
+                series.inflight -= 1
+            return rx._refuse_write(request, exc)
+        except BaseException:
+            with rx._lock:
+                series.inflight -= 1
+            raise
+        rx._stored(series, sop_uid, self.offset + self.size)
+        return SUCCESS
+
+
+def _identity_problem(
+    uids: dict[str, str], request: StoreRequest
+) -> tuple[int, str] | None:
+    """Refuse UIDs Courier cannot keep exactly, or that are not the request's.
+
+    As dcmtk's storescp: no SOP Class UID is 0xC210, one that differs from the
+    C-STORE request's (SOP Class or Instance) is 0xA900. A UID with control or
+    non-ASCII characters (a NUL, a newline) is 0xC210: no valid UID has them, and
+    they would end up in file names, database rows and log lines.
+    """
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID",
+                    "StudyInstanceUID"):  # fmt: skip
+        if unprintable(uids[keyword]):
+            return CANNOT_UNDERSTAND, (
+                f"the dataset's {keyword} has control or non-ASCII characters"
+            )
+    if not uids["SOPClassUID"]:
+        return CANNOT_UNDERSTAND, "the dataset has no SOPClassUID"
+    for keyword, requested in (("SOPClassUID", request.sop_class),
+                               ("SOPInstanceUID", request.sop_instance)):  # fmt: skip
+        if uids[keyword] != requested:
+            return DOES_NOT_MATCH, (
+                f"the dataset's {keyword} {uids[keyword]!r} is not the one in the "
+                f"C-STORE request ({requested!r})"
+            )
+    return None
 
 
 class Receiver:
@@ -209,26 +491,33 @@ class Receiver:
         min_free_bytes: int = 0,
         quiet_seconds: float = 60.0,
         recorder: Recorder | None = None,
-        max_pdu: int = 0,
+        max_pdu: int = DEFAULT_MAX_PDU,
+        max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES,
+        limits: Limits | None = None,
         tick_seconds: float = 1.0,
     ):
         self.ae_title = ae_title
         self.host = host
         self.port = port
         self.incoming = Path(spool_dir) / "incoming"
+        self.partial = self.incoming / PARTIAL_DIR
         self.accepted = [a.strip() for a in accepted_calling_aets if a.strip()]
         self.min_free_bytes = min_free_bytes
         self.quiet_seconds = quiet_seconds
         self.recorder = recorder or Recorder()
         self.max_pdu = max_pdu
+        self.max_instance_bytes = max_instance_bytes
+        self.limits = limits or Limits()
         self.tick_seconds = tick_seconds
         self._lock = threading.Lock()
         self._open: dict[tuple[str, str, str], OpenSeries] = {}
         self._refusals: list[str] = []
         self._free: tuple[float, int] = (-1.0, 0)
-        self._server = None
+        self._server: StoreSCP | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Series whose row could not be written, logged once each.
+        self._unsaved: set[tuple[str, str, str]] = set()
         # Counters shown in the heartbeat; changed and read under `_lock` only
         # (associations run in parallel threads).
         self.stats = {"stored": 0, "replaced": 0, "refused": 0, "corrupt": 0}
@@ -246,6 +535,8 @@ class Receiver:
 
     def start(self) -> None:
         self.incoming.mkdir(parents=True, exist_ok=True)
+        self.partial.mkdir(exist_ok=True)
+        self._remove_stale_partials()
         for series in self.recorder.restore(self.incoming):
             series.last_instance_at = time.monotonic()
             self._open[series.key] = series
@@ -258,10 +549,7 @@ class Receiver:
             on_rejected=self._log_rejected,
             accepted_calling_aets=self.accepted,
             max_pdu=self.max_pdu,
-            max_associations=64,
-            acse_timeout=30,
-            dimse_timeout=60,
-            network_timeout=120,
+            limits=self.limits,
         )
         self.port = self._server.server_address[1]
         self._server.start()
@@ -270,13 +558,27 @@ class Receiver:
             target=self._run_bookkeeping, name="receiver-bookkeeping", daemon=True
         )
         self._thread.start()
+        limits = self.limits
         log.info(
-            "event=receiver_started ae_title=%s port=%s spool=%s accepted_calling=%s",
-            self.ae_title,
-            self.port,
-            self.incoming,
-            ",".join(self.accepted) or "any",
+            "event=receiver_started %s",
+            log_fields(
+                ae_title=self.ae_title,
+                port=self.port,
+                spool=self.incoming,
+                accepted_calling=",".join(self.accepted) or "any",
+                max_associations=limits.max_associations,
+                max_per_peer=limits.max_per_peer,
+                max_instance_bytes=self.max_instance_bytes,
+            ),
         )
+
+    def _remove_stale_partials(self) -> None:
+        """Partial files of a receiver that died mid-instance (never acknowledged)."""
+        cutoff = time.time() - STALE_PARTIAL_SECONDS
+        for part in self.partial.glob("*.part"):
+            with contextlib.suppress(OSError):
+                if part.stat().st_mtime < cutoff:
+                    part.unlink()
 
     def stop(self) -> None:
         if self._server is not None:
@@ -304,57 +606,18 @@ class Receiver:
 
     def _log_rejected(self, rejection: Rejection) -> None:
         log.warning(
-            "event=association_rejected calling_aet=%s peer=%s reason=%s",
-            rejection.calling_aet,
-            rejection.address,
-            rejection.reason,
+            "event=association_rejected %s",
+            log_fields(
+                calling_aet=rejection.calling_aet,
+                peer=rejection.address,
+                reason=rejection.reason,
+            ),
         )
 
-    def handle_store(self, request: StoreRequest) -> int:
-        calling, called = request.calling_aet, request.called_aet
-        peer = f"{request.address}:{request.port}"
-        ts, raw = request.transfer_syntax, request.dataset
-        try:
-            uids = check_dataset(raw, ts)
-        except CorruptDataset as exc:
-            with self._lock:
-                self.stats["corrupt"] += 1
-            log.warning(
-                "event=instance_refused status=0x%04X calling_aet=%s peer=%s "
-                "sop_instance=%s reason=%r",
-                CANNOT_UNDERSTAND,
-                calling,
-                peer,
-                request.sop_instance,
-                str(exc),
-            )
-            return CANNOT_UNDERSTAND
-        free = self._free_bytes(len(raw))
-        if free - len(raw) < self.min_free_bytes:
-            return self._refuse_full(calling, peer, f"{free} bytes free")
+    def handle_store(self, request: StoreRequest) -> IncomingInstance:
+        return IncomingInstance(self, request)
 
-        sop_uid = uids["SOPInstanceUID"]
-        try:
-            series = self._series_for(uids, calling, called, peer)
-        except OSError as exc:  # the series' folder or description not written
-            return self._refuse_write(calling, peer, exc)
-        meta = file_meta_bytes(
-            uids["SOPClassUID"] or request.sop_class,
-            sop_uid,
-            ts,
-            calling,
-        )
-        path = series.folder / f"{safe_path_part(sop_uid)}.dcm"
-        try:
-            write_durably(path, meta, raw)
-        except OSError as exc:
-            with self._lock:
-                series.inflight -= 1
-            return self._refuse_write(calling, peer, exc)
-        except BaseException:
-            with self._lock:
-                series.inflight -= 1
-            raise
+    def _stored(self, series: OpenSeries, sop_uid: str, size: int) -> None:
         now = datetime.now(UTC)
         with self._lock:
             series.inflight -= 1
@@ -362,66 +625,81 @@ class Receiver:
             series.sop_uids.add(sop_uid)
             series.last_received = now
             series.last_instance_at = time.monotonic()
-            series.bytes += len(meta) + len(raw)
+            series.bytes += size
             series.dirty = True
             self.stats["replaced" if replaced else "stored"] += 1
-        return SUCCESS
 
-    def _free_bytes(self, incoming: int) -> int:
-        """Free bytes on the spool disk, looked up at most every half second.
-
-        Between look-ups what was written since is subtracted, so a burst cannot
-        overrun the threshold by more than half a second of writes.
-        """
+    def _space_short(self, incoming: int) -> int | None:
+        """Free bytes on the spool disk if `incoming` more would leave less than
+        `min_free_bytes`, else None. The disk is asked at most every half second;
+        in between, what was written since is subtracted, so a burst cannot overrun
+        the threshold by more than half a second of writes."""
         now = time.monotonic()
         with self._lock:
             checked_at, free = self._free
-            if now - checked_at < 0.5:
-                self._free = (checked_at, free - incoming)
-                return free
-        try:
-            free = shutil.disk_usage(self.incoming).free
-        except OSError:
-            free = 0
-        with self._lock:
-            self._free = (now, free - incoming)
-        return free
+            fresh = now - checked_at < 0.5
+            if fresh:
+                free -= incoming
+                self._free = (checked_at, free)
+        if not fresh:
+            try:
+                free = shutil.disk_usage(self.incoming).free - incoming
+            except OSError:
+                free = 0
+            with self._lock:
+                self._free = (now, free)
+        return free if free < self.min_free_bytes else None
 
-    def _refuse_full(self, calling: str, peer: str, detail: str) -> int:
+    def _refuse_corrupt(self, request: StoreRequest, status: int, reason: str) -> int:
+        with self._lock:
+            self.stats["corrupt"] += 1
+        log.warning(
+            "event=instance_refused status=0x%04X %s",
+            status,
+            log_fields(
+                calling_aet=request.calling_aet,
+                peer=f"{request.address}:{request.port}",
+                sop_instance=request.sop_instance,
+                reason=reason,
+            ),
+        )
+        return status
+
+    def _refuse_full(self, request: StoreRequest, detail: str) -> int:
         return self._refuse(
-            calling,
-            peer,
+            request,
             f"spool disk nearly full ({detail}, keeping {self.min_free_bytes} bytes "
             f"free): instances refused with 'out of resources'",
         )
 
-    def _refuse_write(self, calling: str, peer: str, exc: OSError) -> int:
+    def _refuse_write(self, request: StoreRequest, exc: OSError) -> int:
         """Answer 'out of resources' for a failed write, recorded like a full disk."""
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return self._refuse_full(calling, peer, exc.strerror or str(exc))
+            return self._refuse_full(request, exc.strerror or str(exc))
         return self._refuse(
-            calling,
-            peer,
+            request,
             f"cannot write to the spool ({exc}): instances refused with "
             f"'out of resources'",
         )
 
-    def _refuse(self, calling: str, peer: str, reason: str) -> int:
+    def _refuse(self, request: StoreRequest, reason: str) -> int:
         log.error(
-            "event=instance_refused status=0x%04X calling_aet=%s peer=%s reason=%r",
+            "event=instance_refused status=0x%04X %s",
             OUT_OF_RESOURCES,
-            calling,
-            peer,
-            reason,
+            log_fields(
+                calling_aet=request.calling_aet,
+                peer=f"{request.address}:{request.port}",
+                sop_instance=request.sop_instance,
+                reason=reason,
+            ),
         )
         with self._lock:
             self.stats["refused"] += 1
             self._refusals.append(reason)
         return OUT_OF_RESOURCES
 
-    def _series_for(
-        self, uids: dict[str, str], calling: str, called: str, peer: str
-    ) -> OpenSeries:
+    def _series_for(self, uids: dict[str, str], request: StoreRequest) -> OpenSeries:
+        calling, called = request.calling_aet, request.called_aet
         key = (uids["SeriesInstanceUID"], calling, called)
         with self._lock:
             series = self._open.get(key)
@@ -439,7 +717,7 @@ class Receiver:
                 study_uid=uids["StudyInstanceUID"],
                 calling_aet=calling,
                 called_aet=called,
-                peer_address=peer,
+                peer_address=f"{request.address}:{request.port}",
                 folder=self.incoming / name,
             )
             # Made under the lock: a second association of the same series waits
@@ -459,13 +737,14 @@ class Receiver:
             series.inflight += 1
             self._open[key] = series
             log.info(
-                "event=series_started series_uid=%s calling_aet=%s called_aet=%s "
-                "peer=%s folder=%s",
-                series.series_uid,
-                calling,
-                called,
-                peer,
-                series.folder,
+                "event=series_started %s",
+                log_fields(
+                    series_uid=series.series_uid,
+                    calling_aet=calling,
+                    called_aet=called,
+                    peer=series.peer_address,
+                    folder=series.folder,
+                ),
             )
             return series
 
@@ -486,15 +765,22 @@ class Receiver:
         with self._lock:
             open_count = len(self._open)
             stats = dict(self.stats)
+        server = self._server
         return {
             "ae_title": self.ae_title,
             "port": self.port,
             "open_series": open_count,
+            **(server.counts() if server is not None else {}),
             **stats,
         }
 
     def tick(self, *, final: bool = False) -> list[OpenSeries]:
-        """Save changed series, close the quiet ones; return the closed ones."""
+        """Save changed series, close the quiet ones; return the closed ones.
+
+        One series that cannot be saved or closed (a value the database refuses)
+        never holds up the others: it is logged and tried again on later ticks
+        (saving) or left to the routing sweep (closing).
+        """
         now = time.monotonic()
         with self._lock:
             dirty = [s for s in self._open.values() if s.dirty]
@@ -515,8 +801,7 @@ class Receiver:
                 del self._open[s.key]
             refusals, self._refusals = self._refusals, []
         try:
-            if dirty:
-                self.recorder.save(dirty)
+            unsaved = (self.recorder.save(dirty) or []) if dirty else []
         except Exception:
             with self._lock:
                 for s in dirty:
@@ -524,19 +809,42 @@ class Receiver:
                 for s in quiet:  # closed on a later tick, once saving works again
                     self._open.setdefault(s.key, s)
             raise
+        self._note_unsaved(unsaved)
         if refusals:
             self.recorder.refused(refusals[-1], len(refusals))
+        closed = []
         for s in quiet:
-            self.recorder.close(s)
+            self._unsaved.discard(s.key)
+            try:
+                self.recorder.close(s)
+            except Exception:
+                log.exception(
+                    "event=series_close_failed %s",
+                    log_fields(series_uid=s.series_uid, folder=s.folder),
+                )
+                continue
+            closed.append(s)
             log.info(
-                "event=series_complete series_uid=%s calling_aet=%s instances=%d "
-                "folder=%s",
-                s.series_uid,
-                s.calling_aet,
-                s.instance_count,
-                s.folder,
+                "event=series_complete %s",
+                log_fields(
+                    series_uid=s.series_uid,
+                    calling_aet=s.calling_aet,
+                    instances=s.instance_count,
+                    folder=s.folder,
+                ),
             )
-        return quiet
+        return closed
+
+    def _note_unsaved(self, unsaved: list[OpenSeries]) -> None:
+        with self._lock:
+            for s in unsaved:
+                s.dirty = True
+                if s.key not in self._unsaved:
+                    self._unsaved.add(s.key)
+                    log.error(
+                        "event=series_save_failed %s",
+                        log_fields(series_uid=s.series_uid, folder=s.folder),
+                    )
 
     def open_series(self) -> list[OpenSeries]:
         with self._lock:

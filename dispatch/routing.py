@@ -28,10 +28,13 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 
+import re2
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
+
+from config.safetext import db_text, log_fields
 
 log = logging.getLogger("courier.routing")
 
@@ -62,9 +65,33 @@ def _wildcard(pattern: str) -> re.Pattern:
     return re.compile(fnmatch.translate(pattern), re.DOTALL)
 
 
+class RegexError(ValueError):
+    """A rule's regular expression that the linear-time matcher cannot take."""
+
+
+def compile_regex(pattern: str):
+    """Compile a rule's regular expression with RE2 (google-re2).
+
+    RE2 matches in time linear in the value, whatever the pattern: no rule can
+    hang the router or the preview (Python's `re` takes exponential time on a
+    pattern like `(a+)+$`). What only backtracking can do (backreferences,
+    look-around) is refused with `RegexError`, shown as a form error.
+    """
+    options = re2.Options()
+    options.log_errors = False
+    options.max_mem = 4 << 20  # per pattern; a rule's pattern is at most 200 chars
+    try:
+        return re2.compile(pattern, options=options)
+    except re2.error as exc:
+        words = exc.args[0] if exc.args else exc
+        if isinstance(words, bytes):
+            words = words.decode("utf-8", "replace")
+        raise RegexError(str(words)) from None
+
+
 @lru_cache(maxsize=512)
-def _regex(pattern: str) -> re.Pattern:
-    return re.compile(pattern)
+def _regex(pattern: str):
+    return compile_regex(pattern)
 
 
 def value_matches(operator: str, pattern: str, value: str) -> bool:
@@ -77,8 +104,12 @@ def value_matches(operator: str, pattern: str, value: str) -> bool:
     if operator == "regex":
         try:
             return _regex(pattern).fullmatch(value) is not None
-        except re.error:
-            return False  # refused by the form; never raise while routing
+        except RegexError as exc:  # refused by the form; never raise while routing
+            log.warning(
+                "event=rule_pattern_unusable %s",
+                log_fields(pattern=pattern, error=exc),
+            )
+            return False
     raise ValueError(f"unknown operator {operator!r}")
 
 
@@ -185,7 +216,7 @@ def tags_summary(path: str | Path) -> dict[str, str]:
         except Exception:  # an odd value must not stop routing
             continue
         if len(text) <= MAX_TAG_TEXT:
-            summary[elem.keyword] = text
+            summary[elem.keyword] = db_text(text)
     return summary
 
 
@@ -213,38 +244,56 @@ def _count(folder: Path) -> tuple[int, int]:
 # -- receiving: bookkeeping for the receiver -----------------------------------------
 
 
-def save_open_series(items) -> None:
+def save_open_series(items) -> list:
     """Create or update the rows of series being received (from the receiver).
 
     `items` are `receiver.OpenSeries`; each gets its row's `pk`. A row is only
-    updated while it is still receiving.
+    updated while it is still receiving. Each series is saved on its own (a
+    savepoint in one transaction): one the database refuses is logged and
+    returned, the others are saved.
     """
     from .routing_models import ReceivedSeries
 
     State = ReceivedSeries.State
+    failed = []
     with transaction.atomic():
         for s in items:
-            if s.pk is None:
-                row, _ = ReceivedSeries.objects.get_or_create(
-                    folder=str(s.folder),
-                    defaults={
-                        "series_uid": s.series_uid[:64],
-                        "study_uid": s.study_uid[:64],
-                        "calling_aet": s.calling_aet[:16],
-                        "called_aet": s.called_aet[:16],
-                        "peer_address": s.peer_address[:100],
-                        "first_received_at": s.first_received,
-                        "last_received_at": s.last_received,
-                        "instance_count": s.instance_count,
-                        "bytes": s.bytes,
-                    },
+            try:
+                with transaction.atomic():
+                    if s.pk is None:
+                        row, _ = ReceivedSeries.objects.get_or_create(
+                            folder=db_text(s.folder),
+                            defaults=_series_fields(s),
+                        )
+                        s.pk = row.pk
+                    ReceivedSeries.objects.filter(
+                        pk=s.pk, state=State.RECEIVING
+                    ).update(
+                        last_received_at=s.last_received,
+                        instance_count=s.instance_count,
+                        bytes=s.bytes,
+                    )
+            except Exception as exc:
+                log.warning(
+                    "event=series_save_failed %s",
+                    log_fields(series_uid=s.series_uid, error=exc),
                 )
-                s.pk = row.pk
-            ReceivedSeries.objects.filter(pk=s.pk, state=State.RECEIVING).update(
-                last_received_at=s.last_received,
-                instance_count=s.instance_count,
-                bytes=s.bytes,
-            )
+                failed.append(s)
+    return failed
+
+
+def _series_fields(s) -> dict:
+    return {
+        "series_uid": db_text(s.series_uid, 64),
+        "study_uid": db_text(s.study_uid, 64),
+        "calling_aet": db_text(s.calling_aet, 16),
+        "called_aet": db_text(s.called_aet, 16),
+        "peer_address": db_text(s.peer_address, 100),
+        "first_received_at": s.first_received,
+        "last_received_at": s.last_received,
+        "instance_count": s.instance_count,
+        "bytes": s.bytes,
+    }
 
 
 def restore_open_series(incoming: Path):
@@ -261,30 +310,13 @@ def restore_open_series(incoming: Path):
         folder = incoming / sidecar.name[: -len(SIDECAR_SUFFIX)]
         if str(folder) in known or not folder.is_dir():
             continue
+        # One folder that cannot be adopted never keeps the receiver from starting.
         try:
-            meta = json.loads(sidecar.read_text())
-        except (OSError, ValueError):
-            continue
-        count, size = _count(folder)
-        row = ReceivedSeries.objects.create(
-            folder=str(folder),
-            series_uid=meta.get("series_uid", "")[:64],
-            study_uid=meta.get("study_uid", "")[:64],
-            calling_aet=meta.get("calling_aet", "")[:16],
-            called_aet=meta.get("called_aet", "")[:16],
-            peer_address=meta.get("peer_address", "")[:100],
-            first_received_at=datetime.fromisoformat(meta["first_received"])
-            if meta.get("first_received")
-            else timezone.now(),
-            instance_count=count,
-            bytes=size,
-        )
-        log.warning(
-            "event=series_adopted series_uid=%s folder=%s instances=%d",
-            row.series_uid,
-            folder,
-            count,
-        )
+            _adopt(folder, json.loads(sidecar.read_text()))
+        except Exception as exc:
+            log.error(
+                "event=series_adopt_failed %s", log_fields(folder=folder, error=exc)
+            )
     restored = []
     for row in ReceivedSeries.objects.filter(state=ReceivedSeries.State.RECEIVING):
         folder = Path(row.folder)
@@ -310,6 +342,28 @@ def restore_open_series(incoming: Path):
     return restored
 
 
+def _adopt(folder: Path, meta: dict) -> None:
+    from .routing_models import ReceivedSeries
+
+    count, size = _count(folder)
+    first = meta.get("first_received")
+    row = ReceivedSeries.objects.create(
+        folder=db_text(folder),
+        series_uid=db_text(meta.get("series_uid"), 64),
+        study_uid=db_text(meta.get("study_uid"), 64),
+        calling_aet=db_text(meta.get("calling_aet"), 16),
+        called_aet=db_text(meta.get("called_aet"), 16),
+        peer_address=db_text(meta.get("peer_address"), 100),
+        first_received_at=datetime.fromisoformat(first) if first else timezone.now(),
+        instance_count=count,
+        bytes=size,
+    )
+    log.warning(
+        "event=series_adopted %s",
+        log_fields(series_uid=row.series_uid, folder=folder, instances=count),
+    )
+
+
 def complete_series(pk: int) -> bool:
     """Mark a receiving series complete (counts from disk, tags summary); True if so."""
     from .routing_models import ReceivedSeries
@@ -331,7 +385,7 @@ def complete_series(pk: int) -> bool:
         try:
             tags = tags_summary(first)
         except Exception as exc:  # stored anyway; routing sees no tags
-            note = f"could not read the tags of {first.name}: {exc}"
+            note = db_text(f"could not read the tags of {first.name}: {exc}")
     now = timezone.now()
     new_state = State.COMPLETE if count else State.FAILED
     if not count:
@@ -363,7 +417,32 @@ def complete_quiet_series(
     due = ReceivedSeries.objects.filter(
         state=ReceivedSeries.State.RECEIVING, last_received_at__lt=now - quiet
     ).values_list("pk", flat=True)
-    return [pk for pk in list(due) if complete_series(pk)]
+    return [pk for pk in list(due) if _contained(complete_series, pk, "complete")]
+
+
+def _contained(step, pk: int, what: str, **kwargs):
+    """Run one series' step; a failure is logged and the series marked failed
+    (re-routable from the admin), so it never stops the series after it."""
+    try:
+        return step(pk, **kwargs)
+    except Exception as exc:
+        log.exception("event=series_%s_failed %s", what, log_fields(pk=pk))
+        mark_failed(pk, f"could not {what} the series: {type(exc).__name__}: {exc}")
+        return None
+
+
+def mark_failed(pk: int, note: str) -> None:
+    """Set a series failed with `note` (best effort: logged if even that fails)."""
+    from .routing_models import ReceivedSeries
+
+    try:
+        ReceivedSeries.objects.filter(pk=pk).update(
+            state=ReceivedSeries.State.FAILED,
+            state_changed_at=timezone.now(),
+            note=db_text(note, 2000),
+        )
+    except Exception:
+        log.exception("event=series_mark_failed_failed %s", log_fields(pk=pk))
 
 
 @dataclass
@@ -465,7 +544,7 @@ def route_series(pk: int, *, reroute: bool = False) -> RouteResult | None:
             )
         row.state = state
         row.state_changed_at = now
-        row.note = note
+        row.note = db_text(note)
         if state == State.ROUTED:
             row.routed_at = now
         row.save(update_fields=["state", "state_changed_at", "note", "routed_at"])
@@ -477,14 +556,15 @@ def route_series(pk: int, *, reroute: bool = False) -> RouteResult | None:
         if jobs:
             row.jobs.add(*jobs)
     log.info(
-        "event=series_routed series_uid=%s calling_aet=%s state=%s rules=%s "
-        "jobs=%s note=%r",
-        row.series_uid,
-        row.calling_aet,
-        state,
-        ",".join(r.name for r in matched) or "-",
-        ",".join(str(j.pk) for j in jobs) or "-",
-        note,
+        "event=series_routed %s",
+        log_fields(
+            series_uid=row.series_uid,
+            calling_aet=row.calling_aet,
+            state=state,
+            rules=",".join(r.name for r in matched) or "-",
+            jobs=",".join(str(j.pk) for j in jobs) or "-",
+            note=note,
+        ),
     )
     return RouteResult(state, [r.name for r in matched], [j.pk for j in jobs], note)
 
@@ -539,11 +619,13 @@ def send_by_hand(pk: int, target, *, user: str = "") -> RouteResult:
         row.save(update_fields=["state", "state_changed_at", "note", "routed_at"])
         row.jobs.add(*jobs)
     log.info(
-        "event=series_sent_by_hand series_uid=%s target=%s jobs=%s user=%s",
-        row.series_uid,
-        target.name,
-        ",".join(str(j.pk) for j in jobs),
-        user or "-",
+        "event=series_sent_by_hand %s",
+        log_fields(
+            series_uid=row.series_uid,
+            target=target.name,
+            jobs=",".join(str(j.pk) for j in jobs),
+            user=user or "-",
+        ),
     )
     return RouteResult(State.ROUTED, [], [j.pk for j in jobs], note)
 
@@ -557,7 +639,7 @@ def route_pending(now: datetime | None = None) -> int:
         .order_by("last_received_at")
         .values_list("pk", flat=True)
     )
-    return sum(1 for pk in pks if route_series(pk) is not None)
+    return sum(1 for pk in pks if _contained(route_series, pk, "route") is not None)
 
 
 def preview(specs: Sequence[RuleSpec], *, limit: int = 50):
@@ -593,16 +675,18 @@ def purge_expired(now: datetime | None = None) -> int:
     purged = 0
     for row in expired.distinct():
         folder = Path(row.folder)
-        if folder.is_dir() and folder.resolve().is_relative_to(spool):
-            shutil.rmtree(folder, ignore_errors=True)
-        Path(f"{folder}{SIDECAR_SUFFIX}").unlink(missing_ok=True)
+        try:
+            if folder.is_dir() and folder.resolve().is_relative_to(spool):
+                shutil.rmtree(folder, ignore_errors=True)
+            Path(f"{folder}{SIDECAR_SUFFIX}").unlink(missing_ok=True)
+            row.delete()
+        except Exception:  # the next series is purged all the same
+            log.exception("event=series_expire_failed %s", log_fields(pk=row.pk))
+            continue
         log.info(
-            "event=series_expired series_uid=%s folder=%s state=%s",
-            row.series_uid,
-            folder,
-            row.state,
+            "event=series_expired %s",
+            log_fields(series_uid=row.series_uid, folder=folder, state=row.state),
         )
-        row.delete()
         purged += 1
     gone = (
         ReceivedSeries.objects.filter(folder_removed_at__isnull=True)
@@ -626,9 +710,13 @@ def sweep() -> None:
     from completing a series a live receiver is still closing on its own.
     """
     grace = max(30.0, float(settings.COURIER_SERIES_QUIET_SECONDS))
-    complete_quiet_series(grace=grace)
-    route_pending()
-    purge_expired()
+    # Each step on its own: a failure in one (logged) never skips the others.
+    for step in (lambda: complete_quiet_series(grace=grace), route_pending,
+                 purge_expired):  # fmt: skip
+        try:
+            step()
+        except Exception:
+            log.exception("event=routing_sweep_step_failed")
 
 
 # -- receiver bookkeeping through the database -------------------------------------------
@@ -653,13 +741,16 @@ class DatabaseRecorder:
         )
         return restore_open_series(spool_incoming)
 
-    def save(self, series) -> None:
-        save_open_series(series)
+    def save(self, series) -> list:
+        return save_open_series(series)
 
     def close(self, series) -> None:
         from . import routing_tasks
 
-        if series.pk is not None and complete_series(series.pk):
+        if series.pk is None and save_open_series([series]):
+            raise RuntimeError("the series' row could not be written")
+        if series.pk is not None and _contained(complete_series, series.pk,
+                                                "complete"):  # fmt: skip
             routing_tasks.route_series_task(series.pk)
 
     def refused(self, reason: str, count: int) -> None:
@@ -670,7 +761,7 @@ class DatabaseRecorder:
         now = timezone.now()
         ReceiverStatus.objects.filter(name=self.name).update(
             refused_count=F("refused_count") + count,
-            last_refusal=reason,
+            last_refusal=db_text(reason),
             last_refusal_at=now,
         )
 

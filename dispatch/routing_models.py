@@ -9,7 +9,6 @@ rules that matched and the jobs made for it.
 from __future__ import annotations
 
 import fnmatch
-import re
 
 from django.core.exceptions import ValidationError
 from django.db import models
@@ -173,11 +172,20 @@ class RuleCondition(models.Model):
         elif self.keyword:
             self.keyword = ""
         if self.operator == self.Operator.REGEX:
+            # The router's own compiler (RE2, linear time): what it refuses, the
+            # form refuses; no pattern can make matching hang. Imported here, as
+            # pydicom above: models load at every django.setup().
+            from .routing import RegexError, compile_regex
+
             try:
-                re.compile(self.value)
-            except re.error as exc:
+                compile_regex(self.value)
+            except RegexError as exc:
                 raise ValidationError(
-                    {"value": f"Not a valid regular expression: {exc}."}
+                    {
+                        "value": f"Not a valid regular expression for Courier's "
+                        f"linear-time matcher (RE2): {exc}. Backreferences and "
+                        "look-around are not supported."
+                    }
                 ) from None
         elif self.operator == self.Operator.WILDCARD:
             fnmatch.translate(self.value)

@@ -35,6 +35,7 @@ from django.db.models import Count, F, Min, Q, Sum
 from django.template.defaultfilters import pluralize
 from django.utils import timezone
 
+from config.safetext import db_text, log_fields
 from targets.kinds.base import (
     FAILED,
     PRESENT,
@@ -93,18 +94,9 @@ def worker_id() -> str:
 
 
 def _kv(**fields) -> str:
-    """Format key=value pairs a log collector can parse; quote values with spaces."""
-    parts = []
-    for key, value in fields.items():
-        text = "" if value is None else str(value)
-        if text == "" or any(c in text for c in ' "=\n'):
-            text = (
-                '"'
-                + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
-                + '"'
-            )
-        parts.append(f"{key}={text}")
-    return " ".join(parts)
+    """Format key=value pairs a log collector can parse (values from peers and
+    files escaped: no field or line can be forged)."""
+    return log_fields(**fields)
 
 
 def job_limit(target: Target) -> int:
@@ -348,11 +340,13 @@ def create_jobs(
                 folder=str(folder),
                 owned_spool=owned_spool,
                 source=source,
-                study_uid=first.get("StudyInstanceUID", "")[:64],
-                series_uid=first.get("SeriesInstanceUID", "")[:64],
-                series_description=first.get("SeriesDescription", "")[:200],
-                calling_aet=context.calling_aet or "",
-                called_aet=context.called_aet or "",
+                # Values from the files: no NUL reaches the database (PostgreSQL
+                # refuses the whole row).
+                study_uid=db_text(first.get("StudyInstanceUID"), 64),
+                series_uid=db_text(first.get("SeriesInstanceUID"), 64),
+                series_description=db_text(first.get("SeriesDescription"), 200),
+                calling_aet=db_text(context.calling_aet),
+                called_aet=db_text(context.called_aet),
                 total=len(own.instances),
                 other_files=len(others),
                 skipped=len(left_out),
@@ -360,7 +354,9 @@ def create_jobs(
             JobInstance.objects.bulk_create(
                 [
                     JobInstance(
-                        job=job, path=str(i.path), sop_instance_uid=i.sop_instance_uid
+                        job=job,
+                        path=str(i.path),
+                        sop_instance_uid=db_text(i.sop_instance_uid, 64),
                     )
                     for i in own.instances
                 ]

@@ -183,13 +183,16 @@ def walk_dataset(
     }
 
 
-def check_dataset(raw: bytes, transfer_syntax: str) -> dict[str, str]:
-    """Check an encoded dataset end to end; return its SOP/Study/Series UIDs.
+def check_dataset(
+    raw: bytes | bytearray | mmap.mmap, transfer_syntax: str, start: int = 0
+) -> dict[str, str]:
+    """Check an encoded dataset (from `start`) end to end; return its
+    SOP/Study/Series UIDs.
 
     Raise `CorruptDataset` if it is truncated, not DICOM, or lacks the UIDs
     Courier needs to file it.
     """
-    found = walk_dataset(raw, transfer_syntax)
+    found = walk_dataset(raw, transfer_syntax, start)
     for keyword in ("SOPInstanceUID", "SeriesInstanceUID"):
         if not found[keyword]:
             raise CorruptDataset(f"the dataset has no {keyword}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from io import BytesIO
 from pathlib import Path
@@ -236,7 +237,7 @@ def test_a_series_folder_that_cannot_be_made_answers_out_of_resources(
     rx = receiver()
     # The spool's incoming folder replaced by a file: a new series' folder cannot
     # be made (as on a full or read-only disk), before any instance is written.
-    rx.incoming.rmdir()
+    shutil.rmtree(rx.incoming)
     rx.incoming.write_bytes(b"")
 
     with caplog.at_level(logging.ERROR, logger="courier.receiver"):
@@ -275,3 +276,40 @@ def test_the_dataset_check_needs_the_series_uid():
     raw = encode(ds, False, True)
     with pytest.raises(CorruptDataset, match="SeriesInstanceUID"):
         check_dataset(raw, str(ds.file_meta.TransferSyntaxUID))
+
+
+def test_a_series_the_bookkeeping_cannot_save_or_close_never_holds_up_the_others(
+    receiver, tmp_path
+):
+    from tests.fixtures.receive_peers import MemoryRecorder
+
+    class Picky(MemoryRecorder):
+        """Refuses one series, as PostgreSQL refused a value with a NUL."""
+
+        bad: str = ""
+
+        def save(self, series):
+            super().save(series)
+            return [s for s in series if s.series_uid == self.bad]
+
+        def close(self, series):
+            if series.series_uid == self.bad:
+                raise ValueError("A string literal cannot contain NUL characters")
+            super().close(series)
+
+    first, second = make_series(tmp_path / "a", 2), make_series(tmp_path / "b", 2)
+    recorder = Picky()
+    recorder.bad = first.series_uid
+    rx = receiver(recorder=recorder, quiet_seconds=3600, tick_seconds=3600)
+    for series in (first, second):
+        assert storescu(rx.port, [series.folder], extra=["+sd"]).returncode == 0
+
+    rx.tick()
+    bad = next(s for s in rx.open_series() if s.series_uid == first.series_uid)
+    assert bad.dirty  # tried again on the next tick
+    rx.quiet_seconds = 0
+    closed = rx.tick()
+
+    assert [s.series_uid for s in closed] == [second.series_uid]
+    assert [s.series_uid for s in recorder.closed] == [second.series_uid]
+    assert rx.open_series() == []

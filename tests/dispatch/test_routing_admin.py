@@ -161,3 +161,25 @@ def test_the_list_shows_the_receiver_and_its_refusals(admin_client, spool):
     ).content.decode()
     assert "Receiver COURIER@11112" in page and "running" in page
     assert "Refused 3 instances" in page and "nearly full" in page
+
+
+def test_a_catastrophic_expression_cannot_hang_the_preview(
+    admin_client, target, spool, in_child
+):
+    slow = received(spool, "ct", "CT_1", state="routed")
+    slow.tags["StudyDescription"] = "a" * 40 + "!"
+    slow.save()
+    data = rule_form(target, **{"conditions-1-field": "tag",
+                                "conditions-1-keyword": "StudyDescription",
+                                "conditions-1-operator": "regex",
+                                "conditions-1-value": "(a+)+$"})  # fmt: skip
+
+    def preview():
+        response = admin_client.post(reverse("admin:dispatch_rule_preview"), data)
+        rows = [(row.pk, hit) for row, hit in response.context["rows"]]
+        return response.status_code, rows
+
+    status, rows = in_child(preview)
+
+    assert status == 200
+    assert rows == [(slow.pk, False)]

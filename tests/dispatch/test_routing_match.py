@@ -72,3 +72,26 @@ def test_every_matching_rule_counts_and_targets_are_deduplicated_in_rule_order()
     matched = matching_rules(rules, FACTS)
     assert [r.name for r in matched] == ["ct", "from scanner 1"]
     assert targets_of(matched) == [3, 1, 4]
+
+
+@pytest.mark.parametrize("pattern", ["(a+)+$", "(a|aa)+b", "(.*a){20}"])
+def test_a_catastrophic_expression_cannot_hang_the_router(pattern, in_child):
+    # Python's backtracking `re` takes 2^40 steps on these values.
+    facts = {"StudyDescription": "a" * 40 + "!"}
+    matched = in_child(
+        lambda: condition_matches("StudyDescription", "regex", pattern, facts)
+    )
+    assert matched is False
+
+
+@pytest.mark.parametrize("pattern", [r"(a+)\1", r"CT(?=X)", r"(?<!M)R"])
+def test_expressions_only_backtracking_can_match_are_a_form_error(pattern):
+    from django.core.exceptions import ValidationError
+
+    from dispatch.routing_models import RuleCondition
+
+    condition = RuleCondition(
+        field="tag", keyword="Modality", operator="regex", value=pattern
+    )
+    with pytest.raises(ValidationError, match="linear-time matcher"):
+        condition.clean()

@@ -274,3 +274,74 @@ def test_the_receiver_reports_refusals_and_heartbeats_for_the_admin(spool):
     assert status.refused_count == 3
     assert status.last_refusal.endswith("(3 bytes free)") and status.last_refusal_at
     assert status.info == {"stored": 7}
+
+
+def test_one_series_that_fails_never_stops_the_sweep_for_the_others(
+    tmp_path, spool, settings, monkeypatch
+):
+    """A failure the database raises for one series (as PostgreSQL did for a NUL)
+    fails that series alone: the others are completed, routed and purged."""
+    from django.db import DataError
+
+    settings.COURIER_SERIES_QUIET_SECONDS = 60
+    settings.COURIER_UNROUTED_RETENTION_DAYS = 7
+    rule("ct", [folder_target(tmp_path / "out")], modality_is("CT"))
+    old = timezone.now() - timedelta(seconds=600)
+    bad_complete = received(spool, state="receiving", last_received_at=old)
+    good_quiet = received(spool, state="receiving", last_received_at=old)
+    bad_route = received(spool, last_received_at=old)
+    good_complete = received(spool)
+    expired = received(spool, state="unrouted",
+                       state_changed_at=timezone.now() - timedelta(days=8))  # fmt: skip
+    complete, route = routing.complete_series, routing.route_series
+
+    def failing(real, bad_pk):
+        def step(pk, **kwargs):
+            if pk == bad_pk:
+                raise DataError(
+                    "A string literal cannot contain NUL (0x00) characters."
+                )
+            return real(pk, **kwargs)
+
+        return step
+
+    monkeypatch.setattr(routing, "complete_series", failing(complete, bad_complete.pk))
+    monkeypatch.setattr(routing, "route_series", failing(route, bad_route.pk))
+
+    routing.sweep()
+
+    states = dict(ReceivedSeries.objects.values_list("pk", "state"))
+    assert states[good_quiet.pk] == states[good_complete.pk] == "routed"
+    assert states[bad_complete.pk] == states[bad_route.pk] == "failed"
+    assert expired.pk not in states
+    bad = ReceivedSeries.objects.get(pk=bad_complete.pk)
+    assert "could not complete the series: DataError" in bad.note
+    assert Job.objects.count() == 2
+
+
+def test_a_description_file_with_control_characters_is_adopted_clean(spool):
+    incoming = spool / "incoming"
+    series = make_series(incoming / "odd", 2)
+    (incoming / "odd.series.json").write_text(json.dumps({
+        "series_uid": series.series_uid + "\x00", "calling_aet": "US\x001",
+        "called_aet": "X\n", "peer_address": "10.0.0.9:4000",
+    }))  # fmt: skip
+    (incoming / "broken.series.json").write_text("{not json")
+    (incoming / "broken").mkdir()
+
+    restored = routing.restore_open_series(incoming)
+
+    (row,) = ReceivedSeries.objects.all()
+    assert row.series_uid == series.series_uid
+    assert (row.calling_aet, row.called_aet) == ("US1", "X\n")
+    assert [s.pk for s in restored] == [row.pk]
+
+
+def test_tags_with_control_characters_are_kept_fit_for_any_database(tmp_path):
+    (path,) = make_series(
+        tmp_path / "ct", 1, tags={"SeriesDescription": "Lung\x00 1.0\x07"}
+    ).files
+
+    tags = routing.tags_summary(path)
+
+    assert tags["SeriesDescription"] == "Lung 1.0\ufffd"

@@ -10,13 +10,15 @@ from django.core.management.base import BaseCommand, CommandError
 from config.preload import preload_for_threads
 from dispatch.receiver import Receiver
 from dispatch.routing import DatabaseRecorder
+from targets.kinds.dicom_accept import Limits
 
 
 class Command(BaseCommand):
     help = (
         "Receive DICOM (C-STORE, C-ECHO) into the spool and hand complete series to "
         "routing. Settings: COURIER_AE_TITLE, COURIER_RECEIVER_PORT, "
-        "COURIER_RECEIVER_ACCEPTED_CALLING_AETS, COURIER_SERIES_QUIET_SECONDS."
+        "COURIER_RECEIVER_ACCEPTED_CALLING_AETS, COURIER_SERIES_QUIET_SECONDS, "
+        "COURIER_MIN_FREE_BYTES and the COURIER_RECEIVER_* limits (README)."
     )
 
     def add_arguments(self, parser):
@@ -41,6 +43,8 @@ class Command(BaseCommand):
             min_free_bytes=settings.COURIER_MIN_FREE_BYTES,
             quiet_seconds=settings.COURIER_SERIES_QUIET_SECONDS,
             recorder=recorder,
+            max_instance_bytes=settings.COURIER_RECEIVER_MAX_INSTANCE_BYTES,
+            limits=receiver_limits(),
         )
 
         def stop(*_):
@@ -62,3 +66,19 @@ class Command(BaseCommand):
         self.stdout.flush()
         receiver.wait_stopped()
         recorder.stopped(receiver.info())
+
+
+def receiver_limits() -> Limits:
+    """The receiver's limits from the settings (at most 4 waiting connections per
+    association slot, so waiting connections are bounded too)."""
+    max_associations = max(1, settings.COURIER_RECEIVER_MAX_ASSOCIATIONS)
+    per_peer = settings.COURIER_RECEIVER_MAX_ASSOCIATIONS_PER_PEER
+    return Limits(
+        max_associations=max_associations,
+        max_per_peer=per_peer if per_peer > 0 else 1 << 30,
+        max_pending=4 * max_associations,
+        associate_timeout=settings.COURIER_RECEIVER_ASSOCIATE_TIMEOUT,
+        pdu_timeout=settings.COURIER_RECEIVER_PDU_TIMEOUT,
+        idle_timeout=settings.COURIER_RECEIVER_IDLE_TIMEOUT,
+        backlog=settings.COURIER_RECEIVER_LISTEN_BACKLOG,
+    )
