@@ -61,7 +61,7 @@ REFERENCE = """
 import json, resource, sys, time
 import django
 django.setup()
-from targets.kinds.folder import FolderHandler
+from targets.kinds.folder.handler import FolderHandler
 from targets.models import FolderTarget
 from targets.series import scan_folder
 folders, out = json.load(open(sys.argv[1])), sys.argv[2]
