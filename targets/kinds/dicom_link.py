@@ -21,7 +21,7 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -573,8 +573,3 @@ def _read_pdu(sock: socket.socket, buffer: bytearray) -> tuple[int, bytes]:
             "is this a DICOM port?"
         )
     return pdu_type, header + _read_exact(sock, buffer, length)
-
-
-def transfer_syntaxes(values: Iterable[str]) -> list[str]:
-    """Deduplicate, keeping order."""
-    return list(dict.fromkeys(values))
