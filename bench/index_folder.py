@@ -1,5 +1,9 @@
 """Local-folder index: Courier's `FolderIndex` beside dicomweb-client's DICOMfileClient.
 
+INNER FIGURES (the second line): Courier is timed inside its process around
+the index calls (interpreter start, Django and the job bookkeeping excluded); the
+whole-process figures users see come from the bench/cmd_*.py scripts (bench/README.md).
+
 Generates a folder of small instances (default 100,000: patients x 5 studies x 2 series
 x 25 instances, 8x8 pixels, written by cloning one encoded series template per series),
 then times, on the same folder:
@@ -107,10 +111,10 @@ def main() -> None:
     django.setup()
     from dicomweb_client import DICOMfileClient
 
-    from querytool.index import FolderIndex
-    from querytool.sources import Criteria
-    from querytool.sources.folder import FolderSource
+    from targets.kinds.dicomweb.index import FolderIndex
+    from targets.kinds.dicomweb.local import LocalFolderQuery
     from targets.models import DicomWebTarget
+    from targets.query import Criteria
 
     folder = Path(args.keep) if args.keep else work / "folder"
     if folder.exists() and any(folder.iterdir()):
@@ -161,7 +165,7 @@ def main() -> None:
         )
 
     # Queries: Courier's folder source (no rescan: a fresh index) vs the client.
-    source = FolderSource(DicomWebTarget(name="bench", url=url))
+    source = LocalFolderQuery(DicomWebTarget(name="bench", url=url))
     source.fresh_index = lambda: index  # the timed index, already up to date
     pid, acc = "PAT00007", "A000073"
     q = [

@@ -1,5 +1,8 @@
 """Queue overhead: 1,000 one-instance jobs to a Folder target through real workers.
 
+SUPERSEDED by bench/cmd_queue.py (interleaved whole processes with CPU and peak RSS);
+kept for the figures the README quotes from it.
+
     .venv/bin/python bench/queue_overhead.py [--jobs 1000] [--workers 4]
 
 Generates `--jobs` one-instance series (~39 KB CT each) and measures, each in a fresh
@@ -41,7 +44,7 @@ REFERENCE = """
 import json, sys, time
 import django
 django.setup()
-from targets.kinds.folder import FolderHandler
+from targets.kinds.folder.handler import FolderHandler
 from targets.models import FolderTarget
 from targets.series import scan_folder
 folders, out = json.loads(sys.argv[1]), sys.argv[2]

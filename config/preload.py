@@ -43,7 +43,7 @@ LIBRARY_MODULES = (
 )
 
 # Courier's own modules that threads import on first use (they pull in boto3,
-# paramiko, requests, xnat, dicomweb-client).
+# paramiko, requests). The kinds' handlers and query sources come from the proxies.
 COURIER_MODULES = (
     "targets.series",
     "targets.kinds.dicom_accept",
@@ -55,11 +55,7 @@ COURIER_MODULES = (
     "dispatch.receiving.receiver",
     "dispatch.receiving.bookkeeping",
     "querytool.services",
-    "querytool.index",
     "querytool.tasks",
-    "querytool.sources.dicom",
-    "querytool.sources.dicomweb",
-    "querytool.sources.folder",
 )
 
 _lock = threading.Lock()
@@ -67,11 +63,18 @@ _done = False
 
 
 def modules() -> list[str]:
-    """Every module `preload_for_threads()` imports, the kinds' handlers included."""
-    from targets.models import HANDLERS
+    """Every module `preload_for_threads()` imports, the kinds' handlers and query
+    sources included (every dotted path a proxy names)."""
+    from targets.models import PROXIES
 
-    handlers = [path.rpartition(".")[0] for path in HANDLERS.values()]
-    return [*LIBRARY_MODULES, *COURIER_MODULES, *dict.fromkeys(handlers)]
+    paths = [
+        path
+        for proxy in PROXIES.values()
+        for name, path in vars(proxy).items()
+        if name.endswith("_path") and isinstance(path, str)
+    ]
+    kinds = [path.rpartition(".")[0] for path in paths]
+    return [*LIBRARY_MODULES, *COURIER_MODULES, *dict.fromkeys(kinds)]
 
 
 def preload_for_threads() -> None:

@@ -25,10 +25,10 @@ from dispatch.jobs import lease
 from dispatch.jobs.models import DispatchError, JobOrigin
 from dispatch.jobs.services import create_jobs
 from targets.paths import clean_part, inside, private_dir
+from targets.query import Cancelled, RetrieveRequest, SourceError
 from targets.redaction import crash_site, scrub
 
 from .models import RetrievalJob, RetrievalState
-from .sources import Cancelled, RetrieveRequest, SourceError
 
 log = logging.getLogger("courier.querytool")
 
@@ -118,7 +118,9 @@ def run(job: RetrievalJob, worker: str, keeper: lease.LeaseKeeper) -> RetrievalJ
         elif dest is not None:
             private_dir(dest)  # the spool: Courier's alone
         request = RetrieveRequest(job.study_uid, list(job.series_uids), job.move_aet)
-        result = job.source.handler.retrieve(request, dest, _Progress(job.pk, keeper))
+        result = job.source.query_source().retrieve(
+            request, dest, _Progress(job.pk, keeper)
+        )
         if result.failed:
             state = RetrievalState.PARTIAL
             message = (

@@ -1,8 +1,9 @@
 """Query tool services: search, open a study, retrieve in the background, audit.
 
-Plain functions called by the page and `manage.py index_folder`. The protocols live
-in `querytool.sources`; this module adds the audit log and the retrieval jobs (run by
-`retrieval`, queued through `tasks`, on the dispatch engine's claim and lease).
+Plain functions called by the page and `manage.py index_folder`. A target answers
+for itself (`target.query_source()`, the contract in `targets.query`); this module
+adds the audit log and the retrieval jobs (run by `retrieval`, queued through
+`tasks`, on the dispatch engine's claim and lease). It knows no kinds.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.core.exceptions import PermissionDenied
@@ -20,20 +22,20 @@ from django.utils import timezone
 from dispatch.jobs.models import ACTIVE_STATES, SUCCESS_STATES, Job, State
 from dispatch.jobs.services import retry_now
 from targets.models import Direction, Target
+from targets.query import (
+    Criteria,
+    FoundSeries,
+    SourceError,
+    StudySearch,
+)
 from targets.redaction import crash_site, scrub
 
 from . import tasks
-from .index import ScanReport
 from .models import AuditAction, AuditEntry, Delivery, RetrievalJob, RetrievalState
 from .retrieval import abandoned
-from .sources import (
-    Criteria,
-    Series,
-    SourceError,
-    StudySearch,
-    is_local_folder,
-    source_for,
-)
+
+if TYPE_CHECKING:
+    from targets.kinds.dicomweb.index import ScanReport
 
 log = logging.getLogger("courier.querytool")
 
@@ -153,7 +155,7 @@ def search(
     limit = limit or settings.COURIER_QUERY_LIMIT
     try:
         with _in_words(source, "search"):
-            found = source.handler.query(criteria, limit)
+            found = source.query_source().find_studies(criteria, limit)
     except SourceError as exc:
         exc.message = scrub(exc.message, source)
         audit(
@@ -179,11 +181,11 @@ def search(
     return found
 
 
-def list_series(source: Target, study_uid: str, user) -> list[Series]:
+def list_series(source: Target, study_uid: str, user) -> list[FoundSeries]:
     require_search(user, source)
     try:
         with _in_words(source, "listing the series"):
-            series = source.handler.query_series(study_uid)
+            series = source.query_source().find_series(study_uid)
     except SourceError as exc:
         exc.message = scrub(exc.message, source)
         audit(
@@ -205,12 +207,17 @@ def list_series(source: Target, study_uid: str, user) -> list[Series]:
     return series
 
 
+def keeps_index(source: Target) -> bool:
+    """Whether Courier keeps an index of the source (a local folder)."""
+    return source.can_query and source.query_source().indexed
+
+
 def reindex(source: Target, user=None, progress=None) -> ScanReport:
     """Rescan a local-folder source's index now."""
-    if not is_local_folder(source):
+    if not keeps_index(source):
         raise SourceError(f"{source.name} is not a local folder.")
     with _in_words(source, "rescan"):
-        report = source_for(source).rescan(progress)
+        report = source.query_source().rescan(progress)
     audit(
         user,
         AuditAction.INDEX,
@@ -255,7 +262,7 @@ def start_retrieval(
             "Choose one destination: a target, the download folder, "
             "or a C-MOVE destination."
         )
-    if move_aet and source.kind != "dicom":
+    if move_aet and not source.as_kind().can_move:
         raise SourceError("C-MOVE needs a DICOM source.")
     if destination is not None and not (destination.enabled and destination.can_store):
         raise SourceError(f"{destination.name} is not an enabled store target.")

@@ -2,7 +2,7 @@
 
 Two readers walk element headers without pydicom, each for its own speed: the
 receiver's strict check of every received dataset (`dispatch.receiver`) and the folder
-index's header reader (`querytool.index`). They share this table (PS3.5 6.2, 7.1.2).
+index's header reader (`targets.kinds.dicomweb.index`). They share this table (PS3.5 6.2, 7.1.2).
 """
 
 from __future__ import annotations

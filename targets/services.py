@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 from django.utils import timezone
 
-from .kinds.base import Check, TestResult
+from .kinds.base import Check, CheckReport
 from .models import Target
 from .redaction import crash_site, redact, secret_values
 
@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 TEST_FIELDS = ["last_test_at", "last_test_ok", "last_test_message", "last_test_result"]
 
 
-def run_test(target: Target, *, store: bool = True) -> TestResult:
+def run_test(target: Target, *, store: bool = True) -> CheckReport:
     """Run the target's checks for real, store the outcome on it and return it.
 
     With `store=False` (settings from a form that are not saved) the outcome is only
@@ -32,7 +32,7 @@ def run_test(target: Target, *, store: bool = True) -> TestResult:
     target = target.as_kind()
     try:
         result = target.handler.test()
-        if not isinstance(result, TestResult):
+        if not isinstance(result, CheckReport):
             raise TypeError(f"test() returned {type(result).__name__}")
     except Exception as exc:
         log.error(
@@ -42,7 +42,7 @@ def run_test(target: Target, *, store: bool = True) -> TestResult:
             type(exc).__name__,
             crash_site(exc),
         )
-        result = TestResult(
+        result = CheckReport(
             checks=[
                 Check(
                     name="test",

@@ -11,7 +11,6 @@ watches the lease and schedules the retry.
 
 from __future__ import annotations
 
-import copy
 import logging
 import queue
 import threading
@@ -226,9 +225,6 @@ def attempt(
     lease is no longer valid (cancelled, taken over, the database away).
     """
     job, target = claimed.job, claimed.target
-    # The handler opens at most the connections this job was given.
-    handler_target = copy.copy(target)
-    handler_target.max_connections = job.connections
     record = Attempt.objects.create(job=job, number=job.attempt_count, worker=worker)
     started = time.monotonic()
     error: TargetError | None = None
@@ -257,7 +253,7 @@ def attempt(
             if found:
                 ids = {path: pk for path, (pk, _) in pending.items()}
                 writer = OutcomeWriter(job, target, record, worker, ids)
-                aborted = _send(job, handler_target, series, writer, keeper, progress)
+                aborted = _send(job, target, series, writer, keeper, progress)
     except TargetError as exc:
         error = exc
         error.message = scrub(exc.message, target)
@@ -331,7 +327,13 @@ def _send(
 
     def sender() -> None:
         try:
-            target.handler.send(series, progress=report, context=context)
+            # The handler opens at most the connections this job was given.
+            target.handler.send(
+                series,
+                progress=report,
+                context=context,
+                connections=job.connections,
+            )
         except BaseException as exc:  # handed to the worker thread below
             failure.append(exc)
         finally:

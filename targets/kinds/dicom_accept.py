@@ -26,6 +26,10 @@ Only what a storage SCP needs: no asynchronous operations window, no role select
 no extended negotiation, no other DIMSE services (a peer sending one is aborted).
 """
 
+# Why this module is long: the acceptor's state machine (association request
+# limits, PDU reassembly, C-STORE and C-ECHO, timeouts per phase) is one loop per
+# association; its parts only make sense together.
+
 from __future__ import annotations
 
 import contextlib

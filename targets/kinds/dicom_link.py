@@ -13,12 +13,15 @@ Only what an SCU that sends needs is here: no asynchronous operations window, no
 role selection, no extended negotiation (DICOM PS3.7 and PS3.8).
 """
 
+# Why this module is long: one SCU association (A-ASSOCIATE, P-DATA framing,
+# C-STORE and C-ECHO, release and abort) with its errors in words, read top down.
+
 from __future__ import annotations
 
 import socket
 import ssl
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -570,8 +573,3 @@ def _read_pdu(sock: socket.socket, buffer: bytearray) -> tuple[int, bytes]:
             "is this a DICOM port?"
         )
     return pdu_type, header + _read_exact(sock, buffer, length)
-
-
-def transfer_syntaxes(values: Iterable[str]) -> list[str]:
-    """Deduplicate, keeping order."""
-    return list(dict.fromkeys(values))

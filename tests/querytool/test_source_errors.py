@@ -26,8 +26,8 @@ from django.contrib.auth.models import Permission
 from django.test import override_settings
 
 from querytool.models import AuditEntry
-from querytool.sources import Criteria, SourceError, source_for
 from targets.models import DicomTarget, DicomWebTarget
+from targets.query import Criteria, SourceError
 
 pytestmark = pytest.mark.django_db
 
@@ -352,7 +352,7 @@ def test_folders_the_service_user_cannot_read_are_named_and_nothing_is_dropped(
         def run():
             # Unsaved: the forked child must not write to the parent's database.
             target = DicomWebTarget(name="f", url=path.as_uri(), direction="query")
-            source = source_for(target)
+            source = target.query_source()
             try:
                 found = source.find_studies(Criteria(), 1000)
             except SourceError as exc:

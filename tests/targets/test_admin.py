@@ -15,7 +15,7 @@ from django.core.management import CommandError, call_command
 from django.test import Client
 from django.urls import reverse
 
-from targets.kinds.folder import FolderHandler
+from targets.kinds.folder.handler import FolderHandler
 from targets.models import (
     PROXIES,
     DicomTarget,
@@ -538,10 +538,10 @@ def test_an_unexpected_error_in_a_test_becomes_a_failed_check(
 
 
 def test_a_check_message_never_echoes_a_secret(s3_target, monkeypatch):
-    from targets.kinds.base import TargetError, TestResult
+    from targets.kinds.base import CheckReport, TargetError
 
     def leaky(self):
-        result = TestResult()
+        result = CheckReport()
         with result.check("login"):
             raise TargetError(f"rejected key {SECRET}")
         return result

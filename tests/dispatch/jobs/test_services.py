@@ -391,11 +391,11 @@ def test_a_secret_in_an_unexpected_exception_reaches_no_error_and_no_log(
 ):
     from urllib.parse import quote
 
-    from targets.kinds.folder import FolderHandler
+    from targets.kinds.folder.handler import FolderHandler
 
     secret = "p@ss/w0rd-42"
 
-    def send(self, series, progress=None, context=None):
+    def send(self, series, progress=None, context=None, connections=None):
         # A library error echoing the URL it was given, raw and quoted.
         raise RuntimeError(
             f"cannot open sftp://u:{secret}@host (u:{quote(secret, safe='')})"

@@ -11,9 +11,9 @@ import sqlite3
 
 import pydicom
 
-from querytool.sources import RetrieveRequest
-from querytool.sources.dicom import DicomSource
+from targets.kinds.dicom.query import DicomQuery
 from targets.models import Target
+from targets.query import RetrieveRequest
 from tests.dicomgen import make_mixed_study, make_series
 from tests.fixtures.receive_peers import ReceiverProcess, echoscu, storescu
 from tests.peers import Orthanc, free_port
@@ -190,7 +190,7 @@ def test_a_c_move_from_the_query_tool_lands_in_the_receiver_and_is_routed(
         try:
             source = Target(kind="dicom", host="127.0.0.1", port=pacs.dicom_port,
                             called_aet="PACS", calling_aet="COURIER")  # fmt: skip
-            result = DicomSource(source).retrieve(
+            result = DicomQuery(source).retrieve(
                 RetrieveRequest(series.study_uid, [series.series_uid],
                                 move_aet="COURIER"),
                 tmp_path / "unused", lambda *a: None,

@@ -18,7 +18,6 @@ from django.core.management import call_command
 
 from dispatch.jobs import direct
 from dispatch.jobs.models import Job, State
-from targets.kinds.ssh import pin_host_key
 from targets.models import (
     DicomTarget,
     FolderTarget,
@@ -27,6 +26,7 @@ from targets.models import (
     SftpTarget,
     Target,
 )
+from targets.ssh import pin_host_key
 from tests.dicomgen import GeneratedSeries, make_series
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -5,6 +5,9 @@ explicit timeouts from the target, every status checked, and the association alw
 released (or aborted when something went wrong part-way).
 """
 
+# Why this module is long: C-FIND, C-GET and C-MOVE share one association
+# set-up and one way of putting a refusal, a silent peer or a status in words.
+
 from __future__ import annotations
 
 import socket
@@ -38,18 +41,17 @@ from pynetdicom.sop_class import (
 from targets.dicomnet import enable_tcp_nodelay
 from targets.kinds.dicom_link import LinkError, connect
 from targets.paths import UnsafePath
-
-from . import (
+from targets.query import (
     Cancelled,
     Criteria,
-    ProgressCallback,
+    FoundSeries,
+    FoundStudy,
+    QuerySource,
+    RetrieveProgress,
     RetrieveRequest,
     RetrieveResult,
-    Series,
     SeriesFolders,
-    Source,
     SourceError,
-    Study,
     StudySearch,
 )
 
@@ -106,7 +108,7 @@ def _text(ds: Dataset, keyword: str) -> str:
     return str(value).strip()
 
 
-class DicomSource(Source):
+class DicomQuery(QuerySource):
     # -- association ---------------------------------------------------------------
     @contextmanager
     def associate(
@@ -311,7 +313,7 @@ class DicomSource(Source):
         ds.NumberOfStudyRelatedInstances = None
         found, truncated = self._c_find(ds, limit, assoc)
         studies = [
-            Study(
+            FoundStudy(
                 study_uid=_text(r, "StudyInstanceUID"),
                 patient_id=_text(r, "PatientID"),
                 patient_name=_text(r, "PatientName"),
@@ -330,7 +332,7 @@ class DicomSource(Source):
         studies.sort(key=lambda s: (s.study_date, s.study_time), reverse=True)
         return StudySearch(studies=studies, truncated=truncated)
 
-    def find_series(self, study_uid: str) -> list[Series]:
+    def find_series(self, study_uid: str) -> list[FoundSeries]:
         ds = Dataset()
         ds.QueryRetrieveLevel = "SERIES"
         ds.StudyInstanceUID = study_uid
@@ -341,7 +343,7 @@ class DicomSource(Source):
         ds.NumberOfSeriesRelatedInstances = None
         found, _ = self._c_find(ds)
         series = [
-            Series(
+            FoundSeries(
                 series_uid=_text(r, "SeriesInstanceUID"),
                 study_uid=study_uid,
                 number=_int(r.get("SeriesNumber")),
@@ -369,14 +371,14 @@ class DicomSource(Source):
         return out
 
     def retrieve(
-        self, request: RetrieveRequest, dest: Path, progress: ProgressCallback
+        self, request: RetrieveRequest, dest: Path, progress: RetrieveProgress
     ) -> RetrieveResult:
         if request.move_aet:
             return self._move(request, progress)
         return self._get(request, dest, progress)
 
     def _get(
-        self, request: RetrieveRequest, dest: Path, progress: ProgressCallback
+        self, request: RetrieveRequest, dest: Path, progress: RetrieveProgress
     ) -> RetrieveResult:
         result = RetrieveResult()
         folders = SeriesFolders(dest)
@@ -441,7 +443,7 @@ class DicomSource(Source):
         return result
 
     def _move(
-        self, request: RetrieveRequest, progress: ProgressCallback
+        self, request: RetrieveRequest, progress: RetrieveProgress
     ) -> RetrieveResult:
         result = RetrieveResult()
         with self.associate([StudyRootQueryRetrieveInformationModelMove]) as assoc:
@@ -466,7 +468,7 @@ class DicomSource(Source):
         responses,
         what: str,
         result: RetrieveResult,
-        progress: ProgressCallback,
+        progress: RetrieveProgress,
         hint: str = "",
         *,
         assoc: Association,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import shutil
 import time
 import uuid
@@ -26,27 +25,24 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from targets.paths import UnsafePath, inside
-from targets.series import HEADER_TAGS, Instance, OtherFile, Series
-
-from .base import (
+from targets.kinds.base import (
+    COMPLETE_MARKER,
     PRESENT,
     SENT,
+    CheckReport,
     Handler,
     Outcome,
     ProgressCallback,
     SendContext,
     SendResult,
     TargetError,
-    TestResult,
-    files_by_folder,
     instance_outcome,
-    recorder,
 )
+from targets.paths import UnsafePath, inside
+from targets.series import Instance, OtherFile, Series
 
 log = logging.getLogger(__name__)
 
-COMPLETE_MARKER = ".complete"
 # Temporary series folders start with a dot so that consumers globbing for series
 # folders skip them; the suffix makes leftovers of a crash easy to recognise.
 TMP_PREFIX = ".courier-tmp-"
@@ -170,23 +166,6 @@ def _merge_into(tmp: Path, dest: Path) -> None:
         _fsync_dir(folder)
 
 
-def layout_error(template: str) -> str | None:
-    """Return why a layout template cannot be used, or None if it can."""
-    keywords = re.findall(r"\{(\w+)\}", template)
-    rest = re.sub(r"\{\w+\}", "", template)
-    if "{" in rest or "}" in rest:
-        return (
-            "Put each DICOM keyword in braces, e.g. "
-            "{StudyInstanceUID}/{SeriesInstanceUID}."
-        )
-    unknown = [k for k in keywords if k not in HEADER_TAGS]
-    if unknown:
-        return f"Unknown layout tag {unknown[0]}: use one of {', '.join(HEADER_TAGS)}."
-    if any(part.strip() in (".", "..") for part in template.split("/")):
-        return "A layout cannot contain . or .. folders."
-    return None
-
-
 class FolderHandler(Handler):
     @property
     def root(self) -> Path:
@@ -199,13 +178,12 @@ class FolderHandler(Handler):
         *,
         progress: ProgressCallback | None = None,
         context: SendContext | None = None,
+        connections: int | None = None,
     ) -> SendResult:
-        result = SendResult()
-        report = recorder(result, progress)
         self._check_root()
         # A source folder may hold more than one series (a study): group by the
         # folder each instance belongs in.
-        groups = files_by_folder(series, self.target, report)
+        result, report, groups = self.start_grouped(series, progress)
         for rel, files in groups.items():
             try:
                 dest = inside(self.root, rel) if rel else self.root
@@ -374,8 +352,8 @@ class FolderHandler(Handler):
             raise _error(exc, f"writing into {dest}") from None
 
     # -- test -------------------------------------------------------------------------
-    def test(self) -> TestResult:
-        result = TestResult()
+    def test(self) -> CheckReport:
+        result = CheckReport()
         root = self.root
         with result.check("folder exists") as c:
             if not root.is_absolute():

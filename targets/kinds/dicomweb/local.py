@@ -1,46 +1,143 @@
-"""A local folder as a query source: a DICOMweb target with a `file://` URL.
+"""A DICOMweb target with a `file://` URL: a local folder of DICOM files.
 
-Searches are answered from the folder's sqlite index (`querytool.index`), which is
-rescanned incrementally first when the last scan is older than
-`COURIER_INDEX_MAX_AGE` seconds. Retrieval copies the indexed files.
+The proxy hands these two classes out instead of the HTTP ones for such a URL.
+`LocalFolderHandler` writes each instance to
+`studies/<study>/series/<series>/instances/<sop>.dcm` (the layout dicomweb-client's
+`DICOMfileClient` reads). `LocalFolderQuery` answers searches from the folder's
+sqlite index (`index.py`), rescanned incrementally first when the last scan is
+older than `COURIER_INDEX_MAX_AGE` seconds; retrieval copies the indexed files.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlsplit
 
 from django.conf import settings
 
-from querytool.index import INDEX_NAME, FolderIndex, text_condition
-from targets.paths import UnsafePath, inside
-
-from . import (
-    Criteria,
+from targets.kinds.base import (
+    FAILED,
+    PRESENT,
+    SENT,
+    CheckReport,
+    Handler,
     ProgressCallback,
+    SendContext,
+    SendResult,
+    TargetError,
+    instance_outcome,
+)
+from targets.paths import UnsafePath, inside, uid_part
+from targets.query import (
+    Criteria,
+    FoundSeries,
+    FoundStudy,
+    QuerySource,
+    RetrieveProgress,
     RetrieveRequest,
     RetrieveResult,
-    Series,
     SeriesFolders,
-    Source,
     SourceError,
-    Study,
     StudySearch,
 )
+from targets.series import Series
+
+from .index import INDEX_NAME, FolderIndex, ScanReport, text_condition
 
 
 def folder_of(url: str) -> Path:
-    parsed = urlparse(url)
-    if parsed.scheme != "file":
-        raise SourceError(f"{url} is not a file:// URL.")
-    return Path(unquote(parsed.path))
+    """The local folder a `file://` URL names."""
+    return Path(unquote(urlsplit(url or "").path))
 
 
-class FolderSource(Source):
+class LocalFolderHandler(Handler):
+    """Send into, and Test, the folder of a `file://` URL."""
+
+    @property
+    def folder(self) -> Path:
+        return folder_of(self.target.url)
+
+    def send(
+        self,
+        series: Series,
+        *,
+        progress: ProgressCallback | None = None,
+        context: SendContext | None = None,
+        connections: int | None = None,
+    ) -> SendResult:
+        result, report = self.start(progress)
+        root = self.folder
+        if not root.is_dir():
+            raise TargetError(f"the folder {root} does not exist", permanent=True)
+        for inst in series.instances:
+            try:
+                dest = inside(
+                    root,
+                    "studies",
+                    uid_part(inst.study_uid),
+                    "series",
+                    uid_part(inst.series_uid),
+                    "instances",
+                    f"{uid_part(inst.sop_instance_uid)}.dcm",
+                )
+            except UnsafePath as exc:
+                report(instance_outcome(inst, FAILED, str(exc)))
+                continue
+            if dest.is_file() and dest.stat().st_size == inst.size:
+                report(instance_outcome(inst, PRESENT, "already in the folder"))
+                continue
+            tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with open(inst.path, "rb") as src, open(tmp, "wb") as out:
+                    while block := src.read(1024 * 1024):
+                        out.write(block)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(tmp, dest)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                raise TargetError(
+                    f"cannot write {dest}: {exc.strerror or exc}",
+                    permanent=exc.errno in (13, 1, 30),
+                ) from None
+            report(instance_outcome(inst, SENT))
+        return result
+
+    def test(self) -> CheckReport:
+        report = CheckReport()
+        root = self.folder
+        with report.check("Folder") as c:
+            if not root.is_dir():
+                raise TargetError(f"{root} does not exist or is not a folder")
+            if not os.access(root, os.R_OK | os.X_OK):
+                raise TargetError(f"{root} is not readable by Courier")
+            c.message = f"{root} exists and is readable"
+        if self.target.can_store and not report.stopped:
+            with report.check("Writable") as c:
+                probe = root / f".courier-probe-{uuid.uuid4().hex[:8]}"
+                try:
+                    probe.write_bytes(b"probe")
+                    probe.unlink()
+                except OSError as exc:
+                    raise TargetError(
+                        f"cannot write into {root}: {exc.strerror or exc}"
+                    ) from None
+                c.message = f"a file was written into {root} and removed"
+        return report
+
+
+class LocalFolderQuery(QuerySource):
+    """Searches answered from the folder's index; retrieval copies its files."""
+
+    indexed = True
+
     def __init__(self, target):
         super().__init__(target)
         self.folder = folder_of(target.url)
@@ -74,7 +171,7 @@ class FolderSource(Source):
         with self._guard():
             return FolderIndex(self.folder)
 
-    def rescan(self, progress=None):
+    def rescan(self, progress=None) -> ScanReport:
         """Bring the index up to date now; return the `ScanReport`."""
         index = self.index()
         with self._guard():
@@ -88,7 +185,6 @@ class FolderSource(Source):
         return index
 
     def index_info(self) -> dict:
-        """Counts, last scan and unreadable files of the index, for the page."""
         index = self.index()
         with self._guard():
             return {
@@ -163,7 +259,7 @@ class FolderSource(Source):
         with index.connect() as db:
             rows = db.execute(sql, [*args, limit + 1]).fetchall()
         studies = [
-            Study(
+            FoundStudy(
                 study_uid=r[0],
                 patient_id=r[1] or "",
                 patient_name=r[2] or "",
@@ -180,7 +276,7 @@ class FolderSource(Source):
         ]
         return StudySearch(studies=studies, truncated=len(rows) > limit)
 
-    def find_series(self, study_uid: str) -> list[Series]:
+    def find_series(self, study_uid: str) -> list[FoundSeries]:
         index = self.fresh_index()
         with self._guard(), index.connect() as db:
             rows = db.execute(
@@ -190,7 +286,7 @@ class FolderSource(Source):
                 (study_uid,),
             ).fetchall()
         return [
-            Series(
+            FoundSeries(
                 series_uid=r[0],
                 study_uid=study_uid,
                 number=r[1],
@@ -203,7 +299,7 @@ class FolderSource(Source):
 
     # -- retrieve ------------------------------------------------------------------
     def retrieve(
-        self, request: RetrieveRequest, dest: Path, progress: ProgressCallback
+        self, request: RetrieveRequest, dest: Path, progress: RetrieveProgress
     ) -> RetrieveResult:
         if request.move_aet:
             raise SourceError(

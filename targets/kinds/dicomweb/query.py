@@ -2,7 +2,8 @@
 
 WADO-RS responses are `multipart/related` streams; they are read with
 `requests(stream=True)` and each part is written straight to its own file as it
-arrives, so memory holds one network chunk, never a series.
+arrives, so memory holds one network chunk, never a series. Requests go through the
+HTTP seam (`targets.http`), with the target's TLS verification and credentials.
 """
 
 from __future__ import annotations
@@ -17,19 +18,18 @@ from urllib.parse import quote, urlsplit
 import pydicom
 import requests
 
-from targets.kinds.dicomweb import _connection_words, _ssl_words
+from targets import http
 from targets.paths import UnsafePath
-
-from . import (
+from targets.query import (
     Criteria,
-    ProgressCallback,
+    FoundSeries,
+    FoundStudy,
+    QuerySource,
+    RetrieveProgress,
     RetrieveRequest,
     RetrieveResult,
-    Series,
     SeriesFolders,
-    Source,
     SourceError,
-    Study,
     StudySearch,
 )
 
@@ -94,16 +94,10 @@ def _join(base: str, prefix: str) -> str:
     return f"{base}/{prefix.strip('/')}" if prefix.strip("/") else base
 
 
-class DicomWebSource(Source):
+class DicomWebQuery(QuerySource):
     def __init__(self, target):
         super().__init__(target)
-        self.session = requests.Session()
-        self.session.headers["User-Agent"] = "Courier"
-        if target.auth == "basic":
-            self.session.auth = (target.username, str(target.password or ""))
-        elif target.auth == "bearer":
-            self.session.headers["Authorization"] = f"Bearer {target.token}"
-        self.session.verify = target.ca_bundle or target.verify_tls
+        self.session = http.session_for(target, credentials=True)
         self.qido = _join(target.url, target.qido_prefix)
         self.wado = _join(target.url, target.wado_prefix)
 
@@ -130,30 +124,9 @@ class DicomWebSource(Source):
             # Set after preparing, so requests does not re-encode it (see qido_query).
             prepared.url = f"{prepared.url}?{query}"
         try:
-            resp = self.session.send(
-                prepared,
-                stream=stream,
-                timeout=self.target.request_timeout,
-                verify=self.session.verify,
-            )
-        except requests.exceptions.SSLError as exc:
-            raise SourceError(
-                f"TLS failed with {self.where}: {_ssl_words(exc)} "
-                "(check the certificate or the CA bundle)."
-            ) from exc
-        except requests.exceptions.Timeout as exc:
-            raise SourceError(
-                f"{what} to {self.where} timed out after "
-                f"{self.target.request_timeout:g} s."
-            ) from exc
-        except requests.exceptions.ConnectionError as exc:
-            raise SourceError(
-                f"Source unreachable: {self.where}: {_connection_words(exc)}."
-            ) from exc
-        except requests.exceptions.RequestException as exc:
-            raise SourceError(
-                f"{what} to {self.where} failed: {type(exc).__name__}."
-            ) from exc
+            resp = http.send_prepared(self.session, prepared, stream=stream)
+        except http.NoAnswer as exc:
+            raise self._no_answer(exc, what) from exc
         if resp.status_code == 401:
             resp.close()
             raise SourceError(
@@ -164,6 +137,21 @@ class DicomWebSource(Source):
             resp.close()
             raise SourceError(f"{what} answered 403: forbidden for this user.")
         return resp
+
+    def _no_answer(self, exc: http.NoAnswer, what: str) -> SourceError:
+        if exc.cause == http.TLS:
+            return SourceError(
+                f"TLS failed with {self.where}: {exc.words} "
+                "(check the certificate or the CA bundle)."
+            )
+        if exc.cause == http.TIMEOUT:
+            return SourceError(
+                f"{what} to {self.where} timed out after "
+                f"{self.target.request_timeout:g} s."
+            )
+        if exc.cause == http.CONNECT:
+            return SourceError(f"Source unreachable: {self.where}: {exc.words}.")
+        return SourceError(f"{what} to {self.where} failed: {exc.words}.")
 
     def _check(self, resp: requests.Response, what: str) -> None:
         if resp.status_code >= 400:
@@ -225,7 +213,7 @@ class DicomWebSource(Source):
         query += f"&limit={limit + 1}"
         found = self._qido("studies", query.lstrip("&"))
         studies = [
-            Study(
+            FoundStudy(
                 study_uid=_text(r, "StudyInstanceUID"),
                 patient_id=_text(r, "PatientID"),
                 patient_name=_text(r, "PatientName"),
@@ -251,11 +239,11 @@ class DicomWebSource(Source):
         studies.sort(key=lambda s: (s.study_date, s.study_time), reverse=True)
         return StudySearch(studies=studies, truncated=truncated or len(found) > limit)
 
-    def find_series(self, study_uid: str) -> list[Series]:
+    def find_series(self, study_uid: str) -> list[FoundSeries]:
         query = "&".join(f"includefield={T[k]}" for k in SERIES_FIELDS)
         found = self._qido(f"studies/{_seg(study_uid)}/series", query)
         series = [
-            Series(
+            FoundSeries(
                 series_uid=_text(r, "SeriesInstanceUID"),
                 study_uid=study_uid,
                 number=_int(r, "SeriesNumber"),
@@ -270,7 +258,7 @@ class DicomWebSource(Source):
 
     # -- retrieve ------------------------------------------------------------------
     def retrieve(
-        self, request: RetrieveRequest, dest: Path, progress: ProgressCallback
+        self, request: RetrieveRequest, dest: Path, progress: RetrieveProgress
     ) -> RetrieveResult:
         if request.move_aet:
             raise SourceError(

@@ -37,24 +37,21 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.utils import determine_content_length
 
-from targets.paths import UnsafePath, remote_inside
-from targets.series import Instance, OtherFile, Series
-
-from .base import (
+from targets.kinds.base import (
     FAILED,
     PRESENT,
     SENT,
+    CheckReport,
     Handler,
     Outcome,
     ProgressCallback,
     SendContext,
     SendResult,
     TargetError,
-    TestResult,
-    files_by_folder,
     instance_outcome,
-    recorder,
 )
+from targets.paths import UnsafePath, remote_inside
+from targets.series import Instance, OtherFile, Series
 
 log = logging.getLogger(__name__)
 
@@ -186,10 +183,9 @@ class S3Handler(Handler):
         *,
         progress: ProgressCallback | None = None,
         context: SendContext | None = None,
+        connections: int | None = None,
     ) -> SendResult:
-        result = SendResult()
-        report = recorder(result, progress)
-        groups = files_by_folder(series, self.target, report)
+        result, report, groups = self.start_grouped(series, progress)
         if not groups:
             return result
 
@@ -416,8 +412,8 @@ class S3Handler(Handler):
             return f"no answer within {self.target.connect_timeout:g} s"
         return "the connection failed"
 
-    def test(self) -> TestResult:
-        result = TestResult()
+    def test(self) -> CheckReport:
+        result = CheckReport()
         bucket = self.target.bucket
         unsigned = self.secret_missing
         client = self.client(attempts=1, pool=2, unsigned=unsigned)

@@ -1,23 +1,24 @@
-"""Query sources: find studies and series on a target, and retrieve them.
+"""The query contract: what a kind that can be queried implements.
 
-Every queryable target becomes a `Source` through `source_for(target)`: a DICOM target
-answers with C-FIND / C-GET / C-MOVE, a DICOMweb target with QIDO-RS / WADO-RS, and a
-DICOMweb target whose URL is `file://...` from the local-folder index. Sources raise
-`SourceError` with a message in words (never a secret) for anything the page shows.
+A queryable target hands out a `QuerySource` (`target.query_source()`): find studies
+and series, and retrieve them. The kinds implement it in their own packages (DICOM:
+C-FIND / C-GET / C-MOVE; DICOMweb: QIDO-RS / WADO-RS, or the local-folder index for a
+`file://` URL); the query tool only uses it. Sources raise `SourceError` with a
+message in words (never a secret) for anything the page shows.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from targets.paths import inside, plain_name, uid_part
 
 if TYPE_CHECKING:
+    from targets.kinds.dicomweb.index import ScanReport
     from targets.models import Target
 
 
@@ -71,20 +72,10 @@ class Criteria:
         return Criteria(**{**self.__dict__, "accessions": [accession]})
 
 
-_ACCESSION_SPLIT = re.compile(r"[\s,;]+")
-
-
-def parse_accessions(text: str) -> list[str]:
-    """Split a pasted list (commas, spaces, new lines); trim and drop duplicates."""
-    seen: dict[str, None] = {}
-    for part in _ACCESSION_SPLIT.split(text or ""):
-        if part.strip():
-            seen.setdefault(part.strip(), None)
-    return list(seen)
-
-
 @dataclass
-class Study:
+class FoundStudy:
+    """A study as a source lists it."""
+
     study_uid: str
     patient_id: str = ""
     patient_name: str = ""
@@ -99,7 +90,9 @@ class Study:
 
 
 @dataclass
-class Series:
+class FoundSeries:
+    """A series of a study as a source lists it."""
+
     series_uid: str
     study_uid: str
     number: int | None = None
@@ -110,7 +103,7 @@ class Series:
 
 @dataclass
 class StudySearch:
-    studies: list[Study] = field(default_factory=list)
+    studies: list[FoundStudy] = field(default_factory=list)
     # More matches exist than the limit let through.
     truncated: bool = False
     # Accessions of the list that matched nothing, in the order given.
@@ -144,11 +137,15 @@ class RetrieveResult:
 
 # Called with (done, total, failed) as instances arrive; total may be None.
 # It raises `Cancelled` when the user cancelled the retrieval.
-ProgressCallback = Callable[[int, "int | None", int], None]
+RetrieveProgress = Callable[[int, "int | None", int], None]
 
 
-class Source:
+class QuerySource:
     """A queryable target. Subclasses implement the three operations."""
+
+    # Whether Courier keeps an index of this source (a local folder): the query page
+    # then shows the index's counts and offers a rescan.
+    indexed: ClassVar[bool] = False
 
     def __init__(self, target: Target):
         self.target = target
@@ -157,19 +154,27 @@ class Source:
         """Return at most `limit` studies matching `criteria`."""
         raise NotImplementedError
 
-    def find_series(self, study_uid: str) -> list[Series]:
+    def find_series(self, study_uid: str) -> list[FoundSeries]:
         """Return the series of one study."""
         raise NotImplementedError
 
     def retrieve(
-        self, request: RetrieveRequest, dest: Path, progress: ProgressCallback
+        self, request: RetrieveRequest, dest: Path, progress: RetrieveProgress
     ) -> RetrieveResult:
         """Fetch the instances into `dest/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`.
 
-        With `request.move_aet` (DICOM only) the source sends them elsewhere and
-        nothing is written under `dest`.
+        With `request.move_aet` (only where the kind `can_move`) the source sends
+        them elsewhere and nothing is written under `dest`.
         """
         raise NotImplementedError
+
+    def rescan(self, progress=None) -> ScanReport:
+        """Bring the source's index up to date now (`indexed` sources only)."""
+        raise SourceError(f"{self.target.name} is not a local folder.")
+
+    def index_info(self) -> dict:
+        """Counts, last scan and unreadable files of the index, for the page."""
+        raise SourceError(f"{self.target.name} is not a local folder.")
 
     # -- shared helper: a list of accessions is one search per accession ----------
     def search_accession_list(
@@ -224,26 +229,3 @@ class SeriesFolders:
 
     def written(self) -> list[Path]:
         return list(self.folders.values())
-
-
-def is_local_folder(target: Target) -> bool:
-    return (target.url or "").startswith("file://")
-
-
-def source_for(target: Target) -> Source:
-    """Return the source that answers for `target` (imports the protocol lazily)."""
-    from targets.models import Kind
-
-    if target.kind == Kind.DICOM:
-        from .dicom import DicomSource
-
-        return DicomSource(target)
-    if target.kind == Kind.DICOMWEB and is_local_folder(target):
-        from .folder import FolderSource
-
-        return FolderSource(target)
-    if target.kind == Kind.DICOMWEB:
-        from .dicomweb import DicomWebSource
-
-        return DicomWebSource(target)
-    raise SourceError(f"{target.get_kind_display()} targets cannot be queried.")

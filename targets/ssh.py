@@ -1,11 +1,18 @@
-"""SSH plumbing shared by the SFTP and rsync kinds.
+"""The SSH seam, shared by the SFTP and rsync kinds.
 
 No trust on first use: a target stores the SHA256 fingerprint of its server's host key
 (and the key itself, for rsync's known_hosts), pinned by an admin from what Test showed.
-Every connection is a socket with `TCP_NODELAY` (paramiko leaves Nagle on, which costs
-about 30 ms per SFTP file on loopback), a handshake, a host key check, then a login
-with the target's key, its password, or the service account's default keys.
+A connection is paramiko's `SSHClient` on a socket with `TCP_NODELAY` (paramiko
+leaves Nagle on, which costs about 30 ms per SFTP file on loopback): the client does
+the handshake, `PinnedKey` (its host-key policy) records the key the server presents
+and refuses any but the pinned one, and `Login` (its auth strategy) tries the
+target's key, its password, or the service account's default keys. This module
+imports no model: it reads a target's attributes (and `pin_host_key` saves them).
 """
+
+# Why this module is long: host-key pinning, private keys, the client with its
+# policy and auth strategy, and the settings rules are the one SSH seam of SFTP
+# and rsync; they share the messages an admin acts on.
 
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import logging
 import re
 import shlex
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,8 +31,15 @@ from typing import TYPE_CHECKING
 import paramiko
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from paramiko.auth_strategy import (
+    AuthFailure,
+    AuthSource,
+    AuthStrategy,
+    InMemoryPrivateKey,
+    Password,
+)
 
-from .base import TargetError, TestResult
+from targets.kinds.base import CheckReport, TargetError
 
 if TYPE_CHECKING:
     from targets.models import Target
@@ -293,53 +308,175 @@ def connect_socket(host: str, port: int, timeout: float) -> socket.socket:
     return sock
 
 
-# Host key algorithms that produce a key of each type (RSA keys sign with SHA-2).
-_ALGORITHMS_FOR_TYPE = {"ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")}
+class PinnedKey(paramiko.MissingHostKeyPolicy):
+    """`SSHClient`'s host-key policy: record the key the server presents; accept
+    only the pinned one (`verify=False`: record only, for a scan)."""
+
+    def __init__(self, target: Target, *, verify: bool = True):
+        self.target = target
+        self.verify = verify
+        self.presented: HostKey | None = None
+
+    def missing_host_key(self, client, hostname, key) -> None:
+        self.presented = HostKey.from_pkey(key)
+        if self.verify:
+            verify_host_key(self.target, self.presented)
 
 
-def _start_transport(
-    sock: socket.socket, timeout: float, where: str, prefer_type: str = ""
-) -> paramiko.Transport:
-    transport = paramiko.Transport(sock)
-    if prefer_type:
-        # A server with several host keys shows the one of the pinned type first,
-        # as OpenSSH does for a key in known_hosts.
-        options = transport.get_security_options()
-        wanted = _ALGORITHMS_FOR_TYPE.get(prefer_type, (prefer_type,))
-        first = [a for a in options.key_types if a in wanted]
-        options.key_types = first + [a for a in options.key_types if a not in wanted]
-    transport.banner_timeout = timeout
-    transport.handshake_timeout = timeout
-    transport.auth_timeout = timeout
+class KeyUnusable(Exception):
+    """The target's private key cannot be used; `error` says why."""
+
+    def __init__(self, error: TargetError):
+        super().__init__(error.message)
+        self.error = error
+
+
+class Login(AuthStrategy):
+    """`SSHClient`'s auth strategy: the target's key, else its password, else the
+    service account's default keys; `described` names what worked."""
+
+    def __init__(self, target: Target):
+        super().__init__(ssh_config=paramiko.SSHConfig())
+        self.target = target
+        self.labels: dict[int, str] = {}
+        self.tried: list[str] = []
+        self.described = ""
+
+    def get_sources(self) -> Iterator[AuthSource]:
+        user, target = self.target.username, self.target
+        try:
+            key = load_private_key(target)
+        except TargetError as exc:
+            raise KeyUnusable(exc) from None
+        if key is not None:
+            yield self._source(
+                InMemoryPrivateKey(user, key.pkey), f"key ({key.source})"
+            )
+        if target.password:
+            password = str(target.password)
+            yield self._source(Password(user, lambda: password), "password")
+        if key is None and not target.password:
+            defaults = default_private_keys()
+            self.tried.append(
+                f"{len(defaults)} default key(s) of the service account"
+                if defaults
+                else "no key: the service account has none"
+            )
+            for pkey in defaults:
+                yield self._source(
+                    InMemoryPrivateKey(user, pkey),
+                    "the service account's default key",
+                    tried=False,
+                )
+
+    def _source(self, source: AuthSource, label: str, tried: bool = True):
+        self.labels[id(source)] = label
+        if tried:
+            self.tried.append(label.removeprefix("key (").removesuffix(")"))
+        return source
+
+    def authenticate(self, transport: paramiko.Transport):
+        result = super().authenticate(transport)
+        if not transport.is_authenticated():
+            # A partial success (a second factor wanted) is no login here.
+            raise AuthFailure(result=result)
+        self.described = self.labels.get(id(result[-1].source), "")
+        return result
+
+
+class _NoLogin(AuthStrategy):
+    """Handshake and host key only (a scan)."""
+
+    def __init__(self):
+        super().__init__(ssh_config=paramiko.SSHConfig())
+
+    def authenticate(self, transport):
+        return None
+
+
+def _client(target: Target, policy: PinnedKey) -> paramiko.SSHClient:
+    """An `SSHClient` that knows only the pinned key (so paramiko asks the server
+    for a key of that type first, as OpenSSH does for a key in known_hosts)."""
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(policy)
+    pinned = pinned_host_key(target)
+    if pinned is not None:
+        port = target.port or DEFAULT_PORT
+        name = target.host if port == DEFAULT_PORT else f"[{target.host}]:{port}"
+        try:
+            key = paramiko.PKey.from_type_string(
+                pinned.key_type, base64.b64decode(pinned.data)
+            )
+        except (paramiko.SSHException, ValueError):
+            pass  # unusable stored key: the policy checks the fingerprint alone
+        else:
+            client.get_host_keys().add(name, pinned.key_type, key)
+    return client
+
+
+def _handshake(
+    client: paramiko.SSHClient,
+    target: Target,
+    sock: socket.socket,
+    policy: PinnedKey,
+    auth: AuthStrategy,
+    where: str,
+) -> None:
+    """Run `client.connect()`: handshake, host key, then `auth`. A refused host key
+    or a failed handshake is a `TargetError` (a failed login: `AuthFailure`)."""
+    timeout = target.connect_timeout
     try:
-        transport.start_client(timeout=timeout)
+        client.connect(
+            target.host,
+            port=target.port or DEFAULT_PORT,
+            username=target.username,
+            sock=sock,
+            timeout=timeout,
+            banner_timeout=timeout,
+            auth_timeout=timeout,
+            auth_strategy=auth,
+        )
+    except paramiko.BadHostKeyException as exc:
+        # The stored key differs from the presented one: say so as for a print.
+        policy.presented = HostKey.from_pkey(exc.key)
+        verify_host_key(target, policy.presented)
+        raise TargetError(f"host key mismatch: {where}", permanent=True) from None
+    except (AuthFailure, KeyUnusable, TargetError):
+        raise
     except (paramiko.SSHException, EOFError, OSError) as exc:
-        transport.close()
         raise TargetError(
             f"SSH handshake with {where} failed: {exc or type(exc).__name__}"
             " (is it an SSH server?)"
         ) from None
-    return transport
 
 
 def scan_host_key(target: Target) -> HostKey:
     """Connect and handshake only, and return the host key the server presents."""
     port = target.port or DEFAULT_PORT
+    where = f"{target.host}:{port}"
     sock = connect_socket(target.host, port, target.connect_timeout)
-    transport = _start_transport(
-        sock, target.connect_timeout, f"{target.host}:{port}", target.host_key_type
-    )
+    policy = PinnedKey(target, verify=False)
+    client = _client(target, policy)
     try:
-        return HostKey.from_pkey(transport.get_remote_server_key())
+        try:
+            _handshake(client, target, sock, policy, _NoLogin(), where)
+        except TargetError:
+            if policy.presented is None:
+                raise
+        return policy.presented or HostKey.from_pkey(
+            client.get_transport().get_remote_server_key()
+        )
     finally:
-        transport.close()
+        client.close()
+        sock.close()
 
 
 class SshSession:
     """One SSH connection to a target: connect, verify the pinned key, log in.
 
     Use as a context manager; `sftp()` opens an SFTP client on it and `run()` runs a
-    command. Each step can also be run on its own (for Test's separate checks).
+    command. `connect()` and `handshake()` can also be run on their own (for Test's
+    separate checks).
     """
 
     def __init__(self, target: Target):
@@ -348,17 +485,17 @@ class SshSession:
         self.where = f"{target.host}:{self.port}"
         self.timeout = target.connect_timeout
         self.sock: socket.socket | None = None
-        self.transport: paramiko.Transport | None = None
+        self.client: paramiko.SSHClient | None = None
         self.host_key: HostKey | None = None
         self.auth_method = ""
+        # Whether `handshake()` failed at the login, after the host key passed.
+        self.login_failed = False
         self._sftp: paramiko.SFTPClient | None = None
 
     def __enter__(self) -> SshSession:
         try:
             self.connect()
             self.handshake()
-            verify_host_key(self.target, self.host_key)
-            self.login()
         except BaseException:
             self.close()
             raise
@@ -367,77 +504,67 @@ class SshSession:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def transport(self) -> paramiko.Transport | None:
+        return self.client.get_transport() if self.client is not None else None
+
     def connect(self) -> None:
         self.sock = connect_socket(self.target.host, self.port, self.timeout)
 
-    def handshake(self) -> HostKey:
-        pinned = pinned_host_key(self.target)
-        self.transport = _start_transport(
-            self.sock, self.timeout, self.where, pinned.key_type if pinned else ""
-        )
-        self.host_key = HostKey.from_pkey(self.transport.get_remote_server_key())
-        return self.host_key
+    def handshake(self) -> None:
+        """Handshake, check the host key (`self.host_key` is what the server
+        presented, even when refused), and log in; raise `TargetError`."""
+        policy = PinnedKey(self.target)
+        login = Login(self.target)
+        self.client = _client(self.target, policy)
+        try:
+            _handshake(self.client, self.target, self.sock, policy, login, self.where)
+        except AuthFailure as exc:
+            self.login_failed = True
+            raise self._login_error(login, exc) from None
+        except KeyUnusable as exc:
+            self.login_failed = True
+            raise exc.error from None
+        finally:
+            if self.host_key is None:
+                self.host_key = policy.presented or self._presented()
+        self.auth_method = login.described
 
-    def login(self) -> str:
-        """Log in with the target's key, else its password, else the default keys."""
-        target = self.target
-        user = target.username
-        tried: list[str] = []
-        key = load_private_key(target)
-        if key is not None:
-            tried.append(key.source)
-            if self._try(lambda: self.transport.auth_publickey(user, key.pkey)):
-                self.auth_method = f"key ({key.source})"
-                return self.auth_method
-        if target.password:
-            tried.append("password")
-            if self._try(
-                lambda: self.transport.auth_password(user, str(target.password))
+    def _presented(self) -> HostKey | None:
+        transport = self.transport
+        if transport is None or not transport.is_active():
+            return None
+        try:
+            return HostKey.from_pkey(transport.get_remote_server_key())
+        except paramiko.SSHException:
+            return None
+
+    def _login_error(self, login: Login, failure: AuthFailure) -> TargetError:
+        allowed: list[str] = []
+        for attempt in failure.result:
+            error = attempt.result
+            if isinstance(error, paramiko.BadAuthenticationType):
+                allowed = list(error.allowed_types)
+            elif isinstance(error, (EOFError, OSError)) or (
+                isinstance(error, paramiko.SSHException)
+                and not isinstance(error, paramiko.AuthenticationException)
             ):
-                self.auth_method = "password"
-                return self.auth_method
-        if key is None and not target.password:
-            defaults = default_private_keys()
-            tried.append(
-                f"{len(defaults)} default key(s) of the service account"
-                if defaults
-                else "no key: the service account has none"
-            )
-            for pkey in defaults:
-                if self._try(lambda k=pkey: self.transport.auth_publickey(user, k)):
-                    self.auth_method = "the service account's default key"
-                    return self.auth_method
-        allowed = self._allowed_methods()
-        raise TargetError(
-            f"authentication failed for user {user!r} on {self.where} "
-            f"(tried: {', '.join(tried)}"
+                return TargetError(
+                    f"connection to {self.where} lost while logging in: "
+                    f"{error or type(error).__name__}"
+                )
+        return TargetError(
+            f"authentication failed for user {self.target.username!r} on "
+            f"{self.where} (tried: {', '.join(login.tried)}"
             + (f"; the server accepts: {', '.join(allowed)}" if allowed else "")
             + ")",
             permanent=True,
         )
 
-    def _try(self, attempt) -> bool:
-        try:
-            attempt()
-        except paramiko.BadAuthenticationType as exc:
-            self._allowed = list(exc.allowed_types)
-            return False
-        except paramiko.AuthenticationException:
-            return False
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            raise TargetError(
-                f"connection to {self.where} lost while logging in: "
-                f"{exc or type(exc).__name__}"
-            ) from None
-        return self.transport.is_authenticated()
-
-    def _allowed_methods(self) -> list[str]:
-        return getattr(self, "_allowed", [])
-
     def sftp(self) -> paramiko.SFTPClient:
         if self._sftp is None:
             try:
-                self._sftp = paramiko.SFTPClient.from_transport(self.transport)
+                self._sftp = self.client.open_sftp()
             except (paramiko.SSHException, EOFError, OSError) as exc:
                 raise TargetError(
                     f"the server {self.where} refused SFTP: "
@@ -473,15 +600,15 @@ class SshSession:
         if self._sftp is not None:
             self._sftp.close()
             self._sftp = None
-        if self.transport is not None:
-            self.transport.close()
-            self.transport = None
+        if self.client is not None:
+            self.client.close()
+            self.client = None
         if self.sock is not None:
             self.sock.close()
             self.sock = None
 
 
-def login_checks(result: TestResult, session: SshSession) -> bool:
+def login_checks(result: CheckReport, session: SshSession) -> bool:
     """Run Test's shared checks (TCP, handshake and host key, login) on `session`.
 
     Return True when every one passed and the session is logged in.
@@ -492,14 +619,55 @@ def login_checks(result: TestResult, session: SshSession) -> bool:
         check.message = f"connected to {session.where}"
     if result.stopped:
         return False
+    failure: TargetError | None = None
+    try:
+        session.handshake()
+    except TargetError as exc:
+        failure = exc
     with result.check("SSH handshake and host key") as check:
-        key = session.handshake()
-        check.details = key.details()
-        verify_host_key(target, key)
+        key = session.host_key
+        if key is not None:
+            check.details = key.details()
+        if failure is not None and not session.login_failed:
+            raise failure
         check.message = f"host key {key.describe()} matches the pinned key"
     if result.stopped:
         return False
     with result.check("login") as check:
-        method = session.login()
-        check.message = f"logged in as {target.username} with {method}"
+        if failure is not None:
+            raise failure
+        check.message = f"logged in as {target.username} with {session.auth_method}"
     return not result.stopped
+
+
+# -- settings validation (SFTP, rsync) -----------------------------------------------
+
+
+def settings_errors(target: Target) -> dict[str, str]:
+    """The SSH kinds' shared rules: a form error by field (empty when all hold).
+
+    Fills in the default port and normalises a pasted fingerprint on the way.
+    """
+    errors: dict[str, str] = {}
+    if not target.port:
+        target.port = DEFAULT_PORT
+    if target.host_key:
+        target.host_key = normalise_fingerprint(target.host_key)
+        if not is_valid_fingerprint(target.host_key):
+            errors["host_key"] = (
+                "Enter a SHA256 fingerprint as ssh-keygen -l shows it "
+                "(SHA256:...), or leave it empty and pin the key from a Test."
+            )
+    if target.private_key_path and not target.private_key_path.startswith("/"):
+        errors["private_key_path"] = "Enter an absolute path (starting with /)."
+    if target.private_key and target.private_key_path:
+        errors["private_key_path"] = "Give either a key file or a pasted key, not both."
+    if target.path and any(c in target.path for c in "\n\r\0"):
+        errors["path"] = "The folder cannot contain line breaks."
+    if target.private_key or target.private_key_path:
+        try:
+            load_private_key(target)
+        except TargetError as exc:
+            field = "private_key" if target.private_key else "private_key_path"
+            errors.setdefault(field, exc.message)
+    return errors

@@ -6,11 +6,10 @@ its length known up front (no chunked encoding, which some servers refuse). Memo
 is therefore bounded by one read buffer, not by the batch or the series. Each
 response is checked instance by instance (PS3.18 10.5.3): referenced instances are
 sent (with their warning kept), failed ones are recorded with the failure reason in
-words.
+words. Requests go through the HTTP seam (`targets.http`).
 
-A `file://` URL names a local folder: sending writes each instance to
-`studies/<study>/series/<series>/instances/<sop>.dcm` (the layout dicomweb-client's
-`DICOMfileClient` reads), so the query tool can index it.
+A `file://` URL names a local folder: the proxy hands out `local.py`'s classes for
+it instead of these.
 """
 
 from __future__ import annotations
@@ -22,32 +21,23 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
-from urllib.parse import unquote, urlsplit
 
 import requests
 
-from targets.paths import UnsafePath, inside, uid_part
-from targets.series import Instance, Series
-
-from .base import (
+from targets import http
+from targets.kinds.base import (
     FAILED,
-    PRESENT,
     SENT,
     WARNING,
+    CheckReport,
     Handler,
-    Outcome,
     ProgressCallback,
     SendContext,
     SendResult,
     TargetError,
-    TestResult,
     instance_outcome,
 )
-from .querying import Queryable
-
-if TYPE_CHECKING:
-    from dicomweb_client import DICOMfileClient, DICOMwebClient
+from targets.series import Instance, Series
 
 # DICOM JSON tags of a STOW-RS response (PS3.18 Table 10.5.3-1).
 FAILED_SOP_SEQUENCE = "00081198"
@@ -57,7 +47,6 @@ FAILURE_REASON = "00081197"
 WARNING_REASON = "00081196"
 
 READ_BLOCK = 256 * 1024
-USER_AGENT = "Courier"
 
 # C-STORE / STOW-RS status codes in words (PS3.4 Annex B.2.3, PS3.18 10.5.3).
 _REASONS = {
@@ -88,22 +77,6 @@ def status_in_words(code: int) -> str:
         else:
             words = "unknown reason"
     return f"{words} (0x{code:04X})"
-
-
-class _TimeoutSession(requests.Session):
-    """A session whose requests time out, and verify TLS as configured, unless the
-    caller says otherwise."""
-
-    def __init__(self, timeout: float):
-        super().__init__()
-        self.default_timeout = timeout
-
-    def request(self, method, url, **kwargs):
-        kwargs.setdefault("timeout", self.default_timeout)
-        # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override `session.verify`
-        # (even verify=False); passed per request, the target's setting wins.
-        kwargs.setdefault("verify", self.verify)
-        return super().request(method, url, **kwargs)
 
 
 class MultipartBody:
@@ -175,58 +148,19 @@ def _http_reason(resp: requests.Response) -> str:
     return f"HTTP {resp.status_code} {resp.reason or ''}".strip()
 
 
-class DicomWebHandler(Queryable, Handler):
-    # -- configuration shared with the query tool ----------------------------------
-    @property
-    def is_folder(self) -> bool:
-        return (self.target.url or "").lower().startswith("file://")
-
-    @property
-    def folder(self) -> Path:
-        """The local folder of a `file://` URL."""
-        return Path(unquote(urlsplit(self.target.url).path))
-
+class DicomWebHandler(Handler):
     @property
     def base_url(self) -> str:
         return (self.target.url or "").rstrip("/")
 
     def service_url(self, service: str) -> str:
-        """Base URL plus the QIDO, WADO or STOW prefix (as dicomweb-client joins them)."""
+        """Base URL plus the QIDO or STOW prefix (as dicomweb-client joins them)."""
         prefix = (getattr(self.target, f"{service}_prefix") or "").strip("/")
         return f"{self.base_url}/{prefix}" if prefix else self.base_url
 
-    def http_session(self) -> requests.Session:
-        """A requests session with the target's authentication, TLS and timeout."""
-        t = self.target
-        session = _TimeoutSession(t.request_timeout)
-        session.headers["User-Agent"] = USER_AGENT
-        if t.verify_tls:
-            session.verify = t.ca_bundle or True
-        else:
-            session.verify = False
-        if t.auth == "basic":
-            session.auth = (t.username, str(t.password))
-        elif t.auth == "bearer":
-            session.headers["Authorization"] = f"Bearer {t.token}"
-        return session
-
-    def dicomweb_client(self) -> DICOMwebClient | DICOMfileClient:
-        """A dicomweb-client configured like this target (for querying and retrieve)."""
-        if self.is_folder:
-            from dicomweb_client import DICOMfileClient
-
-            return DICOMfileClient(url=self.target.url, in_memory=False)
-        from dicomweb_client import DICOMwebClient
-
-        t = self.target
-        return DICOMwebClient(
-            url=self.base_url,
-            session=self.http_session(),
-            qido_url_prefix=(t.qido_prefix or "").strip("/") or None,
-            wado_url_prefix=(t.wado_prefix or "").strip("/") or None,
-            stow_url_prefix=(t.stow_prefix or "").strip("/") or None,
-            timeout=t.request_timeout,
-        )
+    def http_session(self) -> http.HttpSession:
+        """A session with the target's authentication, TLS and timeout."""
+        return http.session_for(self.target, credentials=True)
 
     # -- errors in words -----------------------------------------------------------
     def _auth_error(self, resp: requests.Response) -> TargetError:
@@ -251,23 +185,24 @@ class DicomWebHandler(Queryable, Handler):
 
     def _request(self, session: requests.Session, method: str, url: str, **kwargs):
         """Send one request; turn transport failures into TargetErrors in words."""
+        where = http.netloc(url)
         try:
-            return session.request(method, url, **kwargs)
-        except requests.exceptions.SSLError as exc:
-            raise TargetError(
-                f"TLS failed with {urlsplit(url).netloc}: {_ssl_words(exc)} — check "
-                "the CA bundle or the server's certificate",
-                permanent=True,
-            ) from None
-        except requests.exceptions.Timeout:
-            raise TargetError(
-                f"no answer from {urlsplit(url).netloc} within "
-                f"{self.target.request_timeout:g} s (request timeout)"
-            ) from None
-        except requests.exceptions.ConnectionError as exc:
-            raise TargetError(
-                f"cannot connect to {urlsplit(url).netloc}: {_connection_words(exc)}"
-            ) from None
+            return http.send(session, method, url, **kwargs)
+        except http.NoAnswer as exc:
+            if exc.cause == http.TLS:
+                raise TargetError(
+                    f"TLS failed with {where}: {exc.words} — check the CA bundle or "
+                    "the server's certificate",
+                    permanent=True,
+                ) from None
+            if exc.cause == http.TIMEOUT:
+                raise TargetError(
+                    f"no answer from {where} within "
+                    f"{self.target.request_timeout:g} s (request timeout)"
+                ) from None
+            if exc.cause == http.CONNECT:
+                raise TargetError(f"cannot connect to {where}: {exc.words}") from None
+            raise TargetError(f"the request to {where} failed: {exc.words}") from None
         except OSError as exc:
             # Reading a file of the body failed: the series changed under us.
             raise TargetError(f"cannot read a file of the series: {exc}") from None
@@ -279,21 +214,11 @@ class DicomWebHandler(Queryable, Handler):
         *,
         progress: ProgressCallback | None = None,
         context: SendContext | None = None,
+        connections: int | None = None,
     ) -> SendResult:
-        result = SendResult()
-        lock = threading.Lock()
-
-        def report(outcome: Outcome) -> None:
-            with lock:
-                result.outcomes.append(outcome)
-                if progress:
-                    progress(outcome)
-
-        if self.is_folder:
-            self._send_to_folder(series, report)
-            return result
+        result, report = self.start(progress)
         batches = list(self._batches(series.instances))
-        workers = max(1, min(self.target.max_connections or 1, len(batches)))
+        workers = self.connection_count(connections, len(batches))
         order = {str(inst.path): i for i, inst in enumerate(series.instances)}
         try:
             if workers == 1:
@@ -324,9 +249,9 @@ class DicomWebHandler(Queryable, Handler):
             session.close()
 
     def _send_parallel(self, batches, workers: int, report, result) -> None:
-        # Several requests at once, one connection each (`max_connections`, which
-        # the dispatcher sets to the connections this job may use). A server that
-        # spends its time storing rather than receiving gains most from this.
+        # Several requests at once, one connection each (the connections this send
+        # may use). A server that spends its time storing rather than receiving
+        # gains most from this.
         shared, lock, stop = iter(batches), threading.Lock(), threading.Event()
         with ThreadPoolExecutor(workers, thread_name_prefix="stow") as pool:
             futures = [
@@ -464,49 +389,9 @@ class DicomWebHandler(Queryable, Handler):
                     )
                 )
 
-    def _send_to_folder(self, series: Series, report) -> None:
-        root = self.folder
-        if not root.is_dir():
-            raise TargetError(f"the folder {root} does not exist", permanent=True)
-        for inst in series.instances:
-            try:
-                dest = inside(
-                    root,
-                    "studies",
-                    uid_part(inst.study_uid),
-                    "series",
-                    uid_part(inst.series_uid),
-                    "instances",
-                    f"{uid_part(inst.sop_instance_uid)}.dcm",
-                )
-            except UnsafePath as exc:
-                report(instance_outcome(inst, FAILED, str(exc)))
-                continue
-            if dest.is_file() and dest.stat().st_size == inst.size:
-                report(instance_outcome(inst, PRESENT, "already in the folder"))
-                continue
-            tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
-            try:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                with open(inst.path, "rb") as src, open(tmp, "wb") as out:
-                    while block := src.read(1024 * 1024):
-                        out.write(block)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.replace(tmp, dest)
-            except OSError as exc:
-                tmp.unlink(missing_ok=True)
-                raise TargetError(
-                    f"cannot write {dest}: {exc.strerror or exc}",
-                    permanent=exc.errno in (13, 1, 30),
-                ) from None
-            report(instance_outcome(inst, SENT))
-
     # -- test --------------------------------------------------------------------------
-    def test(self) -> TestResult:
-        if self.is_folder:
-            return self._test_folder()
-        result = TestResult()
+    def test(self) -> CheckReport:
+        result = CheckReport()
         session = self.http_session()
         try:
             self._test_http(session, result)
@@ -514,29 +399,7 @@ class DicomWebHandler(Queryable, Handler):
             session.close()
         return result
 
-    def _test_folder(self) -> TestResult:
-        result = TestResult()
-        root = self.folder
-        with result.check("Folder") as c:
-            if not root.is_dir():
-                raise TargetError(f"{root} does not exist or is not a folder")
-            if not os.access(root, os.R_OK | os.X_OK):
-                raise TargetError(f"{root} is not readable by Courier")
-            c.message = f"{root} exists and is readable"
-        if self.target.can_store and not result.stopped:
-            with result.check("Writable") as c:
-                probe = root / f".courier-probe-{uuid.uuid4().hex[:8]}"
-                try:
-                    probe.write_bytes(b"probe")
-                    probe.unlink()
-                except OSError as exc:
-                    raise TargetError(
-                        f"cannot write into {root}: {exc.strerror or exc}"
-                    ) from None
-                c.message = f"a file was written into {root} and removed"
-        return result
-
-    def _test_http(self, session: requests.Session, result: TestResult) -> None:
+    def _test_http(self, session: requests.Session, result: CheckReport) -> None:
         t = self.target
         qido = f"{self.service_url('qido')}/studies"
         resp = None
@@ -550,7 +413,7 @@ class DicomWebHandler(Queryable, Handler):
                 headers={"Accept": "application/dicom+json"},
             )
             c.message = (
-                f"{urlsplit(qido).netloc} answered {_http_reason(resp)} in "
+                f"{http.netloc(qido)} answered {_http_reason(resp)} in "
                 f"{(time.perf_counter() - start) * 1000:.0f} ms"
             )
         if result.stopped or resp is None:
@@ -618,29 +481,3 @@ class DicomWebHandler(Queryable, Handler):
             f"{url} answered {_http_reason(resp)} to an empty STOW-RS request "
             "(nothing stored)"
         )
-
-
-def _ssl_words(exc: Exception) -> str:
-    text = str(exc)
-    if "certificate has expired" in text:
-        return "the server's certificate has expired"
-    if "mismatch" in text:
-        return "the server's certificate does not name this host (host name mismatch)"
-    if "CERTIFICATE_VERIFY_FAILED" in text:
-        return "the server's certificate is not trusted (unknown CA)"
-    if "WRONG_VERSION_NUMBER" in text:
-        return "the server does not speak TLS on this port"
-    return "TLS handshake failed"
-
-
-def _connection_words(exc: Exception) -> str:
-    text = str(exc)
-    if "Connection refused" in text:
-        return "connection refused (nothing listens on that port)"
-    if "Name or service not known" in text or "nodename nor servname" in text:
-        return "the host name does not resolve"
-    if "timed out" in text:
-        return "the connection timed out"
-    if "RemoteDisconnected" in text or "Connection aborted" in text:
-        return "the server closed the connection"
-    return "connection failed"

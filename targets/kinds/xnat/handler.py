@@ -1,17 +1,21 @@
 """XNAT targets: a series zipped from disk and imported in one request.
 
-The login, heartbeat and logout go through the `xnat` package (with
-`no_parse_model=True`: the data model download needs the server's XSDs and nothing
-here uses it). The import itself is one `POST /data/services/import` with the zip
-streamed from a temporary file, so neither the series nor the zip is held in memory.
-Subject and session labels come from templates filled with the series' tags; the
-default session label includes a short hash of the StudyInstanceUID, so two studies
-of one patient on one day never land in the same session.
+Every request goes through the HTTP seam (`targets.http`), so the target's TLS
+verification and CA bundle hold for all of them. The login is XNAT's own REST one,
+as its clients (xnatpy, the upload assistant) do it: the address is followed once
+for a redirect, `PUT /data/services/auth` with the credentials answers a JSESSIONID,
+`GET /data/auth` confirms it, `DELETE /data/JSESSION` logs out. The import itself is
+one `POST /data/services/import` with the zip streamed from a temporary file, so
+neither the series nor the zip is held in memory. Subject and session labels come
+from templates filled with the series' tags (`labels.py`).
 """
+
+# Why this module is long: XNAT's REST conversation (login, project and
+# permission checks, import, the check afterwards) is one sequence, each step's
+# errors in words beside it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import tempfile
@@ -19,83 +23,67 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import pydicom
 import requests
 from django.conf import settings
 
-from targets.models import DEFAULT_SESSION_TEMPLATE, DEFAULT_SUBJECT_TEMPLATE
-from targets.paths import plain_name, uid_part
-from targets.series import Series
-
-from .base import (
+from targets import http
+from targets.kinds.base import (
     FAILED,
     SENT,
+    CheckReport,
     Handler,
-    Outcome,
     ProgressCallback,
     SendContext,
     SendResult,
     TargetError,
-    TestResult,
     instance_outcome,
 )
+from targets.paths import plain_name, uid_part
+from targets.series import Series
 
-if TYPE_CHECKING:
-    from xnat.session import XNATSession
+from .labels import (
+    COMPUTED_KEYS,
+    DEFAULT_SESSION_TEMPLATE,
+    DEFAULT_SUBJECT_TEMPLATE,
+    TemplateError,
+    render_label,
+    template_keys,
+)
 
 log = logging.getLogger(__name__)
 
-# Values computed from the tags rather than read from them.
-COMPUTED_KEYS = {
-    "StudyUIDHash": "StudyInstanceUID",
-    "SeriesUIDHash": "SeriesInstanceUID",
-}
-TEMPLATE_KEY = re.compile(r"\{(\w+)\}")
-# XNAT labels allow letters, digits, underscore and hyphen only.
-_LABEL_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+class _JSession(requests.auth.AuthBase):
+    """Send the login's JSESSIONID with every request, as XNAT's clients do."""
+
+    def __init__(self, token: str):
+        self.token = token
+
+    def __call__(self, request):
+        request.headers["Cookie"] = f"JSESSIONID={self.token}"
+        return request
 
 
-class TemplateError(ValueError):
-    pass
+class XnatSession:
+    """A logged-in XNAT: `get()` and `post()` relative to its address."""
 
+    def __init__(self, http_session: http.HttpSession, base_url: str):
+        self.http = http_session
+        self.base_url = base_url
 
-def template_keys(template: str) -> list[str]:
-    return TEMPLATE_KEY.findall(template or "")
+    def get(self, path: str, **kwargs) -> requests.Response:
+        return http.send(self.http, "GET", self.base_url + path, **kwargs)
 
+    def post(self, path: str, **kwargs) -> requests.Response:
+        return http.send(self.http, "POST", self.base_url + path, **kwargs)
 
-def uid_hash(uid: str) -> str:
-    """Eight hex digits of the UID's SHA-1: short, stable, practically unique."""
-    return hashlib.sha1(uid.encode()).hexdigest()[:8]
-
-
-def render_label(template: str, tags: dict[str, str], what: str) -> str:
-    """Fill an XNAT label template from tags; a missing tag is an error naming it."""
-
-    def fill(match: re.Match) -> str:
-        key = match.group(1)
-        if key in COMPUTED_KEYS:
-            source = tags.get(COMPUTED_KEYS[key], "")
-            if not source:
-                raise TemplateError(
-                    f"the series has no {COMPUTED_KEYS[key]} for {{{key}}} in the "
-                    f"{what} template {template!r}"
-                )
-            return uid_hash(source)
-        value = str(tags.get(key, "") or "").strip()
-        if not value:
-            raise TemplateError(
-                f"the series has no {key} for the {what} template {template!r}"
-            )
-        return _LABEL_UNSAFE.sub("_", value).strip("_") or "_"
-
-    label = TEMPLATE_KEY.sub(fill, template)
-    label = _LABEL_UNSAFE.sub("_", label).strip("_")
-    if not label:
-        raise TemplateError(f"the {what} template {template!r} gives an empty label")
-    return label[:64]
+    def disconnect(self) -> None:
+        try:
+            self.http.delete(self.base_url + "/data/JSESSION")
+        finally:
+            self.http.close()
 
 
 class XnatHandler(Handler):
@@ -104,73 +92,99 @@ class XnatHandler(Handler):
         return (self.target.url or "").rstrip("/")
 
     # -- session --------------------------------------------------------------------
-    def connect(self) -> XNATSession:
-        """Log in with the `xnat` package; errors become TargetErrors in words."""
-        import xnat
-        from xnat.exceptions import XNATError, XNATLoginFailedError
-
+    def connect(self) -> XnatSession:
+        """Log in; errors become TargetErrors in words."""
         t = self.target
+        session = http.session_for(t)
         try:
-            return xnat.connect(
-                self.base_url,
-                user=t.username,
-                password=str(t.password),
-                verify=t.verify_tls,
-                no_parse_model=True,
-                default_timeout=t.request_timeout,
-                loglevel="ERROR",
+            return self._login(session)
+        except http.NoAnswer as exc:
+            session.close()
+            raise self._no_answer(exc, "") from None
+        except BaseException:
+            session.close()
+            raise
+
+    def _login(self, session: http.HttpSession) -> XnatSession:
+        t = self.target
+        # Where the address leads (http to https, a /xnat path): the imports are
+        # POSTs, which a redirect would turn into GETs.
+        pilot = http.send(session, "GET", self.base_url)
+        base = _server_of(pilot.url) or self.base_url
+        resp = http.send(
+            session,
+            "PUT",
+            base + "/data/services/auth",
+            data={"username": t.username, "password": str(t.password)},
+        )
+        if resp.status_code != 200:
+            if re.search("<h3>(.*)</h3>", resp.text):
+                raise self._login_refused()
+            # No XNAT answer at all (a 404 or 405 from a server that has no
+            # /data/services/auth).
+            raise TargetError(
+                f"not an XNAT server: {self._netloc} did not answer XNAT's login "
+                "request (/data/services/auth); check that the URL is the XNAT's "
+                "address",
+                permanent=True,
             )
-        except XNATLoginFailedError as exc:
-            if "unknown error" in str(exc):
-                # xnatpy's words when the login request got no XNAT answer at all
-                # (a 404 or 405 from a server that has no /data/services/auth).
-                raise TargetError(
-                    f"not an XNAT server: {self._netloc} did not answer XNAT's login "
-                    "request (/data/services/auth); check that the URL is the XNAT's "
-                    "address",
-                    permanent=True,
-                ) from None
+        session.auth = _JSession(resp.text.strip())
+        check = http.send(session, "GET", base + "/data/auth")
+        if check.status_code == 401 or "Login attempt failed" in check.text:
+            raise self._login_refused()
+        if check.status_code != 200:
             raise TargetError(
-                f"login failed: XNAT refused user {t.username} — check the username "
-                "and password",
+                f"XNAT login did not work: /data/auth answered HTTP {check.status_code}"
+            )
+        return XnatSession(session, base)
+
+    def _login_refused(self) -> TargetError:
+        return TargetError(
+            f"login failed: XNAT refused user {self.target.username} — check the "
+            "username and password",
+            permanent=True,
+        )
+
+    def _no_answer(self, exc: http.NoAnswer, doing: str) -> TargetError:
+        """A request without an answer, in words; `doing` e.g. "the import"."""
+        t = self.target
+        if exc.cause == http.TLS:
+            return TargetError(
+                f"TLS failed with {self._netloc}: {exc.words} — check the CA bundle "
+                "or the server's certificate",
                 permanent=True,
-            ) from None
-        except requests.exceptions.SSLError:
-            raise TargetError(
-                f"TLS failed with {self._netloc}: the server's certificate is not "
-                "trusted",
-                permanent=True,
-            ) from None
-        except requests.exceptions.Timeout:
-            raise TargetError(
+            )
+        if exc.cause == http.TIMEOUT and doing:
+            return TargetError(
+                f"XNAT did not answer {doing} within {t.request_timeout:g} s"
+                + (
+                    " — XNAT unpacks the upload before answering; raise the request "
+                    "timeout for large series"
+                    if doing == "the import"
+                    else ""
+                )
+            )
+        if exc.cause == http.TIMEOUT:
+            return TargetError(
                 f"no answer from {self._netloc} within {t.request_timeout:g} s"
-            ) from None
-        except requests.exceptions.ConnectionError as exc:
-            raise TargetError(
-                f"cannot connect to {self._netloc}: {_connection_words(exc)}"
-            ) from None
-        except XNATError as exc:
-            raise TargetError(f"XNAT login did not work: {_first_line(exc)}") from None
+            )
+        if doing == "the import":
+            return TargetError(f"the upload to {self._netloc} broke off: {exc.words}")
+        if doing:
+            return TargetError(f"XNAT did not answer {doing}: {exc.words}")
+        return TargetError(f"cannot connect to {self._netloc}: {exc.words}")
 
     @property
     def _netloc(self) -> str:
-        return urlsplit(self.base_url).netloc or self.base_url
+        return http.netloc(self.base_url)
 
-    def _get(self, session: XNATSession, path: str, **params) -> requests.Response:
+    def _get(self, session: XnatSession, path: str, **params) -> requests.Response:
         try:
-            # verify per request: REQUESTS_CA_BUNDLE would override the session's.
-            return session.interface.get(
-                self.base_url + path,
-                params=params,
-                timeout=self.target.request_timeout,
-                verify=self.target.verify_tls,
-            )
-        except requests.exceptions.RequestException as exc:
-            raise TargetError(
-                f"XNAT did not answer {path}: {_connection_words(exc)}"
-            ) from None
+            return session.get(path, params=params)
+        except http.NoAnswer as exc:
+            raise self._no_answer(exc, path) from None
 
-    def _check_project(self, session: XNATSession) -> None:
+    def _check_project(self, session: XnatSession) -> None:
         t = self.target
         resp = self._get(session, f"/data/projects/{t.project}", format="json")
         if resp.status_code == 404:
@@ -191,7 +205,7 @@ class XnatHandler(Handler):
                 f"XNAT answered HTTP {resp.status_code} for project {t.project}"
             )
 
-    def _check_write(self, session: XNATSession) -> None:
+    def _check_write(self, session: XnatSession) -> None:
         # The projects the user may create subjects in: what XNAT's own upload
         # assistant asks before an upload.
         t = self.target
@@ -262,17 +276,13 @@ class XnatHandler(Handler):
         *,
         progress: ProgressCallback | None = None,
         context: SendContext | None = None,
+        connections: int | None = None,
     ) -> SendResult:
         t = self.target
-        result = SendResult()
+        result, report = self.start(progress)
         if not series.instances:
             return result
         subject, session_label = self.labels(series)
-
-        def report(outcome: Outcome) -> None:
-            result.outcomes.append(outcome)
-            if progress:
-                progress(outcome)
 
         if t.import_handler == "gradual-DICOM":
             uri = self._send_gradual(series, subject, session_label, report)
@@ -331,7 +341,7 @@ class XnatHandler(Handler):
         return uri
 
     @contextmanager
-    def _session(self) -> Iterator[XNATSession]:
+    def _session(self) -> Iterator[XnatSession]:
         session = self.connect()
         try:
             yield session
@@ -379,30 +389,19 @@ class XnatHandler(Handler):
         }
 
     def _post(
-        self, session: XNATSession, query: dict, path: Path, content_type: str
+        self, session: XnatSession, query: dict, path: Path, content_type: str
     ) -> requests.Response:
         """POST one file to the import service, streamed from disk."""
-        t = self.target
         try:
             with open(path, "rb") as fh:
-                return session.interface.post(
-                    self.base_url + "/data/services/import",
+                return session.post(
+                    "/data/services/import",
                     params=query,
                     data=fh,
                     headers={"Content-Type": content_type},
-                    timeout=t.request_timeout,
-                    verify=t.verify_tls,
                 )
-        except requests.exceptions.Timeout:
-            raise TargetError(
-                f"XNAT did not answer the import within {t.request_timeout:g} s — "
-                "XNAT unpacks the upload before answering; raise the request timeout "
-                "for large series"
-            ) from None
-        except requests.exceptions.RequestException as exc:
-            raise TargetError(
-                f"the upload to {self._netloc} broke off: {_connection_words(exc)}"
-            ) from None
+        except http.NoAnswer as exc:
+            raise self._no_answer(exc, "the import") from None
         except OSError as exc:
             raise TargetError(f"cannot read {path.name}: {exc}") from None
 
@@ -440,7 +439,7 @@ class XnatHandler(Handler):
         )
 
     def _check_session(
-        self, session: XNATSession, uri: str, subject: str, label: str
+        self, session: XnatSession, uri: str, subject: str, label: str
     ) -> None:
         t = self.target
         if uri.startswith("/data/prearchive/"):
@@ -473,19 +472,18 @@ class XnatHandler(Handler):
     # -- test --------------------------------------------------------------------------
     def _probe_xnat(self) -> str:
         """Ask `/data/version` (before logging in) whether the URL is an XNAT."""
-        t = self.target
-        try:
-            resp = requests.get(
-                self.base_url + "/data/version",
-                timeout=t.request_timeout,
-                verify=t.verify_tls,
-                allow_redirects=False,
-            )
-        except requests.exceptions.RequestException as exc:
-            raise TargetError(
-                f"cannot ask {self._netloc} for its XNAT version: "
-                f"{_connection_words(exc)}"
-            ) from None
+        with http.session_for(self.target) as session:
+            try:
+                resp = http.send(
+                    session,
+                    "GET",
+                    self.base_url + "/data/version",
+                    allow_redirects=False,
+                )
+            except http.NoAnswer as exc:
+                raise TargetError(
+                    f"cannot ask {self._netloc} for its XNAT version: {exc.words}"
+                ) from None
         seen = _looks_like_xnat(resp)
         if seen is None:
             answer = _first_line(resp.text)[:80] if resp.status_code == 200 else ""
@@ -498,25 +496,16 @@ class XnatHandler(Handler):
             )
         return seen
 
-    def test(self) -> TestResult:
-        result = TestResult()
+    def test(self) -> CheckReport:
+        result = CheckReport()
         t = self.target
-        with result.check("Reachable") as c:
+        with result.check("Reachable") as c, http.session_for(t) as session:
             try:
-                resp = requests.get(
-                    self.base_url + "/",
-                    timeout=t.request_timeout,
-                    verify=t.verify_tls,
-                    allow_redirects=True,
-                )
-            except requests.exceptions.SSLError:
-                raise TargetError(
-                    f"TLS failed with {self._netloc}: the certificate is not trusted"
-                ) from None
-            except requests.exceptions.RequestException as exc:
-                raise TargetError(
-                    f"cannot connect to {self._netloc}: {_connection_words(exc)}"
-                ) from None
+                resp = http.send(session, "GET", self.base_url + "/")
+            except http.NoAnswer as exc:
+                error = self._no_answer(exc, "")
+                error.permanent = False
+                raise error from None
             c.message = f"{self._netloc} answered HTTP {resp.status_code}"
         if result.stopped:
             return result
@@ -571,14 +560,7 @@ def _first_line(value) -> str:
     return text[:200]
 
 
-def _connection_words(exc: Exception) -> str:
-    text = str(exc)
-    if "Connection refused" in text:
-        return "connection refused (nothing listens on that port)"
-    if "Name or service not known" in text:
-        return "the host name does not resolve"
-    if "timed out" in text.lower():
-        return "the connection timed out"
-    if "Connection aborted" in text or "RemoteDisconnected" in text:
-        return "the server closed the connection"
-    return "connection failed"
+def _server_of(url: str) -> str:
+    """The XNAT's address from the URL a request ended at (as xnatpy finds it)."""
+    match = re.match(r"(.*/)(app|data)/", url or "")
+    return (match.group(1) if match else url or "").rstrip("/")

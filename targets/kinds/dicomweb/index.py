@@ -8,6 +8,9 @@ only, and deletes rows of vanished ones, so rescanning an unchanged folder costs
 table with the reason, and are not read again until they change.
 """
 
+# Why this module is long: the index's schema, its incremental scan and the
+# fast header reader it depends on change together.
+
 from __future__ import annotations
 
 import functools

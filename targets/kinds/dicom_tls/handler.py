@@ -12,91 +12,17 @@ import datetime
 import ssl
 from functools import cached_property
 
-from .base import TargetError, TestResult
-from .dicom import DicomHandler, link_errors
-from .dicom_link import LinkError, connect
+from targets.kinds.base import CheckReport, TargetError
+from targets.kinds.dicom.handler import DicomHandler, link_errors
+from targets.kinds.dicom_link import LinkError, connect
+
+from .context import TlsConfigError, build_ssl_context
 
 # A server certificate expiring sooner than this gets a warning in the Test.
 EXPIRY_WARNING_DAYS = 30
 # How long the Test waits after the handshake for the server to refuse our client
 # certificate (TLS 1.3 servers check it only after the client has finished).
 CLIENT_CERT_GRACE_S = 0.5
-
-
-class TlsConfigError(ValueError):
-    """A certificate, key or CA file cannot be used (a form error when saving)."""
-
-
-def build_ssl_context(
-    *,
-    ca_cert: str,
-    client_cert: str = "",
-    client_key: str = "",
-    passphrase: str = "",
-    verify_hostname: bool = True,
-) -> ssl.SSLContext:
-    """Return a client SSL context, or raise `TlsConfigError` saying which file is bad."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.check_hostname = verify_hostname
-    try:
-        ctx.load_verify_locations(cafile=ca_cert)
-    except FileNotFoundError:
-        raise TlsConfigError(f"the CA certificate {ca_cert} does not exist") from None
-    except PermissionError:
-        raise TlsConfigError(f"the CA certificate {ca_cert} is not readable") from None
-    except (ssl.SSLError, OSError, ValueError):
-        raise TlsConfigError(
-            f"the CA certificate {ca_cert} holds no PEM certificate"
-        ) from None
-    if client_cert or client_key:
-        if not (client_cert and client_key):
-            raise TlsConfigError("give both the client certificate and its key")
-        for what, path in (
-            ("client certificate", client_cert),
-            ("client key", client_key),
-        ):
-            try:
-                with open(path, "rb"):
-                    pass
-            except FileNotFoundError:
-                raise TlsConfigError(f"the {what} {path} does not exist") from None
-            except OSError:
-                raise TlsConfigError(f"the {what} {path} is not readable") from None
-        try:
-            # Always a callable: with None, OpenSSL would prompt on the terminal.
-            ctx.load_cert_chain(
-                client_cert, client_key, password=lambda: (passphrase or "").encode()
-            )
-        except (ssl.SSLError, ValueError, OSError) as exc:
-            reason = str(getattr(exc, "reason", "") or exc).upper()
-            if _is_encrypted_key(client_key):
-                if not passphrase:
-                    raise TlsConfigError(
-                        "the client key is encrypted: enter its passphrase"
-                    ) from None
-                raise TlsConfigError(
-                    "the client key cannot be decrypted with this passphrase"
-                ) from None
-            if "KEY_VALUES_MISMATCH" in reason:
-                raise TlsConfigError(
-                    "the client key does not belong to the client certificate"
-                ) from None
-            raise TlsConfigError(
-                "the client certificate or key is not PEM "
-                f"({getattr(exc, 'reason', None) or 'unreadable'})"
-            ) from None
-    return ctx
-
-
-def _is_encrypted_key(path: str) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(4096)
-    except OSError:
-        return False
-    return b"ENCRYPTED" in head
 
 
 def tls_error_words(exc: BaseException, host: str) -> str | None:
@@ -212,8 +138,8 @@ class DicomTlsHandler(DicomHandler):
         return tls_error_words(cause, self.target.host)
 
     # -- test ----------------------------------------------------------------------------
-    def test(self) -> TestResult:
-        result = TestResult()
+    def test(self) -> CheckReport:
+        result = CheckReport()
         with result.check("TLS settings") as c:
             self.ssl_context()
             c.message = self._settings_summary()
@@ -228,7 +154,7 @@ class DicomTlsHandler(DicomHandler):
         if at is None or not dicom.checks[at - 1].ok:
             result.checks.extend(dicom.checks)
             return result
-        tls = TestResult()
+        tls = CheckReport()
         self._test_handshake(tls)
         # After a failed handshake the association checks only repeat its error.
         later = [] if tls.stopped else dicom.checks[at:]
@@ -245,7 +171,7 @@ class DicomTlsHandler(DicomHandler):
         host = "verified" if t.tls_verify_hostname else "NOT verified"
         return f"TLS 1.2 or newer, {who}, server host name {host}"
 
-    def _test_handshake(self, result: TestResult) -> None:
+    def _test_handshake(self, result: CheckReport) -> None:
         t = self.target
         cert = None
         with result.check("TLS handshake") as c, link_errors():

@@ -24,26 +24,23 @@ from io import BytesIO
 
 import paramiko
 
-from targets.paths import UnsafePath, remote_inside
-from targets.series import Instance, OtherFile, Series
-
-from .base import (
+from targets.kinds.base import (
+    COMPLETE_MARKER,
     FAILED,
     PRESENT,
     SENT,
+    CheckReport,
     Handler,
     Outcome,
     ProgressCallback,
     SendContext,
     SendResult,
     TargetError,
-    TestResult,
-    files_by_folder,
     instance_outcome,
-    recorder,
 )
-from .folder import COMPLETE_MARKER
-from .ssh import SshSession, login_checks
+from targets.paths import UnsafePath, remote_inside
+from targets.series import Instance, OtherFile, Series
+from targets.ssh import SshSession, login_checks
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +72,9 @@ class SftpHandler(Handler):
         *,
         progress: ProgressCallback | None = None,
         context: SendContext | None = None,
+        connections: int | None = None,
     ) -> SendResult:
-        result = SendResult()
-        report = recorder(result, progress)
-        groups = files_by_folder(series, self.target, report)
+        result, report, groups = self.start_grouped(series, progress)
         if not groups:
             return result
 
@@ -222,8 +218,8 @@ class SftpHandler(Handler):
             raise TargetError(_describe(exc, f"writing {marker}")) from None
 
     # -- test ---------------------------------------------------------------------------
-    def test(self) -> TestResult:
-        result = TestResult()
+    def test(self) -> CheckReport:
+        result = CheckReport()
         session = SshSession(self.target)
         try:
             if not login_checks(result, session):

@@ -34,21 +34,20 @@ from pydicom.uid import (
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
 from targets.dicomnet import enable_tcp_nodelay
-
-from .base import (
+from targets.kinds.base import (
     FAILED,
     SENT,
     WARNING,
+    CheckReport,
     Handler,
     Outcome,
     ProgressCallback,
     SendContext,
     SendResult,
     TargetError,
-    TestResult,
     instance_outcome,
 )
-from .dicom_link import (
+from targets.kinds.dicom_link import (
     VERIFICATION,
     Association,
     Context,
@@ -59,7 +58,6 @@ from .dicom_link import (
     propose,
     status_of,
 )
-from .querying import Queryable
 
 if TYPE_CHECKING:
     from targets.series import Instance, Series
@@ -118,7 +116,7 @@ def _to_target_error(exc: LinkError) -> TargetError:
 
 @contextmanager
 def link_errors() -> Iterator[None]:
-    """Turn link and socket errors into `TargetError`s (for `TestResult.check`)."""
+    """Turn link and socket errors into `TargetError`s (for `CheckReport.check`)."""
     try:
         yield
     except LinkError as exc:
@@ -127,7 +125,7 @@ def link_errors() -> Iterator[None]:
         raise TargetError(str(exc.strerror or exc)) from exc
 
 
-class DicomHandler(Queryable, Handler):
+class DicomHandler(Handler):
     # How many times one send replaces a stalled or broken association by a new one
     # before giving up (PEERS.md: Orthanc 1.10 sometimes never answers a C-STORE).
     MAX_RESUMES = 3
@@ -181,26 +179,19 @@ class DicomHandler(Queryable, Handler):
         *,
         progress: ProgressCallback | None = None,
         context: SendContext | None = None,
+        connections: int | None = None,
     ) -> SendResult:
-        result = SendResult()
+        result, report = self.start(progress)
         if not series.instances:
             return result
         calling, called = self.aets(context)
-        lock = threading.Lock()
-
-        def report(outcome: Outcome) -> None:
-            with lock:
-                result.outcomes.append(outcome)
-                if progress:
-                    progress(outcome)
-
         order = {str(inst.path): i for i, inst in enumerate(series.instances)}
         try:
             for contexts in plan_contexts(series.instances):
                 classes = {c for c, _ in contexts}
                 part = [i for i in series.instances if i.sop_class_uid in classes]
                 self._send_parallel(
-                    part, contexts, calling, called, report, result.notes
+                    part, contexts, calling, called, report, result.notes, connections
                 )
         finally:
             result.outcomes.sort(key=lambda o: order.get(o.path, 0))
@@ -214,15 +205,16 @@ class DicomHandler(Queryable, Handler):
         called: str,
         report: Callable[[Outcome], None],
         notes: list[str],
+        connections: int | None = None,
     ) -> None:
-        """Send over `max_connections` associations sharing one queue of instances.
+        """Send over `connections` associations sharing one queue of instances.
 
         A shared queue rather than fixed shares: a fast association takes more, and
         when one cannot be opened (e.g. the peer allows fewer associations) the
         others send its share. Fails only if instances are left that none could send.
         """
         work = _WorkQueue(instances)
-        n = max(1, min(self.target.max_connections or 1, len(instances)))
+        n = self.connection_count(connections, len(instances))
         if n == 1:
             self._send_one(work, contexts, calling, called, report, notes)
             return
@@ -348,8 +340,8 @@ class DicomHandler(Queryable, Handler):
         return instance_outcome(inst, status, message)
 
     # -- testing ------------------------------------------------------------------------
-    def test(self) -> TestResult:
-        result = TestResult()
+    def test(self) -> CheckReport:
+        result = CheckReport()
         t = self.target
         host, port = t.host, int(t.port or 0)
         with result.check("Name resolution") as c, link_errors():

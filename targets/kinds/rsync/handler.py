@@ -23,24 +23,21 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from targets.paths import UnsafePath, inside, remote_inside
-from targets.series import Instance, OtherFile, Series
-
-from .base import (
+from targets.kinds.base import (
     FAILED,
     PRESENT,
     SENT,
+    CheckReport,
     Handler,
     ProgressCallback,
     SendContext,
     SendResult,
     TargetError,
-    TestResult,
-    files_by_folder,
     instance_outcome,
-    recorder,
 )
-from .ssh import (
+from targets.paths import UnsafePath, inside, remote_inside
+from targets.series import Instance, OtherFile, Series
+from targets.ssh import (
     DEFAULT_PORT,
     HostKey,
     SshSession,
@@ -78,10 +75,9 @@ class RsyncHandler(Handler):
         *,
         progress: ProgressCallback | None = None,
         context: SendContext | None = None,
+        connections: int | None = None,
     ) -> SendResult:
-        result = SendResult()
-        report = recorder(result, progress)
-        groups = files_by_folder(series, self.target, report)
+        result, report, groups = self.start_grouped(series, progress)
         folders = list(groups)
         staged: dict[str, Instance | OtherFile] = {}
         duplicates: list[Instance | OtherFile] = []
@@ -328,8 +324,8 @@ class RsyncHandler(Handler):
                     )
 
     # -- test ---------------------------------------------------------------------------
-    def test(self) -> TestResult:
-        result = TestResult()
+    def test(self) -> CheckReport:
+        result = CheckReport()
         with result.check("rsync and ssh on Courier's server") as check:
             tools = ["rsync", "ssh"] + (
                 ["sshpass"] if self.target.password and not self._has_key() else []
