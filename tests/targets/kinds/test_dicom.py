@@ -272,7 +272,7 @@ def test_a_send_opens_as_many_associations_as_its_connections(
     # The dispatcher passes a job's share of the target's limit as `connections`;
     # without it (a script, a Test) the target's own limit holds.
     generated = make_series(tmp_path, 12)
-    handler = target(fresh_recorder.port, "RECORDER", max_associations=4).handler
+    handler = target(fresh_recorder.port, "RECORDER", max_connections=4).handler
 
     result = handler.send(scan_folder(tmp_path), connections=connections)
 
