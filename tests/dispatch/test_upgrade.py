@@ -24,6 +24,7 @@ from django.utils import timezone
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
+from targets.models import DicomTarget
 from tests.dicomgen import make_series
 
 # The last migration of each app issue 14 changed, before it (main at c4483dc);
@@ -299,7 +300,12 @@ def nul_commenting_pacs():
 
 
 def test_a_nul_in_a_peers_error_comment_does_not_fail_the_status_write_on_postgresql(
-    courier_site, postgres_server, postgres_upgraded, nul_commenting_pacs, tmp_path
+    courier_site,
+    postgres_server,
+    postgres_upgraded,
+    nul_commenting_pacs,
+    tmp_path,
+    django_db_blocker,
 ):
     """A PACS's words reach `Job.last_error`, `Attempt.error` and
     `JobInstance.message` without the NUL PostgreSQL refuses (before: the batch of
@@ -311,10 +317,11 @@ def test_a_nul_in_a_peers_error_comment_does_not_fail_the_status_write_on_postgr
         database_url=f"postgres://postgres@127.0.0.1:{postgres_server.port}/{db}",
         pg=postgres_server,
     )
-    site.add_target(
-        name="nul-pacs", kind="dicom", host="127.0.0.1", port=nul_commenting_pacs,
-        called_aet="NULPACS",
-    )  # fmt: skip
+    with django_db_blocker.unblock():
+        DicomTarget.objects.using(postgres_upgraded.alias).create(
+            name="nul-pacs", host="127.0.0.1", port=nul_commenting_pacs,
+            called_aet="NULPACS",
+        )  # fmt: skip
     series = make_series(tmp_path / "ct", 2)
 
     sent = site.manage("send_series", "nul-pacs", str(series.folder), check=False)
