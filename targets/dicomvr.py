@@ -1,7 +1,7 @@
 """DICOM value representations, for the hand-written readers of encoded datasets.
 
 Two readers walk element headers without pydicom, each for its own speed: the
-receiver's strict check of every received dataset (`dispatch.receiver`) and the folder
+receiver's strict check of every received dataset (`dispatch.receiving.files`) and the folder
 index's header reader (`targets.kinds.dicomweb.index`). They share this table (PS3.5 6.2, 7.1.2).
 """
 

@@ -128,7 +128,7 @@ def _int(value) -> int | None:
 # DICOMfileClient's. Anything unusual (big endian, deflate, an undefined-length
 # sequence before the last indexed tag, a character set other than the default,
 # Latin-1 or UTF-8, a header longer than the first read) goes to pydicom instead.
-# The receiver's check (dispatch/receiver.py) is a different walk on purpose: strict,
+# The receiver's check (dispatch/receiving/files.py) is a different walk on purpose: strict,
 # to the end of every dataset, refusing what is odd; they share the VR table only.
 
 _HEAD_BYTES = 64 * 1024
