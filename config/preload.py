@@ -46,7 +46,7 @@ LIBRARY_MODULES = (
 # paramiko, requests). The kinds' handlers and query sources come from the proxies.
 COURIER_MODULES = (
     "targets.series",
-    "targets.kinds.dicom_accept",
+    "targets.dicomnet.scp",
     "dispatch.jobs.engine",
     "dispatch.jobs.tasks",
     "dispatch.jobs.direct",

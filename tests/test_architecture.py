@@ -29,13 +29,14 @@ LONG_MODULE_NOTE = "# Why this module is long:"
 # Django app module of ours, so it can be used (and tested) without any of them.
 FOUNDATION = {
     "config.safetext",
-    "targets.dicomcheck",
     "targets.dicomnet",
-    "targets.dicomvr",
+    "targets.dicomnet.check",
+    "targets.dicomnet.sockets",
+    "targets.dicomnet.vr",
     "targets.http",
     "targets.kinds.base",
-    "targets.kinds.dicom_accept",
-    "targets.kinds.dicom_link",
+    "targets.dicomnet.scp",
+    "targets.dicomnet.scu",
     "targets.paths",
     "targets.query",
     "targets.series",

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
-from targets.dicomcheck import DEFLATED, CorruptDataset, check_dataset
-from targets.dicomvr import LONG_VRS
+from targets.dicomnet.check import DEFLATED, CorruptDataset, check_dataset
+from targets.dicomnet.vr import LONG_VRS
 from targets.series import safe_path_part
 
 _VALID_UID = re.compile(r"[0-9.]{1,64}")

@@ -13,7 +13,7 @@ an acknowledged image is on disk. Instances are grouped into series by
 (Series Instance UID, calling AE title, called AE title), so the pass-incoming
 switches of DICOM targets have one value per series.
 
-Associations are accepted by `targets.kinds.dicom_accept` (one thread per association
+Associations are accepted by `targets.dicomnet.scp` (one thread per association
 reading a plain blocking socket), not by pynetdicom's acceptor, whose reader and
 reactor threads cost about three times Courier's own work per instance.
 
@@ -53,8 +53,8 @@ from pynetdicom.sop_class import Verification
 
 from config.safetext import log_fields
 from dispatch.routing.models import DESCRIPTION_SUFFIX
-from targets.dicomcheck import DEFLATED, CorruptDataset, check_dataset
-from targets.kinds.dicom_accept import (
+from targets.dicomnet.check import DEFLATED, CorruptDataset, check_dataset
+from targets.dicomnet.scp import (
     DEFAULT_MAX_PDU,
     Limits,
     Rejection,

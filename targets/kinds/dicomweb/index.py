@@ -28,7 +28,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from targets.dicomvr import LONG_VRS
+from targets.dicomnet.vr import LONG_VRS
 from targets.paths import private_dir, private_sqlite
 
 INDEX_NAME = ".courier-index.sqlite3"

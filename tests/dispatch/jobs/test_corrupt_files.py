@@ -17,7 +17,7 @@ from django.core.management import CommandError, call_command
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from targets.dicomcheck import CorruptDataset, check_file
+from targets.dicomnet.check import CorruptDataset, check_file
 from targets.models import DicomTarget, FolderTarget
 from targets.series import scan_folder
 

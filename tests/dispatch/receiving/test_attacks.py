@@ -24,7 +24,7 @@ from pydicom.uid import generate_uid
 
 from dispatch.receiving.files import TooLarge, check_stored
 from dispatch.receiving.receiver import DOES_NOT_MATCH, CorruptDataset
-from targets.kinds.dicom_accept import Limits
+from targets.dicomnet.scp import Limits
 from tests.dicomgen import make_series
 from tests.fixtures.receive_peers import ReceiverProcess, echoscu, storescu
 from tests.rawdicom import (

@@ -18,7 +18,7 @@ from pynetdicom import AE, _config
 from pynetdicom.dsutils import encode
 
 from dispatch.receiving.receiver import CorruptDataset, check_dataset
-from targets.dicomnet import enable_tcp_nodelay
+from targets.dicomnet.sockets import enable_tcp_nodelay
 from tests.dicomgen import make_mixed_study, make_series
 from tests.fixtures.receive_peers import echoscu, storescu
 

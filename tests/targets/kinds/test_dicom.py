@@ -15,10 +15,10 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
-from targets.dicomnet import enable_tcp_nodelay
+from targets.dicomnet.scu import dataset_offset
+from targets.dicomnet.sockets import enable_tcp_nodelay
 from targets.kinds.base import FAILED, SENT, WARNING, SendContext, TargetError
 from targets.kinds.dicom.handler import MAX_CONTEXTS, DicomHandler, plan_contexts
-from targets.kinds.dicom_link import dataset_offset
 from targets.models import DicomTarget
 from targets.series import Instance, scan_folder
 from tests.dicomgen import make_mixed_study, make_series

@@ -10,7 +10,7 @@ from django.core.management.base import BaseCommand, CommandError
 from config.preload import preload_for_threads
 from dispatch.receiving.bookkeeping import DatabaseBookkeeper
 from dispatch.receiving.receiver import Receiver
-from targets.kinds.dicom_accept import Limits
+from targets.dicomnet.scp import Limits
 
 
 class Command(BaseCommand):

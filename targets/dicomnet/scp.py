@@ -1,6 +1,6 @@
 """Accepting DICOM associations on plain blocking sockets: C-STORE and C-ECHO SCP.
 
-The receiving twin of `dicom_link`, for the same reason: pynetdicom's acceptor hands
+The receiving twin of `scu`, for the same reason: pynetdicom's acceptor hands
 every PDU from a reader thread to a reactor thread through polled queues, and that
 machinery, not the work, was most of the receiver's time per instance.
 
@@ -56,8 +56,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
 from config.safetext import log_fields
-from targets.dicomnet import _nodelay
-from targets.kinds.dicom_link import (
+from targets.dicomnet.scu import (
     ABORT,
     ASSOCIATE_RQ,
     COMMAND,
@@ -74,6 +73,7 @@ from targets.kinds.dicom_link import (
     _us,
     parse_command,
 )
+from targets.dicomnet.sockets import _nodelay
 
 log = logging.getLogger("courier.receiver")
 

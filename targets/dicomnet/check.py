@@ -16,7 +16,7 @@ import struct
 import zlib
 from pathlib import Path
 
-from targets.dicomvr import ALL_VRS, LONG_VRS
+from targets.dicomnet.vr import ALL_VRS, LONG_VRS
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
 IMPLICIT_LE = "1.2.840.10008.1.2"

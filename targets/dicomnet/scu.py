@@ -35,7 +35,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext
 
-from targets.dicomnet import _nodelay
+from targets.dicomnet.sockets import _nodelay
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 VERIFICATION = "1.2.840.10008.1.1"
@@ -547,7 +547,7 @@ def connect(host: str, port: int, timeout: float) -> socket.socket:
         ) from exc
     except OSError as exc:
         raise LinkError(f"cannot connect to {where}: {exc.strerror or exc}") from exc
-    # Nagle plus the peer's delayed ACK costs ~40 ms per exchange (targets.dicomnet).
+    # Nagle plus the peer's delayed ACK costs ~40 ms per exchange (targets.dicomnet.sockets).
     _nodelay(sock)
     return sock
 
