@@ -7,7 +7,8 @@ truncated files), each with a fresh SOP Instance UID, go
 
 - from Courier (`manage.py send_series`, one association) to Orthanc, and to a dcmtk
   storescp that accepts only the uncompressed transfer syntaxes;
-- from dcmtk's `storescu` and `dcmsend` into Courier's receiver (`manage.py receive`).
+- from dcmtk's `storescu` and `dcmsend`, and pynetdicom sending the files' bytes as
+  they are, into Courier's receiver (`manage.py receive`).
 
 For each file: stored at the peer under its own SOP Instance UID with the same pixel
 values (decoded with pydicom on both sides when the peer got a converted copy), or
@@ -50,7 +51,7 @@ SILENT = "SILENT"  # not stored, and no word about it (untried, or unnamed)
 DELIVERED = (INTACT, CONVERTED)
 
 # The target's timeouts: a peer that hangs costs this, not the 60 s default.
-TIMEOUTS = {"acse_timeout": 10, "dimse_timeout": 20, "connect_timeout": 5}
+TIMEOUTS = {"acse_timeout": 10, "dimse_timeout": 10, "connect_timeout": 5}
 
 
 @dataclass
@@ -357,6 +358,47 @@ def storescu(port: int, aet: str, corpus: list[CorpusFile], workdir: Path):
     return _dcmtk_log_reasons(done.stdout + done.stderr, FAILED)
 
 
+def raw_send(
+    port: int, aet: str, corpus: list[CorpusFile], *, timeout: float = 10
+) -> dict[str, str]:
+    """pynetdicom streaming each file's bytes as they are on disk (dcmtk re-encodes:
+    a UN of undefined length arrives as SQ, an odd length padded), one context per
+    (SOP class, transfer syntax); a new association after one is lost. {file name:
+    state|reason} for each file not stored. storescp waits for the rest of a
+    truncated dataset: `timeout` is how long that costs."""
+    from pynetdicom import AE, _config
+
+    ae = AE(ae_title="RAWSCU")
+    ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = 10, timeout, timeout
+    for cls, ts in sorted({(f.sop_class_uid, f.transfer_syntax) for f in corpus}):
+        ae.add_requested_context(cls, [ts])
+    named, assoc = {}, None
+    chunked = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        for f in corpus:
+            if assoc is None or not assoc.is_established:
+                assoc = ae.associate("127.0.0.1", port, ae_title=aet)
+                if not assoc.is_established:
+                    named[f.path.name] = f"{FAILED}|association not established"
+                    continue
+            try:
+                status = assoc.send_c_store(f.path)
+            except Exception as exc:  # pynetdicom raises for unreadable files
+                named[f.path.name] = f"{NOT_OFFERED}|{type(exc).__name__}: {exc}"
+                continue
+            code = getattr(status, "Status", None)
+            if code is None:
+                named[f.path.name] = f"{FAILED}|no response (association lost)"
+            elif code != 0:
+                named[f.path.name] = f"{FAILED}|status {code:#06x}"
+        if assoc is not None and assoc.is_established:
+            assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
+    return named
+
+
 def storescu_profile(corpus: list[CorpusFile]) -> str:
     """A storescu association profile: one context per (SOP class, transfer syntax)
     of the corpus, and one with the uncompressed syntaxes per SOP class."""
@@ -558,14 +600,13 @@ def test_courier_to_an_uncompressed_only_storescp_converts_keeping_identity(
     assert not problems, summary(problems)
 
 
-def test_dcmtk_storescu_and_dcmsend_into_courier_receiver(
-    courier_site, storescp, tmp_path
-):
-    """What dcmtk sends, Courier's receiver stores as it came, under its own UID;
-    it takes at least what dcmtk's own storescp (all syntaxes) takes from the same
-    sender."""
+def test_dcmtk_and_pynetdicom_into_courier_receiver(courier_site, storescp, tmp_path):
+    """What dcmtk (and pynetdicom, sending the files' bytes unchanged) sends,
+    Courier's receiver stores under its own UID with its pixel values; it takes at
+    least what dcmtk's own storescp (all syntaxes) takes from the same sender."""
     by_storescu = build_corpus(tmp_path / "storescu")
     by_dcmsend = build_corpus(tmp_path / "dcmsend")
+    by_raw = build_corpus(tmp_path / "raw")
     # The reference: the same senders, the same files, into dcmtk's storescp.
     ref_storescu = storescp_results(
         storescp,
@@ -577,6 +618,9 @@ def test_dcmtk_storescu_and_dcmsend_into_courier_receiver(
         by_dcmsend,
         dcmsend(storescp.port, storescp.aet, tmp_path / "dcmsend", tmp_path),
     )
+    ref_raw = storescp_results(
+        storescp, by_raw, raw_send(storescp.port, storescp.aet, by_raw, timeout=3)
+    )
 
     site = courier_site(
         env={"COURIER_SERIES_QUIET_SECONDS": "3600", "COURIER_MIN_FREE_BYTES": "0"}
@@ -585,6 +629,7 @@ def test_dcmtk_storescu_and_dcmsend_into_courier_receiver(
     try:
         storescu_named = storescu(rx.port, "COURIER", by_storescu, tmp_path)
         dcmsend_named = dcmsend(rx.port, "COURIER", tmp_path / "dcmsend", tmp_path)
+        raw_named = raw_send(rx.port, "COURIER", by_raw)
     finally:
         rx.stop()
     log = rx.log_path.read_text(errors="replace")
@@ -601,6 +646,9 @@ def test_dcmtk_storescu_and_dcmsend_into_courier_receiver(
         {**dcmsend_named, **receiver_refusals(log, by_dcmsend)},
         likes,
     )
+    via_raw = spool_results(
+        site.spool, by_raw, {**raw_named, **receiver_refusals(log, by_raw)}, likes
+    )
 
     problems = report(
         f"storescu -> Courier's receiver ({len(by_storescu)} files)",
@@ -609,6 +657,11 @@ def test_dcmtk_storescu_and_dcmsend_into_courier_receiver(
     problems += report(
         f"dcmsend -> Courier's receiver ({len(by_dcmsend)} files)",
         by_dcmsend, via_dcmsend, {"dcmsend -> storescp": ref_dcmsend},
+    )  # fmt: skip
+    problems += report(
+        f"pynetdicom, file bytes as they are -> Courier's receiver ({len(by_raw)} "
+        "files)",
+        by_raw, via_raw, {"pynetdicom -> storescp": ref_raw},
         said=f"receiver log (end):\n{log[-4000:]}",
     )  # fmt: skip
     assert not problems, summary(problems)
