@@ -1,5 +1,9 @@
 """STOW-RS to Orthanc: Courier's DICOMweb sender beside dicomweb-client's one-call send.
 
+INNER FIGURES (the second line): Courier is timed inside its process around
+the read and send (interpreter start, Django and the job bookkeeping excluded); the
+whole-process figures users see come from the bench/cmd_*.py scripts (bench/README.md).
+
     .venv/bin/python bench/dicomweb_send.py [--runs 3] [--count 500]
 
 Generates 500 x ~39 KB and 500 x ~530 KB instances and starts Orthanc 1.10 with its

@@ -1,5 +1,9 @@
 """Local-folder index: Courier's `FolderIndex` beside dicomweb-client's DICOMfileClient.
 
+INNER FIGURES (the second line): Courier is timed inside its process around
+the index calls (interpreter start, Django and the job bookkeeping excluded); the
+whole-process figures users see come from the bench/cmd_*.py scripts (bench/README.md).
+
 Generates a folder of small instances (default 100,000: patients x 5 studies x 2 series
 x 25 instances, 8x8 pixels, written by cloning one encoded series template per series),
 then times, on the same folder:

@@ -1,5 +1,9 @@
 """Sending over a slow link: a TCP proxy adding latency, Courier with 1/4/8 associations.
 
+INNER FIGURES (the second line): Courier is timed inside its process around
+handler.send() (interpreter start, Django and the job bookkeeping excluded); the
+whole-process figures users see come from bench/cmd_send.py (bench/README.md).
+
     .venv/bin/python bench/latency_proxy.py [--delay-ms 20] [--count 300] [--runs 2]
     .venv/bin/python bench/latency_proxy.py --serve LISTEN_PORT HOST:PORT [--delay-ms 20]
 

@@ -1,5 +1,9 @@
 """Parallel associations: Courier with 1, 2 and 4 associations beside storescu with one.
 
+INNER FIGURES (the second line): Courier is timed inside its process around
+handler.send() (interpreter start, Django and the job bookkeeping excluded); the
+whole-process figures users see come from bench/cmd_send.py (bench/README.md).
+
     .venv/bin/python bench/parallel_dicom.py [--runs 2] [--count 2000]
 
 One series of 2,000 ~39 KB instances, sent over loopback to dcmtk storescp (`--fork`,

@@ -1,5 +1,8 @@
 """Queue overhead: 1,000 one-instance jobs to a Folder target through real workers.
 
+SUPERSEDED by bench/cmd_queue.py (interleaved whole processes with CPU and peak RSS);
+kept for the figures the README quotes from it.
+
     .venv/bin/python bench/queue_overhead.py [--jobs 1000] [--workers 4]
 
 Generates `--jobs` one-instance series (~39 KB CT each) and measures, each in a fresh

@@ -1,5 +1,8 @@
 """Receiving: Courier's receiver beside dcmtk's storescp, and Courier in the middle.
 
+SUPERSEDED by bench/cmd_receive.py (interleaved whole processes with CPU and peak RSS);
+kept for the figures the README quotes from it.
+
     .venv/bin/python bench/receive.py [--runs 3] [--count 2000] [--quiet 2]
 
 1. Receive throughput: dcmtk `storescu` (TCP_NODELAY=1, one association) sends a

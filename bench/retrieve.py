@@ -1,5 +1,9 @@
 """Retrieval speed: a series pulled from Orthanc by WADO-RS and by C-GET.
 
+INNER FIGURES (the second line): Courier is timed inside its process around
+the retrieval call (interpreter start, Django and the job bookkeeping excluded); the
+whole-process figures users see come from the bench/cmd_*.py scripts (bench/README.md).
+
 Courier's DICOMweb source (WADO-RS streamed to disk part by part) and DICOM source
 (C-GET, one association), beside dicomweb-client's `retrieve_series` (the whole
 series in memory, as mercure's query tool uses it) and dcmtk's `getscu`. mercure

@@ -1,6 +1,10 @@
 """S3 upload speed: Courier's S3Handler beside a sequential `upload_file` loop (what
 mercure does) and the AWS CLI's `s3 cp --recursive`, to SeaweedFS on loopback.
 
+INNER FIGURES (the second line): Courier is timed inside its process around
+handler.send() (interpreter start, Django and the job bookkeeping excluded); the
+whole-process figures users see come from the bench/cmd_*.py scripts (bench/README.md).
+
     .venv/bin/python bench/s3_send.py [--runs 3] [--count 500] [--size 512]
 
 Generates one series (500 x ~39 KB by default), starts `weed mini` (loopback only,

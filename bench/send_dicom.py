@@ -1,5 +1,9 @@
 """C-STORE speed on one association: Courier's DicomHandler beside dcmtk's storescu.
 
+INNER FIGURES (the second line): Courier is timed inside its process around
+handler.send() (interpreter start, Django and the job bookkeeping excluded); the
+whole-process figures users see come from bench/cmd_send.py (bench/README.md).
+
     .venv/bin/python bench/send_dicom.py [--runs 3] [--count 500]
 
 Generates 500 x ~39 KB and 500 x ~530 KB instances, starts dcmtk storescp

@@ -1,5 +1,9 @@
 """Folder target speed: Courier's FolderHandler beside `cp -r` + `sync -f`.
 
+INNER FIGURES (the second line): Courier is timed inside its process around
+handler.send() (interpreter start, Django and the job bookkeeping excluded); the
+whole-process figures users see come from the bench/cmd_*.py scripts (bench/README.md).
+
     .venv/bin/python bench/send_folder.py [--runs 5] [--count 500] [--dir /tmp]
 
 Generates 500 x ~39 KB and 500 x ~530 KB instances in a folder under `--dir` (so

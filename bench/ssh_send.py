@@ -1,6 +1,10 @@
 """SFTP and rsync speed: Courier's SftpHandler and RsyncHandler beside plain
 `rsync -e ssh` and OpenSSH's `sftp -b`, to a real sshd on loopback.
 
+INNER FIGURES (the second line): Courier is timed inside its process around
+handler.send() (interpreter start, Django and the job bookkeeping excluded); the
+whole-process figures users see come from the bench/cmd_*.py scripts (bench/README.md).
+
     sudo .venv/bin/python bench/ssh_send.py [--runs 3] [--count 500] [--size 512]
 
 Needs root (the sshd peer creates its test users with useradd). Generates one series

@@ -1,5 +1,9 @@
 """The cost of TLS: Courier's DICOM+TLS sender beside its plain DICOM sender.
 
+INNER FIGURES (the second line): Courier is timed inside its process around
+handler.send() (interpreter start, Django and the job bookkeeping excluded); the
+whole-process figures users see come from bench/cmd_send.py (bench/README.md).
+
     .venv/bin/python bench/tls_send.py [--runs 3] [--count 500]
 
 Generates certificates (tests/fixtures/web_peers.py `make_pki`) and 500 x ~39 KB and

@@ -1,0 +1,256 @@
+"""The receiver as users run it (`manage.py receive`) beside dcmtk's storescp, and
+Courier in the middle of modality -> Orthanc.
+
+    .venv/bin/python bench/cmd_receive.py [--rounds 5] [--count 2000] [--quiet 2]
+        [--only receive|e2e] [--json bench/results.jsonl]
+
+1. Receive: `/usr/bin/storescu +sd` (TCP_NODELAY=1, one association) sends `--count`
+   ~39 KB CT instances to, in interleaved rounds,
+   - Courier `manage.py receive` (a throw-away SQLite site, its defaults: every
+     instance and its directory fsynced before the success status, series bookkept
+     in the database; the quiet period set to an hour so nothing is routed), and
+   - `/usr/bin/storescp` (`-pdu 131072`, writes files, no fsync): the reference.
+   The time is storescu's whole process; the CPU column is the receiver's (read from
+   /proc around the transfer), the peak RSS the receiver's. Each receiver starts
+   fresh and empty before every run (untimed).
+2. End to end, until Orthanc holds every instance (polled every 20 ms):
+   - modality -> Orthanc: storescu straight to Orthanc;
+   - modality -> Courier -> Orthanc: storescu to `manage.py receive`; the series is
+     complete after the quiet period (`--quiet` s; the default setting is 60 s),
+     routed by a rule to a DICOM target and sent by a plain `manage.py run_huey`
+     (SqliteHuey, the settings' 4 threads and huey's polling as users get them).
+   The CPU column is every process involved: storescu, Orthanc, and for the second
+   arm Courier's receiver and worker (printed apart too). Orthanc emptied per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+from harness import (
+    DCMTK,
+    DCMTK_ENV,
+    ROOT,
+    Arm,
+    BenchError,
+    ProcessMeter,
+    Run,
+    header,
+    interleave,
+    manage,
+    report,
+    run_process,
+    start_process,
+    stop_process,
+    wait_until,
+)
+
+from tests.dicomgen import make_series
+from tests.fixtures.dispatch_peers import CourierSite
+from tests.fixtures.receive_peers import ReceiverProcess
+from tests.peers import Orthanc, StoreSCP
+
+UNFINISHED = (
+    "SELECT id FROM dispatch_job WHERE state NOT IN "
+    "('done', 'failed', 'done-with-warnings')"
+)
+
+
+class DcmtkStoreSCP(StoreSCP):
+    def command(self) -> list[str]:
+        return [DCMTK["storescp"], *super().command()[1:]]
+
+
+def storescu(port: int, called: str, folder: Path) -> Run:
+    cmd = [DCMTK["storescu"], "-aet", "MODALITY", "-aec", called, "+sd",
+           "127.0.0.1", str(port), str(folder)]  # fmt: skip
+    return run_process(cmd, env=DCMTK_ENV)
+
+
+def received_by(meter_pids: list[int], send) -> Run:
+    """Time `send()` (a storescu Run); CPU and peak RSS are the receivers'."""
+    meter = ProcessMeter(*meter_pids).start()
+    sent = send()
+    run = meter.stop(sent.wall)
+    run.extra["sender_cpu"] = sent.cpu
+    return run
+
+
+class CourierReceiver:
+    """A fresh, empty `manage.py receive` before every run."""
+
+    def __init__(self, site: CourierSite):
+        self.site = site
+        self.rx: ReceiverProcess | None = None
+
+    def restart(self) -> None:
+        if self.rx:
+            self.rx.stop()
+        incoming = self.site.spool / "incoming"
+        if incoming.exists():
+            shutil.rmtree(incoming)
+        self.site.query("DELETE FROM dispatch_receivedseries")
+        self.rx = ReceiverProcess(self.site).start()
+
+    def stored(self) -> int:
+        return len(list((self.site.spool / "incoming").glob("*/*.dcm")))
+
+
+def receive(args, work: Path, series) -> None:
+    n = len(series.files)
+    site = CourierSite(
+        work / "site", env={"COURIER_SERIES_QUIET_SECONDS": "3600"}
+    ).migrate()
+    scp = DcmtkStoreSCP(work / "storescp", max_pdu=131072).start()
+    courier = CourierReceiver(site)
+
+    def run_courier() -> Run:
+        run = received_by(
+            [courier.rx.proc.pid],
+            lambda: storescu(courier.rx.port, "COURIER", series.folder),
+        )
+        if courier.stored() != n:
+            raise BenchError(f"Courier stored {courier.stored()} of {n}")
+        return run
+
+    def run_storescp() -> Run:
+        run = received_by(
+            [scp.proc.pid], lambda: storescu(scp.port, scp.aet, series.folder)
+        )
+        if len(scp.files()) != n:
+            raise BenchError(f"storescp stored {len(scp.files())} of {n}")
+        return run
+
+    def fresh_storescp() -> None:
+        nonlocal scp
+        scp.stop()
+        scp = DcmtkStoreSCP(work / "storescp", max_pdu=131072)
+        scp.clear()
+        scp.start()
+
+    try:
+        arms = [
+            Arm("Courier manage.py receive (fsync)", run_courier, courier.restart),
+            Arm("dcmtk storescp (no fsync)", run_storescp, fresh_storescp),
+        ]
+        runs = interleave(arms, args.rounds, warmup=args.warmup)
+    finally:
+        if courier.rx:
+            courier.rx.stop()
+        scp.stop()
+    sender = {k: [r.extra["sender_cpu"] for r in v] for k, v in runs.items()}
+    report(
+        f"receive {n} x ~39 KB from storescu, one association "
+        "(time: storescu's process; CPU and RSS: the receiver's)",
+        runs,
+        reference="dcmtk storescp (no fsync)",
+        unit=("inst/s", n),
+        json_path=args.json,
+        notes=[
+            f"storescu's own CPU, median: {name} "
+            f"{sorted(values)[len(values) // 2]:.2f} s"
+            for name, values in sender.items()
+        ],
+    )
+
+
+def end_to_end(args, work: Path, series) -> None:
+    n = len(series.files)
+    orthanc = Orthanc(work / "orthanc").start()
+    site = CourierSite(
+        work / "e2e", env={"COURIER_SERIES_QUIET_SECONDS": str(args.quiet)}
+    ).migrate()
+    target = site.add_target(
+        name="orthanc", kind="dicom", host="127.0.0.1", port=orthanc.dicom_port,
+        called_aet=orthanc.aet,
+    )  # fmt: skip
+    site.python(
+        "from dispatch.routing_models import Rule\n"
+        "r = Rule.objects.create(name='all')\n"
+        f"r.targets.set([{target}])\nprint(1)\n"
+    )
+    rx = ReceiverProcess(site).start()
+    worker_log = site.workdir / "run_huey.log"
+    worker = start_process(manage("run_huey"), env=site.env, cwd=ROOT, log=worker_log)
+    wait_until(
+        lambda: "consumer started" in worker_log.read_text(errors="replace").lower(),
+        timeout=120,
+    )
+
+    def through(pids: list[int], port: int) -> Run:
+        meter = ProcessMeter(orthanc.proc.pid, *pids).start()
+        courier = ProcessMeter(*pids).start() if pids else None
+        start = time.perf_counter()
+        sent = storescu(port, orthanc.aet, series.folder)
+        wait_until(lambda: orthanc.count_instances() >= n, timeout=900)
+        wall = time.perf_counter() - start
+        run = meter.stop(wall)
+        run.user += sent.user
+        run.sys += sent.sys
+        run.rss_kb = None  # the peers' and Courier's: not one process's figure
+        if courier:
+            run.extra["courier_cpu"] = courier.stop().cpu
+        run.extra["storescu_wall"] = sent.wall
+        if pids:  # let the job finish its bookkeeping before the next run (untimed)
+            wait_until(lambda: not site.query(UNFINISHED), timeout=120, step=0.1)
+        return run
+
+    try:
+        arms = [
+            Arm("modality -> Courier -> Orthanc",
+                lambda: through([rx.proc.pid, worker.pid], rx.port), orthanc.clear),
+            Arm("modality -> Orthanc",
+                lambda: through([], orthanc.dicom_port), orthanc.clear),
+        ]  # fmt: skip
+        runs = interleave(arms, args.rounds, warmup=args.warmup)
+    finally:
+        rx.stop()
+        stop_process(worker, signal.SIGINT)
+        orthanc.stop()
+    via = runs["modality -> Courier -> Orthanc"]
+    courier_cpu = sorted(r.extra["courier_cpu"] for r in via)[len(via) // 2]
+    minus_quiet = sorted(r.wall - args.quiet for r in via)[len(via) // 2]
+    direct = sorted(r.wall for r in runs["modality -> Orthanc"])[len(via) // 2]
+    report(
+        f"end to end, {n} x ~39 KB until Orthanc holds all (quiet period "
+        f"{args.quiet:g} s; CPU: every process involved)",
+        runs,
+        reference="modality -> Orthanc",
+        json_path=args.json,
+        notes=[
+            f"Courier's receiver + worker CPU in the middle path, median: "
+            f"{courier_cpu:.2f} s",
+            f"middle path without the {args.quiet:g} s quiet period, median: "
+            f"{minus_quiet:.2f} s ({minus_quiet / direct:.2f}x the direct path)",
+        ],
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--quiet", type=float, default=2.0)
+    parser.add_argument("--only", default="", help="receive or e2e")
+    parser.add_argument("--json", help="append the figures to this JSON-lines file")
+    args = parser.parse_args()
+    header("the receiver as a process vs storescp; Courier in the middle")
+    work = Path(tempfile.mkdtemp(prefix="courier-bench-receive-"))
+    try:
+        series = make_series(work / "series", args.count)
+        if args.only in ("", "receive"):
+            receive(args, work, series)
+        if args.only in ("", "e2e"):
+            end_to_end(args, work, series)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
