@@ -283,6 +283,10 @@ def with_fresh_uid(raw: bytes) -> tuple[bytes, str]:
     if deflated:
         packer = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
         body = packer.compress(body) + packer.flush()
+        # PS3.5 A.5: an odd deflated stream gets a trailing null, as the original
+        # had one if it was even (pydicom's image_dfl.dcm is odd: kept odd).
+        if len(body) % 2 and not (len(raw) - offset) % 2:
+            body += b"\0"
     return _meta_with_uid(raw[:offset], new) + body, new
 
 

@@ -249,8 +249,9 @@ def storescp_files(peer: StoreSCP) -> dict[str, Path]:
     `<modality>.<SOP Instance UID>.dcm`)."""
     found = {}
     for path in peer.files():
-        uid = path.name.split(".", 1)[1].removesuffix(".dcm")
-        found[uid] = path
+        prefix, dot, rest = path.name.partition(".")
+        if dot:
+            found[rest.removesuffix(".dcm")] = path
     return found
 
 
