@@ -318,6 +318,11 @@ COURIER_RECEIVER_IDLE_TIMEOUT = env.float("COURIER_RECEIVER_IDLE_TIMEOUT", defau
 COURIER_RECEIVER_LISTEN_BACKLOG = env.int(
     "COURIER_RECEIVER_LISTEN_BACKLOG", default=256
 )
+# Storage Commitment: where to deliver a report when the modality that asked has
+# already closed its association: comma-separated AET=host:port (README).
+COURIER_RECEIVER_COMMITMENT_PEERS = env.list(
+    "COURIER_RECEIVER_COMMITMENT_PEERS", default=[]
+)
 COURIER_UNROUTED_DEFAULT_TARGET = env.str("COURIER_UNROUTED_DEFAULT_TARGET", default="")
 COURIER_UNROUTED_RETENTION_DAYS = env.float(
     "COURIER_UNROUTED_RETENTION_DAYS", default=COURIER_FAILED_RETENTION_DAYS

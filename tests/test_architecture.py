@@ -31,6 +31,8 @@ FOUNDATION = {
     "config.safetext",
     "targets.dicomnet",
     "targets.dicomnet.check",
+    "targets.dicomnet.commitment",
+    "targets.dicomnet.identity",
     "targets.dicomnet.sockets",
     "targets.dicomnet.vr",
     "targets.http",

@@ -230,3 +230,37 @@ class JobInstance(models.Model):
 
     def __str__(self) -> str:
         return f"{self.path} ({self.state})"
+
+
+class StorageCommitment(models.Model):
+    """One Storage Commitment transaction (PS3.4 Annex J) and what the peer reported.
+
+    Keyed by the transaction UID. The receiver writes the peer's N-EVENT-REPORT
+    here (`dispatch.jobs.commitment.record_report`), whichever association it came
+    on; the sending side finds its request's answer by the UID it chose.
+    """
+
+    class Outcome(models.TextChoices):
+        WAITING = "waiting", "Waiting for the report"
+        COMMITTED = "committed", "All committed"
+        FAILED = "failed", "Some failed"
+
+    transaction_uid = models.CharField("Transaction UID", max_length=64, unique=True)
+    outcome = models.CharField(
+        max_length=10, choices=Outcome.choices, default=Outcome.WAITING
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    reported_at = models.DateTimeField(null=True, blank=True)
+    # Who sent the report: its calling AE title and address.
+    reported_by = models.CharField(max_length=16, blank=True)
+    reported_from = models.CharField(max_length=100, blank=True)
+    # [[SOP Class UID, SOP Instance UID], ...] committed, and
+    # [[SOP Class UID, SOP Instance UID, failure reason], ...] not.
+    committed = models.JSONField(default=list, blank=True)
+    failed = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        verbose_name = "storage commitment"
+
+    def __str__(self) -> str:
+        return f"{self.transaction_uid} ({self.get_outcome_display()})"

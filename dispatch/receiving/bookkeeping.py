@@ -13,11 +13,12 @@ import logging
 from datetime import datetime
 from pathlib import Path
 
-from django.db import transaction
+from django.db import connections, transaction
 from django.db.models import F
 from django.utils import timezone
 
 from config.safetext import db_text, log_fields
+from dispatch.jobs.commitment import record_report
 from dispatch.routing.models import DESCRIPTION_SUFFIX, ReceivedSeries, count_instances
 from dispatch.routing.tasks import route_received
 
@@ -65,6 +66,20 @@ class DatabaseBookkeeper(Bookkeeper):
         ReceiverStatus.objects.filter(name=self.name).update(
             heartbeat_at=timezone.now(), info=info
         )
+
+    def commitment_report(self, report, calling_aet: str, address: str) -> None:
+        try:
+            record_report(
+                report.transaction_uid,
+                [(r.sop_class, r.sop_instance) for r in report.committed],
+                [(r.sop_class, r.sop_instance, r.failure or 0) for r in report.failed],
+                reported_by=calling_aet,
+                reported_from=address,
+            )
+        finally:
+            # An association's thread, not the bookkeeping one: no connection
+            # left open behind it.
+            connections.close_all()
 
     def stopped(self, info: dict) -> None:
         """The receiver stopped on purpose (not a silent heartbeat: not degraded)."""

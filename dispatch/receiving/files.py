@@ -18,9 +18,11 @@ import threading
 import zlib
 from pathlib import Path
 
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-
-from targets.dicomnet.check import DEFLATED, CorruptDataset, check_dataset
+from targets.dicomnet.check import DEFLATED, CorruptDataset, walk_dataset
+from targets.dicomnet.identity import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+)
 from targets.dicomnet.vr import LONG_VRS
 from targets.series import safe_path_part
 
@@ -35,7 +37,8 @@ class TooLarge(ValueError):
 def check_stored(
     path: Path, offset: int, transfer_syntax: str, *, max_inflated: int
 ) -> dict[str, str]:
-    """`check_dataset` on the dataset stored in `path` from byte `offset`.
+    """The receiver's walk (`walk_dataset`, elements in any order) of the dataset
+    stored in `path` from byte `offset`; return its UIDs.
 
     The file is mapped, not read: the walk touches the element headers only, so
     memory does not grow with the instance. A deflated dataset is inflated into a
@@ -72,7 +75,7 @@ def _check_mapped(f, offset: int, transfer_syntax: str) -> dict[str, str]:
     if os.fstat(f.fileno()).st_size <= offset:
         raise CorruptDataset("empty dataset")
     with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        return check_dataset(mapped, transfer_syntax, start=offset)
+        return walk_dataset(mapped, transfer_syntax, offset, ordered=False)
 
 
 def instance_file_name(sop_uid: str) -> str:
@@ -127,8 +130,8 @@ def file_meta_bytes(
             _element(0x00020002, b"UI", _uid(sop_class)),
             _element(0x00020003, b"UI", _uid(sop_instance)),
             _element(0x00020010, b"UI", _uid(transfer_syntax)),
-            _element(0x00020012, b"UI", _uid(PYNETDICOM_IMPLEMENTATION_UID)),
-            _element(0x00020013, b"SH", _text(PYNETDICOM_IMPLEMENTATION_VERSION)),
+            _element(0x00020012, b"UI", _uid(IMPLEMENTATION_CLASS_UID)),
+            _element(0x00020013, b"SH", _text(IMPLEMENTATION_VERSION_NAME)),
             _element(0x00020016, b"AE", _text(source_aet)) if source_aet else b"",
         )
     )

@@ -53,7 +53,8 @@ from pynetdicom.sop_class import Verification
 
 from config.safetext import log_fields
 from dispatch.routing.models import DESCRIPTION_SUFFIX
-from targets.dicomnet.check import DEFLATED, CorruptDataset, check_dataset
+from targets.dicomnet import commitment as protocol
+from targets.dicomnet.check import DEFLATED, CorruptDataset, walk_dataset
 from targets.dicomnet.scp import (
     DEFAULT_MAX_PDU,
     Limits,
@@ -63,6 +64,7 @@ from targets.dicomnet.scp import (
 )
 from targets.series import safe_path_part
 
+from . import commitment
 from .files import (
     TooLarge,
     check_stored,
@@ -73,7 +75,7 @@ from .files import (
     write_all,
     write_durably,
 )
-from .series import Bookkeeper, OpenSeries
+from .series import NO_SERIES_UID, Bookkeeper, OpenSeries, series_key
 
 log = logging.getLogger("courier.receiver")
 
@@ -204,7 +206,7 @@ class IncomingInstance:
         syntax = request.transfer_syntax
         try:
             if self.head is not None and syntax != DEFLATED:
-                uids = check_dataset(self.head, syntax)
+                uids = walk_dataset(self.head, syntax, ordered=False)
             else:
                 uids = check_stored(self.path, self.offset, syntax,
                                   max_inflated=rx.max_instance_bytes)  # fmt: skip
@@ -258,8 +260,9 @@ def _identity_problem(
             return CANNOT_UNDERSTAND, (
                 f"the dataset's {keyword} has control or non-ASCII characters"
             )
-    if not uids["SOPClassUID"]:
-        return CANNOT_UNDERSTAND, "the dataset has no SOPClassUID"
+    for keyword in ("SOPClassUID", "SOPInstanceUID"):
+        if not uids[keyword]:
+            return CANNOT_UNDERSTAND, f"the dataset has no {keyword}"
     for keyword, requested in (("SOPClassUID", request.sop_class),
                                ("SOPInstanceUID", request.sop_instance)):  # fmt: skip
         if uids[keyword] != requested:
@@ -288,6 +291,7 @@ class Receiver:
         max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES,
         limits: Limits | None = None,
         tick_seconds: float = 1.0,
+        commitment_peers: dict[str, tuple[str, int]] | None = None,
     ):
         self.ae_title = ae_title
         self.host = host
@@ -302,6 +306,7 @@ class Receiver:
         self.max_instance_bytes = max_instance_bytes
         self.limits = limits or Limits()
         self.tick_seconds = tick_seconds
+        self.reports = commitment.ReportSender(commitment_peers or {}, ae_title)
         self._lock = threading.Lock()
         self._open: dict[tuple[str, str, str], OpenSeries] = {}
         self._refusals: list[str] = []
@@ -324,7 +329,11 @@ class Receiver:
             build_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
             for cx in AllStoragePresentationContexts
         ]
-        return [*contexts, build_context(Verification)]
+        return [
+            *contexts,
+            build_context(Verification),
+            build_context(protocol.STORAGE_COMMITMENT, list(protocol.SYNTAXES)),
+        ]
 
     def start(self) -> None:
         self.incoming.mkdir(parents=True, exist_ok=True)
@@ -343,6 +352,9 @@ class Receiver:
             accepted_calling_aets=self.accepted,
             max_pdu=self.max_pdu,
             limits=self.limits,
+            on_commit=self.handle_commit,
+            on_undelivered=self.reports.deliver,
+            on_report=self.handle_report,
         )
         self.port = self._server.server_address[1]
         self._server.start()
@@ -381,6 +393,7 @@ class Receiver:
         if self._thread is not None:
             self._thread.join(10)
             self._thread = None
+        self.reports.stop()
         self.tick(final=True)
 
     def request_stop(self) -> None:
@@ -409,6 +422,48 @@ class Receiver:
 
     def handle_store(self, request: StoreRequest) -> IncomingInstance:
         return IncomingInstance(self, request)
+
+    def handle_commit(self, request: protocol.Request) -> protocol.Report:
+        """A modality's Storage Commitment request, decided from the spool."""
+        with self._lock:
+            open_instances = {
+                uid: s.folder for s in self._open.values() for uid in s.sop_uids
+            }
+        report = commitment.evaluate(request, self.incoming, open_instances)
+        log.info(
+            "event=commitment_requested %s",
+            log_fields(
+                calling_aet=request.calling_aet,
+                peer=request.address,
+                transaction=request.transaction_uid,
+                committed=len(report.committed),
+                failed=len(report.failed),
+            ),
+        )
+        return report
+
+    def handle_report(self, report: protocol.Report, calling: str, address: str) -> int:
+        """A peer's answer to Courier's own commitment request: kept by the
+        bookkeeper; 0x0110 (the peer may send it again) if it cannot be."""
+        try:
+            self.bookkeeper.commitment_report(report, calling, address)
+        except Exception:
+            log.exception(
+                "event=commitment_report_not_kept %s",
+                log_fields(calling_aet=calling, transaction=report.transaction_uid),
+            )
+            return PROCESSING_FAILURE
+        log.info(
+            "event=commitment_report_received %s",
+            log_fields(
+                calling_aet=calling,
+                peer=address,
+                transaction=report.transaction_uid,
+                committed=len(report.committed),
+                failed=len(report.failed),
+            ),
+        )
+        return SUCCESS
 
     def _stored(self, series: OpenSeries, sop_uid: str, size: int) -> None:
         now = datetime.now(UTC)
@@ -493,7 +548,8 @@ class Receiver:
 
     def _series_for(self, uids: dict[str, str], request: StoreRequest) -> OpenSeries:
         calling, called = request.calling_aet, request.called_aet
-        key = (uids["SeriesInstanceUID"], calling, called)
+        series_uid, study_uid = uids["SeriesInstanceUID"], uids["StudyInstanceUID"]
+        key = series_key(series_uid, study_uid, calling, called)
         with self._lock:
             series = self._open.get(key)
             if series is not None:
@@ -501,13 +557,16 @@ class Receiver:
                 # instance is being written into its folder.
                 series.inflight += 1
                 return series
-            name = (
-                f"{safe_path_part(uids['SeriesInstanceUID'])}."
-                f"{safe_path_part(calling, 'none')}.{secrets.token_hex(4)}"
+            # Without a Series Instance UID: "no-series-uid.<study>.<calling>..."
+            first = (
+                safe_path_part(series_uid)
+                if series_uid
+                else f"{NO_SERIES_UID}.{safe_path_part(study_uid, 'no-study')}"
             )
+            name = f"{first}.{safe_path_part(calling, 'none')}.{secrets.token_hex(4)}"
             series = OpenSeries(
-                series_uid=uids["SeriesInstanceUID"],
-                study_uid=uids["StudyInstanceUID"],
+                series_uid=series_uid,
+                study_uid=study_uid,
                 calling_aet=calling,
                 called_aet=called,
                 peer_address=f"{request.address}:{request.port}",

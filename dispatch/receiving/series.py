@@ -7,6 +7,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+# Instances without a Series Instance UID are kept too (dcmtk's storescp and
+# pydicom take them): grouped per Study Instance UID and AE titles into a series of
+# their own, whose folder name starts with this.
+NO_SERIES_UID = "no-series-uid"
+
+
+def series_key(
+    series_uid: str, study_uid: str, calling_aet: str, called_aet: str
+) -> tuple[str, str, str]:
+    """What an instance's series is known by while it is being received."""
+    group = series_uid or f"{NO_SERIES_UID}:{study_uid}"
+    return (group, calling_aet, called_aet)
+
 
 @dataclass
 class OpenSeries:
@@ -31,7 +44,9 @@ class OpenSeries:
 
     @property
     def key(self) -> tuple[str, str, str]:
-        return (self.series_uid, self.calling_aet, self.called_aet)
+        return series_key(
+            self.series_uid, self.study_uid, self.calling_aet, self.called_aet
+        )
 
     @property
     def instance_count(self) -> int:
@@ -73,3 +88,8 @@ class Bookkeeper:
 
     def heartbeat(self, info: dict) -> None:
         """The receiver is alive (called every few seconds)."""
+
+    def commitment_report(self, report, calling_aet: str, address: str) -> None:
+        """A peer reported on a Storage Commitment transaction (a
+        `targets.dicomnet.commitment.Report`): keep it, or raise. Called from an
+        association's thread, before the peer is answered."""

@@ -46,13 +46,18 @@ class _Walker:
     pydicom decodes leniently (a truncated value is silently shortened, garbage becomes
     a few UN elements), so it cannot tell a corrupt dataset from a good one. This walk
     is cheap (headers only, values are skipped) and strict: ascending tags at each
-    level, known VRs, every length inside the buffer, every undefined-length
-    sequence closed.
+    level (unless `ordered` is False), known VRs, every length inside the buffer,
+    every undefined-length sequence closed.
+
+    `ordered=False` is the receiver's walk: like dcmtk's storescp and pydicom it
+    takes elements out of order and repeated ones (the bytes are stored as they
+    came), as long as a repeated top-level UID does not change its value.
     """
 
-    def __init__(self, buf: bytes, implicit: bool, little: bool):
+    def __init__(self, buf: bytes, implicit: bool, little: bool, ordered: bool = True):
         self.buf = buf
         self.implicit = implicit
+        self.ordered = ordered
         e = "<" if little else ">"
         self.tag = struct.Struct(e + "HH")
         self.u32 = struct.Struct(e + "L")
@@ -62,7 +67,7 @@ class _Walker:
         self.captured: dict[int, bytes] = {}
 
     def implicit_walker(self) -> _Walker:
-        return _Walker(self.buf, implicit=True, little=True)
+        return _Walker(self.buf, implicit=True, little=True, ordered=self.ordered)
 
     def _read_tag(self, pos: int, end: int) -> tuple[int, int]:
         if pos + 8 > end:
@@ -77,7 +82,7 @@ class _Walker:
         delimiter rather than at `end`.
         """
         # The loop runs once per element (hundreds per instance): locals only.
-        buf, last, implicit = self.buf, -1, self.implicit
+        buf, last, implicit, ordered = self.buf, -1, self.implicit, self.ordered
         header, u32 = self.header.unpack_from, self.u32.unpack_from
         long_vrs, all_vrs = LONG_VRS, ALL_VRS
         captured = self.captured if top else None
@@ -105,7 +110,7 @@ class _Walker:
                 raise CorruptDataset(
                     f"unexpected delimiter {tag:08X} at byte {pos - 8}"
                 )
-            if tag <= last:
+            if tag <= last and ordered:
                 raise CorruptDataset(f"tags out of order at byte {pos} ({tag:08X})")
             last = tag
             if length == _UNDEFINED:
@@ -122,7 +127,13 @@ class _Walker:
                     f"of the data ({length} bytes at byte {pos} of {end})"
                 )
             if captured is not None and tag in _CAPTURED:
-                captured[tag] = buf[pos : pos + length]
+                value = buf[pos : pos + length]
+                if captured.get(tag, value) != value:
+                    raise CorruptDataset(
+                        f"element ({group:04X},{elem:04X}) appears twice with "
+                        "different values"
+                    )
+                captured[tag] = value
             pos += length
         if in_item:
             raise CorruptDataset("item without its delimiter at the end of the data")
@@ -149,10 +160,17 @@ class _Walker:
 
 
 def walk_dataset(
-    raw: bytes | mmap.mmap, transfer_syntax: str, start: int = 0
+    raw: bytes | mmap.mmap,
+    transfer_syntax: str,
+    start: int = 0,
+    *,
+    ordered: bool = True,
 ) -> dict[str, str]:
     """Walk an encoded dataset (from `start`) to its end; return the UIDs it holds
-    ("" for a missing one). Raise `CorruptDataset` if it is truncated or not DICOM."""
+    ("" for a missing one). Raise `CorruptDataset` if it is truncated or not DICOM.
+
+    `ordered=False`: elements out of order or repeated are accepted (see `_Walker`).
+    """
     if transfer_syntax == DEFLATED:
         try:
             raw = zlib.decompress(raw[start:], -zlib.MAX_WBITS)
@@ -165,7 +183,7 @@ def walk_dataset(
         little = transfer_syntax != EXPLICIT_BE
     if len(raw) <= start:
         raise CorruptDataset("empty dataset")
-    walker = _Walker(raw, implicit, little)
+    walker = _Walker(raw, implicit, little, ordered)
     try:
         walker.dataset(start, len(raw), top=True, in_item=False)
     except struct.error as exc:  # a header cut short inside a long-VR element

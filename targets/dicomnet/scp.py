@@ -1,4 +1,5 @@
-"""Accepting DICOM associations on plain blocking sockets: C-STORE and C-ECHO SCP.
+"""Accepting DICOM associations on plain blocking sockets: C-STORE and C-ECHO SCP,
+and the Storage Commitment Push Model both ways (PS3.4 Annex J).
 
 The receiving twin of `scu`, for the same reason: pynetdicom's acceptor hands
 every PDU from a reader thread to a reactor thread through polled queues, and that
@@ -22,13 +23,24 @@ Built to stay open to every modality whatever one host does (issue 11):
 - A dataset is never held in memory: P-DATA fragments are handed to the store
   handler's `DatasetSink` as they arrive, in pieces of at most `CHUNK` bytes.
 
-Only what a storage SCP needs: no asynchronous operations window, no role selection,
-no extended negotiation, no other DIMSE services (a peer sending one is aborted).
+- Each presentation context is accepted in the transfer syntax the sender proposed
+  first, except that Implicit VR Little Endian and Explicit VR Big Endian come last
+  (as storescp prefers explicit VR little endian): a sender offering both gets
+  Explicit VR Little Endian, and keeps its files' VRs.
+- Storage Commitment: a modality's N-ACTION is answered, then the N-EVENT-REPORT
+  (from `on_commit`) goes on the same association; if the association ends before
+  the requester answered it, `on_undelivered` is told (to deliver it on a new one).
+  An N-EVENT-REPORT a peer sends to Courier (the answer to Courier's own request)
+  goes to `on_report`. Role selection is answered for the SOP classes accepted.
+
+Only what a storage SCP needs: no asynchronous operations window, no extended
+negotiation, no other DIMSE services (a peer sending one is aborted).
 """
 
 # Why this module is long: the acceptor's state machine (association request
-# limits, PDU reassembly, C-STORE and C-ECHO, timeouts per phase) is one loop per
-# association; its parts only make sense together.
+# limits, negotiation, PDU reassembly, C-STORE, C-ECHO and the commitment messages,
+# timeouts per phase) is one loop per association; its parts only make sense
+# together.
 
 from __future__ import annotations
 
@@ -45,17 +57,30 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
     ImplementationClassUIDNotification,
     ImplementationVersionNameNotification,
     MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
 )
-from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+from pynetdicom.presentation import PresentationContext
 
 from config.safetext import log_fields
+from targets.dicomnet import commitment
+from targets.dicomnet.commitment import (
+    N_ACTION_RQ,
+    N_EVENT_REPORT_RQ,
+    N_EVENT_REPORT_RSP,
+    STORAGE_COMMITMENT,
+    STORAGE_COMMITMENT_INSTANCE,
+    CommitmentError,
+)
+from targets.dicomnet.identity import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+)
 from targets.dicomnet.scu import (
     ABORT,
     ASSOCIATE_RQ,
@@ -83,6 +108,14 @@ C_ECHO_RQ, C_ECHO_RSP = 0x0030, 0x8030
 NO_DATASET = 0x0101
 
 PROCESSING_FAILURE = 0x0110
+NO_SUCH_SOP_INSTANCE = 0x0112
+NO_SUCH_ACTION = 0x0123
+
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_BE = "1.2.840.10008.1.2.2"
+# Transfer syntaxes taken only when the sender offers nothing better in a context:
+# implicit VR loses the VRs, big endian is retired (PS3.5 A.3).
+_LAST_RESORT = {EXPLICIT_BE: 1, IMPLICIT_LE: 2}
 
 # A-ASSOCIATE-RJ (result, source, reason) (PS3.8 9.3.4)
 RJ_NO_REASON = (0x01, 0x01, 0x01)
@@ -167,6 +200,13 @@ class StoreSCP:
     a C-STORE command has arrived; the sink gets the dataset and decides the
     status. An exception in it answers 0x0110 (processing failure).
     `on_rejected(rejection)` is told of every refused association request.
+
+    Storage Commitment (only with a context for it in `contexts`):
+    `on_commit(request) -> Report` decides a modality's request;
+    `on_undelivered(request, report)` gets a report the requester did not take on
+    the association it asked on; `on_report(report, calling_aet, address) ->
+    status` takes an N-EVENT-REPORT sent to Courier. All run in the association's
+    thread; an exception answers 0x0110.
     """
 
     def __init__(
@@ -179,9 +219,20 @@ class StoreSCP:
         accepted_calling_aets: Sequence[str] = (),
         max_pdu: int = DEFAULT_MAX_PDU,
         limits: Limits | None = None,
+        on_commit: Callable[[commitment.Request], commitment.Report] | None = None,
+        on_undelivered: Callable[[commitment.Request, commitment.Report], None]
+        | None = None,
+        on_report: Callable[[commitment.Report, str, str], int] | None = None,
     ):
         self.contexts = list(contexts)
+        self.supported = {
+            str(cx.abstract_syntax): {str(ts) for ts in cx.transfer_syntax}
+            for cx in contexts
+        }
         self.on_store = on_store
+        self.on_commit = on_commit
+        self.on_undelivered = on_undelivered or (lambda request, report: None)
+        self.on_report = on_report
         self.on_rejected = on_rejected
         self.accepted = list(accepted_calling_aets)
         self.max_pdu = max_pdu
@@ -616,12 +667,24 @@ class _Reader:
 
 
 class _Message:
-    """A C-STORE whose dataset is arriving: the sink, kept from raising."""
+    """A message whose dataset is arriving: the sink, kept from raising.
 
-    def __init__(self, cmd: dict[int, bytes], context_id: int, sink: DatasetSink):
+    `respond`: whether the message is a request to answer (a response Courier
+    receives, e.g. an N-EVENT-REPORT-RSP with a dataset, is not answered).
+    """
+
+    def __init__(
+        self,
+        cmd: dict[int, bytes],
+        context_id: int,
+        sink: DatasetSink,
+        *,
+        respond: bool = True,
+    ):
         self.cmd = cmd
         self.context_id = context_id
         self.sink = sink
+        self.respond = respond
         self.failed = False
 
     def write(self, data: bytes | memoryview) -> None:
@@ -650,19 +713,94 @@ class _Message:
 
 
 class _Refusing:
-    """A sink for a C-STORE that could not even start: answers 0x0110."""
+    """A sink for a message that could not even start: answers `status`."""
+
+    def __init__(self, status: int = PROCESSING_FAILURE):
+        self.status = status
 
     def write(self, data: bytes | memoryview) -> None:
         pass
 
     def finish(self) -> int:
-        return PROCESSING_FAILURE
+        return self.status
 
     def discard(self) -> None:
         pass
 
 
+class _Collected:
+    """A small dataset (a commitment request or report) kept in memory, at most
+    `commitment.MAX_DATASET` bytes; `finish()` hands it to `done` for the status."""
+
+    def __init__(self, done: Callable[[bytes], int]):
+        self.done = done
+        self.data: bytearray | None = bytearray()
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self.data is not None:
+            self.data += data
+            if len(self.data) > commitment.MAX_DATASET:
+                self.data = None
+
+    def finish(self) -> int:
+        if self.data is None:
+            log.warning("event=commitment_dataset_too_large")
+            return PROCESSING_FAILURE
+        return self.done(bytes(self.data))
+
+    def discard(self) -> None:
+        self.data = None
+
+
 _PDV = struct.Struct(">IBB")
+
+
+def negotiate(
+    proposed: Sequence[PresentationContext],
+    supported: dict[str, set[str]],
+    roles: Sequence[SCP_SCU_RoleSelectionNegotiation] = (),
+) -> tuple[list[PresentationContext], list[SCP_SCU_RoleSelectionNegotiation]]:
+    """The acceptor's answer to proposed contexts: one result per context (PS3.8
+    9.3.3.2), and the role selection replies (PS3.7 D.3.3.4).
+
+    A context takes the first transfer syntax the requestor listed that Courier
+    supports, Implicit VR Little Endian and Explicit VR Big Endian only when it
+    listed nothing else (`_LAST_RESORT`). Roles: a requestor may act as SCU of
+    every SOP class accepted, and as SCP only of the Storage Commitment Push
+    Model (it sends Courier the reports of Courier's own requests).
+    """
+    results = []
+    for rq in proposed:
+        cx = PresentationContext()
+        cx.context_id = rq.context_id
+        cx.abstract_syntax = rq.abstract_syntax
+        offered = [str(ts) for ts in rq.transfer_syntax]
+        ours = supported.get(str(rq.abstract_syntax))
+        if ours is None:
+            cx.result, cx.transfer_syntax = 0x03, offered[:1]  # abstract syntax
+        else:
+            usable = [ts for ts in offered if ts in ours]
+            if usable:
+                best = min(
+                    range(len(usable)),
+                    key=lambda i: (_LAST_RESORT.get(usable[i], 0), i),
+                )
+                cx.result, cx.transfer_syntax = 0x00, [usable[best]]
+            else:
+                cx.result, cx.transfer_syntax = 0x04, offered[:1]  # syntaxes
+        results.append(cx)
+    replies = []
+    accepted = {str(cx.abstract_syntax) for cx in results if cx.result == 0}
+    for item in roles:
+        uid = str(item.sop_class_uid)
+        if uid not in accepted:
+            continue
+        reply = SCP_SCU_RoleSelectionNegotiation()
+        reply.sop_class_uid = uid
+        reply.scu_role = bool(item.scu_role)
+        reply.scp_role = bool(item.scp_role) and uid == STORAGE_COMMITMENT
+        replies.append(reply)
+    return results, replies
 
 
 class _Association:
@@ -676,6 +814,12 @@ class _Association:
         self.calling = self.called = ""
         self.contexts: dict[int, str] = {}  # accepted context id -> transfer syntax
         self.abstract: dict[int, str] = {}
+        self.peer_max_pdu = 0
+        self._msg_id = 0
+        # Commitment reports sent on this association, by message id, until the
+        # requester answers; a report to send once the N-ACTION is answered.
+        self.reports: dict[int, tuple[commitment.Request, commitment.Report]] = {}
+        self.report_due: tuple[commitment.Request, commitment.Report] | None = None
 
     def run(self, request: bytes) -> None:
         scp = self.scp
@@ -689,8 +833,14 @@ class _Association:
             return
         self.calling = str(primitive.calling_ae_title).strip()
         self.called = str(primitive.called_ae_title).strip()
-        results, _roles = negotiate_as_acceptor(
-            primitive.presentation_context_definition_list, scp.contexts
+        self.peer_max_pdu = primitive.maximum_length_received or 0
+        roles = [
+            item
+            for item in primitive.user_information
+            if isinstance(item, SCP_SCU_RoleSelectionNegotiation)
+        ]
+        results, replies = negotiate(
+            primitive.presentation_context_definition_list, scp.supported, roles
         )
         self.contexts = {
             cx.context_id: str(cx.transfer_syntax[0])
@@ -701,10 +851,21 @@ class _Association:
             cx.context_id: str(cx.abstract_syntax)
             for cx in primitive.presentation_context_definition_list
         }
-        self.sock.sendall(A_ASSOCIATE_AC(self._accept(primitive, results)).encode())
-        self.messages()
+        ac = A_ASSOCIATE_AC(self._accept(primitive, results, replies))
+        self.sock.sendall(ac.encode())
+        try:
+            self.messages()
+        finally:
+            undelivered = list(self.reports.values())
+            if self.report_due is not None:
+                undelivered.append(self.report_due)
+            for commit_request, report in undelivered:
+                try:
+                    scp.on_undelivered(commit_request, report)
+                except Exception:
+                    log.exception("event=commitment_handler_failed")
 
-    def _accept(self, rq: A_ASSOCIATE, results: list) -> A_ASSOCIATE:
+    def _accept(self, rq: A_ASSOCIATE, results: list, roles: list) -> A_ASSOCIATE:
         ac = A_ASSOCIATE()
         ac.application_context_name = rq.application_context_name
         ac.calling_ae_title = rq.calling_ae_title
@@ -714,10 +875,10 @@ class _Association:
         max_length = MaximumLengthNotification()
         max_length.maximum_length_received = self.scp.max_pdu
         impl_uid = ImplementationClassUIDNotification()
-        impl_uid.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+        impl_uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         impl_version = ImplementationVersionNameNotification()
-        impl_version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
-        ac.user_information = [max_length, impl_uid, impl_version]
+        impl_version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+        ac.user_information = [max_length, impl_uid, impl_version, *roles]
         return ac
 
     def reject(self, why: tuple[int, int, int], reason: str) -> None:
@@ -728,7 +889,7 @@ class _Association:
         """Serve DIMSE messages until the peer releases or aborts."""
         reader = self.reader
         command = bytearray()
-        message: _Message | None = None  # a C-STORE waiting for its dataset
+        message: _Message | None = None  # a message waiting for its dataset
         try:
             while True:
                 reader.start_pdu()
@@ -756,7 +917,7 @@ class _Association:
     def _p_data(
         self, length: int, command: bytearray, message: _Message | None
     ) -> _Message | None:
-        """Read one P-DATA-TF PDU's values; return the C-STORE still in progress."""
+        """Read one P-DATA-TF PDU's values; return the message still in progress."""
         reader, remaining = self.reader, length
         while remaining:
             if remaining < 6:
@@ -786,18 +947,42 @@ class _Association:
                 reader.stream(size, message.write)
             if control & LAST:
                 done, message = message, None
-                self._respond(done.cmd, done.context_id, done.finish())
+                self._answer(done)
         return message
 
+    def _answer(self, message: _Message) -> None:
+        status = message.finish()
+        if message.respond:
+            self._respond(message.cmd, message.context_id, status)
+        if self.report_due is not None:
+            self._send_report()
+
     def _begin(self, cmd: dict[int, bytes], context_id: int) -> _Message | None:
-        """A whole command set: answer it, or return the C-STORE awaiting data."""
+        """A whole command set: answer it, or return the message awaiting data."""
         field = _u16(cmd.get(0x0100))
         has_dataset = _u16(cmd.get(0x0800)) != NO_DATASET
         if field == C_ECHO_RQ and not has_dataset:
             self._respond(cmd, context_id, 0x0000)
             return None
-        if field != C_STORE_RQ:
+        if field == C_STORE_RQ:
+            sink = self._store_sink(cmd, context_id)
+        elif field == N_EVENT_REPORT_RSP:
+            self._report_answered(cmd)
+            sink = _Refusing()
+        elif (
+            field in (N_ACTION_RQ, N_EVENT_REPORT_RQ)
+            and self.abstract.get(context_id) == STORAGE_COMMITMENT
+        ):
+            sink = self._commitment_sink(field, cmd, context_id, has_dataset)
+        else:
             raise LinkError(f"unsupported DIMSE command 0x{field or 0:04X}")
+        message = _Message(cmd, context_id, sink, respond=field != N_EVENT_REPORT_RSP)
+        if has_dataset:
+            return message
+        self._answer(message)
+        return None
+
+    def _store_sink(self, cmd: dict[int, bytes], context_id: int) -> DatasetSink:
         request = StoreRequest(
             calling_aet=self.calling,
             called_aet=self.called,
@@ -808,28 +993,120 @@ class _Association:
             sop_instance=_uid(cmd.get(0x1000)),
         )
         try:
-            sink: DatasetSink = self.scp.on_store(request)
+            return self.scp.on_store(request)
         except Exception:
             log.exception("event=store_handler_failed")
-            sink = _Refusing()
-        message = _Message(cmd, context_id, sink)
-        if has_dataset:
-            return message
-        self._respond(cmd, context_id, message.finish())
-        return None
+            return _Refusing()
+
+    # -- Storage Commitment ----------------------------------------------------------
+
+    def _commitment_sink(
+        self, field: int, cmd: dict[int, bytes], context_id: int, has_dataset: bool
+    ) -> DatasetSink:
+        syntax = self.contexts[context_id]
+        if field == N_EVENT_REPORT_RQ:
+            if self.scp.on_report is None:
+                return _Refusing()
+            return _Collected(lambda data: self._report_received(data, syntax))
+        if self.scp.on_commit is None:
+            return _Refusing()
+        if _uid(cmd.get(0x1001)) != STORAGE_COMMITMENT_INSTANCE:
+            return _Refusing(NO_SUCH_SOP_INSTANCE)
+        if _u16(cmd.get(0x1008)) != 1:  # "Request Storage Commitment"
+            return _Refusing(NO_SUCH_ACTION)
+        if not has_dataset:
+            return _Refusing(PROCESSING_FAILURE)
+        return _Collected(lambda data: self._commit(data, syntax))
+
+    def _commit(self, data: bytes, syntax: str) -> int:
+        try:
+            uid, refs = commitment.parse_action(data, syntax)
+        except CommitmentError as exc:
+            log.warning(
+                "event=commitment_refused %s",
+                log_fields(calling_aet=self.calling, peer=self.address, reason=exc),
+            )
+            return PROCESSING_FAILURE
+        request = commitment.Request(
+            uid, refs, self.calling, self.called, f"{self.address}:{self.port}"
+        )
+        # Raising here answers 0x0110 (`_Message.finish`): no report is promised.
+        self.report_due = (request, self.scp.on_commit(request))
+        return 0x0000
+
+    def _send_report(self) -> None:
+        """Send the report due on the commitment context it was asked on."""
+        assert self.report_due is not None
+        request, report = self.report_due
+        context_id = next(
+            cid for cid, a in self.abstract.items()
+            if a == STORAGE_COMMITMENT and cid in self.contexts
+        )  # fmt: skip
+        syntax = self.contexts[context_id]
+        self._msg_id = self._msg_id % 0xFFFF + 1
+        cmd = commitment.event_report_rq(self._msg_id, report.event_type)
+        data = commitment.encode_report(report, syntax)
+        pdus = commitment.pdata(context_id, COMMAND | LAST, cmd, self.peer_max_pdu)
+        pdus += commitment.pdata(context_id, 0, data, self.peer_max_pdu)
+        self.reports[self._msg_id] = self.report_due
+        self.report_due = None
+        self._send(b"".join(pdus))
+
+    def _report_answered(self, cmd: dict[int, bytes]) -> None:
+        sent = self.reports.pop(_u16(cmd.get(0x0120)) or 0, None)
+        if sent is None:
+            return
+        request, report = sent
+        status = _u16(cmd.get(0x0900))
+        log.info(
+            "event=commitment_reported %s",
+            log_fields(
+                calling_aet=self.calling,
+                peer=self.address,
+                transaction=report.transaction_uid,
+                committed=len(report.committed),
+                failed=len(report.failed),
+                status=f"0x{status or 0:04X}",
+                association="same",
+            ),
+        )
+
+    def _report_received(self, data: bytes, syntax: str) -> int:
+        try:
+            report = commitment.parse_report(data, syntax)
+        except CommitmentError as exc:
+            log.warning(
+                "event=commitment_report_refused %s",
+                log_fields(calling_aet=self.calling, peer=self.address, reason=exc),
+            )
+            return PROCESSING_FAILURE
+        assert self.scp.on_report is not None
+        return self.scp.on_report(report, self.calling, self.address)
+
+    # -- responses -------------------------------------------------------------------
 
     def _respond(self, cmd: dict[int, bytes], context_id: int, status: int) -> None:
-        field = _u16(cmd.get(0x0100))
-        sop_class = _uid(cmd.get(0x0002))
+        field = _u16(cmd.get(0x0100)) or 0
+        if field == C_STORE_RQ or field == C_ECHO_RQ:
+            sop_class = _uid(cmd.get(0x0002)) or VERIFICATION
+            sop_instance = _uid(cmd.get(0x1000)) if field == C_STORE_RQ else None
+        elif field == N_ACTION_RQ:
+            sop_class, sop_instance = _uid(cmd.get(0x0003)), _uid(cmd.get(0x1001))
+        else:
+            sop_class, sop_instance = _uid(cmd.get(0x0002)), _uid(cmd.get(0x1000))
         elements = [
-            _element(0x0002, (sop_class or VERIFICATION).encode()),
-            _element(0x0100, _us(C_STORE_RSP if field == C_STORE_RQ else C_ECHO_RSP)),
+            _element(0x0002, sop_class.encode()),
+            _element(0x0100, _us(field | 0x8000)),
             _element(0x0120, cmd.get(0x0110, b"\x00\x00")),
             _element(0x0800, _us(NO_DATASET)),
             _element(0x0900, _us(status)),
         ]
-        if field == C_STORE_RQ:
-            elements.append(_element(0x1000, _uid(cmd.get(0x1000)).encode()))
+        if sop_instance is not None:
+            elements.append(_element(0x1000, sop_instance.encode()))
+        if field == N_EVENT_REPORT_RQ and 0x1002 in cmd:
+            elements.append(_element(0x1002, cmd[0x1002]))
+        if field == N_ACTION_RQ and 0x1008 in cmd:
+            elements.append(_element(0x1008, cmd[0x1008]))
         body = _command(*elements)
         header = struct.pack(
             ">BBIIBB", P_DATA_TF, 0, len(body) + 6, len(body) + 2, context_id, 3

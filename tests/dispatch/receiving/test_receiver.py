@@ -17,7 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.dsutils import encode
 
-from dispatch.receiving.receiver import CorruptDataset, check_dataset
+from targets.dicomnet.check import CorruptDataset, check_dataset
 from targets.dicomnet.sockets import enable_tcp_nodelay
 from tests.dicomgen import make_mixed_study, make_series
 from tests.fixtures.receive_peers import echoscu, storescu

@@ -9,6 +9,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from config.preload import preload_for_threads
 from dispatch.receiving.bookkeeping import DatabaseBookkeeper
+from dispatch.receiving.commitment import parse_peers
 from dispatch.receiving.receiver import Receiver
 from targets.dicomnet.scp import Limits
 
@@ -18,6 +19,7 @@ class Command(BaseCommand):
         "Receive DICOM (C-STORE, C-ECHO) into the spool and hand complete series to "
         "routing. Settings: COURIER_AE_TITLE, COURIER_RECEIVER_PORT, "
         "COURIER_RECEIVER_ACCEPTED_CALLING_AETS, COURIER_SERIES_QUIET_SECONDS, "
+        "COURIER_RECEIVER_COMMITMENT_PEERS, "
         "COURIER_MIN_FREE_BYTES and the COURIER_RECEIVER_* limits (README)."
     )
 
@@ -33,6 +35,10 @@ class Command(BaseCommand):
     ):
         ae_title = ae_title or settings.COURIER_AE_TITLE
         port = settings.COURIER_RECEIVER_PORT if port is None else port
+        try:
+            peers = parse_peers(settings.COURIER_RECEIVER_COMMITMENT_PEERS)
+        except ValueError as exc:
+            raise CommandError(f"COURIER_RECEIVER_COMMITMENT_PEERS: {exc}") from exc
         bookkeeper = DatabaseBookkeeper(f"{ae_title}@{port}")
         receiver = Receiver(
             ae_title=ae_title,
@@ -45,6 +51,7 @@ class Command(BaseCommand):
             bookkeeper=bookkeeper,
             max_instance_bytes=settings.COURIER_RECEIVER_MAX_INSTANCE_BYTES,
             limits=receiver_limits(),
+            commitment_peers=peers,
         )
 
         def stop(*_):

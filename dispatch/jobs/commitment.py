@@ -1,0 +1,55 @@
+"""Storage Commitment results, as peers report them (the hook the receiver calls).
+
+Courier asks a target to commit what it sent (N-ACTION, the sending side) and the
+target answers with an N-EVENT-REPORT, on the same association or on a new one to
+Courier's receiver (Orthanc always opens a new one). The receiver hands every report
+it takes to `record_report`; the sending side reads the `StorageCommitment` row by
+the transaction UID it chose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from django.db import transaction
+from django.utils import timezone
+
+from config.safetext import db_text
+
+from .models import StorageCommitment
+
+
+def record_report(
+    transaction_uid: str,
+    committed: Iterable[tuple[str, str]],
+    failed: Iterable[tuple[str, str, int]],
+    *,
+    reported_by: str = "",
+    reported_from: str = "",
+) -> StorageCommitment:
+    """Keep a peer's report of a commitment transaction; return its row.
+
+    `committed`: (SOP Class UID, SOP Instance UID) of each instance the peer
+    committed; `failed`: (SOP Class UID, SOP Instance UID, failure reason) of each
+    it did not. A transaction reported again keeps the latest report (a report may
+    come twice: once on the association it was asked on, once on a new one).
+    """
+    committed_rows = [[db_text(c, 64), db_text(i, 64)] for c, i in committed]
+    failed_rows = [[db_text(c, 64), db_text(i, 64), int(r)] for c, i, r in failed]
+    outcome = (
+        StorageCommitment.Outcome.FAILED
+        if failed_rows
+        else StorageCommitment.Outcome.COMMITTED
+    )
+    with transaction.atomic():
+        row, _ = StorageCommitment.objects.select_for_update().get_or_create(
+            transaction_uid=db_text(transaction_uid, 64)
+        )
+        row.outcome = outcome
+        row.committed = committed_rows
+        row.failed = failed_rows
+        row.reported_at = timezone.now()
+        row.reported_by = db_text(reported_by, 16)
+        row.reported_from = db_text(reported_from, 100)
+        row.save()
+    return row
