@@ -1058,6 +1058,10 @@ class _Association:
             return
         request, report = sent
         status = _u16(cmd.get(0x0900))
+        if status != 0x0000:
+            # The requester would not take it here (many expect the report on an
+            # association of their own): it goes on a new one.
+            self.scp.on_undelivered(request, report)
         log.info(
             "event=commitment_reported %s",
             log_fields(
