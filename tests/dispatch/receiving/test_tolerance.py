@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import struct
 import subprocess
+import time
 from pathlib import Path
 
 import pydicom
@@ -20,11 +21,13 @@ import pytest
 from pydicom import examples
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from pynetdicom import AE, evt
 
 from targets.dicomnet.identity import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
 )
+from targets.dicomnet.scp import Limits
 from tests.fixtures.receive_peers import storescu
 from tests.interop.corpus import UN_CREATOR, un_private_sequence
 from tests.peers import DCMTK_ENV
@@ -261,3 +264,61 @@ def test_dcmtk_storescu_sees_courier_and_every_file_written_names_courier(
     ).stdout  # fmt: skip
     assert f"[{IMPLEMENTATION_CLASS_UID}]" in dump
     assert f"[{IMPLEMENTATION_VERSION_NAME}]" in dump
+
+
+# -- release, collisions included (PS3.8 9.2.7) ------------------------------------------
+
+RELEASE_RQ = b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+
+
+def test_an_idle_association_is_released_not_aborted(receiver):
+    """pynetdicom as the modality: Courier ends the idle association with
+    A-RELEASE, which the modality answers; nobody sees an abort."""
+    rx = receiver(limits=Limits(idle_timeout=0.5, pdu_timeout=5))
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CT_IMAGE)
+    ended = []
+    assoc = ae.associate(
+        "127.0.0.1", rx.port, ae_title="COURIER",
+        evt_handlers=[(evt.EVT_RELEASED, lambda e: ended.append("released")),
+                      (evt.EVT_ABORTED, lambda e: ended.append("aborted"))],
+    )  # fmt: skip
+    assert assoc.is_established
+    deadline = time.monotonic() + 30
+    while assoc.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ended == ["released"]
+    assert assoc.is_released and not assoc.is_aborted
+
+
+def test_a_release_collision_is_answered_as_the_acceptor_answers_it(receiver):
+    """The modality asks to release just as Courier does: Courier (the acceptor,
+    Sta10) waits for the modality's A-RELEASE-RP, then sends its own (AR-4)."""
+    rx = receiver(limits=Limits(idle_timeout=0.5, pdu_timeout=5))
+    with RawPeer(rx.port) as peer:
+        assert peer.associate()[0] == 0x02
+        assert peer.read_pdu(timeout=30) == (0x05, b"\x00" * 4)  # Courier's RQ
+        peer.send(RELEASE_RQ)  # ours crossed it: a collision
+        # The requestor answers first (Sta9 -> Sta11) ...
+        peer.send(RELEASE_RP)
+        # ... and the acceptor's A-RELEASE-RP follows, then the connection closes.
+        assert peer.wait_closed(timeout=30) == RELEASE_RP
+
+
+def test_a_release_collision_never_answered_ends_in_an_abort(receiver):
+    rx = receiver(limits=Limits(idle_timeout=0.5, pdu_timeout=1))
+    with RawPeer(rx.port) as peer:
+        assert peer.associate()[0] == 0x02
+        assert peer.read_pdu(timeout=30)[0] == 0x05
+        peer.send(RELEASE_RQ)
+        # Courier waits for our A-RELEASE-RP one PDU time, then aborts.
+        assert peer.wait_closed(timeout=30).startswith(b"\x07")
+
+
+def test_a_peer_releasing_gets_its_answer_at_once(receiver):
+    rx = receiver()
+    with RawPeer(rx.port) as peer:
+        assert peer.associate()[0] == 0x02
+        peer.send(RELEASE_RQ)
+        assert peer.wait_closed(timeout=30) == RELEASE_RP
