@@ -61,7 +61,7 @@ REFERENCE = """
 import json, resource, sys, time
 import django
 django.setup()
-from targets.kinds.folder import FolderHandler
+from targets.kinds.folder.handler import FolderHandler
 from targets.models import FolderTarget
 from targets.series import scan_folder
 folders, out = json.load(open(sys.argv[1])), sys.argv[2]
@@ -77,7 +77,7 @@ print(json.dumps({"wall": time.perf_counter() - start,
 
 CREATE = """
 import json
-from dispatch import services
+from dispatch.jobs import services
 from targets.models import Target
 t = Target.objects.get(pk={target})
 n = 0
@@ -89,8 +89,8 @@ print(json.dumps(n))
 
 ENQUEUE = """
 import json, time
-from dispatch.models import Job
-from dispatch.tasks import run_job_task
+from dispatch.jobs.models import Job
+from dispatch.jobs.tasks import run_job_task
 ids = list(Job.objects.order_by("id").values_list("id", flat=True))
 start = time.time()
 for job_id in ids:
@@ -132,7 +132,7 @@ class QueueArm:
         threads = self.args.threads or 4
         target = site.add_target(
             name="bench-folder", kind="folder", path=str(out),
-            max_associations=min(32, threads * self.processes),
+            max_connections=min(32, threads * self.processes),
         )  # fmt: skip
         created = site.python(
             CREATE.format(target=target, folders=str(self.args.folders_file))

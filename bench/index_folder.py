@@ -111,10 +111,10 @@ def main() -> None:
     django.setup()
     from dicomweb_client import DICOMfileClient
 
-    from querytool.index import FolderIndex
-    from querytool.sources import Criteria
-    from querytool.sources.folder import FolderSource
+    from targets.kinds.dicomweb.index import FolderIndex
+    from targets.kinds.dicomweb.local import LocalFolderQuery
     from targets.models import DicomWebTarget
+    from targets.query import Criteria
 
     folder = Path(args.keep) if args.keep else work / "folder"
     if folder.exists() and any(folder.iterdir()):
@@ -165,7 +165,7 @@ def main() -> None:
         )
 
     # Queries: Courier's folder source (no rescan: a fresh index) vs the client.
-    source = FolderSource(DicomWebTarget(name="bench", url=url))
+    source = LocalFolderQuery(DicomWebTarget(name="bench", url=url))
     source.fresh_index = lambda: index  # the timed index, already up to date
     pid, acc = "PAT00007", "A000073"
     q = [

@@ -43,10 +43,10 @@ def main() -> None:
     django.setup()
     from dicomweb_client import DICOMwebClient
 
-    from querytool.sources import RetrieveRequest
-    from querytool.sources.dicom import DicomSource
-    from querytool.sources.dicomweb import DicomWebSource
+    from targets.kinds.dicom.query import DicomQuery
+    from targets.kinds.dicomweb.query import DicomWebQuery
     from targets.models import DicomTarget, DicomWebTarget
+    from targets.query import RetrieveRequest
     from tests.dicomgen import make_series
     from tests.peers import DCMTK_ENV, Orthanc
 
@@ -68,7 +68,7 @@ def main() -> None:
         )
         assert orthanc.count_instances() == args.count
         request = RetrieveRequest(series.study_uid, [series.series_uid])
-        dicom = DicomSource(
+        dicom = DicomQuery(
             DicomTarget(
                 name="b",
                 host="127.0.0.1",
@@ -78,7 +78,7 @@ def main() -> None:
                 max_pdu=0,
             )
         )
-        web = DicomWebSource(DicomWebTarget(name="b", url=orthanc.dicomweb_url))
+        web = DicomWebQuery(DicomWebTarget(name="b", url=orthanc.dicomweb_url))
 
         def courier(source):
             def run(out: Path) -> int:

@@ -40,7 +40,7 @@ import django  # noqa: E402
 
 django.setup()
 
-from targets.kinds.folder import FolderHandler  # noqa: E402
+from targets.kinds.folder.handler import FolderHandler  # noqa: E402
 from targets.models import FolderTarget  # noqa: E402
 from targets.series import Series, scan_folder  # noqa: E402
 from tests.dicomgen import make_series  # noqa: E402

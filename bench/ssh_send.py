@@ -35,9 +35,9 @@ import django  # noqa: E402
 
 django.setup()
 
-from targets.kinds.ssh import HostKey  # noqa: E402
 from targets.models import RsyncTarget, SftpTarget  # noqa: E402
 from targets.series import Series, scan_folder  # noqa: E402
+from targets.ssh import HostKey  # noqa: E402
 from tests.dicomgen import make_series  # noqa: E402
 from tests.fixtures.ssh_s3_peers import Sshd  # noqa: E402
 

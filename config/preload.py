@@ -43,21 +43,19 @@ LIBRARY_MODULES = (
 )
 
 # Courier's own modules that threads import on first use (they pull in boto3,
-# paramiko, requests, xnat, dicomweb-client).
+# paramiko, requests). The kinds' handlers and query sources come from the proxies.
 COURIER_MODULES = (
     "targets.series",
-    "targets.kinds.dicom_accept",
-    "dispatch.services",
-    "dispatch.routing",
-    "dispatch.receiver",
-    "dispatch.tasks",
-    "dispatch.routing_tasks",
+    "targets.dicomnet.scp",
+    "dispatch.jobs.engine",
+    "dispatch.jobs.tasks",
+    "dispatch.jobs.direct",
+    "dispatch.routing.services",
+    "dispatch.routing.tasks",
+    "dispatch.receiving.receiver",
+    "dispatch.receiving.bookkeeping",
     "querytool.services",
-    "querytool.index",
     "querytool.tasks",
-    "querytool.sources.dicom",
-    "querytool.sources.dicomweb",
-    "querytool.sources.folder",
 )
 
 _lock = threading.Lock()
@@ -65,11 +63,18 @@ _done = False
 
 
 def modules() -> list[str]:
-    """Every module `preload_for_threads()` imports, the kinds' handlers included."""
-    from targets.models import HANDLERS
+    """Every module `preload_for_threads()` imports, the kinds' handlers and query
+    sources included (every dotted path a proxy names)."""
+    from targets.models import PROXIES
 
-    handlers = [path.rpartition(".")[0] for path in HANDLERS.values()]
-    return [*LIBRARY_MODULES, *COURIER_MODULES, *dict.fromkeys(handlers)]
+    paths = [
+        path
+        for proxy in PROXIES.values()
+        for name, path in vars(proxy).items()
+        if name.endswith("_path") and isinstance(path, str)
+    ]
+    kinds = [path.rpartition(".")[0] for path in paths]
+    return [*LIBRARY_MODULES, *COURIER_MODULES, *dict.fromkeys(kinds)]
 
 
 def preload_for_threads() -> None:

@@ -7,12 +7,23 @@ import re
 from django import forms
 from django.core.exceptions import ValidationError
 
+from targets.query import Criteria
 from targets.validators import validate_ae_title
-
-from .sources import Criteria, parse_accessions
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _MODALITY = re.compile(r"^[A-Za-z0-9]{1,16}$")
+
+
+_ACCESSION_SPLIT = re.compile(r"[\s,;]+")
+
+
+def parse_accessions(text: str) -> list[str]:
+    """Split a pasted list (commas, spaces, new lines); trim and drop duplicates."""
+    seen: dict[str, None] = {}
+    for part in _ACCESSION_SPLIT.split(text or ""):
+        if part.strip():
+            seen.setdefault(part.strip(), None)
+    return list(seen)
 
 
 def _source_choices(sources) -> list[tuple[str, str]]:
@@ -131,7 +142,7 @@ class RetrieveForm(forms.Form):
         if data.get("destination") == "move" and not data.get("move_aet"):
             self.add_error("move_aet", "Enter the AE title the source should send to.")
         if data.get("destination") == "move" and data.get("source"):
-            if self.sources[data["source"]].kind != "dicom":
+            if not self.sources[data["source"]].as_kind().can_move:
                 self.add_error("destination", "C-MOVE needs a DICOM source.")
         return data
 

@@ -14,10 +14,11 @@ from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
+from targets.query import SourceError
+
 from . import services
 from .forms import RetrieveForm, SearchForm, destination_choices
 from .models import RetrievalJob
-from .sources import SourceError, is_local_folder, source_for
 
 PAGE_SIZE = 25
 # Session keys: the destination chosen for the last retrieval stays chosen.
@@ -109,7 +110,7 @@ def query_page(request):
     if submitted and form.is_valid():
         source = form.target
         ctx["source"] = source
-        ctx["is_folder"] = is_local_folder(source)
+        ctx["is_folder"] = services.keeps_index(source)
         criteria = form.criteria()
         try:
             found = services.search(source, criteria, request.user)
@@ -168,7 +169,7 @@ def query_page(request):
 def _index_info(source) -> dict | None:
     """Counts, last scan and unreadable files of a local folder's index."""
     try:
-        info = source_for(source).index_info()
+        info = source.query_source().index_info()
     except SourceError:
         return None
     last = info["last_scan"]

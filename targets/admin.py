@@ -1,6 +1,10 @@
 """Targets in the admin: an overview of every kind, a kind chooser, per-kind forms
 and a real Test button (a POST view added through `get_urls()`)."""
 
+# Why this module is long: it is the one Target admin (overview columns, the
+# kind chooser, per-kind forms, Test and Trust host key views, bulk actions), whose
+# methods share its form building; split, each part would reach into the others.
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,13 +25,13 @@ from django.utils.html import format_html, format_html_join
 from django.views.decorators.http import require_POST
 
 from .forms import REPOINT_NOTE, TargetForm
-from .kinds.base import TestResult
-from .models import PROXIES, QUERYABLE_KINDS, Kind, Target
+from .kinds.base import CheckReport
+from .models import PROXIES, Kind, Target
 from .secrets import EncryptedTextField
-from .services import run_test
+from .services import pause_targets, resume_targets, run_test
 
 DISPATCH_FIELDS = (
-    "max_associations",
+    "max_connections",
     "retry_max_attempts",
     "retry_base_delay",
     "retry_max_delay",
@@ -37,20 +41,6 @@ DISPATCH_FIELDS = (
 SECRET_FIELDS = [
     f.name for f in Target._meta.get_fields() if isinstance(f, EncryptedTextField)
 ]
-
-# One line per kind on the "Add target" chooser.
-KIND_HINTS = {
-    Kind.DICOM: "C-STORE to a PACS, modality or workstation (DIMSE).",
-    Kind.DICOM_TLS: "DICOM over TLS, with certificates.",
-    Kind.DICOMWEB: "STOW-RS / QIDO-RS / WADO-RS over HTTP(S). With a file:// URL "
-    "instead, a local folder of DICOM files becomes a query source.",
-    Kind.FOLDER: "Files in a local or mounted folder, one folder per series (to "
-    "query a folder, add a DICOMweb target with a file:// URL).",
-    Kind.RSYNC: "rsync over SSH to a remote folder.",
-    Kind.S3: "Objects in an S3 bucket (AWS or any S3-compatible store).",
-    Kind.SFTP: "Files over SFTP to a remote folder.",
-    Kind.XNAT: "Sessions in an XNAT project.",
-}
 
 # The one name of the action that pins an SSH host key (button, admin action, hints).
 TRUST_HOST_KEY = "Trust host key"
@@ -339,7 +329,7 @@ class TargetAdmin(admin.ModelAdmin):
 
         The button submits the form beside the Test button (outside this form).
         """
-        from .kinds.ssh import last_presented_host_key, normalise_fingerprint
+        from .ssh import last_presented_host_key, normalise_fingerprint
 
         seen = last_presented_host_key(obj)
         if seen is None or seen.fingerprint == normalise_fingerprint(obj.host_key):
@@ -374,17 +364,15 @@ class TargetAdmin(admin.ModelAdmin):
         params = request.GET.copy()
         params.pop("kind", None)
         kinds = []
-        for kind, label in Kind.choices:
-            if kind not in PROXIES:
-                continue
+        for kind, proxy in PROXIES.items():
             params["kind"] = kind
             kinds.append(
                 {
                     "kind": kind,
-                    "label": label,
+                    "label": Kind(kind).label,
                     "url": f"{add_url}?{params.urlencode()}",
-                    "can_query": kind in QUERYABLE_KINDS,
-                    "hint": KIND_HINTS.get(kind, ""),
+                    "can_query": proxy.query_source_path is not None,
+                    "hint": proxy.hint,
                 }
             )
         context = {
@@ -504,7 +492,7 @@ class TargetAdmin(admin.ModelAdmin):
             request, context, add=add, change=not add, obj=obj, form_url=form_url
         )
 
-    def _form_test_html(self, result: TestResult, notes: list[str]) -> str:
+    def _form_test_html(self, result: CheckReport, notes: list[str]) -> str:
         html = result_html(
             result.ok,
             timezone.now(),
@@ -555,7 +543,7 @@ class TargetAdmin(admin.ModelAdmin):
     def _trust(self, request: HttpRequest, obj: Target, fingerprint: str) -> None:
         """Pin `fingerprint` (one the last Test saw) on an SFTP or rsync target."""
         from .kinds.base import TargetError
-        from .kinds.ssh import last_presented_host_key, pin_host_key
+        from .ssh import last_presented_host_key, pin_host_key
 
         seen = last_presented_host_key(obj)
         if seen is None or not fingerprint:
@@ -611,7 +599,7 @@ class TargetAdmin(admin.ModelAdmin):
     @admin.action(description=TRUST_HOST_KEY, permissions=["change"])
     def trust_host_key(self, request: HttpRequest, queryset) -> None:
         """Pin, on each selected SFTP or rsync target, the key its last Test saw."""
-        from .kinds.ssh import last_presented_host_key
+        from .ssh import last_presented_host_key
 
         for obj in queryset:
             obj = obj.as_kind()
@@ -639,8 +627,6 @@ class TargetAdmin(admin.ModelAdmin):
         description="Pause dispatch to selected targets", permissions=["change"]
     )
     def pause_dispatch(self, request: HttpRequest, queryset) -> None:
-        from dispatch.services import pause_targets
-
         n = pause_targets(queryset)
         self.message_user(
             request,
@@ -652,14 +638,17 @@ class TargetAdmin(admin.ModelAdmin):
         description="Resume dispatch to selected targets", permissions=["change"]
     )
     def resume_dispatch(self, request: HttpRequest, queryset) -> None:
-        from dispatch.services import resume_targets
-
-        n = resume_targets(queryset)
+        n = self.resume(queryset)
         self.message_user(
             request,
             f"Resumed dispatch to {n} target(s): their waiting jobs are queued.",
             messages.SUCCESS,
         )
+
+    def resume(self, targets) -> int:
+        """Resume dispatch to `targets` (dispatch's extension of this admin also
+        queues their waiting jobs at once)."""
+        return resume_targets(targets)
 
 
 def _secret_status(name: str):

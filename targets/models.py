@@ -1,25 +1,34 @@
-"""Targets: one concrete table, one proxy model per kind.
+"""Targets: one concrete table, one proxy model per kind; the proxies are the registry.
 
 Per-kind settings are nullable columns on `Target`, shared where the meaning is shared
-(host, port, username, path, url, ...). Each proxy pins its kind, filters its manager,
-validates in `clean()` and declares the admin fieldsets for its settings.
+(host, port, username, path, url, ...). Each proxy pins its kind, filters its manager
+and declares everything else Courier knows about the kind: its handler, its query
+source (where it can be queried) and its settings validation as dotted paths into
+`targets/kinds/<kind>/` (imported only when used, so importing this module loads no
+boto3, paramiko or pydicom), whether it can C-MOVE, its hint on the kind chooser, its
+admin fields and their rules. Everything else derives from `PROXIES`; nothing
+outside the proxies branches on a kind.
 """
+
+# Why this module is long: one table holds every kind's columns and each kind's
+# proxy is its registry entry; one place to read all of them is the point.
 
 from __future__ import annotations
 
-import importlib
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
-from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models.functions import Lower
+from django.utils.module_loading import import_string
 
+from .kinds.xnat.labels import DEFAULT_SESSION_TEMPLATE, DEFAULT_SUBJECT_TEMPLATE
+from .query import QuerySource, SourceError
 from .secrets import EncryptedTextField
+from .series import DEFAULT_LAYOUT
 from .validators import validate_ae_title, validate_globs, validate_host
 
 if TYPE_CHECKING:
@@ -41,29 +50,6 @@ class Direction(models.TextChoices):
     STORE = "store", "Store"
     QUERY = "query", "Query"
     BOTH = "both", "Both"
-
-
-# Handler classes by kind, imported lazily so `import targets` stays light
-# (no boto3, paramiko or xnat until a target of that kind is used).
-HANDLERS: dict[str, str] = {
-    Kind.DICOM: "targets.kinds.dicom.DicomHandler",
-    Kind.DICOM_TLS: "targets.kinds.dicom_tls.DicomTlsHandler",
-    Kind.DICOMWEB: "targets.kinds.dicomweb.DicomWebHandler",
-    Kind.FOLDER: "targets.kinds.folder.FolderHandler",
-    Kind.RSYNC: "targets.kinds.rsync.RsyncHandler",
-    Kind.S3: "targets.kinds.s3.S3Handler",
-    Kind.SFTP: "targets.kinds.sftp.SftpHandler",
-    Kind.XNAT: "targets.kinds.xnat.XnatHandler",
-}
-
-# The kinds that can be a query source (the product page's "Pull" column).
-QUERYABLE_KINDS = {Kind.DICOM, Kind.DICOMWEB}
-
-DEFAULT_LAYOUT = "{StudyInstanceUID}/{SeriesInstanceUID}"
-# XNAT labels. StudyUIDHash (8 hex digits of the StudyInstanceUID's SHA-1) keeps two
-# studies of one patient on one day apart, even without an AccessionNumber.
-DEFAULT_SUBJECT_TEMPLATE = "{PatientID}"
-DEFAULT_SESSION_TEMPLATE = "{PatientID}_{StudyDate}_{StudyUIDHash}"
 
 
 @dataclass(frozen=True)
@@ -316,7 +302,7 @@ class Target(models.Model):
     )
 
     # -- dispatch policy -------------------------------------------------------------
-    max_associations = models.PositiveSmallIntegerField(
+    max_connections = models.PositiveSmallIntegerField(
         "parallel connections",
         default=1,
         validators=[MinValueValidator(1), MaxValueValidator(32)],
@@ -356,8 +342,19 @@ class Target(models.Model):
             ),
         ]
 
-    # Set by each proxy.
+    # -- the kind's facts: each proxy declares every one of these itself -----------
     KIND: ClassVar[str | None] = None
+    # Dotted path of the kind's `Handler` (send, Test).
+    handler_path: ClassVar[str] = ""
+    # Dotted path of its `QuerySource`; None: the kind cannot be queried.
+    query_source_path: ClassVar[str | None] = None
+    # Dotted path of `clean(target)`, its settings rules beyond the required fields
+    # and the columns' own validators; None: it has none.
+    validation_path: ClassVar[str | None] = None
+    # Whether a search's results can be C-MOVEd from it to another AE title.
+    can_move: ClassVar[bool] = False
+    # One line about the kind on the "Add target" chooser.
+    hint: ClassVar[str] = ""
     # Admin fieldsets for the kind's own settings (the "connection" part).
     connection_fields: ClassVar[tuple[str, ...]] = ()
     # Fields whose emptiness is a form error for this kind.
@@ -391,11 +388,28 @@ class Target(models.Model):
 
     @property
     def handler(self) -> Handler:
-        return get_handler_class(self.kind)(self.as_kind())
+        proxy = self.as_kind()
+        return import_string(proxy.handler_path_for_settings())(proxy)
+
+    def query_source(self) -> QuerySource:
+        """The source that answers searches on this target; `SourceError` if none."""
+        proxy = self.as_kind()
+        path = proxy.query_source_path_for_settings()
+        if path is None:
+            raise SourceError(f"{self.get_kind_display()} targets cannot be queried.")
+        return import_string(path)(proxy)
+
+    def handler_path_for_settings(self) -> str:
+        """The handler for this target as it is set up (a proxy may choose)."""
+        return self.handler_path
+
+    def query_source_path_for_settings(self) -> str | None:
+        """The query source for this target as it is set up (a proxy may choose)."""
+        return self.query_source_path
 
     @property
     def can_query(self) -> bool:
-        return self.kind in QUERYABLE_KINDS
+        return PROXIES[self.kind].query_source_path is not None
 
     @property
     def can_store(self) -> bool:
@@ -431,6 +445,8 @@ class Target(models.Model):
                 )
         if errors:
             raise ValidationError(errors)
+        if self.validation_path:
+            import_string(self.validation_path)(self)
 
 
 class KindManager(models.Manager):
@@ -448,6 +464,11 @@ def _kind_manager(kind: str) -> KindManager:
 
 class DicomTarget(Target):
     KIND = Kind.DICOM
+    handler_path = "targets.kinds.dicom.handler.DicomHandler"
+    query_source_path = "targets.kinds.dicom.query.DicomQuery"
+    validation_path = None
+    can_move = True
+    hint = "C-STORE to a PACS, modality or workstation (DIMSE)."
     objects = _kind_manager(Kind.DICOM)
     connection_fields = (
         "host",
@@ -475,6 +496,12 @@ class DicomTarget(Target):
 
 class DicomTlsTarget(DicomTarget):
     KIND = Kind.DICOM_TLS
+    handler_path = "targets.kinds.dicom_tls.handler.DicomTlsHandler"
+    # Pushing only (the product page's "Pull" column says N for DICOM+TLS).
+    query_source_path = None
+    validation_path = "targets.kinds.dicom_tls.validation.clean"
+    can_move = False
+    hint = "DICOM over TLS, with certificates."
     objects = _kind_manager(Kind.DICOM_TLS)
     connection_fields = DicomTarget.connection_fields + (
         "tls_client_key",
@@ -489,38 +516,20 @@ class DicomTlsTarget(DicomTarget):
         proxy = True
         verbose_name = "DICOM+TLS target"
 
-    def clean(self) -> None:
-        super().clean()
-        from .kinds.dicom_tls import TlsConfigError, build_ssl_context
-
-        if not self.tls_ca_cert:
-            return
-        for field in ("tls_ca_cert", "tls_client_cert", "tls_client_key"):
-            setattr(self, field, (getattr(self, field) or "").strip())
-        try:
-            build_ssl_context(
-                ca_cert=self.tls_ca_cert,
-                client_cert=self.tls_client_cert,
-                client_key=self.tls_client_key,
-                passphrase=str(self.key_passphrase or ""),
-                verify_hostname=self.tls_verify_hostname,
-            )
-        except TlsConfigError as exc:
-            text = str(exc)
-            field = (
-                "tls_ca_cert"
-                if "CA certificate" in text
-                else "key_passphrase"
-                if "passphrase" in text
-                else "tls_client_key"
-                if "client key" in text
-                else "tls_client_cert"
-            )
-            raise ValidationError({field: text[0].upper() + text[1:] + "."}) from None
-
 
 class DicomWebTarget(Target):
     KIND = Kind.DICOMWEB
+    handler_path = "targets.kinds.dicomweb.handler.DicomWebHandler"
+    query_source_path = "targets.kinds.dicomweb.query.DicomWebQuery"
+    validation_path = "targets.kinds.dicomweb.validation.clean"
+    can_move = False
+    hint = (
+        "STOW-RS / QIDO-RS / WADO-RS over HTTP(S). With a file:// URL instead, a "
+        "local folder of DICOM files becomes a query source."
+    )
+    # A file:// URL names a local folder: these stand in for the HTTP ones.
+    local_handler_path = "targets.kinds.dicomweb.local.LocalFolderHandler"
+    local_query_source_path = "targets.kinds.dicomweb.local.LocalFolderQuery"
     objects = _kind_manager(Kind.DICOMWEB)
     connection_fields = (
         "url",
@@ -575,116 +584,29 @@ class DicomWebTarget(Target):
     def address(self) -> str:
         return self.url
 
-    def clean(self) -> None:
-        super().clean()
-        errors: dict[str, list[str]] = {}
-        url_error = _http_or_file_url_error(self.url, allow_file=True)
-        if url_error:
-            errors.setdefault("url", []).append(url_error)
-        for field in ("qido_prefix", "wado_prefix", "stow_prefix"):
-            value = (getattr(self, field) or "").strip().strip("/")
-            if any(c in value for c in "?#") or " " in value:
-                errors.setdefault(field, []).append(
-                    "A prefix is a path such as dicom-web or rs (no spaces, ? or #)."
-                )
-            setattr(self, field, value)
-        local = (self.url or "").lower().startswith("file://")
-        if not local and self.auth in ("", "none"):
-            # Credentials with authentication left at None would silently not be
-            # sent: pick the method they mean, or say (at the authentication
-            # choice, which is always shown) why not.
-            login = bool(self.username or self.password)
-            if login and self.token:
-                errors.setdefault("auth", []).append(
-                    "Both a login and a bearer token are set: choose Basic or "
-                    "Bearer token (and clear the other)."
-                )
-            elif self.username and self.password:
-                self.auth = "basic"
-            elif self.username:
-                errors.setdefault("auth", []).append(
-                    f"The username {self.username!r} has no password, so no "
-                    "credentials would be sent: choose Basic and enter the password, "
-                    "or clear the username."
-                )
-            elif self.password:
-                errors.setdefault("auth", []).append(
-                    "A password is set without a username, so no credentials would "
-                    "be sent: choose Basic and enter the username, or clear the "
-                    "password."
-                )
-            elif self.token:
-                self.auth = "bearer"
-        if not local:
-            if self.auth == "basic":
-                if not self.username:
-                    errors.setdefault("username", []).append(
-                        "Basic authentication needs a username."
-                    )
-                if not self.password:
-                    errors.setdefault("password", []).append(
-                        "Basic authentication needs a password."
-                    )
-            elif self.auth == "bearer" and not self.token:
-                errors.setdefault("token", []).append(
-                    "Bearer authentication needs a token."
-                )
-            ca_error = _ca_bundle_error(self.ca_bundle)
-            if ca_error:
-                errors.setdefault("ca_bundle", []).append(ca_error)
-        if errors:
-            raise ValidationError(errors)
+    @property
+    def is_local_folder(self) -> bool:
+        return (self.url or "").lower().startswith("file://")
 
+    def handler_path_for_settings(self) -> str:
+        return self.local_handler_path if self.is_local_folder else self.handler_path
 
-def _http_or_file_url_error(url: str, *, allow_file: bool) -> str | None:
-    """Return why `url` is not a usable http(s) (or file://) URL, or None."""
-    from pathlib import Path
-    from urllib.parse import unquote, urlsplit
-
-    if not url:
-        return None
-    parts = urlsplit(url.strip())
-    scheme = parts.scheme.lower()
-    if scheme == "file" and allow_file:
-        if parts.netloc not in ("", "localhost"):
-            return "A file:// URL names a local folder: file:///path/to/folder."
-        folder = Path(unquote(parts.path))
-        if not folder.is_absolute() or not folder.is_dir():
-            return f"The folder {folder} does not exist on this server."
-        return None
-    if scheme not in ("http", "https"):
-        kinds = "http://, https:// or file://" if allow_file else "http:// or https://"
-        return f"Enter a URL starting with {kinds}."
-    if not parts.hostname:
-        return "The URL has no host name."
-    if parts.username or parts.password:
-        return "Put the username and password in their own fields, not in the URL."
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
-        return "The URL's port is not a number between 1 and 65535."
-    return None
-
-
-def _ca_bundle_error(path: str) -> str | None:
-    """Return why `path` is not a readable PEM CA bundle, or None."""
-    import ssl
-
-    if not path:
-        return None
-    try:
-        ssl.create_default_context(cafile=path)
-    except FileNotFoundError:
-        return f"{path} does not exist on this server."
-    except PermissionError:
-        return f"{path} is not readable by Courier."
-    except (ssl.SSLError, OSError, ValueError):
-        return f"{path} holds no PEM certificate."
-    return None
+    def query_source_path_for_settings(self) -> str | None:
+        if self.is_local_folder:
+            return self.local_query_source_path
+        return self.query_source_path
 
 
 class FolderTarget(Target):
     KIND = Kind.FOLDER
+    handler_path = "targets.kinds.folder.handler.FolderHandler"
+    query_source_path = None
+    validation_path = "targets.kinds.folder.validation.clean"
+    can_move = False
+    hint = (
+        "Files in a local or mounted folder, one folder per series (to query a "
+        "folder, add a DICOMweb target with a file:// URL)."
+    )
     objects = _kind_manager(Kind.FOLDER)
     connection_fields = ("path", "layout", "exclude", "write_complete_marker")
     required_fields = ("path",)
@@ -698,22 +620,14 @@ class FolderTarget(Target):
     def address(self) -> str:
         return self.path
 
-    def clean(self) -> None:
-        super().clean()
-        from .kinds.folder import layout_error
-
-        errors = {}
-        if self.path and not self.path.startswith("/"):
-            errors["path"] = "Enter an absolute path (starting with /)."
-        self.layout = (self.layout or "").strip()
-        if self.layout and (problem := layout_error(self.layout)):
-            errors["layout"] = problem
-        if errors:
-            raise ValidationError(errors)
-
 
 class RsyncTarget(Target):
     KIND = Kind.RSYNC
+    handler_path = "targets.kinds.rsync.handler.RsyncHandler"
+    query_source_path = None
+    validation_path = "targets.kinds.rsync.validation.clean"
+    can_move = False
+    hint = "rsync over SSH to a remote folder."
     objects = _kind_manager(Kind.RSYNC)
     connection_fields = (
         "host",
@@ -743,29 +657,14 @@ class RsyncTarget(Target):
     def address(self) -> str:
         return f"{self.username}@{self.host}:{self.path}"
 
-    def clean(self) -> None:
-        super().clean()
-        _clean_ssh(self)
-        if self.run_on_complete:
-            script = (self.complete_script or "").strip()
-            self.complete_script = script
-            if not script:
-                raise ValidationError(
-                    {"complete_script": "Name the script to run after the transfer."}
-                )
-            if any(c in script for c in "\n\r\0\t "):
-                raise ValidationError(
-                    {
-                        "complete_script": (
-                            "Give only the script's file name or path: no spaces; Courier "
-                            "adds the destination folder and target name as arguments."
-                        )
-                    }
-                )
-
 
 class S3Target(Target):
     KIND = Kind.S3
+    handler_path = "targets.kinds.s3.handler.S3Handler"
+    query_source_path = None
+    validation_path = "targets.kinds.s3.validation.clean"
+    can_move = False
+    hint = "Objects in an S3 bucket (AWS or any S3-compatible store)."
     objects = _kind_manager(Kind.S3)
     connection_fields = (
         "bucket",
@@ -791,43 +690,14 @@ class S3Target(Target):
         where = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         return f"{where} ({self.endpoint_url})" if self.endpoint_url else where
 
-    def clean(self) -> None:
-        super().clean()
-        errors: dict[str, str] = {}
-        self.endpoint_url = (self.endpoint_url or "").strip().rstrip("/")
-        if self.endpoint_url:
-            error = _endpoint_url_error(self.endpoint_url)
-            if error:
-                errors["endpoint_url"] = error
-        self.bucket = (self.bucket or "").strip()
-        if self.bucket and not _S3_BUCKET.match(self.bucket):
-            errors["bucket"] = (
-                "Enter a bucket name of 3-63 lowercase letters, digits, dots and "
-                "hyphens, starting and ending with a letter or digit."
-            )
-        self.region = (self.region or "").strip()
-        if self.region and not _S3_REGION.match(self.region):
-            errors["region"] = (
-                "Enter a region such as eu-central-1 (letters, digits, -)."
-            )
-        self.prefix = "/".join(p for p in (self.prefix or "").strip().split("/") if p)
-        if any(p in (".", "..") for p in self.prefix.split("/")):
-            errors["prefix"] = "The prefix cannot contain . or .. parts."
-        if self.access_key_id and not self.secret_key:
-            errors["secret_key"] = "Enter the secret access key for this access key id."
-        for field in ("storage_class", "server_side_encryption"):
-            value = getattr(self, field).strip()
-            setattr(self, field, value)
-            if value and not _S3_TOKEN.match(value):
-                errors[field] = (
-                    "Use the value as S3 spells it, e.g. STANDARD_IA, AES256."
-                )
-        if errors:
-            raise ValidationError(errors)
-
 
 class SftpTarget(Target):
     KIND = Kind.SFTP
+    handler_path = "targets.kinds.sftp.handler.SftpHandler"
+    query_source_path = None
+    validation_path = "targets.kinds.sftp.validation.clean"
+    can_move = False
+    hint = "Files over SFTP to a remote folder."
     objects = _kind_manager(Kind.SFTP)
     connection_fields = (
         "host",
@@ -855,74 +725,14 @@ class SftpTarget(Target):
     def address(self) -> str:
         return f"{self.username}@{self.host}:{self.path}"
 
-    def clean(self) -> None:
-        super().clean()
-        _clean_ssh(self)
-
-
-_S3_BUCKET = re.compile(r"^(?!\d+\.\d+\.\d+\.\d+$)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_S3_REGION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
-_S3_TOKEN = re.compile(r"^[A-Za-z0-9_:.-]{1,40}$")
-
-
-def _endpoint_url_error(url: str) -> str:
-    """Why `url` is not a usable S3 endpoint URL, or "" (any S3-compatible host)."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
-        return "Enter a URL such as https://s3.example.org:9000."
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "Enter an http:// or https:// URL such as https://s3.example.org:9000."
-    if parts.username or parts.password:
-        return (
-            "Do not put credentials in the URL: use the access key id and secret "
-            "fields."
-        )
-    if parts.query or parts.fragment:
-        return "The endpoint URL cannot have a query or fragment."
-    try:
-        validate_host(parts.hostname)
-    except ValidationError:
-        return "The endpoint URL's host is not a valid host name or IP address."
-    return ""
-
-
-def _clean_ssh(target: Target) -> None:
-    """Shared rules for the SSH kinds (SFTP, rsync)."""
-    from targets.kinds.ssh import is_valid_fingerprint, normalise_fingerprint
-
-    errors: dict[str, str] = {}
-    if not target.port:
-        target.port = 22
-    if target.host_key:
-        target.host_key = normalise_fingerprint(target.host_key)
-        if not is_valid_fingerprint(target.host_key):
-            errors["host_key"] = (
-                "Enter a SHA256 fingerprint as ssh-keygen -l shows it "
-                "(SHA256:...), or leave it empty and pin the key from a Test."
-            )
-    if target.private_key_path and not target.private_key_path.startswith("/"):
-        errors["private_key_path"] = "Enter an absolute path (starting with /)."
-    if target.private_key and target.private_key_path:
-        errors["private_key_path"] = "Give either a key file or a pasted key, not both."
-    if target.path and any(c in target.path for c in "\n\r\0"):
-        errors["path"] = "The folder cannot contain line breaks."
-    if target.private_key or target.private_key_path:
-        from targets.kinds.base import TargetError
-        from targets.kinds.ssh import load_private_key
-
-        try:
-            load_private_key(target)
-        except TargetError as exc:
-            field = "private_key" if target.private_key else "private_key_path"
-            errors.setdefault(field, exc.message)
-    if errors:
-        raise ValidationError(errors)
-
 
 class XnatTarget(Target):
     KIND = Kind.XNAT
+    handler_path = "targets.kinds.xnat.handler.XnatHandler"
+    query_source_path = None
+    validation_path = "targets.kinds.xnat.validation.clean"
+    can_move = False
+    hint = "Sessions in an XNAT project."
     objects = _kind_manager(Kind.XNAT)
     connection_fields = (
         "url",
@@ -935,6 +745,7 @@ class XnatTarget(Target):
         "overwrite",
         "destination",
         "verify_tls",
+        "ca_bundle",
         "request_timeout",
     )
     required_fields = ("url", "project", "username")
@@ -947,61 +758,18 @@ class XnatTarget(Target):
     def address(self) -> str:
         return f"{self.url} project {self.project}"
 
-    def clean(self) -> None:
-        super().clean()
-        from pydicom.datadict import tag_for_keyword
 
-        errors: dict[str, list[str]] = {}
-        url_error = _http_or_file_url_error(self.url, allow_file=False)
-        if url_error:
-            errors.setdefault("url", []).append(url_error)
-        if self.username and not self.password:
-            errors.setdefault("password", []).append("XNAT needs the user's password.")
-        self.project = (self.project or "").strip()
-        if self.project and not re.fullmatch(r"[A-Za-z0-9_-]+", self.project):
-            errors.setdefault("project", []).append(
-                "Enter the project ID (letters, digits, _ and -), not its title."
-            )
-        for field in ("subject_template", "session_template"):
-            template = (getattr(self, field) or "").strip()
-            setattr(self, field, template)
-            if not template:
-                continue
-            keys = re.findall(r"\{(\w*)\}", template)
-            if not keys:
-                errors.setdefault(field, []).append(
-                    "Use at least one DICOM keyword in braces, e.g. {PatientID}."
-                )
-            unknown = [
-                k
-                for k in keys
-                if k not in ("StudyUIDHash", "SeriesUIDHash")
-                and tag_for_keyword(k) is None
-            ]
-            if unknown:
-                errors.setdefault(field, []).append(
-                    "Not DICOM keywords: "
-                    + ", ".join(f"{{{k}}}" for k in unknown)
-                    + "."
-                )
-            if template.count("{") != template.count("}"):
-                errors.setdefault(field, []).append("Unbalanced braces.")
-        if errors:
-            raise ValidationError(errors)
-
-
+# The one map from a kind to its proxy: every list of kinds derives from it.
 PROXIES: dict[str, type[Target]] = {
-    Kind.DICOM: DicomTarget,
-    Kind.DICOM_TLS: DicomTlsTarget,
-    Kind.DICOMWEB: DicomWebTarget,
-    Kind.FOLDER: FolderTarget,
-    Kind.RSYNC: RsyncTarget,
-    Kind.S3: S3Target,
-    Kind.SFTP: SftpTarget,
-    Kind.XNAT: XnatTarget,
+    proxy.KIND: proxy
+    for proxy in (
+        DicomTarget,
+        DicomTlsTarget,
+        DicomWebTarget,
+        FolderTarget,
+        RsyncTarget,
+        S3Target,
+        SftpTarget,
+        XnatTarget,
+    )
 }
-
-
-def get_handler_class(kind: str) -> type[Handler]:
-    module_name, _, class_name = HANDLERS[kind].rpartition(".")
-    return getattr(importlib.import_module(module_name), class_name)

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from targets.dicomcheck import CorruptDataset, check_file
+from targets.dicomnet.check import CorruptDataset, check_file
 from targets.paths import clean_part, plain_name, uid_part
 
 # Read once per file; enough for presentation contexts, layouts and routing.
@@ -225,8 +225,28 @@ def instance_file_name(instance: Instance) -> str:
     return plain_name(uid_part(instance.sop_instance_uid) + ".dcm")
 
 
+DEFAULT_LAYOUT = "{StudyInstanceUID}/{SeriesInstanceUID}"
+
+
 class LayoutError(ValueError):
     pass
+
+
+def layout_error(template: str) -> str | None:
+    """Return why a layout template cannot be used, or None if it can."""
+    keywords = re.findall(r"\{(\w+)\}", template)
+    rest = re.sub(r"\{\w+\}", "", template)
+    if "{" in rest or "}" in rest:
+        return (
+            "Put each DICOM keyword in braces, e.g. "
+            "{StudyInstanceUID}/{SeriesInstanceUID}."
+        )
+    unknown = [k for k in keywords if k not in HEADER_TAGS]
+    if unknown:
+        return f"Unknown layout tag {unknown[0]}: use one of {', '.join(HEADER_TAGS)}."
+    if any(part.strip() in (".", "..") for part in template.split("/")):
+        return "A layout cannot contain . or .. folders."
+    return None
 
 
 def render_layout(template: str, tags: dict[str, str]) -> str:

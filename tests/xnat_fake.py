@@ -27,6 +27,7 @@ import base64
 import io
 import json
 import secrets
+import ssl
 import tempfile
 import threading
 import time
@@ -62,7 +63,10 @@ class XnatFake:
         projects: dict[str, dict[str, str]],
         *,
         version: str = "1.8.10",
+        tls: tuple[str, str] | None = None,
     ):
+        # (certificate, key) files: serve HTTPS with them instead of HTTP.
+        self.tls = tls
         self.users = users
         self.projects = projects
         self.version = version
@@ -79,7 +83,8 @@ class XnatFake:
     @property
     def url(self) -> str:
         assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self._server.server_address[1]}"
 
     def start(self) -> XnatFake:
         fake = self
@@ -89,6 +94,10 @@ class XnatFake:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
+        if self.tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*self.tls)
+            self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="xnat-fake", daemon=True
         )

@@ -1,12 +1,14 @@
 """The handler contract every target kind implements.
 
 A handler wraps one target: `send(series)` delivers files and reports per instance,
-`test()` checks the target for real and returns named checks; `query()`/`retrieve()`
-exist only where the kind can be queried. Errors carry a hint in words, never a secret.
+`test()` checks the target for real and returns named checks (a `CheckReport`).
+Querying is not a handler's: a queryable kind has a query source (`targets.query`).
+Errors carry a hint in words, never a secret. This module imports no model.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -47,8 +49,8 @@ class Check:
 
 
 @dataclass
-class TestResult:
-    __test__ = False  # not a pytest test class
+class CheckReport:
+    """The named checks of a Test, in the order they ran."""
 
     checks: list[Check] = field(default_factory=list)
 
@@ -73,8 +75,8 @@ class TestResult:
     def check(self, name: str, *, informational: bool = False) -> Iterator[Check]:
         """Time a check; a `TargetError` inside it marks the check failed.
 
-        Use it as `with result.check("TCP connect") as c: ...; c.message = "..."`.
-        After a failed (non-informational) check, `result.stopped` is true and later
+        Use it as `with report.check("TCP connect") as c: ...; c.message = "..."`.
+        After a failed (non-informational) check, `report.stopped` is true and later
         checks that depend on it should not run.
         """
         check = Check(name=name, ok=True, informational=informational)
@@ -144,6 +146,13 @@ class SendResult:
 
 
 ProgressCallback = Callable[["Outcome"], None]
+Report = Callable[["Outcome"], None]
+# Every file a target delivers, as (file, name) by destination folder.
+FileGroups = dict[str, list[tuple["Instance | OtherFile", str]]]
+
+# The empty file written into a series folder once all its files are there
+# (Folder and SFTP, when the target asks for it).
+COMPLETE_MARKER = ".complete"
 
 
 @dataclass
@@ -166,19 +175,51 @@ class Handler:
         *,
         progress: ProgressCallback | None = None,
         context: SendContext | None = None,
+        connections: int | None = None,
     ) -> SendResult:
         """Deliver `series.instances` to the target.
 
         Call `progress(outcome)` for each instance as soon as its fate is known and
         return all outcomes. Raise `TargetError` when the target cannot be used (or
         stops being usable part-way): the outcomes already reported through
-        `progress` stand, so a retry needs to send only the rest.
+        `progress` stand, so a retry needs to send only the rest. Open at most
+        `connections` connections at once (a job's share of the target's limit;
+        None: the target's own limit).
         """
         raise NotImplementedError
 
-    def test(self) -> TestResult:
+    def test(self) -> CheckReport:
         """Check the target for real; never raise for a target-side problem."""
         raise NotImplementedError
+
+    # -- helpers for send() -----------------------------------------------------------
+    def start(self, progress: ProgressCallback | None) -> tuple[SendResult, Report]:
+        """A result to fill, and `report(outcome)`, which adds an outcome to it and
+        tells `progress`; safe to call from several threads."""
+        result = SendResult()
+        lock = threading.Lock()
+
+        def report(outcome: Outcome) -> None:
+            with lock:
+                result.outcomes.append(outcome)
+                if progress:
+                    progress(outcome)
+
+        return result, report
+
+    def start_grouped(
+        self, series: Series, progress: ProgressCallback | None
+    ) -> tuple[SendResult, Report, FileGroups]:
+        """`start()`, and every file the target delivers by destination folder
+        (`files_by_folder`: a file that cannot be placed is reported FAILED)."""
+        result, report = self.start(progress)
+        return result, report, files_by_folder(series, self.target, report)
+
+    def connection_count(self, connections: int | None, work: int) -> int:
+        """How many connections to open for `work` items: `connections` (or the
+        target's parallel connections), at least one, never more than the work."""
+        limit = self.target.max_connections if connections is None else connections
+        return max(1, min(limit or 1, work))
 
 
 def instance_outcome(
@@ -193,19 +234,6 @@ def instance_outcome(
     )
 
 
-def recorder(
-    result: SendResult, progress: ProgressCallback | None
-) -> Callable[[Outcome], None]:
-    """Return `report(outcome)`: add the outcome to `result`, then tell `progress`."""
-
-    def report(outcome: Outcome) -> None:
-        result.outcomes.append(outcome)
-        if progress:
-            progress(outcome)
-
-    return report
-
-
 def group_by_layout(
     series: Series, target: Target, report: Callable[[Outcome], None]
 ) -> dict[str, list[Instance]]:
@@ -216,8 +244,7 @@ def group_by_layout(
     rendered is reported FAILED through `report` and left out.
     """
     # Imported here so that importing the handler contract stays light.
-    from targets.models import DEFAULT_LAYOUT
-    from targets.series import LayoutError, render_layout
+    from targets.series import DEFAULT_LAYOUT, LayoutError, render_layout
     from targets.validators import split_globs
 
     layout = target.layout or DEFAULT_LAYOUT
@@ -234,7 +261,7 @@ def group_by_layout(
 
 def files_by_folder(
     series: Series, target: Target, report: Callable[[Outcome], None]
-) -> dict[str, list[tuple[Instance | OtherFile, str]]]:
+) -> FileGroups:
     """Every file the target delivers, as (file, name) by destination folder.
 
     The instances as `group_by_layout` places them, each named after its SOP

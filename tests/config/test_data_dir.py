@@ -31,7 +31,7 @@ from django.contrib.auth.models import User
 User.objects.get_or_create(username="someone")
 from huey.contrib.djhuey import HUEY
 HUEY.put("probe", "1")
-from querytool import index
+from targets.kinds.dicomweb import index
 watched = Path(os.environ["WATCHED"])
 index.FolderIndex(watched)
 index.folder_is_writable = lambda folder: False

@@ -6,14 +6,13 @@ from datetime import date
 
 import pytest
 
-from querytool.sources import (
+from targets.models import DicomTarget
+from targets.query import (
     Cancelled,
     Criteria,
     RetrieveRequest,
     SourceError,
-    source_for,
 )
-from targets.models import DicomTarget
 from tests.peers import free_port
 
 
@@ -37,7 +36,7 @@ def dicom_target(orthanc, **kw) -> DicomTarget:
 
 @pytest.fixture
 def source(query_orthanc):
-    return source_for(dicom_target(query_orthanc))
+    return dicom_target(query_orthanc).query_source()
 
 
 def accessions(search) -> set[str]:
@@ -181,7 +180,7 @@ def test_cancel_during_c_get_stops_the_retrieval(source, query_studies, tmp_path
 
 
 def test_closed_port_is_reported_as_unreachable(query_orthanc):
-    source = source_for(dicom_target(query_orthanc, port=free_port()))
+    source = dicom_target(query_orthanc, port=free_port()).query_source()
     with pytest.raises(SourceError, match="Source unreachable"):
         source.find_studies(Criteria(patient_id="P001"), 10)
 
@@ -192,7 +191,7 @@ def test_wrong_called_aet_is_reported_as_rejected(tmp_path_factory):
     with Orthanc(
         tmp_path_factory.mktemp("qr-strict"), aet="STRICT", check_called_aet=True
     ) as strict:
-        source = source_for(dicom_target(strict, called_aet="WRONG"))
+        source = dicom_target(strict, called_aet="WRONG").query_source()
         with pytest.raises(
             SourceError, match="Association rejected.*check the target AET"
         ):
@@ -208,7 +207,7 @@ def test_c_find_refused_by_the_source_is_reported_in_words(tmp_path_factory):
         aet="NOFIND",
         extra={"DicomAlwaysAllowFind": False},
     ) as strict:
-        source = source_for(dicom_target(strict))
+        source = dicom_target(strict).query_source()
         with pytest.raises(SourceError) as err:
             source.find_studies(Criteria(patient_id="P001"), 10)
     assert "C-FIND refused" in err.value.message

@@ -6,9 +6,9 @@ from datetime import date
 
 import pytest
 
-from querytool.sources import Criteria, RetrieveRequest, SourceError, source_for
-from querytool.sources.dicomweb import write_parts
+from targets.kinds.dicomweb.query import write_parts
 from targets.models import DicomWebTarget
+from targets.query import Criteria, RetrieveRequest, SourceError
 from tests.fixtures.query_peers import QR_PASSWORD, QR_USER
 from tests.peers import free_port
 
@@ -29,7 +29,7 @@ def web_target(orthanc, **kw) -> DicomWebTarget:
 
 @pytest.fixture
 def source(query_orthanc):
-    return source_for(web_target(query_orthanc))
+    return web_target(query_orthanc).query_source()
 
 
 def accessions(search) -> set[str]:
@@ -117,16 +117,16 @@ def test_wado_of_one_series(source, query_studies, tmp_path):
 
 
 def test_wrong_password_is_reported_as_401(query_orthanc):
-    source = source_for(web_target(query_orthanc, password="wrong"))
+    source = web_target(query_orthanc, password="wrong").query_source()
     with pytest.raises(SourceError, match="401: authentication failed") as err:
         source.find_studies(Criteria(), 10)
     assert "wrong" not in str(err.value)
 
 
 def test_closed_port_is_reported_as_unreachable():
-    source = source_for(
-        DicomWebTarget(name="x", url=f"http://127.0.0.1:{free_port()}/dw")
-    )
+    source = DicomWebTarget(
+        name="x", url=f"http://127.0.0.1:{free_port()}/dw"
+    ).query_source()
     with pytest.raises(SourceError, match="Source unreachable"):
         source.find_studies(Criteria(), 10)
 

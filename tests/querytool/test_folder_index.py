@@ -12,9 +12,9 @@ import pydicom
 import pytest
 from django.core.management import call_command
 
-from querytool.index import INDEX_NAME, FolderIndex, like_pattern
-from querytool.sources import Criteria, RetrieveRequest, source_for
+from targets.kinds.dicomweb.index import INDEX_NAME, FolderIndex, like_pattern
 from targets.models import DicomWebTarget
+from targets.query import Criteria, RetrieveRequest
 from tests.dicomgen import make_series
 
 
@@ -34,9 +34,9 @@ def data_dir(settings, tmp_path) -> Path:
 
 
 def folder_source(folder: Path):
-    return source_for(
-        DicomWebTarget(name="archive", url=f"file://{folder}", direction="query")
-    )
+    return DicomWebTarget(
+        name="archive", url=f"file://{folder}", direction="query"
+    ).query_source()
 
 
 def accessions(search) -> set[str]:
@@ -260,7 +260,7 @@ def test_fast_header_reader_agrees_with_pydicom(query_studies, tmp_path):
     from pydicom import examples
     from pydicom.uid import ImplicitVRLittleEndian
 
-    from querytool.index import fast_header, pydicom_header
+    from targets.kinds.dicomweb.index import fast_header, pydicom_header
 
     files = query_studies.files()
     implicit = examples.ct.copy()
@@ -289,7 +289,7 @@ def test_unusual_headers_fall_back_to_pydicom(tmp_path):
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
 
-    from querytool.index import fast_header, read_header
+    from targets.kinds.dicomweb.index import fast_header, read_header
 
     ds = examples.ct.copy()
     ds.SpecificCharacterSet = "ISO_IR 144"  # Cyrillic: pydicom decodes it

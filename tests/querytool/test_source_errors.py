@@ -26,8 +26,8 @@ from django.contrib.auth.models import Permission
 from django.test import override_settings
 
 from querytool.models import AuditEntry
-from querytool.sources import Criteria, SourceError, source_for
 from targets.models import DicomTarget, DicomWebTarget
+from targets.query import Criteria, SourceError
 
 pytestmark = pytest.mark.django_db
 
@@ -278,7 +278,7 @@ def test_a_failing_source_is_explained_on_the_page(case, client, staff, ports):
 def test_a_retrieval_from_a_source_that_does_not_resolve_fails_in_words(
     client, staff, tmp_path, settings
 ):
-    from querytool import services
+    from querytool import services, tasks
     from querytool.models import RetrievalState
 
     settings.COURIER_DOWNLOAD_DIR = tmp_path / "downloads"
@@ -289,7 +289,7 @@ def test_a_retrieval_from_a_source_that_does_not_resolve_fails_in_words(
         staff,
         download=True,
     )
-    job = services.run_retrieval(job.pk)
+    job = tasks.run_retrieval(job.pk)
     assert job.state == RetrievalState.FAILED
     assert job.message.startswith(
         "Source unreachable: the host name 'pacs.invalid' does not resolve"
@@ -352,7 +352,7 @@ def test_folders_the_service_user_cannot_read_are_named_and_nothing_is_dropped(
         def run():
             # Unsaved: the forked child must not write to the parent's database.
             target = DicomWebTarget(name="f", url=path.as_uri(), direction="query")
-            source = source_for(target)
+            source = target.query_source()
             try:
                 found = source.find_studies(Criteria(), 1000)
             except SourceError as exc:

@@ -15,7 +15,7 @@ from django.core.management import CommandError, call_command
 from django.test import Client
 from django.urls import reverse
 
-from targets.kinds.folder import FolderHandler
+from targets.kinds.folder.handler import FolderHandler
 from targets.models import (
     PROXIES,
     DicomTarget,
@@ -37,7 +37,7 @@ COMMON = {
     "enabled": "on",
     "contact_email": "",
     "description": "",
-    "max_associations": "1",
+    "max_connections": "1",
     "retry_max_attempts": "10",
     "retry_base_delay": "30",
     "retry_max_delay": "3600",
@@ -538,10 +538,10 @@ def test_an_unexpected_error_in_a_test_becomes_a_failed_check(
 
 
 def test_a_check_message_never_echoes_a_secret(s3_target, monkeypatch):
-    from targets.kinds.base import TargetError, TestResult
+    from targets.kinds.base import CheckReport, TargetError
 
     def leaky(self):
-        result = TestResult()
+        result = CheckReport()
         with result.check("login"):
             raise TargetError(f"rejected key {SECRET}")
         return result
@@ -592,7 +592,7 @@ def test_users_need_a_login_for_the_chooser(client):
 def test_dispatch_to_selected_targets_can_be_paused_and_resumed(
     admin_client, folder_target, dicom_target
 ):
-    from dispatch.models import Job, State
+    from dispatch.jobs.models import Job, State
 
     job = Job.objects.create(
         target=folder_target, folder="/x", source="admin", state=State.PAUSED

@@ -1,5 +1,7 @@
-"""One contract for every target kind: proxy, admin, handler, and a `test()` that
-reports an unreachable target as a failed check in words instead of raising."""
+"""One contract for every target kind: the proxy declares every fact of its kind
+(handler, query source, validation, C-MOVE, chooser hint) and each dotted path
+imports; admin pages, and a `test()` that reports an unreachable target as a
+failed check in words instead of raising."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ from pathlib import Path
 
 import pytest
 from django.urls import reverse
+from django.utils.module_loading import import_string
 
-from targets.kinds.base import Handler, TestResult
-from targets.models import HANDLERS, PROXIES, Kind, Target, get_handler_class
+from targets.kinds.base import CheckReport, Handler
+from targets.models import PROXIES, Kind, Target
+from targets.query import QuerySource
 from targets.services import run_test
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("fast_password_hashing")]
@@ -108,14 +112,58 @@ FIRST_FAILURE: dict[str, tuple[str, str]] = {
 KINDS = [k.value for k in Kind]
 
 
-def test_every_kind_has_a_proxy_a_handler_and_a_contract_entry():
-    assert (
-        set(PROXIES)
-        == set(HANDLERS)
-        == set(UNREACHABLE)
-        == set(FIRST_FAILURE)
-        == set(KINDS)
-    )
+# What every proxy declares in its own class body (never inherited: DICOM+TLS is
+# a DicomTarget, but it cannot be queried).
+KIND_FACTS = ("KIND", "handler_path", "query_source_path", "validation_path")
+KIND_FACTS += ("can_move", "hint")
+
+
+def test_every_kind_has_a_proxy_and_a_contract_entry():
+    assert set(PROXIES) == set(UNREACHABLE) == set(FIRST_FAILURE) == set(KINDS)
+    assert all(proxy.KIND == kind for kind, proxy in PROXIES.items())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_proxy_declares_every_fact_of_its_kind(kind):
+    proxy = PROXIES[kind]
+    missing = [name for name in KIND_FACTS if name not in vars(proxy)]
+    assert not missing, f"{proxy.__name__} does not declare {missing}"
+    assert proxy.hint.strip()
+    assert isinstance(proxy.can_move, bool)
+    if proxy.can_move:
+        assert proxy.query_source_path, "only a queryable kind can C-MOVE"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_dotted_path_a_proxy_names_imports(kind):
+    proxy = PROXIES[kind]
+    paths = {
+        name: value
+        for name, value in vars(proxy).items()
+        if name.endswith("_path") and value is not None
+    }
+    assert paths["handler_path"].startswith(f"targets.kinds.{kind}.")
+    for name, path in paths.items():
+        found = import_string(path)
+        if name.endswith("handler_path"):
+            assert issubclass(found, Handler), path
+            assert found.test is not Handler.test
+            assert found.send is not Handler.send
+        elif name.endswith("query_source_path"):
+            assert issubclass(found, QuerySource), path
+            assert found.find_studies is not QuerySource.find_studies
+        else:
+            assert callable(found), path
+
+
+def test_a_file_url_makes_a_dicomweb_target_a_local_folder():
+    http = PROXIES[Kind.DICOMWEB](name="w", url="http://pacs/dicom-web")
+    local = PROXIES[Kind.DICOMWEB](name="f", url="file:///srv/dicom")
+    assert type(http.handler).__name__ == "DicomWebHandler"
+    assert type(http.query_source()).__name__ == "DicomWebQuery"
+    assert type(local.handler).__name__ == "LocalFolderHandler"
+    assert type(local.query_source()).__name__ == "LocalFolderQuery"
+    assert local.query_source().indexed and not http.query_source().indexed
 
 
 @pytest.fixture
@@ -162,14 +210,6 @@ def test_the_admin_add_and_change_pages_render(kind, admin_client, make_target):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_the_handler_class_is_importable(kind):
-    handler_class = get_handler_class(kind)
-    assert issubclass(handler_class, Handler)
-    assert handler_class.test is not Handler.test
-    assert handler_class.send is not Handler.send
-
-
-@pytest.mark.parametrize("kind", KINDS)
 def test_testing_an_unreachable_target_fails_a_check_in_words(
     kind, make_target, closed_port
 ):
@@ -177,7 +217,7 @@ def test_testing_an_unreachable_target_fails_a_check_in_words(
 
     result = target.handler.test()
 
-    assert isinstance(result, TestResult)
+    assert isinstance(result, CheckReport)
     assert not result.ok
     failed = [c for c in result.checks if not c.ok and not c.informational]
     assert failed, result.as_dict()

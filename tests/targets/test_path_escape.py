@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from targets.kinds.base import FAILED
-from targets.kinds.ssh import pin_host_key
 from targets.models import (
     DicomWebTarget,
     FolderTarget,
@@ -27,6 +26,7 @@ from targets.models import (
 )
 from targets.paths import UnsafePath, inside, plain_name, remote_inside, uid_part
 from targets.series import scan_folder
+from targets.ssh import pin_host_key
 from tests.fixtures.web_peers import XNAT_USERS
 from tests.hostile import Crafted, files_under, named_with, sop_uid_of, write_crafted
 

@@ -7,8 +7,8 @@ import sys
 from django.core.management.base import BaseCommand, CommandError
 
 from querytool import services
-from querytool.sources import SourceError, is_local_folder
 from targets.models import Target
+from targets.query import SourceError
 
 
 class Command(BaseCommand):
@@ -28,7 +28,7 @@ class Command(BaseCommand):
             found = Target.objects.filter(pk=int(target)).first()
         if found is None:
             raise CommandError(f"No target named {target!r}.")
-        if not is_local_folder(found):
+        if not services.keeps_index(found):
             raise CommandError(
                 f"{found.name} is not a local folder (a DICOMweb target "
                 "with a file:// URL)."

@@ -19,8 +19,9 @@ import pytest
 from django.core.exceptions import ValidationError
 
 from targets.kinds.base import FAILED, PRESENT, SENT, TargetError
-from targets.kinds.dicomweb import MultipartBody, status_in_words
+from targets.kinds.dicomweb.handler import MultipartBody, status_in_words
 from targets.models import DicomWebTarget
+from targets.query import Criteria, SourceError
 from targets.series import scan_folder
 from tests.dicomgen import make_series
 from tests.fixtures.web_peers import ORTHANC_USERS
@@ -59,7 +60,7 @@ def test_parallel_requests_deliver_every_instance_and_keep_the_order(
 ):
     gen = make_series(tmp_path / "s", 40)
     target = dicomweb_target(
-        orthanc_auth.dicomweb_url, stow_batch_size=4, max_associations=3
+        orthanc_auth.dicomweb_url, stow_batch_size=4, max_connections=3
     )
 
     result = target.handler.send(scan_folder(gen.folder))
@@ -75,7 +76,7 @@ def test_parallel_requests_stop_on_an_authentication_error(orthanc_auth, tmp_pat
         orthanc_auth.dicomweb_url,
         password="wrong",
         stow_batch_size=2,
-        max_associations=3,
+        max_connections=3,
     )
     seen = []
     with pytest.raises(TargetError) as exc:
@@ -272,16 +273,74 @@ def test_https_certificates_are_checked_against_the_ca_bundle(
         assert not reachable.ok and words in reachable.message
 
 
-def test_the_query_client_is_configured_like_the_target(orthanc_auth, tmp_path):
+# The settings that must reach the server, and the ones that must not.
+TLS_SETTINGS = [
+    ("server", {"ca_bundle": "ca.pem"}, None),
+    ("server", {"verify_tls": False}, None),
+    # Verification off means off, whatever CA bundle is left in the field.
+    ("server", {"verify_tls": False, "ca_bundle": "other-ca.pem"}, None),
+    ("server", {}, "not trusted"),
+    ("server", {"ca_bundle": "other-ca.pem"}, "not trusted"),
+    ("expired", {"ca_bundle": "ca.pem"}, "expired"),
+    ("elsewhere", {"ca_bundle": "ca.pem"}, "does not name this host"),
+]
+
+
+@pytest.mark.parametrize(("cert", "settings", "words"), TLS_SETTINGS)
+def test_the_query_source_verifies_tls_exactly_as_the_handler_does(
+    https_server, pki, cert, settings, words
+):
+    # Before the one HTTP seam, the query source verified against the CA bundle
+    # even with verification off (its `verify` was `ca_bundle or verify_tls`).
+    url = https_server(cert)
+    values = {k: pki[v] if k == "ca_bundle" else v for k, v in settings.items()}
+    target = dicomweb_target(url, auth="none", direction="query", **values)
+
+    tested = target.handler.test().checks[0]
+    try:
+        target.query_source().find_studies(Criteria(), 10)
+    except SourceError as exc:
+        searched = exc.message
+    else:
+        searched = None
+
+    if words is None:
+        assert tested.ok and searched is None, (tested.message, searched)
+    else:
+        assert not tested.ok and words in tested.message
+        assert searched is not None and words in searched
+
+
+@pytest.mark.parametrize(
+    ("environment", "settings"),
+    [
+        # "The system's CAs" include the process's REQUESTS_CA_BUNDLE ...
+        ("ca.pem", {}),
+        # ... but a target's own CA bundle wins over it.
+        ("other-ca.pem", {"ca_bundle": "ca.pem"}),
+    ],
+)
+def test_the_query_source_and_the_handler_read_the_environment_alike(
+    https_server, pki, monkeypatch, environment, settings
+):
+    # The query source sent prepared requests past requests' environment
+    # handling, so with REQUESTS_CA_BUNDLE set it disagreed with the handler.
+    url = https_server("server")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", pki[environment])
+    values = {k: pki[v] for k, v in settings.items()}
+    target = dicomweb_target(url, auth="none", direction="query", **values)
+
+    assert target.handler.test().ok
+    assert target.query_source().find_studies(Criteria(), 10).studies == []
+
+
+def test_the_query_source_is_configured_like_the_target(orthanc_auth, tmp_path):
     gen = make_series(tmp_path / "s", 2)
-    target = dicomweb_target(orthanc_auth.dicomweb_url)
+    target = dicomweb_target(orthanc_auth.dicomweb_url, direction="both")
     target.handler.send(scan_folder(gen.folder))
 
-    client = target.handler.dicomweb_client()
-    found = client.search_for_studies(
-        search_filters={"StudyInstanceUID": gen.study_uid}
-    )
-    assert len(found) == 1
+    found = target.query_source().find_studies(Criteria(study_uid=gen.study_uid), 10)
+    assert [s.study_uid for s in found.studies] == [gen.study_uid]
 
 
 def test_a_file_url_writes_the_dicomweb_folder_layout(tmp_path):

@@ -11,9 +11,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from targets.kinds import folder as folder_module
 from targets.kinds.base import FAILED, PRESENT, SENT, TargetError
-from targets.kinds.folder import TMP_PREFIX, FolderHandler
+from targets.kinds.folder import handler as folder_module
+from targets.kinds.folder.handler import TMP_PREFIX, FolderHandler
 from targets.models import DicomTarget, FolderTarget
 from targets.series import scan_folder
 from tests.dicomgen import make_series

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from targets.kinds.base import PRESENT, SENT, TargetError
-from targets.kinds.ssh import pin_host_key
 from targets.models import RsyncTarget
 from targets.series import scan_folder
+from targets.ssh import pin_host_key
 from tests.dicomgen import make_series
 from tests.fixtures.ssh_s3_peers import Sshd, chown_to
 
@@ -291,8 +291,8 @@ def test_test_on_a_closed_port_returns_a_failed_check(make_target):
 def test_a_pinned_rsa_key_is_used_when_the_server_also_has_an_ed25519_key(
     tmp_path, generated
 ):
-    from targets.kinds.ssh import HostKey
     from targets.models import SftpTarget
+    from targets.ssh import HostKey
 
     server = Sshd(tmp_path / "sshd", rsa_host_key=True)
     rsa = HostKey(*server.rsa_host_key_path.with_suffix(".pub").read_text().split()[:2])

@@ -8,8 +8,8 @@ import uuid
 import pytest
 from django.core.exceptions import ValidationError
 
-from targets.kinds import s3 as s3_kind
 from targets.kinds.base import PRESENT, SENT, TargetError
+from targets.kinds.s3 import handler as s3_kind
 from targets.models import S3Target
 from targets.series import scan_folder
 from tests.dicomgen import make_series

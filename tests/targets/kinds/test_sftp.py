@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from targets.kinds.base import PRESENT, SENT, TargetError
-from targets.kinds.ssh import pin_host_key
 from targets.models import SftpTarget
 from targets.series import scan_folder
+from targets.ssh import pin_host_key
 from tests.dicomgen import make_series
 from tests.fixtures.ssh_s3_peers import Sshd, chown_to
 
@@ -246,13 +246,13 @@ def test_pinning_after_an_edit_checks_the_key_the_server_presents_now(
 
     from django.utils import timezone
 
-    from targets.kinds.base import Check, TestResult
-    from targets.kinds.ssh import HostKey
+    from targets.kinds.base import Check, CheckReport
+    from targets.ssh import HostKey
 
     other = HostKey("ssh-ed25519", "AAAAC3NzaC1lZDI1NTE5AAAAIB" + "A" * 42)
     target = make_target(pin=False)
     # A Test of another server, then the host was edited.
-    target.last_test_result = TestResult(
+    target.last_test_result = CheckReport(
         checks=[Check("SSH handshake and host key", False, details=other.details())]
     ).as_dict()
     target.last_test_at = timezone.now() - timedelta(minutes=5)

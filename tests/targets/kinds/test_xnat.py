@@ -14,12 +14,13 @@ import pytest
 from django.core.exceptions import ValidationError
 
 from targets.kinds.base import FAILED, SENT, TargetError
-from targets.kinds.xnat import render_label, uid_hash
+from targets.kinds.xnat.labels import render_label, uid_hash
 from targets.models import XnatTarget
 from targets.series import scan_folder
 from tests.dicomgen import make_series
-from tests.fixtures.web_peers import XNAT_USERS
+from tests.fixtures.web_peers import XNAT_PROJECTS, XNAT_USERS
 from tests.peers import free_port
+from tests.xnat_fake import XnatFake
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -328,7 +329,7 @@ SEND_IN_SUBPROCESS = textwrap.dedent(
     import json, sys
     import django
     django.setup()
-    import xnat  # noqa: F401 - loaded before the baseline, like the handler will
+    import requests  # noqa: F401 - loaded before the baseline, like the handler will
     from targets.models import XnatTarget
     from targets.series import scan_folder
 
@@ -385,3 +386,53 @@ def test_a_large_series_is_zipped_and_uploaded_without_holding_it_in_memory(
     assert imported.files == 200
     assert not list((tmp_path / "data" / "tmp").iterdir())  # the zip is gone
     shutil.rmtree(gen.folder)
+
+
+@pytest.fixture
+def https_xnat(pki):
+    """The fake XNAT over HTTPS, with a certificate from the test CA."""
+    with XnatFake(
+        XNAT_USERS, XNAT_PROJECTS, tls=(pki["server.pem"], pki["server.key"])
+    ) as fake:
+        yield fake
+
+
+def test_an_https_xnat_is_trusted_through_the_targets_ca_bundle(
+    https_xnat, pki, tmp_path
+):
+    # Before the one HTTP seam, XNAT ignored the CA bundle (the field was not even
+    # on its form): an XNAT with a private CA could not be used with verification on.
+    target = xnat_target(https_xnat.url, ca_bundle=pki["ca.pem"])
+    target.full_clean(exclude=["name"])
+
+    result = target.handler.test()
+    assert result.ok, result.summary
+
+    sent = target.handler.send(scan_folder(study(tmp_path, "s", 2).folder))
+    assert sent.sent == 2
+    assert len(https_xnat.imports) == 1
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({}, "not trusted"),
+        ({"ca_bundle": "other-ca.pem"}, "not trusted"),
+        ({"verify_tls": False, "ca_bundle": "other-ca.pem"}, None),
+    ],
+)
+def test_xnat_verifies_tls_as_the_target_says(https_xnat, pki, settings, words):
+    values = {k: pki[v] if k == "ca_bundle" else v for k, v in settings.items()}
+    result = xnat_target(https_xnat.url, **values).handler.test()
+    if words is None:
+        assert result.ok, result.summary
+    else:
+        assert not result.checks[0].ok and words in result.checks[0].message
+
+
+def test_an_unreadable_ca_bundle_is_a_form_error_for_xnat(tmp_path):
+    with pytest.raises(ValidationError) as exc:
+        xnat_target(
+            "https://xnat.example.org", ca_bundle=str(tmp_path / "no.pem")
+        ).clean()
+    assert "does not exist" in str(exc.value.message_dict["ca_bundle"])

@@ -1,0 +1,3 @@
+"""rsync over SSH (handler.py) and its settings rules (validation.py).
+
+Nothing is imported here: the proxy names these modules by dotted path."""
