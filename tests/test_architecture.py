@@ -32,6 +32,7 @@ FOUNDATION = {
     "targets.dicomnet",
     "targets.dicomnet.check",
     "targets.dicomnet.sockets",
+    "targets.dicomnet.transcode",
     "targets.dicomnet.vr",
     "targets.http",
     "targets.kinds.base",
