@@ -335,7 +335,8 @@ def _prepare(ds: Dataset, implicit: bool, little: bool) -> None:
     / `little`: pydicom writes an element read from the file as it was read, which
     is right only when it was read in that encoding (an Implicit VR dataset under a
     JPEG syntax was not) and at an even length (PS3.5 7.1.1: a value of odd length
-    gets its padding, space for text, NUL for the rest)."""
+    gets its padding, space for text, NUL for the rest). A public element read as UN
+    gets its VR from the dictionary (pydicom's `replace_un_with_known_vr`)."""
     from pydicom.dataelem import RawDataElement
 
     for tag in list(ds.keys()):
@@ -345,8 +346,12 @@ def _prepare(ds: Dataset, implicit: bool, little: bool) -> None:
                 elem.VR is None
                 or elem.is_implicit_VR != implicit
                 or elem.is_little_endian != little
+                or (elem.VR == "UN" and _public(tag))
             ):
-                elem = ds[tag]  # parsed: pydicom encodes (and pads) it anew
+                # Parsed, so pydicom encodes (and pads) it anew; a public element
+                # relayed as UN gets its dictionary VR back (dcmtk's storescp finds
+                # no SOP Instance UID in a UN and answers 0xC000).
+                elem = ds[tag]
             elif elem.VR == "SQ" or (elem.VR == "UN" and elem.length == 0xFFFFFFFF):
                 elem = ds[tag]  # parsed to reach the values in its items
             elif elem.length != 0xFFFFFFFF and elem.value and len(elem.value) % 2:
@@ -358,6 +363,12 @@ def _prepare(ds: Dataset, implicit: bool, little: bool) -> None:
         if elem.VR == "SQ":
             for item in elem.value:
                 _prepare(item, implicit, little)
+
+
+def _public(tag: int) -> bool:
+    from pydicom.datadict import dictionary_has_tag
+
+    return not (tag >> 16) % 2 and dictionary_has_tag(tag)
 
 
 def _raw_to_element(raw, value: bytes, vr: str):

@@ -209,6 +209,24 @@ def test_rle_pixels_equal_the_uncompressed_twin():
     assert received(converted).PixelData == read(FILES / "rtdose.dcm").PixelData
 
 
+def test_public_elements_relayed_as_un_get_their_vr_back():
+    # rtdose_rle.dcm (made by gdcmconv) has every element as UN: dcmtk's storescp
+    # finds no SOP Instance UID in that and answers 0xC000 (to dcmsend too).
+    path = FILES / "rtdose_rle.dcm"
+    original = read(path)
+    assert original.get_item(0x00080018).VR == "UN"  # as read, before pydicom parses it
+
+    converted = convert(path, "1.2.840.10008.1.2.5", accepted(EXPLICIT))
+
+    assert b"\x08\x00\x18\x00UI" in converted.data
+    got = received(converted)
+    assert got["SOPInstanceUID"].VR == "UI" and got["StudyDate"].VR == "DA"
+    assert got.SOPInstanceUID == original.SOPInstanceUID
+    assert got.ReferencedRTPlanSequence[0].ReferencedSOPClassUID == (
+        "1.2.840.10008.5.1.4.1.1.481.5"
+    )
+
+
 # -- JPEG 2000 -------------------------------------------------------------------------
 
 
