@@ -396,3 +396,138 @@ def test_transcode_imports_neither_pydicom_nor_numpy_until_it_converts():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# -- through the DICOM handler, to a peer ----------------------------------------------
+
+
+class StorageSCP:
+    """A pynetdicom storage SCP for CT, MR and Secondary Capture accepting only
+    `syntaxes`; it records each dataset by the SOP Instance UID of the request, with
+    the transfer syntax it came in."""
+
+    def __init__(self, syntaxes: list[str]):
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import (
+            CTImageStorage,
+            MRImageStorage,
+            SecondaryCaptureImageStorage,
+        )
+
+        from tests.peers import free_port
+
+        self.received: dict[str, tuple[str, pydicom.Dataset]] = {}
+        ae = AE(ae_title="PICKY")
+        for sop_class in (CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage):
+            ae.add_supported_context(sop_class, syntaxes)
+        self.port = free_port()
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self.on_store)],
+        )
+
+    def on_store(self, event) -> int:
+        ds = event.dataset
+        ts = str(event.context.transfer_syntax)
+        self.received[str(event.request.AffectedSOPInstanceUID)] = (ts, ds)
+        return 0x0000
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def corpus_folder(folder: Path, names: list[str]) -> dict[str, str]:
+    """Copies of pydicom's files, each with a fresh SOP Instance UID; {name: UID}."""
+    from tests.interop.corpus import with_fresh_uid
+
+    folder.mkdir()
+    uids = {}
+    for name in names:
+        raw, uid = with_fresh_uid((FILES / name).read_bytes())
+        (folder / name).write_bytes(raw)
+        uids[name] = uid
+    return uids
+
+
+SENT_FILES = [
+    "CT_small.dcm",  # Explicit VR Little Endian: goes as it is
+    "MR_small_RLE.dcm",  # RLE: lossless conversion
+    "SC_rgb_dcmtk_+eb+cy+np.dcm",  # JPEG baseline, YBR_FULL_422: lossy
+    "JPEG-lossy.dcm",  # 12-bit JPEG no Python decoder reads
+]
+
+
+def send(tmp_path: Path, syntaxes: list[str]):
+    from targets.models import DicomTarget
+    from targets.series import scan_folder
+
+    uids = corpus_folder(tmp_path / "series", SENT_FILES)
+    scp = StorageSCP(syntaxes)
+    try:
+        target = DicomTarget(
+            name="picky", host="127.0.0.1", port=scp.port, called_aet="PICKY",
+            calling_aet="COURIER", connect_timeout=5.0, acse_timeout=10.0,
+            dimse_timeout=30.0,
+        )  # fmt: skip
+        result = target.handler.send(scan_folder(tmp_path / "series"))
+    finally:
+        scp.stop()
+    outcomes = {Path(o.path).name: o for o in result.outcomes}
+    return uids, outcomes, scp.received
+
+
+def test_only_what_the_peer_refuses_is_converted_each_under_its_own_uid(tmp_path):
+    from targets.kinds.base import FAILED, SENT, WARNING
+
+    uids, outcomes, received = send(tmp_path, [EXPLICIT])
+
+    assert outcomes["CT_small.dcm"].status == SENT
+    assert outcomes["CT_small.dcm"].message == ""
+    rle = outcomes["MR_small_RLE.dcm"]
+    assert rle.status == SENT
+    assert rle.message == (
+        "converted from RLE Lossless to Explicit VR Little Endian (the target "
+        "refused RLE Lossless)"
+    )
+    lossy = outcomes["SC_rgb_dcmtk_+eb+cy+np.dcm"]
+    assert lossy.status == WARNING
+    assert "lossy-compressed pixels sent decompressed" in lossy.message
+    # Nothing in Python decodes it: failed by name, in words, and the rest went on.
+    bad = outcomes["JPEG-lossy.dcm"]
+    assert bad.status == FAILED
+    assert bad.message.startswith(
+        "cannot convert: the pixel data do not decode as JPEG Extended"
+    )
+    assert uids["JPEG-lossy.dcm"] not in received
+    # The peer got each instance under the UID of its request, the dataset's own.
+    for name in ("CT_small.dcm", "MR_small_RLE.dcm", "SC_rgb_dcmtk_+eb+cy+np.dcm"):
+        ts, ds = received[uids[name]]
+        assert ts == EXPLICIT and ds.SOPInstanceUID == uids[name]
+    ds = received[uids["SC_rgb_dcmtk_+eb+cy+np.dcm"]][1]
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = EXPLICIT
+    assert ds.PhotometricInterpretation == "RGB" and ds.LossyImageCompression == "01"
+    assert np.array_equal(
+        pixels(ds), pixels(read(tmp_path / "series" / "SC_rgb_dcmtk_+eb+cy+np.dcm"))
+    )
+
+
+def test_a_peer_that_accepts_the_files_syntaxes_gets_the_files_unconverted(tmp_path):
+    from targets.kinds.base import SENT
+
+    syntaxes = [
+        EXPLICIT,
+        "1.2.840.10008.1.2.5",
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.51",
+    ]
+    uids, outcomes, received = send(tmp_path, syntaxes)
+
+    assert {o.status for o in outcomes.values()} == {SENT}
+    assert all(o.message == "" for o in outcomes.values())
+    for name, uid in uids.items():
+        original = read(tmp_path / "series" / name)
+        ts, ds = received[uid]
+        assert ts == str(original.file_meta.TransferSyntaxUID), name
+        assert ds.PixelData == original.PixelData, name
