@@ -531,3 +531,52 @@ def test_a_peer_that_accepts_the_files_syntaxes_gets_the_files_unconverted(tmp_p
         ts, ds = received[uid]
         assert ts == str(original.file_meta.TransferSyntaxUID), name
         assert ds.PixelData == original.PixelData, name
+
+
+def test_without_pylibjpeg_libjpeg_what_the_readme_says_is_lost_fails_by_name():
+    # A site that must not ship GPL code uninstalls pylibjpeg-libjpeg: pydicom's
+    # "pylibjpeg" plugin for the JPEG and JPEG-LS syntaxes is exactly libjpeg.
+    # In a subprocess: pydicom's decoder registry is global.
+    code = """
+from pathlib import Path
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.uid import JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
+for uid in (*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes):
+    get_decoder(uid).remove_plugin("pylibjpeg")
+from targets.dicomnet.scu import Context
+from targets.dicomnet.transcode import CannotConvert, convert
+for name, ts in (
+    ("JPGExtended.dcm", "1.2.840.10008.1.2.4.51"),
+    ("SC_rgb_jpeg_gdcm.dcm", "1.2.840.10008.1.2.4.70"),
+    ("SC_rgb_dcmtk_+eb+cy+np.dcm", "1.2.840.10008.1.2.4.50"),
+    ("MR_small_jpeg_ls_lossless.dcm", "1.2.840.10008.1.2.4.80"),
+    ("JPEGLSNearLossless_16.dcm", "1.2.840.10008.1.2.4.81"),
+):
+    try:
+        convert(Path(FILES_DIR) / name, ts, [Context(1, "1.2.3", "1.2.840.10008.1.2.1")])
+        print(name, "converted")
+    except CannotConvert as exc:
+        print(name, "failed:", exc)
+""".replace("FILES_DIR", repr(str(FILES)))
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    said = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert said["JPGExtended.dcm"].startswith(
+        "failed: the pixel data do not decode as JPEG Extended"
+    )
+    assert "12-bit precision" in said["JPGExtended.dcm"]
+    assert said["SC_rgb_jpeg_gdcm.dcm"].startswith(
+        "failed: no decoder for JPEG Lossless, Non-Hierarchical, First-Order Prediction"
+    )
+    for name in (
+        "SC_rgb_dcmtk_+eb+cy+np.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "JPEGLSNearLossless_16.dcm",
+    ):
+        assert said[name] == "converted", name
