@@ -25,6 +25,7 @@ from targets.dicomnet.transcode import (
     _j2k_irreversible,
     _jpeg_ls_near,
     convert,
+    transcode,
 )
 from tests.interop.corpus import PYDICOM_DATA, _explicit_le, insert_elements
 
@@ -141,6 +142,22 @@ def test_a_ybr_full_422_jpeg_arrives_as_rgb_with_its_uid_and_lossy_history():
         converted.note
     )
     assert odd_lengths(converted.data, implicit=False) == []
+
+
+def test_the_file_meta_says_the_new_syntax_and_keeps_the_instance_uid(tmp_path):
+    ds = read(FILES / "SC_rgb_dcmtk_+eb+cy+np.dcm")
+    uid = ds.SOPInstanceUID
+    assert ds.file_meta.MediaStorageSOPInstanceUID == uid
+
+    assert transcode(ds, IMPLICIT) is True  # lossy
+
+    assert ds.file_meta.TransferSyntaxUID == IMPLICIT
+    assert ds.SOPInstanceUID == uid == ds.file_meta.MediaStorageSOPInstanceUID
+    # Written as a Part 10 file, it reads back as what it now is.
+    ds.save_as(tmp_path / "out.dcm", enforce_file_format=True)
+    again = read(tmp_path / "out.dcm")
+    assert again.file_meta.TransferSyntaxUID == IMPLICIT
+    assert np.array_equal(pixels(again), pixels(ds))
 
 
 def test_a_lossy_jpeg_into_implicit_vr_is_flagged_with_ratio_and_method():
