@@ -37,7 +37,6 @@ ImplicitVRLittleEndian = "1.2.840.10008.1.2"
 ExplicitVRBigEndian = "1.2.840.10008.1.2.2"
 DeflatedExplicitVRLittleEndian = "1.2.840.10008.1.2.1.99"
 
-UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
 # What a file is converted to, best first: Explicit VR keeps private VRs.
 TARGETS = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 MAX_CONTEXTS = 128
@@ -243,8 +242,9 @@ def _decompress(ds: Dataset, source: str, *, as_rgb: bool) -> None:
     """Decode the pixel data in place, keeping the SOP Instance UID.
 
     YCbCr becomes RGB only for the DCT-based syntaxes, whose codec made it (as
-    dcmtk's dcmdjpeg does): any other image keeps the values its codestream holds. JPEG 2000's YBR_RCT/YBR_ICT come
-    out as RGB whatever (the decoder applies the inverse component transform).
+    dcmtk's dcmdjpeg does): any other image keeps the values its codestream holds.
+    JPEG 2000's YBR_RCT/YBR_ICT come out as RGB whatever (the decoder applies the
+    inverse component transform).
     """
     from pydicom.pixels import get_decoder
     from pydicom.uid import UID
@@ -308,13 +308,13 @@ def encode(ds: Dataset, transfer_syntax: str) -> bytes:
     ts = UID(transfer_syntax)
     if ts.is_compressed or ts == DeflatedExplicitVRLittleEndian:
         raise CannotConvert(f"Courier does not encode datasets as {name(ts)}")
-    _prepare(ds, ts.is_implicit_VR, ts.is_little_endian)
-    if not ts.is_implicit_VR:
-        correct_ambiguous_vr(ds, ts.is_little_endian)
     fp = DicomBytesIO()
     fp.is_implicit_VR = ts.is_implicit_VR
     fp.is_little_endian = ts.is_little_endian
     try:
+        _prepare(ds, ts.is_implicit_VR, ts.is_little_endian)
+        if not ts.is_implicit_VR:
+            correct_ambiguous_vr(ds, ts.is_little_endian)
         write_dataset(fp, ds)
     except Exception as exc:  # pydicom raises many kinds for values it cannot write
         raise CannotConvert(

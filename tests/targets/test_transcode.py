@@ -562,6 +562,7 @@ for uid in (*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes):
     get_decoder(uid).remove_plugin("pylibjpeg")
 from targets.dicomnet.scu import Context
 from targets.dicomnet.transcode import CannotConvert, convert
+offered = [Context(1, "1.2.3", "1.2.840.10008.1.2.1")]
 for name, ts in (
     ("JPGExtended.dcm", "1.2.840.10008.1.2.4.51"),
     ("SC_rgb_jpeg_gdcm.dcm", "1.2.840.10008.1.2.4.70"),
@@ -570,7 +571,7 @@ for name, ts in (
     ("JPEGLSNearLossless_16.dcm", "1.2.840.10008.1.2.4.81"),
 ):
     try:
-        convert(Path(FILES_DIR) / name, ts, [Context(1, "1.2.3", "1.2.840.10008.1.2.1")])
+        convert(Path(FILES_DIR) / name, ts, offered)
         print(name, "converted")
     except CannotConvert as exc:
         print(name, "failed:", exc)
