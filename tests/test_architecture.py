@@ -34,6 +34,7 @@ FOUNDATION = {
     "targets.dicomnet.commitment",
     "targets.dicomnet.identity",
     "targets.dicomnet.sockets",
+    "targets.dicomnet.transcode",
     "targets.dicomnet.vr",
     "targets.http",
     "targets.kinds.base",

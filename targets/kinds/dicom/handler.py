@@ -1,9 +1,10 @@
 """DICOM targets: C-STORE a series over one or more associations; C-ECHO for Test.
 
 Shaped like pynetdicom's `storescu`: propose only the presentation contexts the series
-needs, check every status, always release or abort. The association itself is
-`targets.dicomnet.scu.Association` (pynetdicom's PDUs on a plain blocking socket,
-file bytes sent as they are on disk), which is about four times faster than
+needs, check every status, always release or abort. Which contexts, and converting a
+file whose syntax the peer refuses, are `targets.dicomnet.transcode`. The association
+itself is `targets.dicomnet.scu.Association` (pynetdicom's PDUs on a plain blocking
+socket, file bytes sent as they are on disk), which is about four times faster than
 pynetdicom's threaded `Association` (see that module and the README's Performance).
 
 DICOM+TLS is this handler plus an SSL context: override `ssl_context()`.
@@ -19,24 +20,18 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from django.conf import settings
-from pydicom.uid import (
-    UID,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
 from targets.dicomnet.scu import (
     VERIFICATION,
     Association,
-    Context,
     LinkError,
     UnreadableFile,
     connect,
@@ -45,6 +40,7 @@ from targets.dicomnet.scu import (
     status_of,
 )
 from targets.dicomnet.sockets import enable_tcp_nodelay
+from targets.dicomnet.transcode import CannotConvert, convert, plan_contexts
 from targets.kinds.base import (
     FAILED,
     SENT,
@@ -62,37 +58,10 @@ from targets.kinds.base import (
 if TYPE_CHECKING:
     from targets.series import Instance, Series
 
-UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
-MAX_CONTEXTS = 128
-
 
 def uid_name(uid: str) -> str:
     name = UID(uid).name
     return f"{name} ({uid})" if name and name != uid else uid
-
-
-def plan_contexts(instances: Sequence[Instance]) -> list[list[tuple[str, list[str]]]]:
-    """Group the presentation contexts a series needs into associations of <= 128.
-
-    Per SOP class: one context per transfer syntax the files have (so the file bytes
-    can go as they are), plus one with the uncompressed syntaxes the files lack, so a
-    peer that refuses the files' own syntax can still get a converted copy.
-    """
-    syntaxes: dict[str, list[str]] = {}
-    for inst in instances:
-        own = syntaxes.setdefault(inst.sop_class_uid, [])
-        if inst.transfer_syntax not in own:
-            own.append(inst.transfer_syntax)
-    groups: list[list[tuple[str, list[str]]]] = [[]]
-    for sop_class, own in syntaxes.items():
-        contexts = [(sop_class, [ts]) for ts in own]
-        fallback = [ts for ts in UNCOMPRESSED[:2] if ts not in own]
-        if fallback:
-            contexts.append((sop_class, fallback))
-        if len(groups[-1]) + len(contexts) > MAX_CONTEXTS:
-            groups.append([])
-        groups[-1].extend(contexts)
-    return [g for g in groups if g]
 
 
 def store_status(status: int, rsp: dict[int, bytes]) -> tuple[str, str]:
@@ -313,6 +282,7 @@ class DicomHandler(Handler):
 
     def _store(self, assoc: Association, inst: Instance) -> Outcome:
         cx = assoc.context_for(inst.sop_class_uid, inst.transfer_syntax)
+        converted = None
         if cx is not None:
             try:
                 rsp = assoc.c_store_file(
@@ -330,13 +300,22 @@ class DicomHandler(Handler):
                     "(no presentation context accepted)",
                 )
             try:
-                cx, data = convert(inst, offered)
-            except ValueError as exc:
-                return instance_outcome(inst, FAILED, str(exc))
+                converted = convert(inst.path, inst.transfer_syntax, offered)
+            except CannotConvert as exc:
+                return instance_outcome(inst, FAILED, f"cannot convert: {exc}")
             rsp = assoc.c_store_bytes(
-                cx, inst.sop_class_uid, inst.sop_instance_uid, data
+                converted.context,
+                inst.sop_class_uid,
+                inst.sop_instance_uid,
+                converted.data,
             )
         status, message = store_status(status_of(rsp), rsp)
+        if converted is not None:
+            # Lossy pixels sent decompressed are stored with a warning: the job
+            # says so (as `dcmsend +dly` does it, silently).
+            if converted.lossy and status == SENT:
+                status = WARNING
+            message = f"{converted.note}; {message}" if message else converted.note
         return instance_outcome(inst, status, message)
 
     # -- testing ------------------------------------------------------------------------
@@ -411,35 +390,6 @@ class _WorkQueue:
     @property
     def left(self) -> int:
         return len(self._pending)
-
-
-def convert(inst: Instance, offered: list[Context]) -> tuple[Context, bytes]:
-    """Re-encode a file for an accepted uncompressed context; `ValueError` if not."""
-    import pydicom
-    from pynetdicom.dsutils import encode
-
-    wanted = [cx for cx in offered if cx.transfer_syntax in UNCOMPRESSED]
-    if not wanted:
-        names = ", ".join(uid_name(cx.transfer_syntax) for cx in offered)
-        raise ValueError(
-            f"the target accepts this SOP class only as {names}; Courier does not "
-            f"convert {uid_name(inst.transfer_syntax)} into it"
-        )
-    cx = wanted[0]
-    ts = UID(cx.transfer_syntax)
-    try:
-        ds = pydicom.dcmread(inst.path)
-        if ds.file_meta.TransferSyntaxUID.is_compressed:
-            ds.decompress()
-        data = encode(ds, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
-    except Exception as exc:  # pydicom raises many kinds for undecodable pixel data
-        raise ValueError(
-            f"cannot convert {uid_name(inst.transfer_syntax)} to {uid_name(ts)} "
-            f"for the target: {exc}"
-        ) from exc
-    if data is None:
-        raise ValueError(f"cannot encode the dataset as {uid_name(ts)}")
-    return cx, data
 
 
 def resolve(host: str, port: int) -> str:

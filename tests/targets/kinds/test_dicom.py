@@ -17,8 +17,9 @@ from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
 from targets.dicomnet.scu import dataset_offset
 from targets.dicomnet.sockets import enable_tcp_nodelay
+from targets.dicomnet.transcode import MAX_CONTEXTS, plan_contexts
 from targets.kinds.base import FAILED, SENT, WARNING, SendContext, TargetError
-from targets.kinds.dicom.handler import MAX_CONTEXTS, DicomHandler, plan_contexts
+from targets.kinds.dicom.handler import DicomHandler
 from targets.models import DicomTarget
 from targets.series import Instance, scan_folder
 from tests.dicomgen import make_mixed_study, make_series
