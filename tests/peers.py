@@ -301,9 +301,13 @@ class StoreSCP(Peer):
         max_pdu: int = 131072,
         extra_args: list[str] | None = None,
         fork: bool = False,
+        accept_all: bool = True,
     ):
         super().__init__(workdir)
         self.aet = aet
+        # Without --accept-all storescp takes only the uncompressed syntaxes (Explicit
+        # VR Little and Big Endian, Implicit VR Little Endian): no JPEG, no deflate.
+        self.accept_all = accept_all
         self.port = free_port()
         self.max_pdu = max_pdu
         self.extra_args = extra_args or []
@@ -322,8 +326,9 @@ class StoreSCP(Peer):
             str(self.max_pdu),
             "-fe",
             ".dcm",
-            "--accept-all",
         ]
+        if self.accept_all:
+            cmd.append("--accept-all")
         if self.fork:
             cmd.append("--fork")
         return cmd + self.extra_args + [str(self.port)]
