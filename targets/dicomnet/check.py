@@ -14,6 +14,7 @@ import mmap
 import os
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from targets.dicomnet.vr import ALL_VRS, LONG_VRS
@@ -46,13 +47,25 @@ class _Walker:
     pydicom decodes leniently (a truncated value is silently shortened, garbage becomes
     a few UN elements), so it cannot tell a corrupt dataset from a good one. This walk
     is cheap (headers only, values are skipped) and strict: ascending tags at each
-    level, known VRs, every length inside the buffer, every undefined-length
-    sequence closed.
+    level (unless `ordered` is False), known VRs, every length inside the buffer,
+    every undefined-length sequence closed.
+
+    What is wrong but repairable by re-encoding is recorded, not raised: the first
+    element with an odd value length (`odd`, PS3.5 7.1.1; `odd_nested` if inside a
+    sequence) and, when `ordered` is False, the first element out of order
+    (`unordered`).
     """
 
-    def __init__(self, buf: bytes, implicit: bool, little: bool):
+    # Where the data ends, in messages: "data" (a received dataset) or "file".
+    what = "data"
+
+    def __init__(self, buf: bytes, implicit: bool, little: bool, ordered: bool = True):
         self.buf = buf
         self.implicit = implicit
+        self.ordered = ordered
+        self.odd: int | None = None
+        self.odd_nested = False
+        self.unordered: int | None = None
         e = "<" if little else ">"
         self.tag = struct.Struct(e + "HH")
         self.u32 = struct.Struct(e + "L")
@@ -62,7 +75,15 @@ class _Walker:
         self.captured: dict[int, bytes] = {}
 
     def implicit_walker(self) -> _Walker:
-        return _Walker(self.buf, implicit=True, little=True)
+        inner = _Walker(self.buf, implicit=True, little=True, ordered=self.ordered)
+        inner.what = self.what
+        return inner
+
+    def _merge(self, inner: _Walker) -> None:
+        if self.odd is None and inner.odd is not None:
+            self.odd, self.odd_nested = inner.odd, True
+        if self.unordered is None:
+            self.unordered = inner.unordered
 
     def _read_tag(self, pos: int, end: int) -> tuple[int, int]:
         if pos + 8 > end:
@@ -106,21 +127,28 @@ class _Walker:
                     f"unexpected delimiter {tag:08X} at byte {pos - 8}"
                 )
             if tag <= last:
-                raise CorruptDataset(f"tags out of order at byte {pos} ({tag:08X})")
+                if self.ordered:
+                    raise CorruptDataset(f"tags out of order at byte {pos} ({tag:08X})")
+                if self.unordered is None:
+                    self.unordered = tag
             last = tag
             if length == _UNDEFINED:
                 if not implicit and vr == b"UN":
                     # PS3.5 6.2.2: a UN value of undefined length is a sequence
                     # encoded in Implicit VR Little Endian.
-                    pos = self.implicit_walker().items(pos, end)
+                    inner = self.implicit_walker()
+                    pos = inner.items(pos, end)
+                    self._merge(inner)
                 else:
                     pos = self.items(pos, end)
                 continue
             if pos + length > end:
                 raise CorruptDataset(
                     f"element ({group:04X},{elem:04X}) runs past the end "
-                    f"of the data ({length} bytes at byte {pos} of {end})"
+                    f"of the {self.what} ({length} bytes at byte {pos} of {end})"
                 )
+            if length & 1 and self.odd is None:
+                self.odd, self.odd_nested = tag, not top
             if captured is not None and tag in _CAPTURED:
                 captured[tag] = buf[pos : pos + length]
             pos += length
@@ -149,10 +177,29 @@ class _Walker:
 
 
 def walk_dataset(
-    raw: bytes | mmap.mmap, transfer_syntax: str, start: int = 0
+    raw: bytes | mmap.mmap,
+    transfer_syntax: str,
+    start: int = 0,
+    *,
+    ordered: bool = True,
 ) -> dict[str, str]:
     """Walk an encoded dataset (from `start`) to its end; return the UIDs it holds
-    ("" for a missing one). Raise `CorruptDataset` if it is truncated or not DICOM."""
+    ("" for a missing one). Raise `CorruptDataset` if it is truncated or not DICOM.
+
+    `ordered=False`: elements out of order are accepted (see `_Walker`).
+    """
+    return walk_encoded(raw, transfer_syntax, start, ordered=ordered)[0]
+
+
+def walk_encoded(
+    raw: bytes | mmap.mmap,
+    transfer_syntax: str,
+    start: int = 0,
+    *,
+    ordered: bool = True,
+    what: str = "data",
+) -> tuple[dict[str, str], _Walker]:
+    """`walk_dataset`, also returning the walker (what it found to repair)."""
     if transfer_syntax == DEFLATED:
         try:
             raw = zlib.decompress(raw[start:], -zlib.MAX_WBITS)
@@ -165,7 +212,8 @@ def walk_dataset(
         little = transfer_syntax != EXPLICIT_BE
     if len(raw) <= start:
         raise CorruptDataset("empty dataset")
-    walker = _Walker(raw, implicit, little)
+    walker = _Walker(raw, implicit, little, ordered)
+    walker.what = what
     try:
         walker.dataset(start, len(raw), top=True, in_item=False)
     except struct.error as exc:  # a header cut short inside a long-VR element
@@ -175,12 +223,13 @@ def walk_dataset(
         value = walker.captured.get(tag, b"")
         return value.rstrip(b"\x00 ").decode("ascii", "replace")
 
-    return {
+    found = {
         "SOPClassUID": uid(TAG_SOP_CLASS),
         "SOPInstanceUID": uid(TAG_SOP_INSTANCE),
         "StudyInstanceUID": uid(TAG_STUDY_UID),
         "SeriesInstanceUID": uid(TAG_SERIES_UID),
     }
+    return found, walker
 
 
 def check_dataset(
@@ -237,7 +286,20 @@ def _file_meta(buf: mmap.mmap) -> tuple[int, str]:
     return pos, ts
 
 
-def check_file(path: str | Path) -> None:
+@dataclass(frozen=True)
+class FileWalk:
+    """What one walk of a Part 10 file found (see `_Walker` for `odd`...)."""
+
+    start: int  # where the dataset starts
+    size: int  # the file's size
+    transfer_syntax: str
+    uids: dict[str, str]
+    odd: int | None
+    odd_nested: bool
+    unordered: int | None
+
+
+def walk_file(path: str | Path, *, ordered: bool = True) -> FileWalk:
     """Check a DICOM Part 10 file: preamble, file meta, and the whole dataset.
 
     Raise `CorruptDataset` (truncated, or not what its header says) or `OSError`.
@@ -251,4 +313,10 @@ def check_file(path: str | Path) -> None:
             if buf[128:132] != b"DICM":
                 raise CorruptDataset("no DICM prefix after the preamble")
             start, ts = _file_meta(buf)
-            walk_dataset(buf, ts, start)
+            uids, w = walk_encoded(buf, ts, start, ordered=ordered, what="file")
+            return FileWalk(start, size, ts, uids, w.odd, w.odd_nested, w.unordered)
+
+
+def check_file(path: str | Path, *, ordered: bool = True) -> None:
+    """`walk_file` for its errors only."""
+    walk_file(path, ordered=ordered)
