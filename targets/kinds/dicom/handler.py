@@ -31,7 +31,6 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
 from targets.dicomnet.outgoing import RefusedFile, prepare
 from targets.dicomnet.scu import (
@@ -45,6 +44,8 @@ from targets.dicomnet.scu import (
     status_of,
 )
 from targets.dicomnet.sockets import enable_tcp_nodelay
+from targets.dicomnet.status import WARNING as WARNING_STATUS
+from targets.dicomnet.status import category, in_words
 from targets.kinds.base import (
     FAILED,
     SENT,
@@ -97,17 +98,12 @@ def plan_contexts(instances: Sequence[Instance]) -> list[list[tuple[str, list[st
 
 def store_status(status: int, rsp: dict[int, bytes]) -> tuple[str, str]:
     """Map a C-STORE status to an outcome status and a message in words."""
-    category = code_to_category(status)
-    meaning = STORAGE_SERVICE_CLASS_STATUS.get(status, ("", ""))[1] or (
-        "unknown status"
-    )
-    comment = error_comment(rsp)
-    detail = f" ({comment})" if comment else ""
     if status == 0x0000:
         return SENT, ""
-    if category == "Warning" or (status & 0xF000) == 0xB000:
-        return WARNING, f"warning {status:#06x}: {meaning}{detail}"
-    return FAILED, f"failed with status {status:#06x}: {meaning}{detail}"
+    words = in_words(status, "store", error_comment(rsp))
+    if category(status) == WARNING_STATUS:
+        return WARNING, f"warning: {words}"
+    return FAILED, f"failed: {words}"
 
 
 def _to_target_error(exc: LinkError) -> TargetError:
@@ -413,8 +409,7 @@ class DicomHandler(Handler):
                 status = assoc.c_echo()
                 ms = (time.perf_counter() - start) * 1000
                 if status != 0:
-                    meaning = STORAGE_SERVICE_CLASS_STATUS.get(status, ("", "unknown"))
-                    raise TargetError(f"status {status:#06x}: {meaning[1]}")
+                    raise TargetError(f"C-ECHO failed: {in_words(status, 'echo')}")
                 c.message = f"success, round trip {ms:.1f} ms"
                 c.details = {"round_trip_ms": round(ms, 2)}
         finally:

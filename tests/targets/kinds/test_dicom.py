@@ -343,10 +343,10 @@ def test_it_records_warning_and_failure_statuses_per_instance_in_words(
 
     by_uid = {o.sop_instance_uid: o for o in result.outcomes}
     assert by_uid[warned].status == WARNING
-    assert by_uid[warned].message == "warning 0xb000: Coercion of Data Elements"
+    assert by_uid[warned].message == "warning: coercion of data elements (0xB000)"
     assert by_uid[failed].status == FAILED
     assert (
-        by_uid[failed].message == "failed with status 0xa701: Refused: Out of Resources"
+        by_uid[failed].message == "failed: refused: out of resources (0xA701)"
     )
     assert result.count(SENT) == 18 and result.sent == 19 and result.failed == 1
 
