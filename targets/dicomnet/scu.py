@@ -99,13 +99,15 @@ class AssociationRejected(LinkError):
         words = REJECT_REASONS.get(
             (source, reason), f"source {source}, reason {reason}"
         )
-        if identity and (source, reason) == (1, 1):
-            # What a peer refusing the User Identity answers (PS3.7 D.3.3.7).
-            words += (
-                "; Courier sent a username and password (User Identity): check "
-                "them in the target's settings"
-            )
         kind = "" if result == 1 else " (transient: try again later)"
+        if identity and reason == 1 and source in (1, 2):
+            # What a peer refusing the User Identity answers (PS3.7 D.3.3.7 names
+            # no reason for it; pynetdicom rejects as transient, source 2).
+            kind = ""
+            words = (
+                "no reason given; Courier sent a username and password (User "
+                "Identity): check them in the target's settings"
+            )
         super().__init__(f"association rejected{kind}: {words}", permanent=result == 1)
 
 

@@ -38,6 +38,7 @@ from targets.dicomnet.scu import (
     Association,
     Context,
     LinkError,
+    UserIdentity,
     connect,
     error_comment,
     propose,
@@ -61,6 +62,7 @@ from targets.kinds.base import (
 )
 
 if TYPE_CHECKING:
+    from targets.models import Target
     from targets.series import Instance, Series
 
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
@@ -104,6 +106,13 @@ def store_status(status: int, rsp: dict[int, bytes]) -> tuple[str, str]:
     if category(status) == WARNING_STATUS:
         return WARNING, f"warning: {words}"
     return FAILED, f"failed: {words}"
+
+
+def user_identity(target: Target) -> UserIdentity | None:
+    """The target's User Identity login, or None when it has no username."""
+    if not target.username:
+        return None
+    return UserIdentity(target.username, str(target.password or ""))
 
 
 def _to_target_error(exc: LinkError) -> TargetError:
@@ -171,6 +180,7 @@ class DicomHandler(Handler):
             max_pdu=t.max_pdu,
             ssl_context=self.ssl_context(),
             server_hostname=self.server_hostname(),
+            identity=user_identity(t),
         )
 
     # -- sending ------------------------------------------------------------------------

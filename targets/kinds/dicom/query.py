@@ -45,6 +45,7 @@ from targets.dicomnet.identity import (
 from targets.dicomnet.scu import LinkError, connect
 from targets.dicomnet.sockets import enable_tcp_nodelay
 from targets.dicomnet.status import Service, in_words
+from targets.kinds.dicom.handler import user_identity
 from targets.paths import UnsafePath
 from targets.query import (
     Cancelled,
@@ -144,6 +145,8 @@ class DicomQuery(QuerySource):
             (evt.EVT_ACSE_RECV, lambda e: received.append(e.primitive)),
             (evt.EVT_CONN_OPEN, lambda e: opened.append(True)),
         ]
+        login = user_identity(t)
+        identity = [login.primitive()] if login else []
         self._resolve()
         started = time.monotonic()
         try:
@@ -151,7 +154,7 @@ class DicomQuery(QuerySource):
                 t.host,
                 t.port,
                 ae_title=t.called_aet,
-                ext_neg=roles or None,
+                ext_neg=(roles or []) + identity or None,
                 evt_handlers=evt_handlers + (handlers or []),
             )
         except (OSError, ValueError) as exc:  # pynetdicom checks some input itself
@@ -201,6 +204,11 @@ class DicomQuery(QuerySource):
                 hint = f" (check the target AET, {t.called_aet!r})"
             elif "calling ae title" in reason.lower():
                 hint = f" (the source does not know Courier's AET {t.calling_aet!r})"
+            elif t.username and answer.diagnostic == 1:
+                hint = (
+                    " (Courier sent a username and password, User Identity: check "
+                    "them in the target's settings)"
+                )
             return f"Association rejected by {where}: {reason}{hint}."
         if answer is not None:
             return (
