@@ -345,9 +345,7 @@ def test_it_records_warning_and_failure_statuses_per_instance_in_words(
     assert by_uid[warned].status == WARNING
     assert by_uid[warned].message == "warning: coercion of data elements (0xB000)"
     assert by_uid[failed].status == FAILED
-    assert (
-        by_uid[failed].message == "failed: refused: out of resources (0xA701)"
-    )
+    assert by_uid[failed].message == "failed: refused: out of resources (0xA701)"
     assert result.count(SENT) == 18 and result.sent == 19 and result.failed == 1
 
 
