@@ -452,6 +452,10 @@ def test_user_identity_lets_a_send_a_test_and_a_query_in_with_the_right_password
     assert report.ok, [(c.name, c.message) for c in report.checks]
     assert found.studies == []
     assert locked_scp.logins == [("courier", "s3cret-Pw")] * 3
+    # The query source's pynetdicom association introduces Courier too.
+    assert [(r["uid"], r["version"]) for r in locked_scp.requests] == [
+        (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME)
+    ] * 3
 
 
 def test_a_wrong_user_identity_password_is_rejected_in_words_that_hide_it(
