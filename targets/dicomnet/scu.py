@@ -39,6 +39,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext
 
+from targets.dicomnet.check import CorruptDataset, walk_encoded
 from targets.dicomnet.identity import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
@@ -416,8 +417,16 @@ class Association:
     def c_store_bytes(
         self, cx: Context, sop_class: str, sop_instance: str, data: bytes
     ) -> dict[int, bytes]:
+        """Send an encoded dataset (converted or repaired) after one walk of it;
+        raise `RefusedFile` (nothing sent) if it does not walk to its end."""
         import io
 
+        try:
+            walk_encoded(data, cx.transfer_syntax)
+        except CorruptDataset as exc:
+            raise RefusedFile(
+                f"malformed DICOM after encoding, not sent: {exc}"
+            ) from exc
         return self._c_store(cx, sop_class, sop_instance, io.BytesIO(data), len(data))
 
     def _c_store(self, cx, sop_class, sop_instance, stream, length) -> dict[int, bytes]:

@@ -11,6 +11,7 @@ malformed file does to a send: that instance fails by name, the rest is sent.
 
 from __future__ import annotations
 
+import io
 import shutil
 import socket
 import struct
@@ -35,7 +36,8 @@ from targets.dicomnet.identity import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
 )
-from targets.dicomnet.scu import Association, propose
+from targets.dicomnet.outgoing import RefusedFile
+from targets.dicomnet.scu import Association, dataset_offset, propose
 from targets.dicomnet.sockets import enable_tcp_nodelay
 from targets.dicomnet.vr import ALL_VRS, LONG_VRS
 from targets.kinds.base import FAILED, SENT, TargetError
@@ -427,6 +429,40 @@ def test_malformed_files_fail_by_name_and_the_rest_reaches_orthanc(orthanc, tmp_
     odd_uid = pydicom.dcmread(odd).SOPInstanceUID
     tags = orthanc.rest(f"/instances/{uids[odd_uid]}/simplified-tags")
     assert tags["PatientComments"].rstrip() == "odd"
+
+
+def test_encoded_data_that_does_not_walk_or_is_odd_is_refused_before_a_byte_is_sent(
+    scp, ct_series
+):
+    data = Path(ct_series.files[0]).read_bytes()
+    ds = pydicom.dcmread(ct_series.files[0])
+    dataset = data[dataset_offset(Path("-"), data) :]
+    assoc = Association.open(
+        "127.0.0.1",
+        scp.port,
+        calling_aet="COURIER",
+        called_aet="WIRE",
+        contexts=propose([(CTImageStorage, [ExplicitVRLittleEndian]),
+                          (Verification, [ImplicitVRLittleEndian])]),
+        connect_timeout=5,
+        acse_timeout=10,
+        dimse_timeout=10,
+        max_pdu=16384,
+    )  # fmt: skip
+    cx = assoc.context_for(CTImageStorage, ExplicitVRLittleEndian)
+    uid = str(ds.SOPInstanceUID)
+    with pytest.raises(RefusedFile, match="runs past the end of the data"):
+        assoc.c_store_bytes(cx, CTImageStorage, uid, dataset[:-1001])
+    with pytest.raises(RefusedFile, match="odd length"):
+        assoc._c_store(
+            cx, CTImageStorage, uid, io.BytesIO(dataset + b"x"), 1 + len(dataset)
+        )
+    # Nothing of either reached the peer; the association is as good as before.
+    assert assoc.c_echo() == 0
+    assoc.release()
+    # The one P-DATA the peer got is the C-ECHO request.
+    assert len(scp.pdata) == 1
+    assert scp.stored == [] and scp.ends == ["released"]
 
 
 # -- User Identity -------------------------------------------------------------------------
