@@ -112,8 +112,7 @@ def meaning(code: int, service: Service = "store") -> str:
             return words
     if code in GENERAL:
         return GENERAL[code]
-    kind = category(code)
-    return "unknown warning" if kind == WARNING else f"unknown {kind} status"
+    return f"unknown {category(code)} status"
 
 
 def in_words(code: int, service: Service = "store", comment: str = "") -> str:

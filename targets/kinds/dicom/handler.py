@@ -9,6 +9,10 @@ pynetdicom's threaded `Association` (see that module and the README's Performanc
 DICOM+TLS is this handler plus an SSL context: override `ssl_context()`.
 """
 
+# Why this module is long: the send loop (parallel associations sharing one queue,
+# per-instance failure after a hang or an abort), the Test's checks and the context
+# plan belong together; conversion moves to its own module (issue 13, transcode).
+
 from __future__ import annotations
 
 import re
