@@ -299,14 +299,28 @@ class FileWalk:
     unordered: int | None
 
 
+# Walks of whole files, by (device, inode, size, modification time, ordered): a
+# series is walked when its folder is read and again just before each file is
+# sent; the second walk is a stat when the file has not changed in between.
+_WALKED: dict[tuple, FileWalk] = {}
+_WALKED_MAX = 20000
+
+
 def walk_file(path: str | Path, *, ordered: bool = True) -> FileWalk:
     """Check a DICOM Part 10 file: preamble, file meta, and the whole dataset.
 
     Raise `CorruptDataset` (truncated, or not what its header says) or `OSError`.
-    The file is mapped, not read: a large instance costs no memory.
+    The file is mapped, not read: a large instance costs no memory. A file walked
+    before and unchanged since (same inode, size and modification time) is not
+    walked again.
     """
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+        st = os.fstat(f.fileno())
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, ordered)
+        known = _WALKED.get(key)
+        if known is not None:
+            return known
+        size = st.st_size
         if size < 132:
             raise CorruptDataset("shorter than a DICOM preamble")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
@@ -314,7 +328,14 @@ def walk_file(path: str | Path, *, ordered: bool = True) -> FileWalk:
                 raise CorruptDataset("no DICM prefix after the preamble")
             start, ts = _file_meta(buf)
             uids, w = walk_encoded(buf, ts, start, ordered=ordered, what="file")
-            return FileWalk(start, size, ts, uids, w.odd, w.odd_nested, w.unordered)
+    found = FileWalk(start, size, ts, uids, w.odd, w.odd_nested, w.unordered)
+    if len(_WALKED) >= _WALKED_MAX:
+        try:
+            del _WALKED[next(iter(_WALKED))]
+        except (KeyError, StopIteration, RuntimeError):  # another thread was first
+            pass
+    _WALKED[key] = found
+    return found
 
 
 def check_file(path: str | Path, *, ordered: bool = True) -> None:
