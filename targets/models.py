@@ -466,7 +466,7 @@ class DicomTarget(Target):
     KIND = Kind.DICOM
     handler_path = "targets.kinds.dicom.handler.DicomHandler"
     query_source_path = "targets.kinds.dicom.query.DicomQuery"
-    validation_path = None
+    validation_path = "targets.kinds.dicom.validation.clean"
     can_move = True
     hint = "C-STORE to a PACS, modality or workstation (DIMSE)."
     objects = _kind_manager(Kind.DICOM)
@@ -481,8 +481,16 @@ class DicomTarget(Target):
         "acse_timeout",
         "dimse_timeout",
         "max_pdu",
+        "username",
+        "password",
     )
     required_fields = ("host", "port", "called_aet")
+    help_texts = {
+        "username": "User Identity (PS3.7 D.3.3.7): for an archive that requires a "
+        "login on the association. Sent on sends, Tests and queries; leave empty "
+        "otherwise.",
+        "password": "Sent with the username (User Identity); kept encrypted.",
+    }
 
     class Meta:
         proxy = True

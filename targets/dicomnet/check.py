@@ -14,6 +14,7 @@ import mmap
 import os
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from targets.dicomnet.vr import ALL_VRS, LONG_VRS
@@ -52,12 +53,23 @@ class _Walker:
     `ordered=False` is the receiver's walk: like dcmtk's storescp and pydicom it
     takes elements out of order and repeated ones (the bytes are stored as they
     came), as long as a repeated top-level UID does not change its value.
+
+    What is wrong but repairable by re-encoding is recorded, not raised: the first
+    element with an odd value length (`odd`, PS3.5 7.1.1; `odd_nested` if inside a
+    sequence) and, when `ordered` is False, the first element out of order
+    (`unordered`).
     """
+
+    # Where the data ends, in messages: "data" (a received dataset) or "file".
+    what = "data"
 
     def __init__(self, buf: bytes, implicit: bool, little: bool, ordered: bool = True):
         self.buf = buf
         self.implicit = implicit
         self.ordered = ordered
+        self.odd: int | None = None
+        self.odd_nested = False
+        self.unordered: int | None = None
         e = "<" if little else ">"
         self.tag = struct.Struct(e + "HH")
         self.u32 = struct.Struct(e + "L")
@@ -67,7 +79,15 @@ class _Walker:
         self.captured: dict[int, bytes] = {}
 
     def implicit_walker(self) -> _Walker:
-        return _Walker(self.buf, implicit=True, little=True, ordered=self.ordered)
+        inner = _Walker(self.buf, implicit=True, little=True, ordered=self.ordered)
+        inner.what = self.what
+        return inner
+
+    def _merge(self, inner: _Walker) -> None:
+        if self.odd is None and inner.odd is not None:
+            self.odd, self.odd_nested = inner.odd, True
+        if self.unordered is None:
+            self.unordered = inner.unordered
 
     def _read_tag(self, pos: int, end: int) -> tuple[int, int]:
         if pos + 8 > end:
@@ -110,22 +130,29 @@ class _Walker:
                 raise CorruptDataset(
                     f"unexpected delimiter {tag:08X} at byte {pos - 8}"
                 )
-            if tag <= last and ordered:
-                raise CorruptDataset(f"tags out of order at byte {pos} ({tag:08X})")
+            if tag <= last:
+                if ordered:
+                    raise CorruptDataset(f"tags out of order at byte {pos} ({tag:08X})")
+                if self.unordered is None:
+                    self.unordered = tag
             last = tag
             if length == _UNDEFINED:
                 if not implicit and vr == b"UN":
                     # PS3.5 6.2.2: a UN value of undefined length is a sequence
                     # encoded in Implicit VR Little Endian.
-                    pos = self.implicit_walker().items(pos, end)
+                    inner = self.implicit_walker()
+                    pos = inner.items(pos, end)
+                    self._merge(inner)
                 else:
                     pos = self.items(pos, end)
                 continue
             if pos + length > end:
                 raise CorruptDataset(
                     f"element ({group:04X},{elem:04X}) runs past the end "
-                    f"of the data ({length} bytes at byte {pos} of {end})"
+                    f"of the {self.what} ({length} bytes at byte {pos} of {end})"
                 )
+            if length & 1 and self.odd is None:
+                self.odd, self.odd_nested = tag, not top
             if captured is not None and tag in _CAPTURED:
                 value = buf[pos : pos + length]
                 if captured.get(tag, value) != value:
@@ -171,6 +198,18 @@ def walk_dataset(
 
     `ordered=False`: elements out of order or repeated are accepted (see `_Walker`).
     """
+    return walk_encoded(raw, transfer_syntax, start, ordered=ordered)[0]
+
+
+def walk_encoded(
+    raw: bytes | mmap.mmap,
+    transfer_syntax: str,
+    start: int = 0,
+    *,
+    ordered: bool = True,
+    what: str = "data",
+) -> tuple[dict[str, str], _Walker]:
+    """`walk_dataset`, also returning the walker (what it found to repair)."""
     if transfer_syntax == DEFLATED:
         try:
             raw = zlib.decompress(raw[start:], -zlib.MAX_WBITS)
@@ -184,6 +223,7 @@ def walk_dataset(
     if len(raw) <= start:
         raise CorruptDataset("empty dataset")
     walker = _Walker(raw, implicit, little, ordered)
+    walker.what = what
     try:
         walker.dataset(start, len(raw), top=True, in_item=False)
     except struct.error as exc:  # a header cut short inside a long-VR element
@@ -193,12 +233,13 @@ def walk_dataset(
         value = walker.captured.get(tag, b"")
         return value.rstrip(b"\x00 ").decode("ascii", "replace")
 
-    return {
+    found = {
         "SOPClassUID": uid(TAG_SOP_CLASS),
         "SOPInstanceUID": uid(TAG_SOP_INSTANCE),
         "StudyInstanceUID": uid(TAG_STUDY_UID),
         "SeriesInstanceUID": uid(TAG_SERIES_UID),
     }
+    return found, walker
 
 
 def check_dataset(
@@ -255,18 +296,58 @@ def _file_meta(buf: mmap.mmap) -> tuple[int, str]:
     return pos, ts
 
 
-def check_file(path: str | Path) -> None:
+@dataclass(frozen=True)
+class FileWalk:
+    """What one walk of a Part 10 file found (see `_Walker` for `odd`...)."""
+
+    start: int  # where the dataset starts
+    size: int  # the file's size
+    transfer_syntax: str
+    uids: dict[str, str]
+    odd: int | None
+    odd_nested: bool
+    unordered: int | None
+
+
+# Walks of whole files, by (device, inode, size, modification time, ordered): a
+# series is walked when its folder is read and again just before each file is
+# sent; the second walk is a stat when the file has not changed in between.
+_WALKED: dict[tuple, FileWalk] = {}
+_WALKED_MAX = 20000
+
+
+def walk_file(path: str | Path, *, ordered: bool = True) -> FileWalk:
     """Check a DICOM Part 10 file: preamble, file meta, and the whole dataset.
 
     Raise `CorruptDataset` (truncated, or not what its header says) or `OSError`.
-    The file is mapped, not read: a large instance costs no memory.
+    The file is mapped, not read: a large instance costs no memory. A file walked
+    before and unchanged since (same inode, size and modification time) is not
+    walked again.
     """
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+        st = os.fstat(f.fileno())
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, ordered)
+        known = _WALKED.get(key)
+        if known is not None:
+            return known
+        size = st.st_size
         if size < 132:
             raise CorruptDataset("shorter than a DICOM preamble")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             if buf[128:132] != b"DICM":
                 raise CorruptDataset("no DICM prefix after the preamble")
             start, ts = _file_meta(buf)
-            walk_dataset(buf, ts, start)
+            uids, w = walk_encoded(buf, ts, start, ordered=ordered, what="file")
+    found = FileWalk(start, size, ts, uids, w.odd, w.odd_nested, w.unordered)
+    if len(_WALKED) >= _WALKED_MAX:
+        try:
+            del _WALKED[next(iter(_WALKED))]
+        except (KeyError, StopIteration, RuntimeError):  # another thread was first
+            pass
+    _WALKED[key] = found
+    return found
+
+
+def check_file(path: str | Path, *, ordered: bool = True) -> None:
+    """`walk_file` for its errors only."""
+    walk_file(path, ordered=ordered)

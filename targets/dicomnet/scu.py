@@ -10,7 +10,11 @@ file's dataset bytes, read straight from disk, written with one `sendmsg` per PD
 one read for the response. No threads, so a timeout is just a socket timeout.
 
 Only what an SCU that sends needs is here: no asynchronous operations window, no
-role selection, no extended negotiation (DICOM PS3.7 and PS3.8).
+role selection, no extended negotiation but User Identity (DICOM PS3.7 and PS3.8).
+Courier introduces itself with its own Implementation Class UID and Version Name
+(`targets.dicomnet.identity`). Every P-DATA fragment has an even length, none longer
+than the peer's maximum, and an odd-length dataset is refused before a byte of it is
+sent (`targets.dicomnet.outgoing` checks and repairs files before they get here).
 """
 
 # Why this module is long: one SCU association (A-ASSOCIATE, P-DATA framing,
@@ -25,16 +29,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
     ImplementationClassUIDNotification,
     ImplementationVersionNameNotification,
     MaximumLengthNotification,
+    UserIdentityNegotiation,
 )
 from pynetdicom.presentation import PresentationContext
 
+from targets.dicomnet.check import CorruptDataset, walk_encoded
+from targets.dicomnet.identity import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+)
+from targets.dicomnet.outgoing import Outgoing, RefusedFile
 from targets.dicomnet.sockets import _nodelay
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
@@ -78,22 +88,49 @@ class LinkError(Exception):
         self.permanent = permanent
 
 
-class UnreadableFile(Exception):
-    """A file to send could not be read; the association is unharmed."""
-
-
 class LinkTimeout(LinkError):
     """The peer did not answer within the timeout."""
 
 
 class AssociationRejected(LinkError):
-    def __init__(self, result: int, source: int, reason: int):
+    def __init__(
+        self, result: int, source: int, reason: int, *, identity: bool = False
+    ):
         self.result, self.source, self.reason = result, source, reason
         words = REJECT_REASONS.get(
             (source, reason), f"source {source}, reason {reason}"
         )
         kind = "" if result == 1 else " (transient: try again later)"
+        if identity and reason == 1 and source in (1, 2):
+            # What a peer refusing the User Identity answers (PS3.7 D.3.3.7 names
+            # no reason for it; pynetdicom rejects as transient, source 2).
+            kind = ""
+            words = (
+                "no reason given; Courier sent a username and password (User "
+                "Identity): check them in the target's settings"
+            )
         super().__init__(f"association rejected{kind}: {words}", permanent=result == 1)
+
+
+@dataclass(frozen=True)
+class UserIdentity:
+    """Username and password for User Identity negotiation (PS3.7 D.3.3.7)."""
+
+    username: str
+    password: str = ""
+
+    def primitive(self) -> UserIdentityNegotiation:
+        item = UserIdentityNegotiation()
+        # 2: username and passcode; 1: username only.
+        item.user_identity_type = 2 if self.password else 1
+        item.positive_response_requested = False
+        item.primary_field = self.username.encode("utf-8")
+        if self.password:
+            item.secondary_field = self.password.encode("utf-8")
+        return item
+
+    def __repr__(self) -> str:  # never the password, in logs or tracebacks
+        return f"UserIdentity(username={self.username!r})"
 
 
 @dataclass(frozen=True)
@@ -204,6 +241,7 @@ class Association:
         max_pdu: int,
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
+        identity: UserIdentity | None = None,
     ) -> Association:
         """Connect and negotiate; raise `LinkError` (or `AssociationRejected`)."""
         sock = connect(host, port, connect_timeout)
@@ -227,6 +265,7 @@ class Association:
                 dimse_timeout=dimse_timeout,
                 max_pdu=max_pdu,
                 where=f"{host}:{port}",
+                identity=identity,
             )
         except BaseException:
             sock.close()
@@ -244,6 +283,7 @@ class Association:
         dimse_timeout,
         max_pdu,
         where,
+        identity: UserIdentity | None = None,
     ) -> Association:
         rq = A_ASSOCIATE()
         rq.application_context_name = APPLICATION_CONTEXT
@@ -253,10 +293,12 @@ class Association:
         max_length = MaximumLengthNotification()
         max_length.maximum_length_received = max_pdu
         impl_uid = ImplementationClassUIDNotification()
-        impl_uid.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+        impl_uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         impl_version = ImplementationVersionNameNotification()
-        impl_version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
+        impl_version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         rq.user_information = [max_length, impl_uid, impl_version]
+        if identity is not None:
+            rq.user_information.append(identity.primitive())
         sock.settimeout(acse_timeout)
         try:
             sock.sendall(A_ASSOCIATE_RQ(rq).encode())
@@ -272,7 +314,9 @@ class Association:
             ) from exc
         if pdu_type == ASSOCIATE_RJ and len(pdu) >= 10:
             result, source, reason = pdu[7], pdu[8], pdu[9]
-            raise AssociationRejected(result, source, reason)
+            raise AssociationRejected(
+                result, source, reason, identity=identity is not None
+            )
         if pdu_type == ABORT:
             raise LinkError(f"{where} aborted the association request")
         if pdu_type != ASSOCIATE_AC:
@@ -332,39 +376,66 @@ class Association:
             _element(0x0110, _us(msg_id)),
             _element(0x0800, _us(0x0101)),
         )
-        self._send(self._pdata(cx[0].id, COMMAND | LAST, cmd))
+        self._send(self._command_pdus(cx[0].id, cmd))
         return self._status(self._response(msg_id))
 
     def c_store_file(
-        self, cx: Context, sop_class: str, sop_instance: str, path: Path
+        self,
+        cx: Context,
+        sop_class: str,
+        sop_instance: str,
+        path: Path,
+        outgoing: Outgoing | None = None,
     ) -> dict[int, bytes]:
         """Send one file's dataset bytes as they are on disk; return the response.
 
-        The file's transfer syntax must be `cx.transfer_syntax`. Raise
-        `UnreadableFile` (before anything is sent) if the file cannot be read.
+        `outgoing` is what `targets.dicomnet.outgoing.prepare` made of the file (the
+        dataset's place, or repaired bytes); without it the dataset is sent from
+        where the file meta says it starts. The file's transfer syntax must be
+        `cx.transfer_syntax`. Raise `RefusedFile` (before anything is sent) if the
+        file cannot be read or its dataset has an odd length.
         """
+        if outgoing is not None and outgoing.data is not None:
+            return self.c_store_bytes(cx, sop_class, sop_instance, outgoing.data)
         f = None
         try:
             f = open(path, "rb", buffering=0)  # noqa: SIM115 (closed below)
-            head = f.read(65536)
-            offset = dataset_offset(path, head)
-            size = f.seek(0, 2)
+            if outgoing is None:
+                head = f.read(65536)
+                offset = dataset_offset(path, head)
+                length = f.seek(0, 2) - offset
+            else:
+                offset, length = outgoing.offset, outgoing.length
             f.seek(offset)
         except Exception as exc:  # OSError, or pydicom's errors for a broken meta
             if f is not None:
                 f.close()
-            raise UnreadableFile(f"cannot read {path.name}: {exc}") from exc
+            raise RefusedFile(f"cannot read {path.name}: {exc}") from exc
         with f:
-            return self._c_store(cx, sop_class, sop_instance, f, size - offset)
+            return self._c_store(cx, sop_class, sop_instance, f, length)
 
     def c_store_bytes(
         self, cx: Context, sop_class: str, sop_instance: str, data: bytes
     ) -> dict[int, bytes]:
+        """Send an encoded dataset (converted or repaired) after one walk of it;
+        raise `RefusedFile` (nothing sent) if it does not walk to its end."""
         import io
 
+        try:
+            walk_encoded(data, cx.transfer_syntax)
+        except CorruptDataset as exc:
+            raise RefusedFile(
+                f"malformed DICOM after encoding, not sent: {exc}"
+            ) from exc
         return self._c_store(cx, sop_class, sop_instance, io.BytesIO(data), len(data))
 
     def _c_store(self, cx, sop_class, sop_instance, stream, length) -> dict[int, bytes]:
+        if length % 2:
+            # PS3.5 7.1.1: every DICOM value, so every dataset, has an even length.
+            raise RefusedFile(
+                f"the dataset has an odd length ({length} bytes): malformed DICOM, "
+                "not sent"
+            )
         msg_id = self.next_message_id()
         cmd = _command(
             _element(0x0002, sop_class.encode()),
@@ -374,10 +445,8 @@ class Association:
             _element(0x0800, _us(0x0000)),  # a dataset follows
             _element(0x1000, sop_instance.encode()),
         )
-        # Each P-DATA-TF's variable part is at most the peer's maximum length:
-        # 4 bytes item length + 2 bytes context id and control header + data.
-        chunk = self.peer_max_pdu - 6
-        parts = self._pdata(cx.id, COMMAND | LAST, cmd)
+        chunk = self.fragment_size()
+        parts = self._command_pdus(cx.id, cmd)
         left = length
         while True:
             n = min(chunk, left)
@@ -397,6 +466,25 @@ class Association:
                 break
         rsp = self._response(msg_id)
         return rsp
+
+    def fragment_size(self) -> int:
+        """The largest PDV data that fits the peer's maximum PDU length, even.
+
+        Each P-DATA-TF's variable part is at most the peer's maximum length: 4 bytes
+        item length + 2 bytes context id and control header + data. Even, so that
+        every fragment of an even dataset is even whatever the peer announced.
+        """
+        return max(2, (self.peer_max_pdu - 6) & ~1)
+
+    def _command_pdus(self, context_id: int, cmd: bytes) -> list[bytes]:
+        """A command set as PDUs, split only for a peer with a tiny maximum."""
+        chunk = self.fragment_size()
+        parts: list[bytes] = []
+        for start in range(0, len(cmd), chunk):
+            last = start + chunk >= len(cmd)
+            control = COMMAND | (LAST if last else 0)
+            parts += self._pdata(context_id, control, cmd[start : start + chunk])
+        return parts
 
     @staticmethod
     def _pdata(context_id: int, control: int, data: bytes) -> list[bytes]:
@@ -473,7 +561,12 @@ class Association:
 
     # -- ending ----------------------------------------------------------------------
     def release(self) -> None:
-        """Release politely; abort if the peer does not answer in time."""
+        """Release politely; abort if the peer does not answer in time.
+
+        A release collision (the peer's A-RELEASE-RQ crossing ours) is answered as
+        the requestor does in PS3.8 9.2.6 / table 9-10 (AR-8, AR-9): send
+        A-RELEASE-RP, then wait for the peer's.
+        """
         if self._closed:
             return
         try:
@@ -481,9 +574,11 @@ class Association:
             self.sock.sendall(struct.pack(">BBIxxxx", RELEASE_RQ, 0, 4))
             while True:
                 pdu_type, _ = _read_pdu(self.sock, self._buffer)
-                if pdu_type in (RELEASE_RP, ABORT):
+                if pdu_type == RELEASE_RQ:
+                    self.sock.sendall(struct.pack(">BBIxxxx", RELEASE_RP, 0, 4))
+                elif pdu_type in (RELEASE_RP, ABORT):
                     break
-        except OSError:
+        except (OSError, LinkError):
             self.abort()
             return
         self.close()

@@ -338,13 +338,13 @@ def test_a_nul_in_a_peers_error_comment_does_not_fail_the_status_write_on_postgr
         "JOIN targets_target t ON t.id = j.target_id WHERE t.name = 'nul-pacs'"
     )
     assert (state, failed) == ("failed", 2)
-    assert "failed with status 0xc000" in last_error and "(diskfull)" in last_error
+    assert "failed: cannot understand (0xC000): diskfull" in last_error
     messages = site.query(
         "SELECT state, message FROM dispatch_jobinstance WHERE job_id = %s", (job,)
     )
     assert [s for s, _ in messages] == ["failed", "failed"]
-    assert all(m.endswith("(diskfull)") for _, m in messages), messages
+    assert all(m.endswith("(0xC000): diskfull") for _, m in messages), messages
     ((error,),) = site.query(
         "SELECT error FROM dispatch_attempt WHERE job_id = %s", (job,)
     )
-    assert "(diskfull)" in error
+    assert "(0xC000): diskfull" in error

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from datetime import date
 
+import pydicom
 import pytest
 
+from targets.dicomnet.identity import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+)
 from targets.models import DicomTarget
 from targets.query import (
     Cancelled,
@@ -144,6 +149,23 @@ def test_c_get_of_chosen_series_only(source, query_studies, tmp_path):
     result = source.retrieve(request, tmp_path, lambda *a: None)
     assert result.completed == 2
     assert [p.name for p in tmp_path.iterdir()] == [facts.series_uids[1]]
+
+
+def test_c_get_files_name_courier_as_their_writer_and_keep_their_uids(
+    source, query_studies, tmp_path
+):
+    facts = query_studies.by_accession("ACC001")
+    source.retrieve(RetrieveRequest(facts.study_uid), tmp_path, lambda *a: None)
+
+    files = sorted(tmp_path.rglob("*.dcm"))
+    assert len(files) == 5
+    for path in files:
+        ds = pydicom.dcmread(path)
+        meta = ds.file_meta
+        assert meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+        assert meta.ImplementationVersionName == IMPLEMENTATION_VERSION_NAME
+        assert meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        assert path.name == f"{ds.SOPInstanceUID}.dcm"
 
 
 def test_c_move_sends_the_study_to_the_registered_destination(

@@ -10,6 +10,10 @@ pynetdicom's threaded `Association` (see that module and the README's Performanc
 DICOM+TLS is this handler plus an SSL context: override `ssl_context()`.
 """
 
+# Why this module is long: the send loop (parallel associations sharing one queue,
+# per-instance failure after a hang or an abort), the Test's checks and the context
+# plan belong together; conversion moves to its own module (issue 13, transcode).
+
 from __future__ import annotations
 
 import re
@@ -27,19 +31,21 @@ from typing import TYPE_CHECKING
 
 from django.conf import settings
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
+from targets.dicomnet.outgoing import RefusedFile, prepare
 from targets.dicomnet.scu import (
     VERIFICATION,
     Association,
     LinkError,
-    UnreadableFile,
+    UserIdentity,
     connect,
     error_comment,
     propose,
     status_of,
 )
 from targets.dicomnet.sockets import enable_tcp_nodelay
+from targets.dicomnet.status import WARNING as WARNING_STATUS
+from targets.dicomnet.status import category, in_words
 from targets.dicomnet.transcode import CannotConvert, convert, plan_contexts
 from targets.kinds.base import (
     FAILED,
@@ -56,6 +62,7 @@ from targets.kinds.base import (
 )
 
 if TYPE_CHECKING:
+    from targets.models import Target
     from targets.series import Instance, Series
 
 
@@ -66,17 +73,19 @@ def uid_name(uid: str) -> str:
 
 def store_status(status: int, rsp: dict[int, bytes]) -> tuple[str, str]:
     """Map a C-STORE status to an outcome status and a message in words."""
-    category = code_to_category(status)
-    meaning = STORAGE_SERVICE_CLASS_STATUS.get(status, ("", ""))[1] or (
-        "unknown status"
-    )
-    comment = error_comment(rsp)
-    detail = f" ({comment})" if comment else ""
     if status == 0x0000:
         return SENT, ""
-    if category == "Warning" or (status & 0xF000) == 0xB000:
-        return WARNING, f"warning {status:#06x}: {meaning}{detail}"
-    return FAILED, f"failed with status {status:#06x}: {meaning}{detail}"
+    words = in_words(status, "store", error_comment(rsp))
+    if category(status) == WARNING_STATUS:
+        return WARNING, f"warning: {words}"
+    return FAILED, f"failed: {words}"
+
+
+def user_identity(target: Target) -> UserIdentity | None:
+    """The target's User Identity login, or None when it has no username."""
+    if not target.username:
+        return None
+    return UserIdentity(target.username, str(target.password or ""))
 
 
 def _to_target_error(exc: LinkError) -> TargetError:
@@ -95,9 +104,14 @@ def link_errors() -> Iterator[None]:
 
 
 class DicomHandler(Handler):
-    # How many times one send replaces a stalled or broken association by a new one
-    # before giving up (PEERS.md: Orthanc 1.10 sometimes never answers a C-STORE).
-    MAX_RESUMES = 3
+    # An instance during which the peer hangs or aborts this many times is failed by
+    # name, and the others go on over a new association (PEERS.md: Orthanc 1.10
+    # sometimes never answers a C-STORE; some archives abort on one bad instance).
+    STRIKES_PER_INSTANCE = 2
+    # So many instances failed in a row that way (nothing stored in between) mean
+    # the target, not the instances, is broken: the send stops with an error and
+    # the rest stays pending for the job's next attempt.
+    MAX_FAILED_IN_A_ROW = 3
 
     # -- hooks for DICOM+TLS ------------------------------------------------------------
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -139,6 +153,7 @@ class DicomHandler(Handler):
             max_pdu=t.max_pdu,
             ssl_context=self.ssl_context(),
             server_hostname=self.server_hostname(),
+            identity=user_identity(t),
         )
 
     # -- sending ------------------------------------------------------------------------
@@ -234,12 +249,13 @@ class DicomHandler(Handler):
         opened: threading.Event | None = None,
         wait_for: threading.Event | None = None,
     ) -> None:
-        """Send from `work` over one association; after a stall, resume on a new one.
+        """Send from `work` over one association; after a hang or an abort, go on
+        over a new one.
 
-        `opened` is set after the first attempt to open; `wait_for` is waited for
-        before it.
+        The instance being sent when the peer hung or aborted is tried again first;
+        the second time it is failed by name and the others go on. `opened` is set
+        after the first attempt to open; `wait_for` is waited for before it.
         """
-        resumes = 0
         if wait_for is not None:
             wait_for.wait()
         inst = work.take()
@@ -256,39 +272,66 @@ class DicomHandler(Handler):
                 while inst is not None:
                     outcome = self._store(assoc, inst)
                     report(outcome)
-                    work.mark_done()
+                    work.mark_done(answered=True)
                     inst = work.take()
             except LinkError as exc:
                 assoc.abort()
-                where = (
-                    f"at instance {inst.sop_instance_uid} "
-                    f"({work.done} of {work.total} done)"
-                )
-                if resumes >= self.MAX_RESUMES:
-                    work.put_back(inst)
-                    raise TargetError(
-                        f"{exc.message} {where}; gave up after {resumes} new "
-                        "associations"
-                    ) from exc
-                resumes += 1
-                notes.append(
-                    f"{exc.message} {where}: aborted, resumed on a new association"
-                )
+                inst = self._after_link_error(work, inst, exc, report, notes)
                 continue
             except BaseException:
                 assoc.abort()
                 raise
             assoc.release()
 
+    def _after_link_error(
+        self,
+        work: _WorkQueue,
+        inst: Instance,
+        exc: LinkError,
+        report: Callable[[Outcome], None],
+        notes: list[str],
+    ) -> Instance | None:
+        """Account for a hang or an abort at `inst`; return what to send next."""
+        where = f"at instance {inst.sop_instance_uid}"
+        strikes = work.strike(inst)
+        if strikes < self.STRIKES_PER_INSTANCE:
+            notes.append(
+                f"{exc.message} {where} ({work.done} of {work.total} done): "
+                "aborted, resumed on a new association"
+            )
+            return inst
+        report(
+            instance_outcome(
+                inst,
+                FAILED,
+                f"{exc.message}, {strikes} times while this instance was being "
+                "sent: failed, the others were sent on new associations",
+            )
+        )
+        failed_in_a_row = work.mark_done(answered=False)
+        if failed_in_a_row >= self.MAX_FAILED_IN_A_ROW:
+            raise TargetError(
+                f"{exc.message} {where}; {failed_in_a_row} instances in a row failed "
+                f"this way ({work.done} of {work.total} done): the target, not "
+                "the instances, seems broken; the rest waits for the next attempt"
+            ) from exc
+        return work.take()
+
     def _store(self, assoc: Association, inst: Instance) -> Outcome:
+        # One walk of the file before any of it is sent: a malformed file fails
+        # here, by name, and the association goes on (targets.dicomnet.outgoing).
+        try:
+            outgoing = prepare(inst.path)
+        except RefusedFile as exc:
+            return instance_outcome(inst, FAILED, str(exc))
         cx = assoc.context_for(inst.sop_class_uid, inst.transfer_syntax)
         converted = None
         if cx is not None:
             try:
                 rsp = assoc.c_store_file(
-                    cx, inst.sop_class_uid, inst.sop_instance_uid, inst.path
+                    cx, inst.sop_class_uid, inst.sop_instance_uid, inst.path, outgoing
                 )
-            except UnreadableFile as exc:
+            except RefusedFile as exc:
                 return instance_outcome(inst, FAILED, str(exc))
         else:
             offered = assoc.contexts_for(inst.sop_class_uid)
@@ -303,12 +346,15 @@ class DicomHandler(Handler):
                 converted = convert(inst.path, inst.transfer_syntax, offered)
             except CannotConvert as exc:
                 return instance_outcome(inst, FAILED, f"cannot convert: {exc}")
-            rsp = assoc.c_store_bytes(
-                converted.context,
-                inst.sop_class_uid,
-                inst.sop_instance_uid,
-                converted.data,
-            )
+            try:
+                rsp = assoc.c_store_bytes(
+                    converted.context,
+                    inst.sop_class_uid,
+                    inst.sop_instance_uid,
+                    converted.data,
+                )
+            except RefusedFile as exc:
+                return instance_outcome(inst, FAILED, str(exc))
         status, message = store_status(status_of(rsp), rsp)
         if converted is not None:
             # Lossy pixels sent decompressed are stored with a warning: the job
@@ -316,6 +362,8 @@ class DicomHandler(Handler):
             if converted.lossy and status == SENT:
                 status = WARNING
             message = f"{converted.note}; {message}" if message else converted.note
+        elif outgoing.note and status != FAILED:
+            message = "; ".join(m for m in (outgoing.note, message) if m)
         return instance_outcome(inst, status, message)
 
     # -- testing ------------------------------------------------------------------------
@@ -354,8 +402,7 @@ class DicomHandler(Handler):
                 status = assoc.c_echo()
                 ms = (time.perf_counter() - start) * 1000
                 if status != 0:
-                    meaning = STORAGE_SERVICE_CLASS_STATUS.get(status, ("", "unknown"))
-                    raise TargetError(f"status {status:#06x}: {meaning[1]}")
+                    raise TargetError(f"C-ECHO failed: {in_words(status, 'echo')}")
                 c.message = f"success, round trip {ms:.1f} ms"
                 c.details = {"round_trip_ms": round(ms, 2)}
         finally:
@@ -372,6 +419,8 @@ class _WorkQueue:
     def __init__(self, instances: list[Instance]):
         self._pending = deque(instances)
         self._lock = threading.Lock()
+        self._strikes: dict[str, int] = {}
+        self._failed_in_a_row = 0
         self.total = len(instances)
         self.done = 0
 
@@ -379,9 +428,20 @@ class _WorkQueue:
         with self._lock:
             return self._pending.popleft() if self._pending else None
 
-    def mark_done(self) -> None:
+    def mark_done(self, *, answered: bool) -> int:
+        """Count one instance as dealt with; return how many in a row (this one
+        included) failed because the peer hung or aborted."""
         with self._lock:
             self.done += 1
+            self._failed_in_a_row = 0 if answered else self._failed_in_a_row + 1
+            return self._failed_in_a_row
+
+    def strike(self, inst: Instance) -> int:
+        """Count a hang or abort at `inst`; return how many it has had."""
+        with self._lock:
+            key = str(inst.path)
+            self._strikes[key] = self._strikes.get(key, 0) + 1
+            return self._strikes[key]
 
     def put_back(self, inst: Instance) -> None:
         with self._lock:

@@ -38,8 +38,14 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from targets.dicomnet.identity import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+)
 from targets.dicomnet.scu import LinkError, connect
 from targets.dicomnet.sockets import enable_tcp_nodelay
+from targets.dicomnet.status import Service, in_words
+from targets.kinds.dicom.handler import user_identity
 from targets.paths import UnsafePath
 from targets.query import (
     Cancelled,
@@ -70,26 +76,28 @@ GET_TRANSFER_SYNTAXES = [
 
 PENDING = (0xFF00, 0xFF01)
 
-STATUS_WORDS = {
-    0x0122: "SOP class not supported",
-    0xA700: "out of resources",
-    0xA701: "out of resources: unable to calculate the number of matches",
-    0xA702: "out of resources: unable to perform sub-operations",
-    0xA801: "move destination unknown (the source does not know that AE title)",
-    0xA900: "identifier does not match the SOP class",
-    0xAA00: "none of the frames requested were found",
-    0xFE00: "cancelled",
-}
 
-
-def status_words(status: Dataset) -> str:
+def status_words(status: Dataset, service: Service = "find") -> str:
+    """A query/retrieve response's status in words, with the peer's comment."""
     code = int(status.Status)
-    words = STATUS_WORDS.get(code)
-    if words is None and 0xC000 <= code <= 0xCFFF:
-        words = "unable to process"
-    words = words or "failed"
     comment = str(status.get("ErrorComment", "") or "").strip()
-    return f"{words} (0x{code:04X})" + (f": {comment}" if comment else "")
+    return in_words(code, service, comment)
+
+
+def part10(event) -> bytes:
+    """A received C-STORE as a Part 10 file whose meta names Courier as its writer
+    (PS3.10 7.1), its dataset bytes as they came."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+
+    meta = event.file_meta
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    out = DicomBytesIO()
+    out.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(out, meta, enforce_standard=True)
+    out.write(event.request.DataSet.getvalue())
+    return out.getvalue()
 
 
 def _int(value) -> int | None:
@@ -118,6 +126,8 @@ class DicomQuery(QuerySource):
         enable_tcp_nodelay()
         t = self.target
         ae = AE(ae_title=t.calling_aet or settings.COURIER_AE_TITLE)
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         ae.connection_timeout = t.connect_timeout
         ae.acse_timeout = t.acse_timeout
         ae.dimse_timeout = t.dimse_timeout
@@ -135,6 +145,8 @@ class DicomQuery(QuerySource):
             (evt.EVT_ACSE_RECV, lambda e: received.append(e.primitive)),
             (evt.EVT_CONN_OPEN, lambda e: opened.append(True)),
         ]
+        login = user_identity(t)
+        identity = [login.primitive()] if login else []
         self._resolve()
         started = time.monotonic()
         try:
@@ -142,7 +154,7 @@ class DicomQuery(QuerySource):
                 t.host,
                 t.port,
                 ae_title=t.called_aet,
-                ext_neg=roles or None,
+                ext_neg=(roles or []) + identity or None,
                 evt_handlers=evt_handlers + (handlers or []),
             )
         except (OSError, ValueError) as exc:  # pynetdicom checks some input itself
@@ -192,6 +204,11 @@ class DicomQuery(QuerySource):
                 hint = f" (check the target AET, {t.called_aet!r})"
             elif "calling ae title" in reason.lower():
                 hint = f" (the source does not know Courier's AET {t.calling_aet!r})"
+            elif t.username and answer.diagnostic == 1:
+                hint = (
+                    " (Courier sent a username and password, User Identity: check "
+                    "them in the target's settings)"
+                )
             return f"Association rejected by {where}: {reason}{hint}."
         if answer is not None:
             return (
@@ -405,7 +422,7 @@ class DicomQuery(QuerySource):
                 series_uid = current[0] or str(event.dataset.SeriesInstanceUID)
                 with lock:
                     path = folders.path_for(series_uid, sop_uid)
-                path.write_bytes(event.encoded_dataset(include_meta=True))
+                path.write_bytes(part10(event))
             except UnsafePath as exc:
                 write_errors.append(f"refused: {exc}")
                 return 0xC210
@@ -475,6 +492,7 @@ class DicomQuery(QuerySource):
         known_total: int | None = None,
     ) -> None:
         """Follow one C-GET/C-MOVE's responses, adding its counts to `result`."""
+        service: Service = "get" if what == "C-GET" else "move"
         base = (result.completed, result.failed, result.warnings)
         started = time.monotonic()
         total: int | None = None
@@ -511,7 +529,7 @@ class DicomQuery(QuerySource):
             if code == 0xB000 or (0xB000 <= code <= 0xBFFF):
                 result.message = (
                     f"{what} partly failed: {result.failed} sub-operation(s) failed, "
-                    f"{result.warnings} with warnings ({status_words(status)})."
+                    f"{result.warnings} with warnings ({status_words(status, service)})."
                 )
                 if not result.failed:
                     # Some sources report 0xB000 with no counts: at least one failed.
@@ -523,12 +541,12 @@ class DicomQuery(QuerySource):
                 # study): counted as failures, the other requests still run.
                 result.message = (
                     f"{what} partly failed: {result.failed} sub-operation(s) failed "
-                    f"({status_words(status)})."
+                    f"({status_words(status, service)})."
                 )
                 progress(result.completed + result.warnings, None, result.failed)
                 return
             if code == 0xFE00:
                 raise Cancelled()
             raise SourceError(
-                f"{what} refused by the source: {status_words(status)}.{hint}"
+                f"{what} refused by the source: {status_words(status, service)}.{hint}"
             )

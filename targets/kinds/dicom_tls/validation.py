@@ -14,6 +14,9 @@ if TYPE_CHECKING:
 
 
 def clean(target: Target) -> None:
+    from targets.kinds.dicom.validation import clean as clean_dicom
+
+    clean_dicom(target)
     if not target.tls_ca_cert:
         return
     for field in ("tls_ca_cert", "tls_client_cert", "tls_client_key"):

@@ -25,6 +25,7 @@ from pathlib import Path
 import requests
 
 from targets import http
+from targets.dicomnet.status import in_words
 from targets.kinds.base import (
     FAILED,
     SENT,
@@ -48,35 +49,10 @@ WARNING_REASON = "00081196"
 
 READ_BLOCK = 256 * 1024
 
-# C-STORE / STOW-RS status codes in words (PS3.4 Annex B.2.3, PS3.18 10.5.3).
-_REASONS = {
-    0x0110: "processing failure",
-    0x0111: "duplicate SOP instance",
-    0x0117: "invalid SOP instance",
-    0x0119: "SOP class and instance do not match",
-    0x0122: "SOP class not supported",
-    0x0124: "not authorised",
-    0xC122: "transfer syntax not supported",
-    0xB000: "coercion of data elements",
-    0xB006: "elements discarded",
-    0xB007: "data set does not match SOP class",
-}
-
 
 def status_in_words(code: int) -> str:
     """Return a STOW-RS failure or warning reason as words with its code."""
-    words = _REASONS.get(code)
-    if words is None:
-        high = code & 0xFF00
-        if high == 0xA700:
-            words = "out of resources"
-        elif high == 0xA900:
-            words = "data set does not match SOP class"
-        elif code & 0xF000 == 0xC000:
-            words = "cannot understand"
-        else:
-            words = "unknown reason"
-    return f"{words} (0x{code:04X})"
+    return in_words(code, "stow")
 
 
 class MultipartBody:

@@ -426,7 +426,7 @@ def test_the_multipart_body_streams_exactly_its_announced_length(tmp_path):
 
 
 def test_status_codes_are_put_in_words():
-    assert status_in_words(0xA700) == "out of resources (0xA700)"
+    assert status_in_words(0xA700) == "refused: out of resources (0xA700)"
     assert status_in_words(0xB000) == "coercion of data elements (0xB000)"
     assert status_in_words(0x0122) == "SOP class not supported (0x0122)"
 

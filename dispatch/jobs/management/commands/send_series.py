@@ -146,6 +146,11 @@ class Command(BaseCommand):
                 f"(e.g. {names}{more})"
             )
         )
+        # A malformed DICOM file is named with its reason, each one: it is an
+        # instance the target does not get, not merely another file.
+        corrupt = [(p, r) for p, r in left_out if r.startswith("corrupt DICOM")]
+        for path, reason in corrupt[:20]:
+            self.stderr.write(f"failed: {path.name}: {reason}")
 
     def follow(self, job: Job, seconds: float) -> None:
         """Poll the queued job until it is finished, with a bar on a terminal."""
