@@ -114,7 +114,10 @@ CREATE TABLE IF NOT EXISTS studies (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 # After an index of version 1 got its dir_id columns. The instance-level indexes on
-# patient, accession and date went: searches read `studies`.
+# patient, accession and date went: searches read `studies`. `studies_by_date` holds
+# the folded texts so that a search for "*knee*", newest first, walks the index
+# alone and stops at the limit (a term no study has: the whole index, 0.15 s for a
+# million studies, where a walk reading every row took 2.5 s).
 INDEXES = """
 CREATE INDEX IF NOT EXISTS files_study ON files (study_uid);
 CREATE INDEX IF NOT EXISTS files_dir ON files (dir_id);
@@ -122,7 +125,8 @@ CREATE INDEX IF NOT EXISTS problems_dir ON problems (dir_id);
 CREATE INDEX IF NOT EXISTS studies_patient ON studies (patient_id);
 CREATE INDEX IF NOT EXISTS studies_name ON studies (name_key);
 CREATE INDEX IF NOT EXISTS studies_accession ON studies (accession);
-CREATE INDEX IF NOT EXISTS studies_date ON studies (study_date, study_uid);
+CREATE INDEX IF NOT EXISTS studies_by_date
+    ON studies (study_date, study_uid, description_key, name_key);
 CREATE INDEX IF NOT EXISTS studies_description ON studies (description_key);
 DROP INDEX IF EXISTS files_series;
 DROP INDEX IF EXISTS files_patient;
