@@ -77,7 +77,7 @@ print(json.dumps({"wall": time.perf_counter() - start,
 
 CREATE = """
 import json
-from dispatch import services
+from dispatch.jobs import services
 from targets.models import Target
 t = Target.objects.get(pk={target})
 n = 0
@@ -89,8 +89,8 @@ print(json.dumps(n))
 
 ENQUEUE = """
 import json, time
-from dispatch.models import Job
-from dispatch.tasks import run_job_task
+from dispatch.jobs.models import Job
+from dispatch.jobs.tasks import run_job_task
 ids = list(Job.objects.order_by("id").values_list("id", flat=True))
 start = time.time()
 for job_id in ids:
@@ -132,7 +132,7 @@ class QueueArm:
         threads = self.args.threads or 4
         target = site.add_target(
             name="bench-folder", kind="folder", path=str(out),
-            max_associations=min(32, threads * self.processes),
+            max_connections=min(32, threads * self.processes),
         )  # fmt: skip
         created = site.python(
             CREATE.format(target=target, folders=str(self.args.folders_file))

@@ -170,7 +170,7 @@ def end_to_end(args, work: Path, series) -> None:
         called_aet=orthanc.aet,
     )  # fmt: skip
     site.python(
-        "from dispatch.routing_models import Rule\n"
+        "from dispatch.routing.models import Rule\n"
         "r = Rule.objects.create(name='all')\n"
         f"r.targets.set([{target}])\nprint(1)\n"
     )

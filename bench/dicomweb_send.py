@@ -60,7 +60,7 @@ folder, url, connections = sys.argv[1:4]
 password = os.environ["DICOMWEB_PASSWORD"]
 target = DicomWebTarget(name="bench", url=url, auth="basic", username="alice",
                         password=password, stow_batch_size=50,
-                        max_associations=int(connections))
+                        max_connections=int(connections))
 handler = target.handler
 start = time.perf_counter()
 series = scan_folder(folder)

@@ -57,7 +57,7 @@ print(json.dumps(time.perf_counter() - start))
 
 CREATE = """
 import json
-from dispatch import services
+from dispatch.jobs import services
 from targets.models import Target
 t = Target.objects.get(pk={target})
 ids = []
@@ -69,8 +69,8 @@ print(json.dumps(len(ids)))
 
 ENQUEUE = """
 import json, time
-from dispatch.models import Job
-from dispatch.tasks import run_job_task
+from dispatch.jobs.models import Job
+from dispatch.jobs.tasks import run_job_task
 ids = list(Job.objects.values_list("id", flat=True))
 start = time.time()
 for job_id in ids:
@@ -96,7 +96,7 @@ def run_site(site: CourierSite, folders_file: Path, jobs: int, workers: int) -> 
     out = site.workdir / "out"
     out.mkdir()
     target = site.add_target(
-        name="bench-folder", kind="folder", path=str(out), max_associations=workers
+        name="bench-folder", kind="folder", path=str(out), max_connections=workers
     )
     created = site.python(CREATE.format(target=target, folders=str(folders_file)))
     assert created == jobs, created

@@ -122,7 +122,7 @@ def main() -> None:
         called_aet="ORTHANC", pass_calling_aet=True,
     )  # fmt: skip
     e2e.python(
-        "from dispatch.routing_models import Rule\n"
+        "from dispatch.routing.models import Rule\n"
         "r = Rule.objects.create(name='all')\n"
         f"r.targets.set([{target_id}])\nprint(1)\n"
     )

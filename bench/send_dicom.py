@@ -49,7 +49,7 @@ def dicom_target(port: int, aet: str, associations: int = 1) -> DicomTarget:
         port=port,
         called_aet=aet,
         calling_aet="COURIER",
-        max_associations=associations,
+        max_connections=associations,
         dimse_timeout=30.0,
     )
 

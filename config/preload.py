@@ -46,12 +46,14 @@ LIBRARY_MODULES = (
 # paramiko, requests). The kinds' handlers and query sources come from the proxies.
 COURIER_MODULES = (
     "targets.series",
-    "targets.kinds.dicom_accept",
-    "dispatch.services",
-    "dispatch.routing",
-    "dispatch.receiver",
-    "dispatch.tasks",
-    "dispatch.routing_tasks",
+    "targets.dicomnet.scp",
+    "dispatch.jobs.engine",
+    "dispatch.jobs.tasks",
+    "dispatch.jobs.direct",
+    "dispatch.routing.services",
+    "dispatch.routing.tasks",
+    "dispatch.receiving.receiver",
+    "dispatch.receiving.bookkeeping",
     "querytool.services",
     "querytool.tasks",
 )

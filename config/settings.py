@@ -74,7 +74,11 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "axes",
     "targets",
-    "dispatch",
+    # Dispatch is three apps, each importing only those above it in this list:
+    # jobs, routing (turns received series into jobs), receiving (the DICOM node).
+    "dispatch.jobs",
+    "dispatch.routing",
+    "dispatch.receiving",
     "querytool",
     # After dispatch: its run_huey (preload, then huey's consumer) replaces huey's.
     "huey.contrib.djhuey",

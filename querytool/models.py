@@ -59,9 +59,11 @@ class RetrievalJob(models.Model):
     )
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
-    # Written with every progress update: a running job whose heartbeat is old was
-    # left behind by a worker that died, and may be cancelled at once.
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # The claim and lease of the worker running it (`dispatch.jobs.lease`): renewed
+    # while it runs; a running job whose lease ran out was left by a worker that
+    # died, is taken over by the next that looks, and may be cancelled at once.
+    lease_owner = models.CharField(max_length=200, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     state = models.CharField(
         max_length=10, choices=RetrievalState.choices, default=RetrievalState.QUEUED

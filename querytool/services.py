@@ -1,55 +1,43 @@
 """Query tool services: search, open a study, retrieve in the background, audit.
 
-Plain functions called by the page, the huey task and `manage.py index_folder`. A
-target answers for itself (`target.query_source()`, the contract in
-`targets.query`); this module adds the audit log, the retrieval jobs and their
-hand-over to the dispatch engine. It knows no kinds.
+Plain functions called by the page and `manage.py index_folder`. A target answers
+for itself (`target.query_source()`, the contract in `targets.query`); this module
+adds the audit log and the retrieval jobs (run by `retrieval`, queued through
+`tasks`, on the dispatch engine's claim and lease). It knows no kinds.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
-from django.db.models import F
-from django.template.defaultfilters import pluralize
 from django.utils import timezone
 
-from dispatch import services as dispatch_services
-from dispatch.models import ACTIVE_STATES, SUCCESS_STATES, Job, State
-from dispatch.services import crash_site, scrub
+from dispatch.jobs.models import ACTIVE_STATES, SUCCESS_STATES, Job, State
+from dispatch.jobs.services import retry_now
 from targets.models import Direction, Target
-from targets.paths import clean_part, inside, private_dir
 from targets.query import (
-    Cancelled,
     Criteria,
     FoundSeries,
-    RetrieveRequest,
     SourceError,
     StudySearch,
 )
+from targets.redaction import crash_site, scrub
 
+from . import tasks
 from .models import AuditAction, AuditEntry, Delivery, RetrievalJob, RetrievalState
+from .retrieval import abandoned
 
 if TYPE_CHECKING:
     from targets.kinds.dicomweb.index import ScanReport
 
 log = logging.getLogger("courier.querytool")
-
-# Progress is written to the database at most this often (seconds).
-PROGRESS_INTERVAL = 0.5
-# A running job without progress for this long (seconds) may be cancelled at once.
-STALE_AFTER = 600
 
 
 # -- permissions ---------------------------------------------------------------------
@@ -122,14 +110,6 @@ def store_destinations():
     )
 
 
-def _redact(message: str, *targets: Target | None) -> str:
-    """Blank out the secrets of the targets involved should a message carry one."""
-    for target in targets:
-        if target is not None:
-            message = scrub(message, target)
-    return message
-
-
 @contextmanager
 def _in_words(source: Target, what: str) -> Iterator[None]:
     """Any failure of a source is a `SourceError` the page shows, never a 500.
@@ -149,7 +129,7 @@ def _in_words(source: Target, what: str) -> Iterator[None]:
             crash_site(exc),
         )
         raise SourceError(
-            _redact(
+            scrub(
                 f"The {what} on {source.name} failed: {type(exc).__name__}: {exc}",
                 source,
             )
@@ -177,7 +157,7 @@ def search(
         with _in_words(source, "search"):
             found = source.query_source().find_studies(criteria, limit)
     except SourceError as exc:
-        exc.message = _redact(exc.message, source)
+        exc.message = scrub(exc.message, source)
         audit(
             user,
             AuditAction.SEARCH,
@@ -207,7 +187,7 @@ def list_series(source: Target, study_uid: str, user) -> list[FoundSeries]:
         with _in_words(source, "listing the series"):
             series = source.query_source().find_series(study_uid)
     except SourceError as exc:
-        exc.message = _redact(exc.message, source)
+        exc.message = scrub(exc.message, source)
         audit(
             user,
             AuditAction.SERIES,
@@ -320,14 +300,8 @@ def start_retrieval(
             + f" → {jobs[0].destination_label}",
         )
         for job in jobs:
-            _enqueue(job.pk)
+            tasks.enqueue(job.pk)
     return jobs
-
-
-def _enqueue(job_id: int) -> None:
-    from . import tasks
-
-    transaction.on_commit(lambda: tasks.retrieve_task(job_id))
 
 
 def cancel_retrieval(job: RetrievalJob, user) -> None:
@@ -341,15 +315,17 @@ def cancel_retrieval(job: RetrievalJob, user) -> None:
         message="Cancelled before it started.",
     )
     if not updated:
-        # A worker that died leaves its job "running" with an old heartbeat.
-        updated = RetrievalJob.objects.filter(
-            pk=job.pk,
-            state=RetrievalState.RUNNING,
-            heartbeat_at__lt=timezone.now() - timedelta(seconds=STALE_AFTER),
-        ).update(
-            state=RetrievalState.CANCELLED,
-            finished_at=timezone.now(),
-            message="Cancelled: the worker running it stopped reporting progress.",
+        # A worker that died leaves its job "running" with a lease that ran out.
+        updated = (
+            RetrievalJob.objects.filter(pk=job.pk)
+            .filter(abandoned(timezone.now()))
+            .update(
+                state=RetrievalState.CANCELLED,
+                finished_at=timezone.now(),
+                message="Cancelled: the worker running it stopped reporting progress.",
+                lease_owner="",
+                lease_expires_at=None,
+            )
         )
     if not updated:
         RetrievalJob.objects.filter(pk=job.pk, state=RetrievalState.RUNNING).update(
@@ -402,7 +378,7 @@ def retry_retrieval(job: RetrievalJob, user) -> bool:
         failed = Job.objects.filter(
             pk__in=job.dispatch_jobs, state__in=[State.FAILED, State.CANCELLED]
         )
-        if dispatch_services.retry_now(failed):
+        if retry_now(failed):
             audit(
                 user,
                 AuditAction.RETRY,
@@ -431,141 +407,5 @@ def retry_retrieval(job: RetrievalJob, user) -> bool:
     if updated:
         audit(user, AuditAction.RETRY, job.source, detail=f"#{job.pk} {job.label}")
         with transaction.atomic():
-            _enqueue(job.pk)
+            tasks.enqueue(job.pk)
     return bool(updated)
-
-
-def _output_folder(job: RetrievalJob) -> Path:
-    if job.download:
-        # The label is the patient's name, the accession, ...: data.
-        name = clean_part(f"{job.pk:06d}_{job.label or job.study_uid}")[:120]
-        return inside(settings.COURIER_DOWNLOAD_DIR, name)
-    # Inside the spool, so the dispatch engine deletes it once the jobs are done.
-    return Path(settings.COURIER_SPOOL_DIR) / "retrieved" / f"{job.pk:06d}"
-
-
-class _Progress:
-    """Writes progress to the job row (throttled) and notices a cancel request."""
-
-    def __init__(self, job_id: int):
-        self.job_id = job_id
-        self.last = 0.0
-
-    def __call__(self, done: int, total: int | None, failed: int) -> None:
-        now = time.monotonic()
-        if now - self.last < PROGRESS_INTERVAL and (
-            total is None or done + failed < total
-        ):
-            return
-        self.last = now
-        fields = {"done": done, "failed": failed, "heartbeat_at": timezone.now()}
-        if total is not None:
-            fields["total"] = total
-        RetrievalJob.objects.filter(pk=self.job_id).update(**fields)
-        if RetrievalJob.objects.filter(pk=self.job_id, cancel_requested=True).exists():
-            raise Cancelled()
-
-
-def run_retrieval(job_id: int, progress_hook: Callable | None = None) -> RetrievalJob:
-    """Run one queued retrieval job to its end (called by the huey task)."""
-    claimed = RetrievalJob.objects.filter(
-        pk=job_id, state=RetrievalState.QUEUED
-    ).update(
-        state=RetrievalState.RUNNING,
-        started_at=timezone.now(),
-        heartbeat_at=timezone.now(),
-        attempts=F("attempts") + 1,
-    )
-    job = RetrievalJob.objects.get(pk=job_id)
-    if not claimed:
-        return job  # cancelled, or another worker has it
-    state, message = RetrievalState.DONE, ""
-    result = None
-    dest = None if job.move_aet else _output_folder(job)
-    try:
-        if job.source is None or not job.source.enabled:
-            raise SourceError("The source target was deleted or disabled.")
-        if not job.download and not job.move_aet and job.destination is None:
-            raise SourceError("The destination target was deleted.")
-        if dest is not None and job.download:
-            dest.mkdir(parents=True, exist_ok=True)
-        elif dest is not None:
-            private_dir(dest)  # the spool: Courier's alone
-        request = RetrieveRequest(job.study_uid, list(job.series_uids), job.move_aet)
-        result = job.source.query_source().retrieve(request, dest, _Progress(job_id))
-        if result.failed:
-            state = RetrievalState.PARTIAL
-            message = (
-                result.message
-                or f"{result.failed} instance{pluralize(result.failed)} failed."
-            )
-        elif result.completed == 0:
-            state = RetrievalState.FAILED
-            message = result.message or "The source sent no instances."
-        if job.destination is not None and result.series_folders:
-            message = _dispatch(job, result.series_folders, message)
-        elif job.download and dest is not None:
-            message = (message + " " if message else "") + f"Saved in {dest}."
-    except Cancelled:
-        state, message = RetrievalState.CANCELLED, "Cancelled."
-    except SourceError as exc:
-        state, message = RetrievalState.FAILED, exc.message
-    except Exception as exc:  # the page must show something, never a stuck "running"
-        # Type and place only: the exception's text may carry a secret.
-        log.error(
-            "retrieval crashed job=%s error=%s at=%s",
-            job_id,
-            type(exc).__name__,
-            crash_site(exc),
-        )
-        state, message = (
-            RetrievalState.FAILED,
-            f"Internal error: {type(exc).__name__}: {exc}",
-        )
-    message = _redact(message, job.source, job.destination)
-    fields = {"state": state, "message": message.strip(), "finished_at": timezone.now()}
-    if result is not None:
-        fields.update(done=result.completed + result.warnings, failed=result.failed)
-        if state in (RetrievalState.DONE, RetrievalState.PARTIAL) and job.total is None:
-            fields["total"] = result.completed + result.warnings + result.failed
-    if dest is not None:
-        fields["output_path"] = str(dest)
-    RetrievalJob.objects.filter(pk=job_id).update(**fields)
-    job.refresh_from_db()
-    if (
-        state in (RetrievalState.CANCELLED, RetrievalState.FAILED)
-        and dest is not None
-        and not job.download
-        and dest.exists()
-    ):
-        shutil.rmtree(dest, ignore_errors=True)
-    log.info(
-        "retrieval finished job=%s state=%s done=%s failed=%s",
-        job.pk,
-        job.state,
-        job.done,
-        job.failed,
-    )
-    return job
-
-
-def _dispatch(job: RetrievalJob, folders: list[Path], message: str) -> str:
-    """Queue dispatch jobs sending each retrieved series folder to the destination."""
-    from dispatch.services import DispatchError, create_jobs
-
-    ids = []
-    try:
-        for folder in folders:
-            for created in create_jobs(
-                folder, [job.destination], owned_spool=True, source="query"
-            ):
-                ids.append(created.pk)
-    except DispatchError as exc:
-        raise SourceError(
-            f"Retrieved, but the send to {job.destination_name} could "
-            f"not be queued: {exc}"
-        ) from exc
-    RetrievalJob.objects.filter(pk=job.pk).update(dispatch_jobs=ids)
-    n = len(ids)
-    note = f"Queued {n} send job{pluralize(n)} to {job.destination_name}."
-    return f"{message} {note}" if message else note

@@ -28,10 +28,10 @@ from .forms import REPOINT_NOTE, TargetForm
 from .kinds.base import CheckReport
 from .models import PROXIES, Kind, Target
 from .secrets import EncryptedTextField
-from .services import run_test
+from .services import pause_targets, resume_targets, run_test
 
 DISPATCH_FIELDS = (
-    "max_associations",
+    "max_connections",
     "retry_max_attempts",
     "retry_base_delay",
     "retry_max_delay",
@@ -627,8 +627,6 @@ class TargetAdmin(admin.ModelAdmin):
         description="Pause dispatch to selected targets", permissions=["change"]
     )
     def pause_dispatch(self, request: HttpRequest, queryset) -> None:
-        from dispatch.services import pause_targets
-
         n = pause_targets(queryset)
         self.message_user(
             request,
@@ -640,14 +638,17 @@ class TargetAdmin(admin.ModelAdmin):
         description="Resume dispatch to selected targets", permissions=["change"]
     )
     def resume_dispatch(self, request: HttpRequest, queryset) -> None:
-        from dispatch.services import resume_targets
-
-        n = resume_targets(queryset)
+        n = self.resume(queryset)
         self.message_user(
             request,
             f"Resumed dispatch to {n} target(s): their waiting jobs are queued.",
             messages.SUCCESS,
         )
+
+    def resume(self, targets) -> int:
+        """Resume dispatch to `targets` (dispatch's extension of this admin also
+        queues their waiting jobs at once)."""
+        return resume_targets(targets)
 
 
 def _secret_status(name: str):

@@ -302,7 +302,7 @@ class Target(models.Model):
     )
 
     # -- dispatch policy -------------------------------------------------------------
-    max_associations = models.PositiveSmallIntegerField(
+    max_connections = models.PositiveSmallIntegerField(
         "parallel connections",
         default=1,
         validators=[MinValueValidator(1), MaxValueValidator(32)],

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from targets.dicomcheck import CorruptDataset, check_file
+from targets.dicomnet.check import CorruptDataset, check_file
 from targets.paths import clean_part, plain_name, uid_part
 
 # Read once per file; enough for presentation contexts, layouts and routing.

@@ -5,34 +5,17 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import traceback
+from collections.abc import Iterable
 
 from django.utils import timezone
 
 from .kinds.base import Check, CheckReport
 from .models import Target
-from .secrets import EncryptedTextField
+from .redaction import crash_site, redact, secret_values
 
 log = logging.getLogger(__name__)
 
 TEST_FIELDS = ["last_test_at", "last_test_ok", "last_test_message", "last_test_result"]
-
-
-def secret_values(target: Target) -> list[str]:
-    """The target's secrets that are set (to keep them out of anything shown)."""
-    values = []
-    for field in target._meta.get_fields():
-        if isinstance(field, EncryptedTextField):
-            value = getattr(target, field.attname, "")
-            if value:
-                values.append(str(value))
-    return values
-
-
-def redact(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "********")
-    return text
 
 
 def run_test(target: Target, *, store: bool = True) -> CheckReport:
@@ -52,14 +35,12 @@ def run_test(target: Target, *, store: bool = True) -> CheckReport:
         if not isinstance(result, CheckReport):
             raise TypeError(f"test() returned {type(result).__name__}")
     except Exception as exc:
-        frames = traceback.extract_tb(exc.__traceback__)
-        where = " < ".join(f"{f.filename}:{f.lineno}" for f in reversed(frames[-5:]))
         log.error(
             "target test crashed target=%s kind=%s error=%s at=%s",
             target.pk,
             target.kind,
             type(exc).__name__,
-            where,
+            crash_site(exc),
         )
         result = CheckReport(
             checks=[
@@ -109,3 +90,17 @@ def run_test_report(target_id: int) -> dict | None:
         "host": socket.gethostname(),
         "pid": os.getpid(),
     }
+
+
+def pause_targets(targets: Iterable[Target]) -> int:
+    """Pause dispatch to the targets: their jobs wait (paused) until resumed."""
+    return Target.objects.filter(pk__in=[t.pk for t in targets]).update(paused=True)
+
+
+def resume_targets(targets: Iterable[Target]) -> int:
+    """Resume dispatch to the targets.
+
+    Their paused jobs are queued again by dispatch: at once when resumed through
+    `dispatch.jobs.services.resume_targets` (the admin does), else by its sweep.
+    """
+    return Target.objects.filter(pk__in=[t.pk for t in targets]).update(paused=False)

@@ -17,13 +17,16 @@ from django.contrib import admin
 from django.urls import reverse
 from django.utils import timezone
 
-from dispatch.models import Attempt, InstanceState, Job, JobInstance, Source, State
-from dispatch.routing_models import (
-    ReceivedSeries,
-    ReceiverStatus,
-    Rule,
-    RuleCondition,
+from dispatch.jobs.models import (
+    Attempt,
+    InstanceState,
+    Job,
+    JobInstance,
+    JobOrigin,
+    State,
 )
+from dispatch.receiving.models import ReceiverStatus
+from dispatch.routing.models import ReceivedSeries, Rule, RuleCondition
 from querytool.models import AuditAction, AuditEntry, RetrievalJob, RetrievalState
 from targets.models import PROXIES, Direction, Kind, Target
 from tests.targets.test_admin_form import Tags
@@ -134,7 +137,7 @@ def build_site() -> dict[str, list]:
                 target=targets[rng.randrange(N_TARGETS)],
                 folder=f"/spool/series-{i}",
                 owned_spool=i % 2 == 0,
-                source=list(Source)[i % len(Source)],
+                source=list(JobOrigin)[i % len(JobOrigin)],
                 study_uid=f"1.2.826.0.1.{i // 3}",
                 series_uid=f"1.2.826.0.1.{i // 3}.{i}",
                 series_description=f"CT CHEST <{i}>" if i % 3 else "",
@@ -371,11 +374,11 @@ def test_no_admin_page_fails_on_a_realistic_database(admin_client):
     for job in samples["jobs"]:
         fetch(reverse("admin:dispatch_job_change", args=[job.pk]))
     for series in samples["series"]:
-        fetch(reverse("admin:dispatch_receivedseries_change", args=[series.pk]))
+        fetch(reverse("admin:routing_receivedseries_change", args=[series.pk]))
     for rule in samples["rules"]:
-        fetch(reverse("admin:dispatch_rule_change", args=[rule.pk]), form=True)
-        fetch(reverse("admin:dispatch_rule_preview_saved", args=[rule.pk]))
-    fetch(reverse("admin:dispatch_rule_add"), form=True)
+        fetch(reverse("admin:routing_rule_change", args=[rule.pk]), form=True)
+        fetch(reverse("admin:routing_rule_preview_saved", args=[rule.pk]))
+    fetch(reverse("admin:routing_rule_add"), form=True)
     for model in (RetrievalJob, AuditEntry):
         obj = model.objects.first()
         opts = model._meta

@@ -218,7 +218,7 @@ class Handler:
     def connection_count(self, connections: int | None, work: int) -> int:
         """How many connections to open for `work` items: `connections` (or the
         target's parallel connections), at least one, never more than the work."""
-        limit = self.target.max_associations if connections is None else connections
+        limit = self.target.max_connections if connections is None else connections
         return max(1, min(limit or 1, work))
 
 

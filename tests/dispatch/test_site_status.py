@@ -11,10 +11,11 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
-from dispatch import services
-from dispatch.models import Job, State
-from dispatch.routing import DatabaseRecorder
-from dispatch.routing_models import ReceivedSeries, ReceiverStatus
+from dispatch.jobs import services
+from dispatch.jobs.models import Job, State
+from dispatch.receiving.bookkeeping import DatabaseBookkeeper
+from dispatch.receiving.models import ReceiverStatus
+from dispatch.routing.models import ReceivedSeries
 from targets.models import DicomTarget, FolderTarget, Target
 from tests.dicomgen import make_series
 from tests.fixtures.receive_peers import storescu
@@ -59,7 +60,7 @@ def make_job(target: Target, state: str, **fields) -> Job:
 def test_the_home_page_shows_the_receiver_listening_and_what_it_received(
     admin_client, receiver, tmp_path
 ):
-    rx = receiver(recorder=DatabaseRecorder("COURIER@rx"), quiet_seconds=3600)
+    rx = receiver(bookkeeper=DatabaseBookkeeper("COURIER@rx"), quiet_seconds=3600)
     series = make_series(tmp_path / "ct", 3)
     done = storescu(rx.port, series.files)
     assert done.returncode == 0, done.stderr
@@ -133,7 +134,7 @@ def test_a_staff_user_without_job_permission_sees_no_panel(client, django_user_m
 
 
 def test_health_is_ok_with_a_listening_receiver(client, receiver):
-    receiver(recorder=DatabaseRecorder("COURIER@ok"))
+    receiver(bookkeeper=DatabaseBookkeeper("COURIER@ok"))
     data = client.get("/health/").json()
     assert (data["status"], data["ok"], data["problems"]) == ("ok", True, [])
     assert data["receivers"][0]["state"] == "listening"
@@ -157,7 +158,7 @@ def test_a_silent_receiver_makes_the_site_degraded_not_down(client, admin_client
 
 def test_a_receiver_stopped_on_purpose_is_not_a_problem(client):
     ReceiverStatus.objects.create(name="COURIER@gone")
-    DatabaseRecorder("COURIER@gone").stopped({"stored": 12})
+    DatabaseBookkeeper("COURIER@gone").stopped({"stored": 12})
     ReceiverStatus.objects.filter(name="COURIER@gone").update(
         heartbeat_at=timezone.now() - timedelta(hours=3)
     )

@@ -10,9 +10,10 @@ import pytest
 from django.contrib.auth.models import Permission
 from django.urls import reverse
 
-from dispatch import services as dispatch
-from dispatch.models import Job, State
+from dispatch.jobs import tasks as dispatch
+from dispatch.jobs.models import Job, State
 from querytool import services
+from querytool import tasks as querytool_tasks
 from querytool.models import RetrievalState
 from targets.models import DicomTarget, DicomWebTarget
 from tests.peers import StoreSCP, held_port
@@ -69,7 +70,7 @@ def test_a_retrieval_waits_for_its_send_jobs_and_shows_why_they_failed(
         staff,
         destination=pacs,
     )
-    job = services.run_retrieval(job.pk)
+    job = querytool_tasks.run_retrieval(job.pk)
     assert job.state == RetrievalState.DONE and len(job.dispatch_jobs) == 2
 
     # The instances are in Courier, the send jobs are queued: not done yet.
@@ -110,9 +111,7 @@ def test_a_retrieval_waits_for_its_send_jobs_and_shows_why_they_failed(
 def test_the_chosen_destination_stays_chosen_after_a_retrieval(
     client, staff, tmp_path, query_studies, immediate_huey, monkeypatch
 ):
-    from querytool import tasks
-
-    monkeypatch.setattr(tasks, "retrieve_task", lambda job_id: None)
+    monkeypatch.setattr(querytool_tasks, "retrieve_task", lambda job_id: None)
     folder = query_studies.copy_to(tmp_path / "archive")
     source = DicomWebTarget.objects.create(
         name="Archive", url=folder.as_uri(), direction="query"

@@ -362,9 +362,12 @@ def test_cancel_of_a_running_job_asks_it_to_stop_or_ends_an_abandoned_one(
         download=True,
     )
     now = timezone.now()
-    RetrievalJob.objects.filter(pk=live.pk).update(state="running", heartbeat_at=now)
+    # The live one's worker renews its lease; the dead one's ran out an hour ago.
+    RetrievalJob.objects.filter(pk=live.pk).update(
+        state="running", lease_owner="w1", lease_expires_at=now + timedelta(seconds=15)
+    )
     RetrievalJob.objects.filter(pk=dead.pk).update(
-        state="running", heartbeat_at=now - timedelta(hours=1)
+        state="running", lease_owner="w2", lease_expires_at=now - timedelta(hours=1)
     )
     for job in (live, dead):
         client.post(reverse("querytool:cancel", args=[job.pk]))

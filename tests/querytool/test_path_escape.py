@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from querytool import services
+from querytool import services, tasks
 from querytool.models import RetrievalJob, RetrievalState
 from targets.models import DicomTarget, DicomWebTarget, FolderTarget
 from tests.hostile import files_under, named_with, sop_uid_of
@@ -52,7 +52,7 @@ def retrieve(source, user, study_uid, series=(), **destination) -> RetrievalJob:
         user,
         **destination,
     )
-    return services.run_retrieval(job.pk)
+    return tasks.run_retrieval(job.pk)
 
 
 def assert_contained(tmp_path: Path, allowed: list[Path], token: str) -> None:

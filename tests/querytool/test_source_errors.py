@@ -274,7 +274,7 @@ def test_a_failing_source_is_explained_on_the_page(case, client, staff, ports):
 def test_a_retrieval_from_a_source_that_does_not_resolve_fails_in_words(
     client, staff, tmp_path, settings
 ):
-    from querytool import services
+    from querytool import services, tasks
     from querytool.models import RetrievalState
 
     settings.COURIER_DOWNLOAD_DIR = tmp_path / "downloads"
@@ -285,7 +285,7 @@ def test_a_retrieval_from_a_source_that_does_not_resolve_fails_in_words(
         staff,
         download=True,
     )
-    job = services.run_retrieval(job.pk)
+    job = tasks.run_retrieval(job.pk)
     assert job.state == RetrievalState.FAILED
     assert job.message.startswith(
         "Source unreachable: the host name 'pacs.invalid' does not resolve"

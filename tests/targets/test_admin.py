@@ -37,7 +37,7 @@ COMMON = {
     "enabled": "on",
     "contact_email": "",
     "description": "",
-    "max_associations": "1",
+    "max_connections": "1",
     "retry_max_attempts": "10",
     "retry_base_delay": "30",
     "retry_max_delay": "3600",
@@ -592,7 +592,7 @@ def test_users_need_a_login_for_the_chooser(client):
 def test_dispatch_to_selected_targets_can_be_paused_and_resumed(
     admin_client, folder_target, dicom_target
 ):
-    from dispatch.models import Job, State
+    from dispatch.jobs.models import Job, State
 
     job = Job.objects.create(
         target=folder_target, folder="/x", source="admin", state=State.PAUSED

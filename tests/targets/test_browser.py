@@ -19,8 +19,9 @@ from django.utils import timezone
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
-from dispatch.models import Job, State
-from dispatch.routing_models import ReceivedSeries, ReceiverStatus
+from dispatch.jobs.models import Job, State
+from dispatch.receiving.models import ReceiverStatus
+from dispatch.routing.models import ReceivedSeries
 from targets.models import DicomTarget, FolderTarget, S3Target, Target
 from targets.services import run_test
 from tests.dicomgen import make_series

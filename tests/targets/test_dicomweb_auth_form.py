@@ -22,7 +22,7 @@ def form(url: str, **fields) -> dict:
         "enabled": "on",
         "contact_email": "",
         "description": "",
-        "max_associations": "1",
+        "max_connections": "1",
         "retry_max_attempts": "10",
         "retry_base_delay": "30",
         "retry_max_delay": "3600",

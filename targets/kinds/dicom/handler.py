@@ -2,7 +2,7 @@
 
 Shaped like pynetdicom's `storescu`: propose only the presentation contexts the series
 needs, check every status, always release or abort. The association itself is
-`targets.kinds.dicom_link.Association` (pynetdicom's PDUs on a plain blocking socket,
+`targets.dicomnet.scu.Association` (pynetdicom's PDUs on a plain blocking socket,
 file bytes sent as they are on disk), which is about four times faster than
 pynetdicom's threaded `Association` (see that module and the README's Performance).
 
@@ -33,7 +33,18 @@ from pydicom.uid import (
 )
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
-from targets.dicomnet import enable_tcp_nodelay
+from targets.dicomnet.scu import (
+    VERIFICATION,
+    Association,
+    Context,
+    LinkError,
+    UnreadableFile,
+    connect,
+    error_comment,
+    propose,
+    status_of,
+)
+from targets.dicomnet.sockets import enable_tcp_nodelay
 from targets.kinds.base import (
     FAILED,
     SENT,
@@ -46,17 +57,6 @@ from targets.kinds.base import (
     SendResult,
     TargetError,
     instance_outcome,
-)
-from targets.kinds.dicom_link import (
-    VERIFICATION,
-    Association,
-    Context,
-    LinkError,
-    UnreadableFile,
-    connect,
-    error_comment,
-    propose,
-    status_of,
 )
 
 if TYPE_CHECKING:

@@ -38,8 +38,8 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from targets.dicomnet import enable_tcp_nodelay
-from targets.kinds.dicom_link import LinkError, connect
+from targets.dicomnet.scu import LinkError, connect
+from targets.dicomnet.sockets import enable_tcp_nodelay
 from targets.paths import UnsafePath
 from targets.query import (
     Cancelled,

@@ -12,9 +12,9 @@ import datetime
 import ssl
 from functools import cached_property
 
+from targets.dicomnet.scu import LinkError, connect
 from targets.kinds.base import CheckReport, TargetError
 from targets.kinds.dicom.handler import DicomHandler, link_errors
-from targets.kinds.dicom_link import LinkError, connect
 
 from .context import TlsConfigError, build_ssl_context
 

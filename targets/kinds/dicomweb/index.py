@@ -46,7 +46,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from targets.dicomvr import LONG_VRS
+from targets.dicomnet.vr import LONG_VRS
 from targets.paths import private_dir, private_sqlite
 
 INDEX_NAME = ".courier-index.sqlite3"
@@ -196,7 +196,7 @@ def _int(value) -> int | None:
 # DICOMfileClient's. Anything unusual (big endian, deflate, an undefined-length
 # sequence before the last indexed tag, a character set other than the default,
 # Latin-1 or UTF-8, a header longer than the first read) goes to pydicom instead.
-# The receiver's check (dispatch/receiver.py) is a different walk on purpose: strict,
+# The receiver's check (dispatch/receiving/files.py) is a different walk on purpose: strict,
 # to the end of every dataset, refusing what is odd; they share the VR table only.
 
 _HEAD_BYTES = 64 * 1024

@@ -15,10 +15,10 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
-from targets.dicomnet import enable_tcp_nodelay
+from targets.dicomnet.scu import dataset_offset
+from targets.dicomnet.sockets import enable_tcp_nodelay
 from targets.kinds.base import FAILED, SENT, WARNING, SendContext, TargetError
 from targets.kinds.dicom.handler import MAX_CONTEXTS, DicomHandler, plan_contexts
-from targets.kinds.dicom_link import dataset_offset
 from targets.models import DicomTarget
 from targets.series import Instance, scan_folder
 from tests.dicomgen import make_mixed_study, make_series
@@ -250,16 +250,14 @@ def test_parallel_associations_deliver_every_instance_exactly_once(
     series = scan_folder(tmp_path)
     seen = []
 
-    result = target(fresh_recorder.port, "RECORDER", max_associations=4).handler.send(
+    result = target(fresh_recorder.port, "RECORDER", max_connections=4).handler.send(
         series, progress=seen.append
     )
     assert result.sent == 60 and len(seen) == 60
     assert Counter(fresh_recorder.received) == Counter(generated.sop_uids)
     assert [o.path for o in result.outcomes] == [str(i.path) for i in series.instances]
 
-    result = target(storescp.port, storescp.aet, max_associations=4).handler.send(
-        series
-    )
+    result = target(storescp.port, storescp.aet, max_connections=4).handler.send(series)
     assert result.sent == 60
     names = {f.name for f in storescp.files()}
     assert all(
@@ -274,7 +272,7 @@ def test_a_send_opens_as_many_associations_as_its_connections(
     # The dispatcher passes a job's share of the target's limit as `connections`;
     # without it (a script, a Test) the target's own limit holds.
     generated = make_series(tmp_path, 12)
-    handler = target(fresh_recorder.port, "RECORDER", max_associations=4).handler
+    handler = target(fresh_recorder.port, "RECORDER", max_connections=4).handler
 
     result = handler.send(scan_folder(tmp_path), connections=connections)
 
@@ -319,7 +317,7 @@ def test_when_the_peer_allows_fewer_associations_the_others_send_their_share(
 ):
     scp = RecordingSCP(max_associations=1)
     try:
-        handler = target(scp.port, "RECORDER", max_associations=4).handler
+        handler = target(scp.port, "RECORDER", max_connections=4).handler
         result = handler.send(scan_folder(ct_series.folder))
     finally:
         scp.stop()

@@ -60,7 +60,7 @@ def test_parallel_requests_deliver_every_instance_and_keep_the_order(
 ):
     gen = make_series(tmp_path / "s", 40)
     target = dicomweb_target(
-        orthanc_auth.dicomweb_url, stow_batch_size=4, max_associations=3
+        orthanc_auth.dicomweb_url, stow_batch_size=4, max_connections=3
     )
 
     result = target.handler.send(scan_folder(gen.folder))
@@ -76,7 +76,7 @@ def test_parallel_requests_stop_on_an_authentication_error(orthanc_auth, tmp_pat
         orthanc_auth.dicomweb_url,
         password="wrong",
         stow_batch_size=2,
-        max_associations=3,
+        max_connections=3,
     )
     seen = []
     with pytest.raises(TargetError) as exc:

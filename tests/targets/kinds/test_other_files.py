@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from django.core.management import call_command
 
-from dispatch import services
-from dispatch.models import State
+from dispatch.jobs import direct
+from dispatch.jobs.models import Job, State
 from targets.models import (
     DicomTarget,
     FolderTarget,
@@ -150,7 +150,7 @@ def test_the_file_kinds_deliver_the_whole_folder_minus_the_exclusion_filter(
     peer, series, exclude
 ):
     target = peer.target(exclude)
-    report = services.send_series(target, series.folder)
+    report = direct.send_series(target, series.folder)
 
     job = report.job
     assert job.state == State.DONE, job.last_error
@@ -185,6 +185,6 @@ def test_a_dicom_target_sends_the_instances_and_says_what_it_left_out(storescp, 
         "left out 3 files: 3 DICOM targets send DICOM instances only "
         "(e.g. preview.png, report.pdf, measurements.json)"
     ) in err.getvalue()
-    job = services.Job.objects.get(target__name="pacs")
+    job = Job.objects.get(target__name="pacs")
     assert "(3 instances; 3 files left out) → pacs" in str(job)
     assert job.other_files == 0 and job.skipped == 3

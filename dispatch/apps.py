@@ -1,6 +1,0 @@
-from django.apps import AppConfig
-
-
-class DispatchConfig(AppConfig):
-    name = "dispatch"
-    verbose_name = "Dispatch"

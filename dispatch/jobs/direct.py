@@ -1,0 +1,170 @@
+"""Sending from scripts: `send_series` now, or `--queue` for the workers.
+
+A direct send is a job like any other (the record shown in the admin) that the
+calling process claims and runs itself, holding its place among the target's
+connections; a queued one first takes the folder into the spool, so the script's
+folder is free the moment it returns.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.utils import timezone
+
+from targets.kinds.base import SendContext
+from targets.models import Target
+from targets.series import Series, scan_folder
+
+from . import engine, lease
+from .models import DispatchError, Job, JobOrigin, State
+from .services import create_jobs, other_files_for
+from .spool import take_into_spool
+from .tasks import kick_target, run_job
+
+
+@dataclass
+class SendReport:
+    job: Job
+    # Files of the folder the target does not get, with why (other files a DICOM
+    # kind leaves out, excluded ones, unreadable ones).
+    left_out: list[tuple[Path, str]]
+    seconds: float
+
+
+WaitHook = Callable[[int, int], None]
+
+
+def send_series(
+    target: Target,
+    folder: str | Path,
+    *,
+    context: SendContext | None = None,
+    progress: engine.ProgressHook | None = None,
+    on_start: Callable[[Job], None] | None = None,
+    on_wait: WaitHook | None = None,
+) -> SendReport:
+    """Send the series under `folder` to `target` now, recording a job.
+
+    The job and its attempt are the record shown in the admin. No automatic retry:
+    the caller sees what happened. The send takes its connections from the target's
+    limit like a worker's job: while all are in use it waits (`on_wait(in_use,
+    limit)` is told once), holding its place ahead of queued jobs. Raise
+    `DispatchError` for an empty folder or a target that cannot be sent to
+    (query-only, disabled, paused).
+    """
+    target = target.as_kind()
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DispatchError(f"{folder} is not a folder")
+    waiting = engine.wait_reason(target)
+    if waiting:
+        raise DispatchError(waiting.split(";")[0] + "; enable or resume it first")
+    series, left_out = _read(target, folder)
+    start = time.monotonic()
+    (job,) = create_jobs(
+        folder,
+        [target],
+        context=context,
+        owned_spool=False,
+        source=JobOrigin.SEND_SERIES,
+        series=series,
+        enqueue_now=False,
+    )
+    worker = lease.worker_id()
+    # Hold the job (queued, leased to this process) so that no worker takes it.
+    lease.take(Job.objects.filter(pk=job.pk), worker, timezone.now())
+    keeper = engine.keeper_for(job.pk, worker).start()
+    if on_start:
+        on_start(job)
+    told = False
+    try:
+        while True:
+            result = run_job(
+                job.pk,
+                worker=worker,
+                progress=progress,
+                retry=False,
+                held=True,
+                keeper=keeper,
+            )
+            if result is not None:
+                break
+            job.refresh_from_db()
+            if job.state != State.QUEUED or job.lease_owner != worker:
+                break  # cancelled, paused or disabled meanwhile
+            if on_wait and not told:
+                on_wait(
+                    engine.slots_in_use(target.pk, timezone.now(), job.pk, holds=False),
+                    engine.job_limit(Target.objects.get(pk=target.pk)),
+                )
+                told = True
+            time.sleep(0.25)
+    except KeyboardInterrupt:
+        # Interrupted before the send began: nobody expects it to go later.
+        Job.objects.filter(pk=job.pk, state=State.QUEUED).update(
+            state=State.CANCELLED,
+            finished_at=timezone.now(),
+            last_error="send_series was interrupted before the send began",
+        )
+        raise
+    finally:
+        keeper.stop()
+    kick_target(target.pk)
+    job.refresh_from_db()
+    return SendReport(job=job, left_out=left_out, seconds=time.monotonic() - start)
+
+
+def _read(target: Target, folder: Path) -> tuple[Series, list[tuple[Path, str]]]:
+    """The series under `folder`, and the files `target` will not get (and why).
+
+    A folder without a DICOM file to send is refused in words.
+    """
+    series = scan_folder(folder)
+    if not series.instances:
+        raise DispatchError(f"no DICOM files in {folder}" + _refused_note(series))
+    return series, other_files_for(target, series)[1]
+
+
+def _refused_note(series: Series) -> str:
+    parts = []
+    if series.corrupt:
+        names = ", ".join(p.name for p, _ in series.corrupt[:3])
+        parts.append(f"{len(series.corrupt)} corrupt DICOM files refused: {names}")
+    others = len(series.others) + len(series.skipped)
+    if others:
+        parts.append(f"{others} other files")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def queue_series(
+    target: Target, folder: str | Path, *, context: SendContext | None = None
+) -> SendReport:
+    """Queue the folder for `target` as a job for the workers (send_series --queue).
+
+    The files are taken into the spool first (`take_into_spool`): the job owns
+    them, and the caller's folder is free the moment this returns.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DispatchError(f"{folder} is not a folder")
+    start = time.monotonic()
+    series, left_out = _read(target, folder)
+    owned = take_into_spool(folder)
+    try:
+        (job,) = create_jobs(
+            owned,
+            [target],
+            context=context,
+            owned_spool=True,
+            source=JobOrigin.QUEUE,
+            series=series.rebased(owned),
+        )
+    except BaseException:
+        shutil.rmtree(owned, ignore_errors=True)
+        raise
+    return SendReport(job=job, left_out=left_out, seconds=time.monotonic() - start)

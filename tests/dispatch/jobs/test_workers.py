@@ -1,0 +1,265 @@
+"""The dispatch engine with real worker processes and real peers.
+
+Each test builds a Courier site in a temporary folder (its own database, queue and
+spool), starts `manage.py run_huey` workers as subprocesses, queues work, and checks
+what arrived on the peer and what the job tables say.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+
+import pytest
+
+from tests.dicomgen import make_series
+from tests.peers import Orthanc, StoreSCP, free_port
+
+FAST_RETRY = {"retry_base_delay": 1, "retry_max_delay": 2, "retry_max_attempts": 30}
+
+
+def dicom_target(peer, **fields) -> dict:
+    port = peer.dicom_port if isinstance(peer, Orthanc) else peer.port
+    return {
+        "name": fields.pop("name", f"{peer.name}-{port}"),
+        "kind": "dicom",
+        "host": "127.0.0.1",
+        "port": port,
+        "called_aet": peer.aet,
+        **fields,
+    }
+
+
+def _hold(port: int) -> socket.socket:
+    """Bind `port` on loopback without listening: connections to it are refused."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", port))
+    return sock
+
+
+def test_two_workers_on_postgres_and_redis_drain_one_queue_exactly_once(
+    courier_site, postgres_server, redis_server, orthanc, tmp_path
+):
+    url = postgres_server.create_database("courier_scaleout")
+    site = courier_site(
+        database_url=url, redis_url=redis_server.url, pg=postgres_server
+    )
+    site.migrate()
+    target = site.add_target(**dicom_target(orthanc, max_connections=4))
+    series = [make_series(tmp_path / f"s{i}", 3) for i in range(16)]
+    uids = {uid for s in series for uid in s.sop_uids}
+    workers = [site.start_worker(2), site.start_worker(2)]
+    site.wait_workers_ready()
+    job_ids = site.queue_folders(target, [s.folder for s in series])
+
+    site.wait_for(
+        lambda: all(j["state"] == "done" for j in site.jobs()), what="all jobs done"
+    )
+    stored = orthanc.instance_uids()
+    assert uids <= stored
+    worker_pids = {str(w.pid) for w in workers}
+    for job_id in job_ids:
+        # Each job ran exactly once: one attempt, by one of the two workers, that
+        # sent each instance once. Which worker took which job is the scheduler's
+        # business and not asserted.
+        (attempt,) = site.attempts(job_id)
+        assert attempt["outcome"] == "done" and attempt["sent"] == 3
+        assert attempt["worker"].split(":")[1] in worker_pids
+    # Both consumers came up (wait_workers_ready) and are still running.
+    assert [w.poll() for w in workers] == [None, None]
+    status, report = site.python(
+        "import json; from dispatch import overview; print(json.dumps(overview.health()))"
+    )
+    assert status == "ok" and report["database"] == report["queue"] == "ok"
+    # The target's limit of 4 connections held across both processes: never more
+    # than 4 jobs sending at once (each holds at least one connection).
+    events = []
+    for start, end in site.query("SELECT started_at, ended_at FROM dispatch_attempt"):
+        events += [(start, 1), (end, -1)]
+    running = peak = 0
+    for _, step in sorted(events, key=lambda e: (e[0], e[1])):
+        running += step
+        peak = max(peak, running)
+    assert 1 < peak <= 4
+
+
+def test_target_down_waits_to_retry_and_completes_when_it_is_back(
+    courier_site, tmp_path
+):
+    peer = Orthanc(tmp_path / "orthanc")  # started only later in this test
+    # Hold Orthanc's ports until it starts, so no other process takes them meanwhile:
+    # a bound socket that does not listen refuses connections, as a stopped peer does.
+    held = [_hold(peer.dicom_port), _hold(peer.http_port)]
+    site = courier_site().migrate()
+    target = site.add_target(**dicom_target(peer, **FAST_RETRY))
+    series = make_series(tmp_path / "series", 12)
+    (job_id,) = site.queue_folders(target, [series.folder])
+    site.start_worker(1)
+
+    site.wait_for(lambda: site.jobs()[0]["state"] == "retry-wait", what="retry-wait")
+    job = site.jobs()[0]
+    refused = (
+        f"connection refused by 127.0.0.1:{peer.dicom_port}: is the DICOM service "
+        "running, and the port right?"
+    )
+    assert re.fullmatch(re.escape(refused) + r" \(attempt \d+\)", job["last_error"])
+    first = site.attempts(job_id)[0]
+    assert first["outcome"] == "error" and first["sent"] == 0
+    assert first["error"] == refused
+
+    for sock in held:
+        sock.close()
+    with peer:
+        site.wait_for(lambda: site.jobs()[0]["state"] == "done", what="done")
+        assert peer.count_instances() == 12
+        assert peer.instance_uids() == set(series.sop_uids)
+    attempts = site.attempts(job_id)
+    assert len(attempts) >= 2
+    assert attempts[-1]["outcome"] == "done" and attempts[-1]["sent"] == 12
+
+
+def test_a_killed_workers_job_is_resumed_by_a_live_worker_when_its_lease_ends(
+    courier_site, tmp_path
+):
+    # Enough instances that the kill lands mid-series; a 3 s lease (renewed every
+    # 0.6 s) so the test is quick. Periodic tasks are off in both workers: no sweep
+    # can find the job, only the watch on its lease, and no worker is restarted.
+    peer = Orthanc(tmp_path / "orthanc").start()
+    try:
+        site = courier_site(env={"COURIER_JOB_LEASE": "3"}).migrate()
+        target = site.add_target(**dicom_target(peer))
+        total = 400
+        series = make_series(tmp_path / "series", total)
+        workers = [site.start_worker(1, "--no-periodic") for _ in range(2)]
+        site.wait_workers_ready()
+        (job_id,) = site.queue_folders(target, [series.folder])
+        done_at_kill = site.wait_for(
+            lambda: (n := site.instances_done(job_id)) >= total // 4 and n,
+            what="a quarter sent",
+        )
+        owner = site.jobs()[0]["lease_owner"].split(":")[1]
+        (victim,) = [w for w in workers if str(w.pid) == owner]
+        (survivor,) = [w for w in workers if w is not victim]
+        site.kill_worker(victim)
+        # What the killed worker had written down as confirmed; outcomes it held
+        # in memory (written every second) are lost with it and sent again.
+        confirmed = site.instances_done(job_id)
+        assert done_at_kill <= confirmed < total, "the series finished before the kill"
+        assert site.jobs()[0]["state"] == "sending"
+
+        site.wait_for(lambda: site.jobs()[0]["state"] == "done", what="resumed")
+        assert survivor.poll() is None
+        assert peer.count_instances() == total
+        assert peer.instance_uids() == set(series.sop_uids)
+        # One attempt per worker, never two at once: the killed worker's, closed
+        # as interrupted when the live worker took the job over, and the live one's.
+        first, second = site.attempts(job_id)
+        assert first["outcome"] == "interrupted"
+        assert first["worker"].split(":")[1] == str(victim.pid)
+        assert second["outcome"] == "done"
+        assert second["worker"].split(":")[1] == str(survivor.pid)
+        # The resumed attempt sent exactly what was not confirmed, not the whole
+        # series again (Orthanc keeps one copy of each SOP Instance UID).
+        assert second["sent"] == total - confirmed
+    finally:
+        peer.stop()
+
+
+def test_a_silent_peer_times_out_and_the_worker_goes_on_with_other_jobs(
+    courier_site, tmp_path
+):
+    # storescp accepts the association, then sleeps instead of answering the C-STORE.
+    silent = StoreSCP(
+        tmp_path / "silent", extra_args=["--sleep-during", "600"], fork=True
+    )
+    silent.start()
+    try:
+        site = courier_site().migrate()
+        dicom = site.add_target(
+            **dicom_target(
+                silent, dimse_timeout=2, acse_timeout=2, retry_max_attempts=1
+            )
+        )
+        out = tmp_path / "out"
+        out.mkdir()
+        folder = site.add_target(name="after", kind="folder", path=str(out))
+        (stuck,) = site.queue_folders(dicom, [make_series(tmp_path / "a", 3).folder])
+        (later,) = site.queue_folders(folder, [make_series(tmp_path / "b", 2).folder])
+        site.start_worker(1)  # one thread: the next job needs it back
+
+        site.wait_for(
+            lambda: (
+                {j["id"]: j["state"] for j in site.jobs()}
+                == {stuck: "failed", later: "done"}
+            ),
+            what="timeout then the other job",
+        )
+        attempt = site.attempts(stuck)[0]
+        assert attempt["ended_at"] is not None
+        assert "DIMSE timeout" in attempt["error"]
+        assert len(list(out.rglob("*.dcm"))) == 2
+    finally:
+        # storescp --fork leaves sleeping children: stop its whole process group.
+        os.killpg(silent.proc.pid, signal.SIGKILL)
+        silent.proc.wait(5)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_refused_instance_fails_the_job_naming_it_and_the_rest_arrive(
+    orthanc, tmp_path
+):
+    from dispatch.jobs import direct
+    from dispatch.jobs.models import InstanceState, State
+    from targets.models import DicomTarget
+
+    good = make_series(tmp_path / "series", 4)
+    # An SOP class Orthanc does not accept (UnknownSopClassAccepted is off).
+    odd = make_series(
+        tmp_path / "series" / "odd",
+        1,
+        tags={"SOPClassUID": "1.2.826.0.1.3680043.8.498.99999"},
+    )
+    target = DicomTarget.objects.create(
+        name="orthanc-refusing",
+        host="127.0.0.1",
+        port=orthanc.dicom_port,
+        called_aet=orthanc.aet,
+    )
+    report = direct.send_series(target, good.folder)
+    job = report.job
+    assert job.state == State.FAILED
+    assert (job.sent, job.failed, job.total) == (4, 1, 5)
+    assert "1 of 5 instances failed" in job.last_error
+    assert odd.files[0].name in job.last_error
+    assert "refused SOP class" in job.last_error
+    bad = job.instances.get(state=InstanceState.FAILED)
+    assert bad.sop_instance_uid == odd.sop_uids[0]
+    for uid in good.sop_uids:
+        assert orthanc.find_instance(uid)
+
+
+def test_jobs_whose_queue_messages_were_lost_are_found_by_a_starting_worker(
+    courier_site, tmp_path
+):
+    site = courier_site().migrate()
+    out = tmp_path / "out"
+    out.mkdir()
+    target = site.add_target(name="disk", kind="folder", path=str(out))
+    folders = [make_series(tmp_path / f"s{i}", 2).folder for i in range(3)]
+    site.queue_folders(target, folders, send_messages=False)
+    site.start_worker(2)
+    site.wait_for(
+        lambda: {j["state"] for j in site.jobs()} == {"done"}, what="all jobs done"
+    )
+    assert len(list(out.rglob("*.dcm"))) == 6
+
+
+def test_health_reports_an_unreachable_redis(courier_site):
+    site = courier_site(redis_url=f"redis://127.0.0.1:{free_port()}/0").migrate()
+    status, report = site.python(
+        "import json; from dispatch import overview; print(json.dumps(overview.health()))"
+    )
+    assert status == "down"
+    assert report["database"] == "ok" and report["queue"].startswith("error")

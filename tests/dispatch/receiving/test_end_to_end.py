@@ -1,0 +1,205 @@
+"""Courier in the middle, with real processes: storescu → `manage.py receive` →
+routing in a `run_huey` worker → Orthanc and a Folder target.
+
+The Courier site (its own database, queue and spool) comes from `courier_site`
+(tests/fixtures/dispatch_peers.py); the modality is dcmtk's storescu.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pydicom
+
+from targets.kinds.dicom.query import DicomQuery
+from targets.models import Target
+from targets.query import RetrieveRequest
+from tests.dicomgen import make_mixed_study, make_series
+from tests.fixtures.receive_peers import ReceiverProcess, echoscu, storescu
+from tests.peers import Orthanc, free_port
+
+SITE_ENV = {"COURIER_SERIES_QUIET_SECONDS": "1", "COURIER_MIN_FREE_BYTES": "0"}
+
+
+def setup_site(courier_site, **env):
+    site = courier_site(env={**SITE_ENV, **env}).migrate()
+    return site
+
+
+def add_rule(site, name: str, target_id: int, modality: str) -> None:
+    site.python(
+        "from dispatch.routing.models import Rule, RuleCondition\n"
+        f"r = Rule.objects.create(name={name!r})\n"
+        f"r.targets.set([{target_id}])\n"
+        "RuleCondition.objects.create(rule=r, field='tag', keyword='Modality', "
+        f"value={modality!r})\n"
+        "print(r.pk)\n"
+    )
+
+
+def received(site) -> list[dict]:
+    cols = ["id", "state", "calling_aet", "called_aet", "instance_count", "note"]
+    rows = site.query(
+        f"SELECT {', '.join(cols)} FROM dispatch_receivedseries ORDER BY id"
+    )
+    return [dict(zip(cols, r, strict=True)) for r in rows]
+
+
+def all_jobs_done(site, count: int):
+    jobs = site.jobs()
+    return len(jobs) == count and all(j["state"] == "done" for j in jobs) and jobs
+
+
+def metadata(orthanc: Orthanc, sop_uid: str) -> dict:
+    oid = orthanc.find_instance(sop_uid)
+    assert oid, f"{sop_uid} is not in Orthanc"
+    return orthanc.rest(f"/instances/{oid}/metadata?expand")
+
+
+def dicom_target(site, orthanc: Orthanc, *, pass_incoming: bool) -> int:
+    return site.add_target(
+        name="orthanc", kind="dicom", host="127.0.0.1", port=orthanc.dicom_port,
+        called_aet="ORTHANC", calling_aet="COURIER", pass_calling_aet=pass_incoming,
+        pass_called_aet=pass_incoming,
+    )  # fmt: skip
+
+
+def test_a_study_is_routed_ct_to_orthanc_and_mr_to_a_folder_passing_the_aets(
+    courier_site, orthanc, tmp_path
+):
+    site = setup_site(courier_site, COURIER_RECEIVER_ACCEPTED_CALLING_AETS="CT_1")
+    orthanc_id = dicom_target(site, orthanc, pass_incoming=True)
+    folder = tmp_path / "mr-out"
+    folder.mkdir()
+    folder_id = site.add_target(name="mr-folder", kind="folder", path=str(folder))
+    add_rule(site, "CT to Orthanc", orthanc_id, "CT")
+    add_rule(site, "MR to folder", folder_id, "MR")
+    ct, mr = make_mixed_study(tmp_path / "study", ct=6, mr=4)
+    rx = ReceiverProcess(site).start()
+    site.start_worker()
+    try:
+        assert echoscu(rx.port, calling="INTRUDER").returncode != 0
+        sent = storescu(rx.port, [tmp_path / "study"], calling="CT_1",
+                        called="ORTHANC_VIA", extra=["+sd", "+r"])  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+
+        site.wait_for(lambda: all_jobs_done(site, 2), what="both jobs done")
+
+        series = {r["instance_count"]: r for r in received(site)}
+        assert {r["state"] for r in series.values()} == {"routed"}
+        assert series[6]["calling_aet"] == "CT_1"
+        assert series[6]["called_aet"] == "ORTHANC_VIA"
+        for sop in ct.sop_uids:
+            meta = metadata(orthanc, sop)
+            assert meta["RemoteAET"] == "CT_1"
+            assert meta["CalledAET"] == "ORTHANC_VIA"
+        assert not any(orthanc.find_instance(sop) for sop in mr.sop_uids)
+        delivered = sorted(p.stem for p in folder.rglob("*.dcm"))
+        assert len(delivered) == 4
+
+        # Pass-incoming off: Orthanc sees Courier's own calling AE title.
+        site.python(
+            f"from targets.models import Target\n"
+            f"Target.objects.filter(pk={orthanc_id}).update(pass_calling_aet=False,"
+            " pass_called_aet=False)\nprint(1)\n"
+        )
+        more = make_series(tmp_path / "ct2", 3)
+        sent = storescu(rx.port, [more.folder], calling="CT_1",
+                        called="ORTHANC_VIA", extra=["+sd"])  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+        site.wait_for(lambda: all_jobs_done(site, 3), what="the third job done")
+        for sop in more.sop_uids:
+            meta = metadata(orthanc, sop)
+            assert meta["RemoteAET"] == "COURIER"
+            assert meta["CalledAET"] == "ORTHANC"
+    finally:
+        rx.stop()
+    assert "event=association_rejected calling_aet=INTRUDER" in rx.log()
+
+
+def _drop_queued_messages(site) -> int:
+    """What a worker killed mid-task loses: the message it had taken off the queue."""
+    conn = sqlite3.connect(site.data / "huey.sqlite3", timeout=30)
+    try:
+        with conn:
+            return conn.execute("DELETE FROM task").rowcount
+    finally:
+        conn.close()
+
+
+def test_a_worker_killed_between_receive_and_route_routes_after_restart_once(
+    courier_site, orthanc, tmp_path
+):
+    site = setup_site(courier_site)
+    orthanc_id = dicom_target(site, orthanc, pass_incoming=True)
+    add_rule(site, "CT to Orthanc", orthanc_id, "CT")
+    series = make_series(tmp_path / "ct", 25)
+    rx = ReceiverProcess(site).start()
+    worker = site.start_worker()
+    try:
+        site.kill_worker(worker)  # SIGKILL: the worker is gone, the receiver is not
+        sent = storescu(rx.port, [series.folder], calling="CT_1", extra=["+sd"])
+        assert sent.returncode == 0, sent.stderr
+        site.wait_for(
+            lambda: [r for r in received(site) if r["state"] == "complete"],
+            what="the series complete and waiting to be routed",
+        )
+        assert site.jobs() == []
+        _drop_queued_messages(site)
+
+        site.start_worker()
+        site.wait_for(lambda: all_jobs_done(site, 1), what="the job done")
+        # A second restart routes nothing again.
+        site.start_worker()
+        site.python(
+            "from dispatch.routing import services\nprint(services.route_pending())"
+        )
+    finally:
+        rx.stop()
+
+    (row,) = received(site)
+    assert row["state"] == "routed" and row["instance_count"] == 25
+    (job,) = site.jobs()
+    assert (job["sent"], job["present"], job["failed"]) == (25, 0, 0)
+    assert len(site.attempts(job["id"])) == 1
+    uids = set(series.sop_uids)
+    stored = [s for s in uids if orthanc.find_instance(s)]
+    assert len(stored) == 25
+
+
+def test_a_c_move_from_the_query_tool_lands_in_the_receiver_and_is_routed(
+    courier_site, tmp_path
+):
+    site = setup_site(courier_site)
+    folder = tmp_path / "moved"
+    folder.mkdir()
+    folder_id = site.add_target(name="moved", kind="folder", path=str(folder))
+    add_rule(site, "CT to folder", folder_id, "CT")
+    rx_port = free_port()
+    pacs = Orthanc(
+        tmp_path / "pacs", aet="PACS",
+        modalities={"courier": {"AET": "COURIER", "Host": "127.0.0.1",
+                                "Port": rx_port}},
+    )  # fmt: skip
+    series = make_series(tmp_path / "ct", 7)
+    with pacs:
+        assert storescu(pacs.dicom_port, [series.folder], called="PACS",
+                        extra=["+sd"]).returncode == 0  # fmt: skip
+        rx = ReceiverProcess(site, port=rx_port).start()
+        site.start_worker()
+        try:
+            source = Target(kind="dicom", host="127.0.0.1", port=pacs.dicom_port,
+                            called_aet="PACS", calling_aet="COURIER")  # fmt: skip
+            result = DicomQuery(source).retrieve(
+                RetrieveRequest(series.study_uid, [series.series_uid],
+                                move_aet="COURIER"),
+                tmp_path / "unused", lambda *a: None,
+            )  # fmt: skip
+            assert (result.completed, result.failed) == (7, 0), result.message
+            site.wait_for(lambda: all_jobs_done(site, 1), what="the moved series sent")
+        finally:
+            rx.stop()
+    (row,) = received(site)
+    assert row["state"] == "routed" and row["calling_aet"] == "PACS"
+    delivered = [pydicom.dcmread(p).SOPInstanceUID for p in folder.rglob("*.dcm")]
+    assert sorted(delivered) == sorted(series.sop_uids)
