@@ -14,6 +14,9 @@ the size must match, and so must the MD5 where the listed ETag is one (a single-
 upload without SSE-KMS); a multipart object is judged by its size alone.
 """
 
+# Why this module is long: the upload pool, the comparison with what is already in
+# the bucket and the translation of S3's error codes into words change together.
+
 from __future__ import annotations
 
 import hashlib
