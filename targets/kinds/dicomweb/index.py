@@ -33,8 +33,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import queue
 import sqlite3
 import struct
+import threading
 import time
 import uuid
 import warnings
@@ -149,6 +151,8 @@ _SKIP = {INDEX_NAME, *(INDEX_NAME + s for s in ("-journal", "-wal", "-shm"))}
 # Below this many files to read, a process pool costs more than it saves.
 _POOL_THRESHOLD = 2000
 _CHUNK = 500
+# Threads listing folders in a scan (see `_walk`).
+_WALK_THREADS = 4
 
 
 @dataclass
@@ -335,57 +339,96 @@ def _read_chunk(paths: list[str]) -> list[tuple[str, tuple | str]]:
 
 
 def _walk(
-    root: str, unreadable: list[tuple[str, str]]
+    root: str, unreadable: list[tuple[str, str]], threads: int = 0
 ) -> Iterator[tuple[str, list[str], array, bytes]]:
     """Yield (relative folder, the names of its regular files, their sizes and
     modification times as one array [size, mtime_ns, size, ...], their digest) for
-    every folder under `root`, `root` itself first as "".
+    every folder under `root` (`root` itself as ""), in no fixed order.
 
     A root that cannot be read raises `OSError`; a sub-folder that cannot be read is
     added to `unreadable` as (relative path, reason) and skipped. The index's own
     files and Courier's write probes are not listed. The digest covers the names,
     sizes and times in listing order (stable while the folder does not change; a
     different order only costs a look at the folder's rows).
+
+    Folders are listed on `threads` threads (default `_WALK_THREADS`): the `stat`
+    calls, most of a rescan, release the GIL, so one thread's system calls overlap
+    another's Python; the same CPU time, less wall time (bench/RESULTS.md).
     """
     os.scandir(root).close()  # an unreadable root is an error, not an empty folder
-    stack = [""]
-    while stack:
-        rel = stack.pop()
-        names: list[str] = []
-        stats = array("q")
-        try:
-            # Listed by descriptor: each stat is then relative to the folder
-            # (fstatat), not a lookup of the whole path again.
-            fd = os.open(os.path.join(root, rel), os.O_RDONLY | os.O_DIRECTORY)
+    work: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+    done: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+
+    def lister() -> None:
+        while (rel := work.get()) is not None:
             try:
-                with os.scandir(fd) as listing:
-                    for entry in listing:
-                        try:
-                            if entry.is_dir(follow_symlinks=False):
-                                name = entry.name
-                                stack.append(f"{rel}/{name}" if rel else name)
-                            elif entry.is_file():
-                                name = entry.name
-                                if name[0] == "." and (
-                                    name in _SKIP or name.startswith(".courier-probe-")
-                                ):
-                                    continue
-                                st = entry.stat()
-                                names.append(name)
-                                stats.append(st.st_size)
-                                stats.append(st.st_mtime_ns)
-                        except OSError:
-                            continue  # gone since the listing
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            unreadable.append((rel, exc.strerror or str(exc)))
-            continue
-        digest = hashlib.blake2b(
-            "\0".join(names).encode("utf-8", "surrogateescape"), digest_size=16
-        )
-        digest.update(stats)
-        yield rel, names, stats, digest.digest()
+                done.put(_list_folder(root, rel))
+            except OSError as exc:
+                done.put((rel, exc.strerror or str(exc)))
+            except BaseException as exc:  # raised again on the calling thread
+                done.put((rel, exc))
+
+    listers = [
+        threading.Thread(target=lister, name=f"index-walk-{n}", daemon=True)
+        for n in range(threads or _WALK_THREADS)
+    ]
+    for thread in listers:
+        thread.start()
+    try:
+        work.put("")
+        outstanding = 1
+        while outstanding:
+            item = done.get()
+            outstanding -= 1
+            if len(item) == 2:
+                if isinstance(item[1], BaseException):
+                    raise item[1]
+                unreadable.append(item)
+                continue
+            rel, names, stats, digest, subfolders = item
+            for sub in subfolders:
+                work.put(sub)
+            outstanding += len(subfolders)
+            yield rel, names, stats, digest
+    finally:
+        for _ in listers:
+            work.put(None)
+
+
+def _list_folder(root: str, rel: str) -> tuple[str, list[str], array, bytes, list]:
+    """One folder for `_walk`: (rel, names, stats, digest, sub-folders)."""
+    names: list[str] = []
+    stats = array("q")
+    subfolders: list[str] = []
+    # Listed by descriptor: each stat is then relative to the folder (fstatat), not
+    # a lookup of the whole path again.
+    fd = os.open(os.path.join(root, rel), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with os.scandir(fd) as listing:
+            for entry in listing:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        name = entry.name
+                        subfolders.append(f"{rel}/{name}" if rel else name)
+                    elif entry.is_file():
+                        name = entry.name
+                        if name[0] == "." and (
+                            name in _SKIP or name.startswith(".courier-probe-")
+                        ):
+                            continue
+                        st = entry.stat()
+                        names.append(name)
+                        stats.append(st.st_size)
+                        stats.append(st.st_mtime_ns)
+                except OSError:
+                    continue  # gone since the listing
+    finally:
+        os.close(fd)
+    digest = hashlib.blake2b(
+        "\0".join(names).encode("utf-8", "surrogateescape"), digest_size=16
+    )
+    digest.update(stats)
+    return rel, names, stats, digest.digest(), subfolders
 
 
 def _within(path: str, folders: set[str]) -> bool:
