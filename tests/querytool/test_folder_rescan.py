@@ -247,3 +247,31 @@ def test_names_and_descriptions_match_without_regard_to_case_beyond_ascii(
     assert found(study_description="*übersicht") == {"UNI1"}
     assert found(study_description="ct thorax übersicht") == {"UNI1"}
     assert found(patient_name="MULLER*") == set()
+
+
+def test_the_walk_on_several_threads_lists_every_folder_once(tmp_path):
+    expected = {}
+    for a in range(6):
+        for b in range(5):
+            folder = tmp_path / f"p{a}" / f"s{b}"
+            folder.mkdir(parents=True)
+            for n in range(a + b):
+                (folder / f"f{n}").write_bytes(b"x" * n)
+            expected[f"p{a}/s{b}"] = sorted(f"f{n}" for n in range(a + b))
+    (tmp_path / "top").write_bytes(b"top")
+    expected[""] = ["top"]
+    expected.update({f"p{a}": [] for a in range(6)})
+
+    def listing(threads: int) -> dict:
+        walked: dict[str, tuple] = {}
+        for rel, names, stats, digest in index_module._walk(str(tmp_path), [], threads):
+            assert rel not in walked
+            walked[rel] = (sorted(names), digest)
+            assert [stats[i] for i in range(0, len(stats), 2)] == [
+                (tmp_path / rel / name).stat().st_size for name in names
+            ]
+        return walked
+
+    one, four = listing(1), listing(4)
+    assert {rel: names for rel, (names, _) in four.items()} == expected
+    assert four == one  # the same digests whatever the number of threads
