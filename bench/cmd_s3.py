@@ -23,7 +23,9 @@ bench/s3_send.py has the second-line, in-process `handler.send()` figures.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import statistics
 import sys
 import tempfile
 from functools import partial
@@ -103,6 +105,25 @@ def checked(run, peer: SeaweedS3, sizes: list[int]):
     return measure
 
 
+def cpu_bound(runs: dict[str, list[Run]], reference: str) -> list[str]:
+    """Whether the cores are the limit: per arm, the CPU of the sender and the store
+    together spread over every core is the least wall time the run could take."""
+    cores = os.cpu_count() or 1
+    ref = statistics.median(r.wall for r in runs[reference])
+    notes = []
+    for name, arm_runs in runs.items():
+        need = statistics.median(
+            (r.cpu + r.extra["store_cpu"]) / cores for r in arm_runs
+        )
+        wall = statistics.median(r.wall for r in arm_runs)
+        notes.append(
+            f"{name}: sender + SeaweedFS CPU / {cores} cores = {need:.2f} s, the "
+            f"least wall time possible here ({wall:.2f} s measured): at best "
+            f"{ref / need:.1f}x as fast as the loop on these cores"
+        )
+    return notes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -152,8 +173,12 @@ def main() -> None:
             unit=("obj/s", args.count),
             json_path=args.json,
             notes=[
-                f"SeaweedFS CPU during {name}, median: {values[len(values) // 2]:.2f} s"
-                for name, values in store.items()
+                *(
+                    f"SeaweedFS CPU during {name}, median: "
+                    f"{values[len(values) // 2]:.2f} s"
+                    for name, values in store.items()
+                ),
+                *cpu_bound(runs, "boto3 upload_file loop (reference)"),
             ],
         )
     finally:
