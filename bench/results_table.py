@@ -25,6 +25,18 @@ def main() -> None:
     for line in args.jsonl.read_text().splitlines():
         rec = json.loads(line)
         print(f"\n**{rec['title']}** ({rec['date']}, commit {rec['commit']})\n")
+        if "queries" in rec:  # cmd_index.py's searches
+            print("| query | results | services.search ms | source alone ms |")
+            print("|---|---|---|---|")
+            for q in rec["queries"]:
+                s, a = q["service_ms"], q["source_ms"]
+                print(f"| {q['query']} | {q['results']} | {s[0]:.1f} "
+                      f"[{s[1]:.1f}-{s[2]:.1f}] | {a[0]:.1f} [{a[1]:.1f}-{a[2]:.1f}] |")  # fmt: skip
+            continue
+        if "arms" not in rec:  # a single run: its figures
+            print(f"- {rec.get('wall', 0):.2f} s, CPU {rec.get('cpu', 0):.2f} s, "
+                  f"load {rec.get('load', '-')}: {rec.get('report', '')}")  # fmt: skip
+            continue
         print("| arm | median s | CPU s | peak RSS | time ratio [range] | CPU ratio "
               "| load |")  # fmt: skip
         print("|---|---|---|---|---|---|---|")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 from huey.contrib.djhuey import HUEY
 
@@ -27,3 +32,15 @@ def courier_dirs(settings, tmp_path):
         path.mkdir()
         setattr(settings, setting, path)
     return tmp_path
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A folder user nobody can reach (pytest's own are private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="courier-nobody-"))
+    path.chmod(0o755)
+    yield path
+    for sub in path.rglob("*"):
+        if sub.is_dir():
+            sub.chmod(0o755)
+    shutil.rmtree(path, ignore_errors=True)

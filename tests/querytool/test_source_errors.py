@@ -9,12 +9,8 @@ or unreadable to the user Courier runs as.
 
 from __future__ import annotations
 
-import os
-import pickle
-import shutil
 import socket
 import ssl
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,11 +24,11 @@ from django.test import override_settings
 from querytool.models import AuditEntry
 from targets.models import DicomTarget, DicomWebTarget
 from targets.query import Criteria, SourceError
+from tests.nobody import as_nobody
 
 pytestmark = pytest.mark.django_db
 
 URL = "/query/"
-NOBODY = 65534
 
 
 class _Answers(BaseHTTPRequestHandler):
@@ -297,43 +293,6 @@ def test_a_retrieval_from_a_source_that_does_not_resolve_fails_in_words(
 
 
 # -- a folder Courier's user cannot read -------------------------------------------
-
-
-def as_nobody(fn: Callable[[], object]) -> tuple[str, object]:
-    """Run `fn` in a forked child that has become user nobody; return its result.
-
-    The tests run as root, who reads every folder; the service account does not.
-    """
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        os.close(read)
-        try:
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            result: tuple[str, object] = ("ok", fn())
-        except BaseException as exc:
-            result = ("error", f"{type(exc).__name__}: {exc}")
-        with os.fdopen(write, "wb") as out:
-            pickle.dump(result, out)
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as inp:
-        data = inp.read()
-    os.waitpid(pid, 0)
-    return pickle.loads(data)
-
-
-@pytest.fixture
-def shared_tmp() -> Iterator[Path]:
-    """A folder user nobody can reach (pytest's own are private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="courier-nobody-"))
-    path.chmod(0o755)
-    yield path
-    for sub in path.rglob("*"):
-        if sub.is_dir():
-            sub.chmod(0o755)
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_folders_the_service_user_cannot_read_are_named_and_nothing_is_dropped(

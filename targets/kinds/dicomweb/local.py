@@ -48,7 +48,13 @@ from targets.query import (
 )
 from targets.series import Series
 
-from .index import INDEX_NAME, FolderIndex, ScanReport, text_condition
+from .index import (
+    INDEX_NAME,
+    FolderIndex,
+    ScanReport,
+    folded_condition,
+    text_condition,
+)
 
 
 def folder_of(url: str) -> Path:
@@ -216,11 +222,7 @@ class LocalFolderQuery(QuerySource):
                 )
             )
         if criteria.patient_name:
-            add(
-                text_condition(
-                    "patient_name", criteria.patient_name, case_insensitive=True
-                )
-            )
+            add(folded_condition("name_key", criteria.patient_name))
         if criteria.accessions:
             add(
                 text_condition(
@@ -228,13 +230,7 @@ class LocalFolderQuery(QuerySource):
                 )
             )
         if criteria.study_description:
-            add(
-                text_condition(
-                    "study_description",
-                    criteria.study_description,
-                    case_insensitive=True,
-                )
-            )
+            add(folded_condition("description_key", criteria.study_description))
         if criteria.study_uid:
             add(("study_uid = ?", [criteria.study_uid]))
         if criteria.date_from:
@@ -244,17 +240,17 @@ class LocalFolderQuery(QuerySource):
         if criteria.modality:
             add(
                 (
-                    "study_uid IN (SELECT study_uid FROM files WHERE modality = ?)",
-                    [criteria.modality.upper()],
+                    "instr(',' || modalities || ',', ?) > 0",
+                    [f",{criteria.modality.upper()},"],
                 )
             )
+        # One row per study (the index's `studies`), newest first.
         sql = (
-            "SELECT study_uid, max(patient_id), max(patient_name), max(birth_date), "
-            "max(study_date), max(study_time), max(accession), max(study_description), "
-            "group_concat(DISTINCT modality), count(DISTINCT series_uid), count(*) "
-            "FROM files"
+            "SELECT study_uid, patient_id, patient_name, birth_date, study_date, "
+            "study_time, accession, study_description, modalities, series_count, "
+            "instance_count FROM studies"
             + (f" WHERE {' AND '.join(where)}" if where else "")
-            + " GROUP BY study_uid ORDER BY max(study_date) DESC, study_uid LIMIT ?"
+            + " ORDER BY study_date DESC, study_uid LIMIT ?"
         )
         with index.connect() as db:
             rows = db.execute(sql, [*args, limit + 1]).fetchall()

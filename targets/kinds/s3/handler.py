@@ -4,24 +4,30 @@ Keys are `<prefix>/<layout>/<SOPInstanceUID>.dcm` (layout as for Folder, by defa
 `<StudyInstanceUID>/<SeriesInstanceUID>`) with `Content-Type: application/dicom`; the
 series folder's other files (reports, previews, results) go beside them under their
 own names with the content type their name suggests, minus the exclusion filter.
-Uploads run in a bounded thread pool over one client (boto3 clients are thread-safe);
-files above the multipart threshold go through boto3's transfer manager. Objects
+Uploads run on `UPLOAD_THREADS` threads over one client (boto3 clients are
+thread-safe; one is kept per set of settings, so a worker's next send reuses it and its
+connections); files above the multipart threshold go through boto3's transfer manager.
+An object the store refuses for itself (a key too long) fails by name and the rest
+goes on; any other refusal stops the send with the object's key in the message. Objects
 already there with the same bytes are reported PRESENT, so a retry sends only the rest:
 the size must match, and so must the MD5 where the listed ETag is one (a single-part
 upload without SSE-KMS); a multipart object is judged by its size alone.
 """
+
+# Why this module is long: the upload pool, the comparison with what is already in
+# the bucket and the translation of S3's error codes into words change together.
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import mimetypes
+import queue
 import socket
 import ssl
 import threading
 import uuid
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -81,19 +87,44 @@ _PERMANENT_CODES = {
     "KMS.NotFoundException",
 }
 
+# Refusals of one object, not of the target: that object fails, the rest goes on.
+_OBJECT_CODES = {
+    "KeyTooLongError",
+    "EntityTooLarge",
+    "MetadataTooLarge",
+    "BadDigest",
+    "InvalidDigest",
+    "XAmzContentSHA256Mismatch",
+}
+
 
 _session_lock = threading.Lock()
 _session: boto3.session.Session | None = None
 
 
-def _make_client(**kwargs):
-    """Build a client from one shared session: a new session reloads botocore's
-    service models (0.1-0.3 s), and sessions are not safe to share unlocked."""
+_clients: dict[tuple, object] = {}
+_CLIENTS_KEPT = 8
+
+
+def _make_client(key: tuple, **kwargs):
+    """The client for `key` (every setting it is made from), built once from one
+    shared session: a new session reloads botocore's service models (0.1-0.3 s), a
+    new client costs 20-40 ms of CPU and a new connection pool; a worker sending
+    series after series to one target reuses them. Clients are thread-safe;
+    sessions are not safe to share unlocked."""
     global _session
     with _session_lock:
+        client = _clients.get(key)
+        if client is not None:
+            return client
         if _session is None:
             _session = boto3.session.Session()
-        return _session.client("s3", **kwargs)
+        client = _session.client("s3", **kwargs)
+        client.meta.events.register_last("before-call.s3", _no_expect_for_small_puts)
+        while len(_clients) >= _CLIENTS_KEPT:
+            _clients.pop(next(iter(_clients)))
+        _clients[key] = client
+        return client
 
 
 def _no_expect_for_small_puts(model=None, params=None, **kwargs) -> None:
@@ -143,15 +174,21 @@ class S3Handler(Handler):
             # request.
             parameter_validation=False,
         )
-        client = _make_client(
+        key_id = None if unsigned else target.access_key_id or None
+        secret = None if unsigned else str(target.secret_key) or None
+        # The secret enters the key as a digest: the same client for the same
+        # credentials, and no second copy of the secret in the process.
+        digest = hashlib.sha256(secret.encode()).digest() if secret else None
+        settings = (target.endpoint_url, target.region, target.addressing_style,
+                    target.connect_timeout, attempts, pool, unsigned, key_id, digest)  # fmt: skip
+        return _make_client(
+            settings,
             endpoint_url=target.endpoint_url or None,
             region_name=target.region or None,
-            aws_access_key_id=None if unsigned else target.access_key_id or None,
-            aws_secret_access_key=None if unsigned else str(target.secret_key) or None,
+            aws_access_key_id=key_id,
+            aws_secret_access_key=secret,
             config=config,
         )
-        client.meta.events.register_last("before-call.s3", _no_expect_for_small_puts)
-        return client
 
     @property
     def key_prefix(self) -> str:
@@ -285,35 +322,77 @@ class S3Handler(Handler):
         upload: Callable[[Instance | OtherFile, str], None],
         report: Callable[[Outcome], None],
     ) -> None:
+        """Upload `todo` on `UPLOAD_THREADS` threads; report each outcome here, on
+        the calling thread, as it comes.
+
+        An object the store refuses for itself (`_OBJECT_CODES`: a key too long, a
+        body that changed while it was read) or a local file that cannot be read is
+        FAILED by name and the rest goes on. Any other error means the target is
+        unusable now: no new upload starts, those under way finish and are
+        reported, and a `TargetError` naming the object is raised (a retry then
+        sends only what is missing).
+        """
         if not todo:
             return
-        workers = min(UPLOAD_THREADS, len(todo))
-        with ThreadPoolExecutor(workers, thread_name_prefix="s3-upload") as pool:
-            futures = {pool.submit(upload, inst, key): inst for inst, key in todo}
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for future in done:
-                    inst = futures[future]
-                    exc = future.exception()
-                    if exc is None:
-                        report(instance_outcome(inst, SENT))
-                        continue
-                    if isinstance(exc, OSError) and not isinstance(
-                        exc, ConnectionError
-                    ):
-                        # The local file went away or cannot be read.
-                        report(
-                            instance_outcome(
-                                inst, FAILED, f"cannot read {inst.path}: {exc.strerror}"
-                            )
+        waiting: queue.SimpleQueue = queue.SimpleQueue()
+        for item in todo:
+            waiting.put(item)
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        stop = threading.Event()
+
+        def work() -> None:
+            try:
+                while not stop.is_set():
+                    try:
+                        inst, key = waiting.get_nowait()
+                    except queue.Empty:
+                        return
+                    try:
+                        upload(inst, key)
+                    except BaseException as exc:  # reported on the calling thread
+                        done.put((inst, key, exc))
+                    else:
+                        done.put((inst, key, None))
+            finally:
+                done.put(None)
+
+        workers = [
+            threading.Thread(target=work, name=f"s3-upload-{n}", daemon=True)
+            for n in range(min(UPLOAD_THREADS, len(todo)))
+        ]
+        error: TargetError | None = None
+        try:
+            for thread in workers:
+                thread.start()
+            running = len(workers)
+            while running:
+                item = done.get()
+                if item is None:
+                    running -= 1
+                    continue
+                inst, key, exc = item
+                if exc is None:
+                    report(instance_outcome(inst, SENT))
+                elif isinstance(exc, OSError) and not isinstance(exc, ConnectionError):
+                    # The local file went away or cannot be read.
+                    why = exc.strerror or str(exc)
+                    report(
+                        instance_outcome(
+                            inst, FAILED, f"cannot read {inst.path}: {why}"
                         )
-                        continue
-                    error = self.error(exc, "uploading")
-                    # The target is unusable: stop, and let the retry send the rest.
-                    for other in pending:
-                        other.cancel()
-                    raise error from None
+                    )
+                elif isinstance(exc, ClientError) and _code(exc) in _OBJECT_CODES:
+                    refused = self.error(exc, f"uploading {key}")
+                    report(instance_outcome(inst, FAILED, refused.message))
+                elif error is None:
+                    error = self.error(exc, f"uploading {key}")
+                    stop.set()
+        finally:
+            stop.set()
+            for thread in workers:
+                thread.join()
+        if error is not None:
+            raise error from None
 
     # -- errors -------------------------------------------------------------------------
     def error(self, exc: BaseException, doing: str) -> TargetError:

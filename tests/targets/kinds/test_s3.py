@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import uuid
+from pathlib import Path
 
 import pytest
 from django.core.exceptions import ValidationError
 
-from targets.kinds.base import PRESENT, SENT, TargetError
+from targets.kinds.base import FAILED, PRESENT, SENT, TargetError
 from targets.kinds.s3 import handler as s3_kind
 from targets.models import S3Target
 from targets.series import scan_folder
@@ -303,3 +304,110 @@ def test_storage_class_and_server_side_encryption_are_sent(
     key = next(iter(expected_keys(target, generated)))
     head = seaweedfs.client().head_object(Bucket=target.bucket, Key=key)
     assert head.get("ServerSideEncryption") == "AES256"
+
+
+# -- parallel uploads: every object, its bytes, a failure by name --------------------
+
+
+def bodies(seaweedfs, bucket: str, prefix: str) -> dict[str, bytes]:
+    client = seaweedfs.client()
+    return {
+        key: client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        for key in seaweedfs.objects(bucket, prefix + "/")
+    }
+
+
+def test_parallel_uploads_put_every_object_with_its_own_bytes(
+    seaweedfs, make_target, tmp_path
+):
+    many = make_series(tmp_path / "many", 3 * s3_kind.UPLOAD_THREADS)
+    target = make_target()
+    seen = []
+
+    result = target.handler.send(scan_folder(many.folder), progress=seen.append)
+
+    assert result.sent == len(many.files) == len(seen)
+    stored = bodies(seaweedfs, target.bucket, target.prefix)
+    assert stored == {
+        f"{target.prefix}/{many.study_uid}/{many.series_uid}/{uid}.dcm": path.read_bytes()
+        for uid, path in zip(many.sop_uids, many.files, strict=True)
+    }
+
+
+def test_an_object_the_store_refuses_fails_by_name_and_the_rest_arrive(
+    seaweedfs, make_target, generated
+):
+    # An other file so deep that its key passes S3's 1,024-byte limit: SeaweedFS
+    # answers KeyTooLongError for that object alone.
+    deep = generated.folder.joinpath(*(c * 200 for c in "defg"))
+    deep.mkdir(parents=True)
+    (deep / ("r" * 200 + ".txt")).write_text("a report")
+    target = make_target()
+
+    result = target.handler.send(scan_folder(generated.folder))
+
+    (failed,) = [o for o in result.outcomes if o.status != SENT]
+    assert failed.path == str(deep / ("r" * 200 + ".txt"))
+    assert failed.message.startswith("S3 error KeyTooLongError (400) while uploading ")
+    assert "/" + "d" * 200 + "/" in failed.message  # the key it refused
+    assert result.sent == 6
+    assert bodies(seaweedfs, target.bucket, target.prefix) == {
+        key: Path(path).read_bytes()
+        for key, path in zip(
+            expected_keys(target, generated), generated.files, strict=True
+        )
+    }
+
+
+def test_a_file_gone_before_its_upload_fails_by_name_and_the_rest_arrive(
+    seaweedfs, make_target, generated
+):
+    series = scan_folder(generated.folder)
+    gone = generated.files[2]
+    gone.unlink()
+    target = make_target()
+
+    result = target.handler.send(series)
+
+    (failed,) = [o for o in result.outcomes if o.status != SENT]
+    assert failed.status == FAILED and failed.path == str(gone)
+    assert failed.message == f"cannot read {gone}: No such file or directory"
+    assert result.sent == 5
+    assert len(seaweedfs.objects(target.bucket, target.prefix + "/")) == 5
+
+
+def test_a_refusal_of_the_target_stops_the_send_and_names_the_object(
+    seaweedfs, make_target, generated
+):
+    target = make_target(
+        access_key_id=seaweedfs.reader.access_key,
+        secret_key=seaweedfs.reader.secret_key,
+    )
+    keys = expected_keys(target, generated)
+
+    with pytest.raises(TargetError) as raised:
+        target.handler.send(scan_folder(generated.folder))
+
+    message = raised.value.message
+    assert message.startswith("access denied while uploading ")
+    assert any(key in message for key in keys)
+
+
+def test_a_changed_secret_is_used_at_once_though_clients_are_reused(
+    make_target, generated
+):
+    target = make_target()
+    assert target.handler.client() is target.handler.client()  # one per settings
+    good = target.secret_key
+    target.secret_key = "changed-" + uuid.uuid4().hex
+    target.save()
+
+    with pytest.raises(TargetError) as raised:
+        S3Target.objects.get(pk=target.pk).handler.send(scan_folder(generated.folder))
+    assert raised.value.message.startswith("authentication failed")
+
+    target.secret_key = good
+    target.save()
+    assert S3Target.objects.get(pk=target.pk).handler.send(
+        scan_folder(generated.folder)
+    ).sent == len(generated.files)
