@@ -107,8 +107,11 @@ def commit(
     )
     came_to_receiver = []
 
+    mine = Job.objects.filter(pk=job.pk, lease_owner=worker, state=State.SENDING)
+
     def poll() -> Report | None:
-        if not keeper.valid:
+        # Cancel is seen here within a tick, not at the keeper's next renewal.
+        if not keeper.valid or not mine.exists():
             raise Stopped("job cancelled or taken over")
         row = (
             StorageCommitment.objects.filter(transaction_uid=transaction_uid)

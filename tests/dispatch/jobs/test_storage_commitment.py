@@ -25,7 +25,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from dispatch.jobs import services
+from dispatch.jobs import engine, services, tasks
 from dispatch.jobs.models import Commitment, InstanceState, State, StorageCommitment
 from targets.models import DicomTarget
 from tests.dicomgen import make_series
@@ -52,6 +52,7 @@ class CommitSCP:
     stored: dict[str, int] = field(default_factory=dict)  # SOP Instance UID: times
     requests: list[tuple[str, list[str], str]] = field(default_factory=list)
     failed_once: set[str] = field(default_factory=set)
+    asked: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self):
         ae = AE(SCP_AET)
@@ -82,6 +83,7 @@ class CommitSCP:
         self.requests.append(
             (ds.TransactionUID, [i for _, i in refs], event.assoc.requestor.ae_title)
         )
+        self.asked.set()
         if self.mode == "same":
             # The report cannot be sent from inside the handler (pynetdicom's
             # reactor thread would wait for its own answer): a moment later.
@@ -273,3 +275,55 @@ def test_the_test_button_says_whether_the_target_accepts_storage_commitment(
     assert off.ok
     check = next(c for c in off.checks if c.name == "Storage Commitment")
     assert check.informational and not check.ok
+
+
+def test_a_worker_waiting_for_the_report_keeps_its_lease_and_stops_on_cancel(
+    scp_factory, tmp_path, settings
+):
+    """The wait is far longer than the lease: the worker renews it all along (no
+    other worker may take the job over), holds one connection, and Cancel ends
+    the wait."""
+    settings.COURIER_JOB_LEASE = 1.0
+    settings.COURIER_COMMITMENT_WAIT = 600
+    scp = scp_factory(mode="silent")
+    series = make_series(tmp_path / "in", 3)
+    target = commit_target(scp, max_connections=4)
+    (job,) = services.create_jobs(series.folder, [target], owned_spool=False)
+    ended = []
+    worker = threading.Thread(
+        target=lambda: ended.append(tasks.run_job(job.pk, worker="first"))
+    )
+    worker.start()
+    try:
+        assert scp.asked.wait(60), "no N-ACTION reached the target"
+        time.sleep(3 * settings.COURIER_JOB_LEASE)  # three leases into the wait
+        job.refresh_from_db()
+        assert (job.state, job.lease_owner, job.connections) == (
+            State.SENDING,
+            "first",
+            1,
+        )
+        assert engine.claim(job.pk, "second", True) is None
+    finally:
+        assert services.cancel([job]) == 1
+        worker.join(60)
+    assert not worker.is_alive()
+    job.refresh_from_db()
+    assert job.state == State.CANCELLED
+    assert [(a.worker, a.outcome) for a in job.attempts.all()] == [
+        ("first", "cancelled")
+    ]
+    assert (job.lease_owner, job.lease_expires_at) == ("", None)
+
+
+def test_the_option_is_a_checkbox_of_dicom_targets_only(admin_client):
+    from django.urls import reverse
+
+    add = reverse("admin:targets_target_add")
+    for kind in ("dicom", "dicom_tls"):
+        html = admin_client.get(f"{add}?kind={kind}").content.decode()
+        assert 'name="request_commitment"' in html
+        assert "register Courier&#x27;s Source AET" in html
+    for kind in ("dicomweb", "folder", "sftp", "s3", "rsync", "xnat"):
+        html = admin_client.get(f"{add}?kind={kind}").content.decode()
+        assert 'name="request_commitment"' not in html, kind
