@@ -11,6 +11,8 @@ receiver.
 
 from __future__ import annotations
 
+import io
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ from pynetdicom.sop_class import (
 
 from dispatch.jobs import engine, services, tasks
 from dispatch.jobs.models import Commitment, InstanceState, State, StorageCommitment
-from targets.models import DicomTarget
+from targets.models import DicomTarget, DicomTlsTarget
 from tests.dicomgen import make_series
 from tests.peers import free_port
 
@@ -53,6 +55,7 @@ class CommitSCP:
     requests: list[tuple[str, list[str], str]] = field(default_factory=list)
     failed_once: set[str] = field(default_factory=set)
     asked: threading.Event = field(default_factory=threading.Event)
+    ssl_context: object = None
 
     def __post_init__(self):
         ae = AE(SCP_AET)
@@ -63,6 +66,7 @@ class CommitSCP:
         self.server = ae.start_server(
             ("127.0.0.1", self.port),
             block=False,
+            ssl_context=self.ssl_context,
             evt_handlers=[
                 (evt.EVT_C_STORE, self._store),
                 (evt.EVT_N_ACTION, self._action),
@@ -212,6 +216,35 @@ def test_instances_the_target_did_not_commit_are_named_resent_and_committed_next
     assert [a.outcome for a in job.attempts.all()] == ["error", "done"]
 
 
+def test_a_dicom_tls_target_asks_for_commitment_over_tls_too(
+    scp_factory, tmp_path, immediate_huey, pki
+):
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=pki["ca.pem"])
+    ctx.load_cert_chain(pki["server.pem"], pki["server.key"])
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    scp = scp_factory(ssl_context=ctx)
+    series = make_series(tmp_path / "in", 3)
+    target = DicomTlsTarget.objects.create(
+        name="tls-commit",
+        host="127.0.0.1",
+        port=scp.port,
+        called_aet=SCP_AET,
+        calling_aet="COURIER_SCU",
+        tls_ca_cert=pki["ca.pem"],
+        tls_client_cert=pki["client.pem"],
+        tls_client_key=pki["client.key"],
+        request_commitment=True,
+        retry_base_delay=3600,
+    )
+    (job,) = services.create_jobs(series.folder, [target], owned_spool=False)
+    job.refresh_from_db()
+    assert job.state == State.DONE, job.last_error
+    assert job.committed_label == "3 of 3 committed"
+    ((_, asked, _),) = scp.requests
+    assert sorted(asked) == sorted(series.sop_uids) == sorted(scp.stored)
+    assert scp.report_status == 0x0000
+
+
 def test_no_report_within_the_wait_fails_the_attempt_in_words_and_retries(
     scp_factory, tmp_path, immediate_huey, settings
 ):
@@ -327,3 +360,23 @@ def test_the_option_is_a_checkbox_of_dicom_targets_only(admin_client):
     for kind in ("dicomweb", "folder", "sftp", "s3", "rsync", "xnat"):
         html = admin_client.get(f"{add}?kind={kind}").content.decode()
         assert 'name="request_commitment"' not in html, kind
+
+
+def test_send_series_and_job_status_print_how_many_were_committed(
+    scp_factory, tmp_path
+):
+    from django.core.management import call_command
+
+    scp = scp_factory()
+    series = make_series(tmp_path / "in", 2)
+    commit_target(scp, name="pacs")
+    out = io.StringIO()
+    call_command("send_series", "pacs", str(series.folder), stdout=out)
+    assert "2 sent, 0 already present, 0 warnings, 0 failed of 2 instances" in (
+        out.getvalue()
+    )
+    assert "; 2 of 2 committed;" in out.getvalue()
+    job_id = out.getvalue().split("job ")[1].split(":")[0]
+    status = io.StringIO()
+    call_command("job_status", job_id, stdout=status)
+    assert "storage commitment: 2 of 2 committed" in status.getvalue()
