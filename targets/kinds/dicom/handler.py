@@ -9,6 +9,10 @@ pynetdicom's threaded `Association` (see that module and the README's Performanc
 DICOM+TLS is this handler plus an SSL context: override `ssl_context()`.
 """
 
+# Why this module is long: one kind's whole handler read top down: the send loop
+# (associations sharing one queue, resumes after a stall), conversion, Test with its
+# checks, and the Storage Commitment request after a send.
+
 from __future__ import annotations
 
 import re
@@ -33,9 +37,7 @@ from pydicom.uid import (
 )
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
-from targets.dicomnet import commit_scu
-from targets.dicomnet.commitment import STORAGE_COMMITMENT, Reference, Report
-from targets.dicomnet.commitment import SYNTAXES as COMMITMENT_SYNTAXES
+from targets.dicomnet.commitment import Reference, Report
 from targets.dicomnet.scu import (
     VERIFICATION,
     Association,
@@ -61,6 +63,7 @@ from targets.kinds.base import (
     TargetError,
     instance_outcome,
 )
+from targets.kinds.dicom import commitment
 
 if TYPE_CHECKING:
     from targets.series import Instance, Series
@@ -352,40 +355,15 @@ class DicomHandler(Handler):
         poll: Callable[[], Report | None],
         context: SendContext | None = None,
     ) -> Report:
-        """Ask the target to commit `references`; return its report.
-
-        The N-ACTION goes on an association of its own, with Courier's Source AET
-        even when the target passes the incoming one on: the target sends its
-        report to the AE title that asked. Waits up to `wait` seconds for the
-        N-EVENT-REPORT on that association or for `poll()` to return it (it
-        came to the receiver); raise `TargetError` in words otherwise.
-        """
-        calling = self.target.calling_aet or settings.COURIER_AE_TITLE
-        called = self.aets(context)[1]
-        try:
-            assoc = self.open(
-                [(STORAGE_COMMITMENT, list(COMMITMENT_SYNTAXES))], calling, called
-            )
-        except LinkError as exc:
-            raise _to_target_error(exc) from exc
-        try:
-            report = commit_scu.request(
-                assoc, transaction_uid, references, wait=wait, poll=poll
-            )
-        except LinkError as exc:
-            assoc.abort()
-            raise _to_target_error(exc) from exc
-        except BaseException:
-            assoc.abort()
-            raise
-        assoc.release()
-        if report is None:
-            raise TargetError(
-                f"no storage commitment report from {called} within {wait:g} s "
-                f"(transaction {transaction_uid}); check that the target knows "
-                f"Courier's AE title {calling} with the receiver's host and port"
-            )
-        return report
+        # Courier's own Source AET even when the incoming one is passed on: the
+        # target sends its report to the AE title that asked.
+        aets = (
+            self.target.calling_aet or settings.COURIER_AE_TITLE,
+            self.aets(context)[1],
+        )
+        with link_errors():
+            assoc = self.open([commitment.CONTEXT], *aets)
+        return commitment.request(assoc, transaction_uid, references, wait, poll, *aets)
 
     # -- testing ------------------------------------------------------------------------
     def test(self) -> CheckReport:
@@ -409,7 +387,7 @@ class DicomHandler(Handler):
             assoc = self.open(
                 [
                     (VERIFICATION, [ImplicitVRLittleEndian, ExplicitVRLittleEndian]),
-                    (STORAGE_COMMITMENT, list(COMMITMENT_SYNTAXES)),
+                    commitment.CONTEXT,
                 ],
                 calling,
                 called,
@@ -430,25 +408,7 @@ class DicomHandler(Handler):
                     raise TargetError(f"status {status:#06x}: {meaning[1]}")
                 c.message = f"success, round trip {ms:.1f} ms"
                 c.details = {"round_trip_ms": round(ms, 2)}
-            # Informational unless the target is to commit what it gets.
-            wanted = bool(t.request_commitment)
-            with result.check("Storage Commitment", informational=not wanted) as c:
-                if assoc.contexts_for(STORAGE_COMMITMENT):
-                    c.message = "the target accepts the Storage Commitment Push Model"
-                    if not wanted:
-                        c.message += " ('Request storage commitment' is off)"
-                elif wanted:
-                    raise TargetError(
-                        "the target does not accept the Storage Commitment Push "
-                        "Model SOP class: enable storage commitment on it, or turn "
-                        "off 'Request storage commitment'"
-                    )
-                else:
-                    c.ok = False
-                    c.message = (
-                        "the target does not accept the Storage Commitment Push "
-                        "Model (informational: 'Request storage commitment' is off)"
-                    )
+            commitment.check(result, assoc, bool(t.request_commitment))
         finally:
             if result.stopped:
                 assoc.abort()
