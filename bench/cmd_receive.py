@@ -26,12 +26,14 @@ Courier in the middle of modality -> Orthanc.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import tempfile
 import time
 from pathlib import Path
 
+import django
 from harness import (
     DCMTK,
     DCMTK_ENV,
@@ -50,10 +52,14 @@ from harness import (
     wait_until,
 )
 
-from tests.dicomgen import make_series
-from tests.fixtures.dispatch_peers import CourierSite
-from tests.fixtures.receive_peers import ReceiverProcess
-from tests.peers import Orthanc, StoreSCP
+# The receiver fixtures import the receiver, which imports models: Django first.
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+django.setup()
+
+from tests.dicomgen import make_series  # noqa: E402
+from tests.fixtures.dispatch_peers import CourierSite  # noqa: E402
+from tests.fixtures.receive_peers import ReceiverProcess  # noqa: E402
+from tests.peers import Orthanc, StoreSCP  # noqa: E402
 
 UNFINISHED = (
     "SELECT id FROM dispatch_job WHERE state NOT IN "

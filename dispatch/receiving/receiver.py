@@ -588,6 +588,19 @@ class Receiver:
                 raise
             series.inflight += 1
             self._open[key] = series
+            if not series_uid:
+                log.warning(
+                    "event=series_without_uid %s",
+                    log_fields(
+                        calling_aet=calling,
+                        study_uid=study_uid,
+                        sop_instance=request.sop_instance,
+                        reason="the instance has no Series Instance UID: kept with "
+                        "the other instances of its study from this sender that "
+                        "have none, as one series",
+                        folder=series.folder,
+                    ),
+                )
             log.info(
                 "event=series_started %s",
                 log_fields(

@@ -601,6 +601,10 @@ def check_associate_rq(request: bytes) -> tuple[tuple[int, int, int], str] | Non
     return None
 
 
+class _Idle(LinkTimeout):
+    """The peer sent nothing for the idle limit, between PDUs."""
+
+
 class _Reader:
     """An association's socket: the per-PDU deadline and the idle limit, no copies
     of large values (they go from one reusable buffer to the sink)."""
@@ -630,7 +634,7 @@ class _Reader:
             got = self.sock.recv_into(self.chunk, limit)
         except TimeoutError:
             if self.deadline is None:
-                raise LinkTimeout(
+                raise _Idle(
                     f"nothing received for {self.idle_timeout:g} s (the idle limit)"
                 ) from None
             raise self._late() from None
@@ -910,9 +914,50 @@ class _Association:
                     raise LinkError(
                         f"unexpected PDU type 0x{pdu_type:02X} of {length} bytes"
                     )
+        except _Idle as exc:
+            if message is not None or command:
+                raise  # silent in the middle of a message: aborted
+            log.info(
+                "event=association_idle %s",
+                log_fields(calling_aet=self.calling, peer=self.address, reason=exc),
+            )
+            self.release()
         finally:
             if message is not None:
                 message.discard()
+
+    def release(self) -> None:
+        """End an idle association with A-RELEASE, as its acceptor (PS3.8 9.2.7).
+
+        Courier sends A-RELEASE-RQ and waits (a PDU's time at most) for the peer's
+        A-RELEASE-RP. Release collision: if the peer's own A-RELEASE-RQ crosses
+        Courier's, the acceptor waits for the requestor's A-RELEASE-RP first
+        (Sta10) and then answers with its own (Sta12, AR-4), never an abort.
+        P-DATA still arriving is read and dropped: the association is ending.
+        """
+        reader = self.reader
+        self.scp._free_slot(self.sock, self.address)
+        self._send(struct.pack(">BBIxxxx", RELEASE_RQ, 0, 4))
+        reader.idle_timeout = reader.pdu_timeout  # the ARTIM timer
+        collided = False
+        while True:
+            reader.start_pdu()
+            pdu_type, _, length = struct.unpack(">BBI", reader.exact(6))
+            if pdu_type == P_DATA_TF and length <= MAX_PDU_READ:
+                reader.stream(length, _drop)
+                continue
+            if length != 4 or pdu_type not in (RELEASE_RQ, RELEASE_RP, ABORT):
+                raise LinkError(
+                    f"unexpected PDU type 0x{pdu_type:02X} of {length} bytes "
+                    "while releasing"
+                )
+            reader.exact(4)
+            if pdu_type == RELEASE_RQ:
+                collided = True
+                continue
+            if pdu_type == RELEASE_RP and collided:
+                self._send(struct.pack(">BBIxxxx", RELEASE_RP, 0, 4))
+            return
 
     def _p_data(
         self, length: int, command: bytearray, message: _Message | None
@@ -1058,6 +1103,10 @@ class _Association:
             return
         request, report = sent
         status = _u16(cmd.get(0x0900))
+        if status != 0x0000:
+            # The requester would not take it here (many expect the report on an
+            # association of their own): it goes on a new one.
+            self.scp.on_undelivered(request, report)
         log.info(
             "event=commitment_reported %s",
             log_fields(
@@ -1117,6 +1166,10 @@ class _Association:
         # A peer that stops reading cannot hold the thread longer than a PDU may take.
         self.sock.settimeout(self.scp.limits.pdu_timeout)
         self.sock.sendall(data)
+
+
+def _drop(data: bytes | memoryview) -> None:
+    pass
 
 
 def _send_reject(sock: socket.socket, why: tuple[int, int, int]) -> None:

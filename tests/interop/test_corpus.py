@@ -549,7 +549,7 @@ def summary(problems: list[str]) -> str:
 def dicom_target(site, name: str, port: int, aet: str) -> None:
     site.add_target(
         name=name, kind="dicom", host="127.0.0.1", port=port, called_aet=aet,
-        calling_aet="COURIER", max_associations=1, **TIMEOUTS,
+        calling_aet="COURIER", max_connections=1, **TIMEOUTS,
     )  # fmt: skip
 
 

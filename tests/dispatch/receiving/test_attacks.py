@@ -351,8 +351,11 @@ def test_each_phase_has_a_deadline_however_slowly_the_peer_trickles(receiver):
         w.join(120)
 
     assert outcomes == {"request": "dropped", "pdu": "dropped"}
-    # An association that sends nothing is aborted (A-ABORT, then closed).
-    assert idle.wait_closed(timeout=60).startswith(b"\x07")
+    # An association that sends nothing is released (A-RELEASE-RQ); a peer that
+    # does not answer that either is aborted (A-ABORT, then closed).
+    ended = idle.wait_closed(timeout=60)
+    assert ended[:10] == b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+    assert ended[10:11] == b"\x07"
     for peer in (slow_request, slow_pdu, idle):
         peer.close()
 
