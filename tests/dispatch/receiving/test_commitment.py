@@ -5,6 +5,8 @@ reporting on a commitment Courier asked for (kept in `StorageCommitment`)."""
 
 from __future__ import annotations
 
+import socket
+import struct
 import threading
 
 import pydicom
@@ -19,11 +21,21 @@ from dispatch.jobs.commitment import record_report
 from dispatch.jobs.models import StorageCommitment
 from dispatch.receiving.bookkeeping import DatabaseBookkeeper
 from dispatch.receiving.commitment import parse_peers
-from targets.dicomnet.commitment import NO_SUCH_OBJECT, STORAGE_COMMITMENT_INSTANCE
+from targets.dicomnet.commitment import (
+    NO_SUCH_OBJECT,
+    STORAGE_COMMITMENT_INSTANCE,
+    Reference,
+    Report,
+    send_report,
+)
 from targets.dicomnet.identity import IMPLEMENTATION_CLASS_UID
 from tests.dicomgen import make_series
 from tests.fixtures.receive_peers import storescu
 from tests.peers import free_port
+from tests.rawdicom import COMMAND, EXPLICIT_LE, LAST, command_set, p_data
+
+RELEASE_RQ = b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -286,3 +298,81 @@ def test_a_report_arriving_twice_keeps_the_latest():
         [],
         "PACS",
     )
+
+
+# -- Courier's own association for a report: release collision (PS3.8 9.2.7) -------------
+
+
+def _raw_requester_peer(server: socket.socket, seen: list[bytes]) -> None:
+    """A modality's listener, byte by byte: accepts Courier's association, takes the
+    report, and asks to release just as Courier does (a collision): A-RELEASE-RQ,
+    then, as the acceptor, waits for Courier's A-RELEASE-RP before sending its own."""
+    conn, _ = server.accept()
+    conn.settimeout(30)
+    buffer = b""
+
+    def pdu() -> tuple[int, bytes]:
+        nonlocal buffer
+        while len(buffer) < 6 or len(buffer) < 6 + struct.unpack(">I", buffer[2:6])[0]:
+            data = conn.recv(65536)
+            if not data:
+                raise ConnectionError("closed")
+            buffer += data
+        length = struct.unpack(">I", buffer[2:6])[0]
+        out, buffer = (buffer[0], buffer[6 : 6 + length]), buffer[6 + length :]
+        seen.append(bytes([out[0]]))
+        return out
+
+    def item(kind: int, body: bytes) -> bytes:
+        return struct.pack(">BBH", kind, 0, len(body)) + body
+
+    try:
+        kind, rq = pdu()
+        assert kind == 0x01
+        body = (
+            struct.pack(">HH", 1, 0) + rq[4:36] + b"\0" * 32
+            + item(0x10, b"1.2.840.10008.3.1.1.1")
+            + item(0x21, bytes([1, 0, 0, 0]) + item(0x40, EXPLICIT_LE.encode()))
+            + item(0x50, item(0x51, struct.pack(">I", 16384)))
+        )  # fmt: skip
+        conn.sendall(struct.pack(">BBI", 0x02, 0, len(body)) + body)
+        dataset_done = False
+        while not dataset_done:  # the command, then the dataset's last fragment
+            kind, data = pdu()
+            assert kind == 0x04
+            dataset_done = not data[5] & COMMAND and bool(data[5] & LAST)
+        rsp = command_set([
+            (0x0002, b"1.2.840.10008.1.20.1\0"),
+            (0x0100, struct.pack("<H", 0x8100)),
+            (0x0120, struct.pack("<H", 1)),
+            (0x0800, struct.pack("<H", 0x0101)),
+            (0x0900, struct.pack("<H", 0x0000)),
+        ])  # fmt: skip
+        conn.sendall(p_data(1, COMMAND | LAST, rsp))
+        assert pdu()[0] == 0x05  # Courier's A-RELEASE-RQ ...
+        conn.sendall(RELEASE_RQ)  # ... crossed by ours
+        assert pdu()[0] == 0x06  # Courier, the requestor, answers first
+        conn.sendall(RELEASE_RP)
+        conn.settimeout(5)
+        seen.append(conn.recv(10) or b"closed")
+    finally:
+        conn.close()
+
+
+def test_courier_delivering_a_report_answers_a_release_collision_as_the_requestor():
+    server = socket.create_server(("127.0.0.1", 0))
+    seen: list[bytes] = []
+    peer = threading.Thread(target=_raw_requester_peer, args=(server, seen))
+    peer.start()
+    report = Report(generate_uid(), [Reference(CT_IMAGE, generate_uid())])
+    try:
+        send_report(
+            "127.0.0.1", server.getsockname()[1], calling_aet="COURIER",
+            called_aet="MODALITY", report=report, timeout=10,
+        )  # fmt: skip
+    finally:
+        peer.join(30)
+        server.close()
+    # associate, the report (command + dataset), release, collision, end: no abort.
+    assert b"\x07" not in seen
+    assert seen[-3:] == [b"\x05", b"\x06", b"closed"]
