@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
     CTImageStorage,
@@ -88,7 +89,7 @@ class CommitSCP:
             (ds.TransactionUID, [i for _, i in refs], event.assoc.requestor.ae_title)
         )
         self.asked.set()
-        if self.mode == "same":
+        if self.mode in ("same", "crafted"):
             # The report cannot be sent from inside the handler (pynetdicom's
             # reactor thread would wait for its own answer): a moment later.
             threading.Thread(
@@ -98,6 +99,13 @@ class CommitSCP:
 
     def _report(self, assoc, transaction_uid, refs):
         time.sleep(0.3)
+        if self.mode == "crafted":
+            # First a report of another transaction committing everything, then
+            # ours leaving the last instance out and naming one never sent.
+            self._send(assoc, generate_uid(), refs, [])
+            refs = refs[:-1] + [(refs[0][0], generate_uid())]
+            self._send(assoc, transaction_uid, refs, [])
+            return
         ok, bad = [], []
         for cls, uid in refs:
             if uid in self.fail_first and uid not in self.failed_once:
@@ -107,6 +115,9 @@ class CommitSCP:
                 ok.append((cls, uid))
             else:
                 bad.append((cls, uid))
+        self._send(assoc, transaction_uid, ok, bad)
+
+    def _send(self, assoc, transaction_uid, ok, bad):
         ds = Dataset()
         ds.TransactionUID = transaction_uid
 
@@ -214,6 +225,29 @@ def test_instances_the_target_did_not_commit_are_named_resent_and_committed_next
         sorted(lost),
     ]
     assert [a.outcome for a in job.attempts.all()] == ["error", "done"]
+
+
+def test_a_report_of_another_transaction_or_leaving_an_instance_out_commits_nothing_unasked(
+    scp_factory, tmp_path, immediate_huey
+):
+    """A peer's report is data: one for another transaction is answered and
+    ignored, an instance it names but Courier never sent changes nothing, and one
+    it leaves out is not committed (sent again next time)."""
+    scp = scp_factory(mode="crafted")
+    series = make_series(tmp_path / "in", 3)
+    target = commit_target(scp)
+    (job,) = services.create_jobs(series.folder, [target], owned_spool=False)
+    job.refresh_from_db()
+    assert job.state == State.RETRY_WAIT
+    assert job.committed_label == "2 of 3 committed"
+    left_out = job.instances.get(state=InstanceState.PENDING)
+    assert left_out.sop_instance_uid == scp.requests[0][1][-1]
+    assert left_out.message == (
+        "not committed by COMMITSCP: not named in the target's report; sent again "
+        "on the next attempt"
+    )
+    assert "1 of 3 instances not committed by COMMITSCP" in job.last_error
+    assert scp.report_status == 0x0000
 
 
 def test_a_dicom_tls_target_asks_for_commitment_over_tls_too(
