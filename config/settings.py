@@ -283,6 +283,11 @@ COURIER_DIMSE_TIMEOUT = env.float("COURIER_DIMSE_TIMEOUT", default=10.0)
 # any live worker resumes its jobs once the lease runs out. Short, so a crash costs
 # seconds; the machines' clocks must agree to well within it (NTP).
 COURIER_JOB_LEASE = env.float("COURIER_JOB_LEASE", default=15.0)
+# Storage Commitment (DICOM targets with "request storage commitment"): how long an
+# attempt waits for the target's N-EVENT-REPORT after its N-ACTION before it fails and
+# is retried like any other failure. The worker keeps the job (and renews its lease)
+# meanwhile, holding one of the target's connections.
+COURIER_COMMITMENT_WAIT = env.float("COURIER_COMMITMENT_WAIT", default=120.0)
 # Spool folders of failed or cancelled jobs are kept this many days, then deleted.
 COURIER_FAILED_RETENTION_DAYS = env.float("COURIER_FAILED_RETENTION_DAYS", default=14.0)
 # Receiver (manage.py receive, started by runcourier): its port, the calling AE titles

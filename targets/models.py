@@ -148,6 +148,16 @@ class Target(models.Model):
         validators=[MinValueValidator(0), MaxValueValidator(2**32 - 1)],
         help_text="Largest PDU Courier accepts; 0 means unlimited.",
     )
+    request_commitment = models.BooleanField(
+        "request storage commitment",
+        default=False,
+        help_text="After each series, ask the target to commit (take responsibility "
+        "for) what it received (Storage Commitment, N-ACTION). A job is done only "
+        "when the target reports every instance committed; what it does not commit "
+        "is sent again. The target sends its report on the same association or to "
+        "Courier's receiver: register Courier's Source AET with the receiver's "
+        "host and port on the PACS.",
+    )
 
     # -- DICOM+TLS ---------------------------------------------------------------
     tls_client_key = models.CharField(
@@ -366,6 +376,9 @@ class Target(models.Model):
     show_if: ClassVar[tuple[ShowIf, ...]] = ()
     # Help texts for this kind's form, where a shared column means more here.
     help_texts: ClassVar[dict[str, str]] = {}
+    # Whether the kind can ask for Storage Commitment (its handler implements
+    # `request_commitment`, and its form shows the option).
+    can_commit: ClassVar[bool] = False
 
     def __str__(self) -> str:
         return self.name
@@ -483,8 +496,10 @@ class DicomTarget(Target):
         "max_pdu",
         "username",
         "password",
+        "request_commitment",
     )
     required_fields = ("host", "port", "called_aet")
+    can_commit = True
     help_texts = {
         "username": "User Identity (PS3.7 D.3.3.7): for an archive that requires a "
         "login on the association. Sent on sends, Tests and queries; leave empty "

@@ -36,6 +36,8 @@ def progress_text(job: Job) -> str:
     text = f"{job.done_count} / {job.total}"
     if job.failed:
         text += f" ({job.failed} failed)"
+    if job.committed_label:
+        text += f", {job.committed_label}"
     return text
 
 
@@ -215,6 +217,7 @@ class JobAdmin(admin.ModelAdmin):
         "other_files",
         "other_sent",
         "skipped",
+        "committed_column",
         "last_error",
         "live_status",
         "problem_instances",
@@ -249,6 +252,7 @@ class JobAdmin(admin.ModelAdmin):
                     "other_files",
                     "other_sent",
                     "skipped",
+                    "committed_column",
                 )
             },
         ),
@@ -304,6 +308,10 @@ class JobAdmin(admin.ModelAdmin):
         return format_html(
             '<span class="job-status" data-job="{}">{}</span>', job.pk, text
         )
+
+    @admin.display(description="storage commitment")
+    def committed_column(self, job: Job) -> str:
+        return job.committed_label or "not requested"
 
     @admin.display(description="sent")
     def sent_size(self, job: Job) -> str:

@@ -30,7 +30,7 @@ from targets.redaction import crash_site, scrub
 from targets.series import Series, scan_folder
 from targets.validators import split_globs
 
-from . import lease
+from . import committing, lease
 from .models import FINISHED_STATES, Attempt, InstanceState, Job, JobInstance, State
 from .outcomes import OutcomeWriter, finish
 
@@ -254,6 +254,12 @@ def attempt(
                 ids = {path: pk for path, (pk, _) in pending.items()}
                 writer = OutcomeWriter(job, target, record, worker, ids)
                 aborted = _send(job, target, series, writer, keeper, progress)
+        if not aborted and committing.wanted(target):
+            # What this and earlier attempts delivered, committed or not.
+            context = SendContext(job.calling_aet, job.called_aet)
+            committing.commit(job, target, worker, keeper, context)
+    except committing.Stopped:
+        aborted = True
     except TargetError as exc:
         error = exc
         error.message = scrub(exc.message, target)

@@ -101,6 +101,9 @@ class Job(models.Model):
     other_files = models.PositiveIntegerField("other files", default=0)
     other_sent = models.PositiveIntegerField("other files delivered", default=0)
     skipped = models.PositiveIntegerField("other files left out", default=0)
+    # Storage Commitment: instances the target reported committed; None when the
+    # target was never asked (its "Request storage commitment" is off).
+    committed = models.PositiveIntegerField(null=True, blank=True)
     last_error = models.TextField(blank=True)
 
     class Meta:
@@ -129,6 +132,13 @@ class Job(models.Model):
     @property
     def series_label(self) -> str:
         return self.series_uid or self.folder.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def committed_label(self) -> str:
+        """ "12 of 20 committed" once the target was asked to commit; else ""."""
+        if self.committed is None:
+            return ""
+        return f"{self.committed} of {self.total} committed"
 
     @property
     def done_count(self) -> int:
@@ -200,6 +210,15 @@ class InstanceState(models.TextChoices):
     FAILED = "failed", "Failed"
 
 
+class Commitment(models.TextChoices):
+    """Where an instance is in Storage Commitment (its target asks for it)."""
+
+    NONE = "", "Not asked"
+    WAITING = "waiting", "Waiting for the report"
+    COMMITTED = "committed", "Committed"
+    FAILED = "failed", "Not committed"
+
+
 class JobInstance(models.Model):
     """One file of a job and its fate; only pending files are sent by an attempt."""
 
@@ -213,6 +232,11 @@ class JobInstance(models.Model):
     )
     message = models.TextField(blank=True)
     bytes = models.PositiveBigIntegerField(default=0)
+    # Storage Commitment: a delivered instance is asked for until it is committed;
+    # one the target did not commit goes back to pending with the reason.
+    commitment = models.CharField(
+        max_length=10, choices=Commitment.choices, default=Commitment.NONE, blank=True
+    )
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:

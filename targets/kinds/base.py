@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from targets.dicomnet.commitment import Reference, Report
     from targets.models import Target
     from targets.series import Instance, OtherFile, Series
 
@@ -191,6 +194,26 @@ class Handler:
     def test(self) -> CheckReport:
         """Check the target for real; never raise for a target-side problem."""
         raise NotImplementedError
+
+    def request_commitment(
+        self,
+        transaction_uid: str,
+        references: Sequence[Reference],
+        *,
+        wait: float,
+        poll: Callable[[], Report | None],
+        context: SendContext | None = None,
+    ) -> Report:
+        """Ask the target to commit `references` (Storage Commitment) and wait.
+
+        Return the target's report (what it committed, what not and why), whether
+        it came back on the request's own connection or `poll()` found it (it came
+        another way); raise `TargetError` when it cannot be asked or no report
+        comes within `wait` seconds. Only kinds whose proxy `can_commit` have it.
+        """
+        raise TargetError(
+            f"{self.target.get_kind_display()} targets cannot commit", permanent=True
+        )
 
     # -- helpers for send() -----------------------------------------------------------
     def start(self, progress: ProgressCallback | None) -> tuple[SendResult, Report]:

@@ -48,8 +48,10 @@ def dicom_case(get, tmp: Path) -> Case:
             "host": "127.0.0.1",
             "port": str(orthanc.dicom_port),
             "called_aet": orthanc.aet,
+            # Orthanc is a Storage Commitment SCP: Test says so.
+            "request_commitment": True,
         },  # fmt: skip
-        passing=("TCP connect", "Association", "C-ECHO"),
+        passing=("TCP connect", "Association", "C-ECHO", "Storage Commitment"),
         wrong={"port": str(free_port())},
         wrong_words="connection refused",
         unchanged={"port": orthanc.dicom_port},

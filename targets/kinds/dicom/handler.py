@@ -10,9 +10,10 @@ pynetdicom's threaded `Association` (see that module and the README's Performanc
 DICOM+TLS is this handler plus an SSL context: override `ssl_context()`.
 """
 
-# Why this module is long: the send loop (parallel associations sharing one queue,
-# per-instance failure after a hang or an abort), the Test's checks and the context
-# plan belong together; conversion moves to its own module (issue 13, transcode).
+# Why this module is long: one kind's whole handler read top down: the send loop
+# (parallel associations sharing one queue, per-instance failure after a hang or an
+# abort), Test with its checks, and the Storage Commitment request after a send.
+# Conversion lives in targets.dicomnet.transcode, commitment in ./commitment.py.
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING
 from django.conf import settings
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from targets.dicomnet.commitment import Reference, Report
 from targets.dicomnet.outgoing import RefusedFile, prepare
 from targets.dicomnet.scu import (
     VERIFICATION,
@@ -60,6 +62,7 @@ from targets.kinds.base import (
     TargetError,
     instance_outcome,
 )
+from targets.kinds.dicom import commitment
 
 if TYPE_CHECKING:
     from targets.models import Target
@@ -366,6 +369,26 @@ class DicomHandler(Handler):
             message = "; ".join(m for m in (outgoing.note, message) if m)
         return instance_outcome(inst, status, message)
 
+    # -- storage commitment -------------------------------------------------------------
+    def request_commitment(
+        self,
+        transaction_uid: str,
+        references: Sequence[Reference],
+        *,
+        wait: float,
+        poll: Callable[[], Report | None],
+        context: SendContext | None = None,
+    ) -> Report:
+        # Courier's own Source AET even when the incoming one is passed on: the
+        # target sends its report to the AE title that asked.
+        aets = (
+            self.target.calling_aet or settings.COURIER_AE_TITLE,
+            self.aets(context)[1],
+        )
+        with link_errors():
+            assoc = self.open([commitment.CONTEXT], *aets)
+        return commitment.request(assoc, transaction_uid, references, wait, poll, *aets)
+
     # -- testing ------------------------------------------------------------------------
     def test(self) -> CheckReport:
         result = CheckReport()
@@ -386,7 +409,10 @@ class DicomHandler(Handler):
         assoc = None
         with result.check("Association") as c, link_errors():
             assoc = self.open(
-                [(VERIFICATION, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])],
+                [
+                    (VERIFICATION, [ImplicitVRLittleEndian, ExplicitVRLittleEndian]),
+                    commitment.CONTEXT,
+                ],
                 calling,
                 called,
             )
@@ -405,6 +431,7 @@ class DicomHandler(Handler):
                     raise TargetError(f"C-ECHO failed: {in_words(status, 'echo')}")
                 c.message = f"success, round trip {ms:.1f} ms"
                 c.details = {"round_trip_ms": round(ms, 2)}
+            commitment.check(result, assoc, bool(t.request_commitment))
         finally:
             if result.stopped:
                 assoc.abort()

@@ -438,8 +438,15 @@ def test_test_passes_every_check_against_orthanc(orthanc_checking_aet):
 
     assert result.ok, result.summary
     names = [c.name for c in result.checks]
-    assert names == ["Name resolution", "Ping", "TCP connect", "Association", "C-ECHO"]
-    echo = result.checks[-1]
+    assert names == [
+        "Name resolution",
+        "Ping",
+        "TCP connect",
+        "Association",
+        "C-ECHO",
+        "Storage Commitment",  # informational: the option is off
+    ]
+    echo = result.checks[-2]
     assert echo.message.startswith("success, round trip ")
     assert echo.message.endswith(" ms")
 

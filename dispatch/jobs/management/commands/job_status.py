@@ -79,6 +79,8 @@ class Command(BaseCommand):
                 f" ({report['done']} of {job.total + job.other_files} files so far)"
             )
         self.stdout.write(counts)
+        if job.committed_label:
+            self.stdout.write(f"storage commitment: {job.committed_label}")
         if job.other_files or job.skipped:
             self.stdout.write(
                 f"other files: {job.other_sent} of {job.other_files} delivered, "

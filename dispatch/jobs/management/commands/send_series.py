@@ -189,6 +189,8 @@ class Command(BaseCommand):
             summary += f"; {job.other_sent} of {job.other_files} other files delivered"
         if job.skipped:
             summary += f"; {job.skipped} files left out"
+        if job.committed_label:
+            summary += f"; {job.committed_label}"
         summary += f"; {mb:.1f} MB in {seconds:.1f} s"
         if job.state in SUCCESS_STATES:
             self.stdout.write(self.style.SUCCESS(summary))
