@@ -186,15 +186,20 @@ def scan_folder(folder: str | Path) -> Series:
     say) is listed in `corrupt`: it must never reach a target, in any form (not as an
     other file either), nor replace a good copy there.
     """
-    from pydicom.errors import InvalidDicomError
-
     root = Path(folder).resolve()
-    series = Series(root=root)
     paths: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
             paths.append(Path(dirpath) / name)
+    return scan_paths(root, paths)
+
+
+def scan_paths(root: Path, paths: Iterable[Path]) -> Series:
+    """Read the given files of the series folder `root` as `scan_folder` does."""
+    from pydicom.errors import InvalidDicomError
+
+    series = Series(root=root)
     for path in paths:
         try:
             instance = read_instance(path)
