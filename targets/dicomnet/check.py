@@ -14,6 +14,7 @@ import mmap
 import os
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from targets.dicomnet.vr import ALL_VRS, LONG_VRS
@@ -50,9 +51,16 @@ class _Walker:
     sequence closed.
     """
 
-    def __init__(self, buf: bytes, implicit: bool, little: bool):
+    def __init__(
+        self,
+        buf: bytes,
+        implicit: bool,
+        little: bool,
+        capture: frozenset[int] | tuple[int, ...] = _CAPTURED,
+    ):
         self.buf = buf
         self.implicit = implicit
+        self.capture = capture
         e = "<" if little else ">"
         self.tag = struct.Struct(e + "HH")
         self.u32 = struct.Struct(e + "L")
@@ -121,7 +129,7 @@ class _Walker:
                     f"element ({group:04X},{elem:04X}) runs past the end "
                     f"of the data ({length} bytes at byte {pos} of {end})"
                 )
-            if captured is not None and tag in _CAPTURED:
+            if captured is not None and tag in self.capture:
                 captured[tag] = buf[pos : pos + length]
             pos += length
         if in_item:
@@ -153,6 +161,28 @@ def walk_dataset(
 ) -> dict[str, str]:
     """Walk an encoded dataset (from `start`) to its end; return the UIDs it holds
     ("" for a missing one). Raise `CorruptDataset` if it is truncated or not DICOM."""
+    captured = _walk(raw, transfer_syntax, start, _CAPTURED)
+
+    def uid(tag: int) -> str:
+        value = captured.get(tag, b"")
+        return value.rstrip(b"\x00 ").decode("ascii", "replace")
+
+    return {
+        "SOPClassUID": uid(TAG_SOP_CLASS),
+        "SOPInstanceUID": uid(TAG_SOP_INSTANCE),
+        "StudyInstanceUID": uid(TAG_STUDY_UID),
+        "SeriesInstanceUID": uid(TAG_SERIES_UID),
+    }
+
+
+def _walk(
+    raw: bytes | mmap.mmap,
+    transfer_syntax: str,
+    start: int,
+    capture: frozenset[int] | tuple[int, ...],
+) -> dict[int, bytes]:
+    """Walk the dataset to its end; return the raw values of the top-level
+    `capture` tags found."""
     if transfer_syntax == DEFLATED:
         try:
             raw = zlib.decompress(raw[start:], -zlib.MAX_WBITS)
@@ -165,22 +195,12 @@ def walk_dataset(
         little = transfer_syntax != EXPLICIT_BE
     if len(raw) <= start:
         raise CorruptDataset("empty dataset")
-    walker = _Walker(raw, implicit, little)
+    walker = _Walker(raw, implicit, little, capture)
     try:
         walker.dataset(start, len(raw), top=True, in_item=False)
     except struct.error as exc:  # a header cut short inside a long-VR element
         raise CorruptDataset(f"truncated data ({exc})") from None
-
-    def uid(tag: int) -> str:
-        value = walker.captured.get(tag, b"")
-        return value.rstrip(b"\x00 ").decode("ascii", "replace")
-
-    return {
-        "SOPClassUID": uid(TAG_SOP_CLASS),
-        "SOPInstanceUID": uid(TAG_SOP_INSTANCE),
-        "StudyInstanceUID": uid(TAG_STUDY_UID),
-        "SeriesInstanceUID": uid(TAG_SERIES_UID),
-    }
+    return walker.captured
 
 
 def check_dataset(
@@ -202,9 +222,11 @@ def check_dataset(
 _META_TS = 0x00020010
 
 
-def _file_meta(buf: mmap.mmap) -> tuple[int, str]:
+def _file_meta(
+    buf: mmap.mmap, values: dict[int, bytes] | None = None
+) -> tuple[int, str]:
     """Walk the file meta group after the preamble; return where the dataset starts
-    and its transfer syntax."""
+    and its transfer syntax (and, into `values`, every meta element's raw value)."""
     end, pos, ts = len(buf), 132, ""
     while True:
         if pos + 8 > end:
@@ -225,6 +247,8 @@ def _file_meta(buf: mmap.mmap) -> tuple[int, str]:
             raise CorruptDataset(f"unknown VR {vr!r} in the file meta information")
         if pos + length > end:
             raise CorruptDataset("the file ends inside its file meta information")
+        if values is not None:
+            values[(group << 16) | elem] = bytes(buf[pos : pos + length])
         if (group << 16) | elem == _META_TS:
             ts = (
                 bytes(buf[pos : pos + length])
@@ -243,12 +267,38 @@ def check_file(path: str | Path) -> None:
     Raise `CorruptDataset` (truncated, or not what its header says) or `OSError`.
     The file is mapped, not read: a large instance costs no memory.
     """
+    read_file(path, ())
+
+
+class NotPart10(CorruptDataset):
+    """The file has no DICM prefix after a 128-byte preamble (not a Part 10 file)."""
+
+
+@dataclass
+class FileHeader:
+    """What `read_file` found: the file's size, its transfer syntax, its file meta
+    elements and the top-level elements asked for (raw values)."""
+
+    size: int
+    transfer_syntax: str
+    meta: dict[int, bytes]
+    values: dict[int, bytes]
+
+
+def read_file(path: str | Path, tags: frozenset[int] | tuple[int, ...]) -> FileHeader:
+    """Check a Part 10 file as `check_file` does, keeping the raw values of the
+    top-level `tags` met on the way: one pass serves the check and the header.
+
+    Raise `NotPart10` (no preamble and DICM prefix), `CorruptDataset` or `OSError`.
+    """
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < 132:
-            raise CorruptDataset("shorter than a DICOM preamble")
+            raise NotPart10("shorter than a DICOM preamble")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             if buf[128:132] != b"DICM":
-                raise CorruptDataset("no DICM prefix after the preamble")
-            start, ts = _file_meta(buf)
-            walk_dataset(buf, ts, start)
+                raise NotPart10("no DICM prefix after the preamble")
+            meta: dict[int, bytes] = {}
+            start, ts = _file_meta(buf, meta)
+            values = _walk(buf, ts, start, tags)
+    return FileHeader(size, ts, meta, values)
