@@ -171,13 +171,7 @@ def run_jobs_from(job_id: int, *, budget_seconds: float = 20.0) -> int:
             kick_target(job.target_id)
             break
         target_id = job.target_id
-        next_id = (
-            Job.objects.filter(target_id=target_id)
-            .filter(engine.claimable_q(timezone.now()))
-            .order_by("not_before", "id")
-            .values_list("id", flat=True)
-            .first()
-        )
+        next_id = engine.next_claimable(target_id)
         if next_id is None:
             break
         job = run_job(next_id)
