@@ -171,7 +171,7 @@ class OutcomeWriter:
         delta = self.delta
         with transaction.atomic():
             self.write_rows()
-            self.save_attempt(careful=True)
+            self.save_attempt(careful=True, progress=True)
             with connection.cursor() as cursor:
                 cursor.execute(_PROGRESS, {**owned, **delta, "now": now})
                 still_ours = cursor.rowcount
@@ -184,18 +184,18 @@ class OutcomeWriter:
             batch, self.rows = self.rows[: self.BATCH], self.rows[self.BATCH :]
             write_instance_rows(batch)
 
-    def save_attempt(self, *, careful: bool = False) -> None:
+    def save_attempt(self, *, careful: bool = False, progress: bool = False) -> None:
         """The attempt's row with its counters: inserted once, then updated.
 
         `careful`: the job may have been taken over meanwhile, and the worker that
         took it may have recorded this attempt as interrupted already: then that
-        row is updated.
+        row is updated. `progress`: only the counters changed since the last save.
         """
         attempt = self.attempt
         for name in _COUNTERS:
             setattr(attempt, name, self.totals[name])
         if attempt.pk is not None:
-            if careful:  # a progress write: only the counters changed
+            if progress:
                 with connection.cursor() as cursor:
                     cursor.execute(_ATTEMPT_COUNTS, {**self.totals, "id": attempt.pk})
             else:
