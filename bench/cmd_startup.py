@@ -8,7 +8,8 @@
    - Courier `manage.py send_series <target> <folder of one file>` (SQLite site);
    - `/usr/bin/storescu` of the same file (the reference);
    - for scale: `manage.py send_series --help` (interpreter, Django and the command's
-     imports, nothing sent) and `python -c pass` (the interpreter alone).
+     imports, nothing sent), `django.setup()` alone (what any manage.py command pays
+     first) and `python -c pass` (the interpreter alone).
    This is what a script calling Courier once per series pays per call.
 2. `python -X importtime manage.py send_series ...` of the one instance, and of
    `--help`, `--importtime-runs` times each: median import time per top-level package
@@ -47,6 +48,14 @@ from harness import (
 from tests.dicomgen import make_series
 from tests.fixtures.dispatch_peers import CourierSite
 from tests.peers import StoreSCP
+
+# What every manage.py command pays before its own code: Courier's settings, every
+# installed app (the admin's autodiscovery, huey with redis), no command.
+SETUP = (
+    "import os, django; "
+    "os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'config.settings'); "
+    "django.setup()"
+)
 
 LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \| (\s*)(\S+)")
 
@@ -179,6 +188,9 @@ def main() -> None:
                 scp.clear),
             Arm("manage.py send_series --help (no send)",
                 partial(run_process, manage("send_series", "--help"),
+                        env=site.env, cwd=ROOT)),
+            Arm("python -c 'django.setup()' (Courier's settings and apps)",
+                partial(run_process, [sys.executable, "-c", SETUP],
                         env=site.env, cwd=ROOT)),
             Arm("python -c pass (interpreter alone)",
                 partial(run_process, [sys.executable, "-c", "pass"])),

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from targets.dicomnet.check import CorruptDataset, check_file
+from targets.dicomnet.check import CorruptDataset, FileHeader, NotPart10, read_file
 from targets.paths import clean_part, plain_name, uid_part
 
 # Read once per file; enough for presentation contexts, layouts and routing.
@@ -30,6 +30,37 @@ HEADER_TAGS = [
     "Modality",
     "BodyPartExamined",
 ]
+# Their tags, so that the header is read without pydicom's dictionary (pydicom, with
+# numpy, costs a quarter of a second to import; tests/targets/test_series.py checks
+# this table against it).
+HEADER_TAG_NUMBERS = {
+    "SOPClassUID": 0x00080016,
+    "SOPInstanceUID": 0x00080018,
+    "StudyInstanceUID": 0x0020000D,
+    "SeriesInstanceUID": 0x0020000E,
+    "PatientID": 0x00100020,
+    "PatientName": 0x00100010,
+    "AccessionNumber": 0x00080050,
+    "StudyDate": 0x00080020,
+    "StudyTime": 0x00080030,
+    "StudyDescription": 0x00081030,
+    "SeriesDescription": 0x0008103E,
+    "SeriesNumber": 0x00200011,
+    "InstanceNumber": 0x00200013,
+    "Modality": 0x00080060,
+    "BodyPartExamined": 0x00180015,
+}
+_CHARSET = 0x00080005
+_READ = frozenset((*HEADER_TAG_NUMBERS.values(), _CHARSET))
+# Character sets decoded here; any other (ISO 2022 escapes, GB18030, ...) is left
+# to pydicom.
+_ENCODINGS = {
+    b"": "ascii",
+    b"ISO_IR 6": "ascii",
+    b"ISO_IR 100": "latin-1",
+    b"ISO_IR 192": "utf-8",
+}
+_MEDIA_SOP_CLASS, _MEDIA_SOP_INSTANCE = 0x00020002, 0x00020003
 
 
 @dataclass
@@ -140,8 +171,53 @@ class Series:
         )
 
 
+class NoInstance(ValueError):
+    """A DICOM file without a SOP Class UID or SOP Instance UID: not an instance."""
+
+
+def _text(raw: bytes, encoding: str) -> str:
+    return raw.decode(encoding).strip("\0 ")
+
+
+def _from_header(path: Path, head: FileHeader) -> Instance | None:
+    """The instance from what `read_file` kept; None if pydicom must decode the
+    text (a character set other than ASCII, Latin-1 or UTF-8)."""
+    values, meta = head.values, head.meta
+    charset = values.get(_CHARSET, b"").strip(b"\0 ")
+    encoding = _ENCODINGS.get(charset)
+    if encoding is None:
+        return None
+    tags = {}
+    try:
+        for keyword, tag in HEADER_TAG_NUMBERS.items():
+            raw = values.get(tag)
+            if raw:
+                text = _text(raw, encoding)
+                if text:
+                    tags[keyword] = text
+        sop_class = tags.get("SOPClassUID") or _text(
+            meta.get(_MEDIA_SOP_CLASS, b""), "ascii"
+        )
+        sop_instance = tags.get("SOPInstanceUID") or _text(
+            meta.get(_MEDIA_SOP_INSTANCE, b""), "ascii"
+        )
+    except UnicodeDecodeError:
+        return None  # not what its character set says: pydicom judges it
+    if not sop_class or not sop_instance:
+        raise NoInstance("no SOP Class UID or SOP Instance UID")
+    return Instance(
+        path=path,
+        size=head.size,
+        sop_class_uid=sop_class,
+        sop_instance_uid=sop_instance,
+        transfer_syntax=head.transfer_syntax,
+        tags=tags,
+    )
+
+
 def read_instance(path: Path) -> Instance:
-    """Read the header of one DICOM file; raise `InvalidDicomError` if it is not one."""
+    """Read the header of one DICOM file with pydicom; raise `InvalidDicomError` if
+    it is not one (what `scan_paths` falls back to)."""
     # Imported here: this module loads with the admin at every django.setup(), and
     # pydicom (numpy with it) costs most of a second to processes that read no DICOM.
     import pydicom
@@ -186,33 +262,80 @@ def scan_folder(folder: str | Path) -> Series:
     say) is listed in `corrupt`: it must never reach a target, in any form (not as an
     other file either), nor replace a good copy there.
     """
-    from pydicom.errors import InvalidDicomError
-
     root = Path(folder).resolve()
-    series = Series(root=root)
     paths: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
             paths.append(Path(dirpath) / name)
+    return scan_paths(root, paths)
+
+
+def scan_paths(root: Path, paths: Iterable[Path]) -> Series:
+    """Read the given files of the series folder `root` as `scan_folder` does.
+
+    One pass per file checks its structure and keeps the header tags
+    (`targets.dicomnet.check.read_file`); pydicom reads only what that pass cannot
+    judge alone (a damaged file, an unusual character set).
+    """
+    series = Series(root=root)
     for path in paths:
         try:
-            instance = read_instance(path)
-            check_file(path, ordered=False)  # the send side re-encodes those
-            series.instances.append(instance)
-        except CorruptDataset as exc:
-            series.corrupt.append((path, f"corrupt DICOM ({exc})"))
-        except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
-            try:
-                size = path.stat().st_size
-            except OSError as err:
-                series.skipped.append((path, f"unreadable ({err.strerror or err})"))
-                continue
-            reason = f"not DICOM ({exc})" if str(exc) else "not DICOM"
-            series.others.append(OtherFile(path=path, size=size, reason=reason))
+            head = read_file(path, _READ, ordered=False)  # send re-encodes those
+        except NotPart10 as exc:
+            # Not a Part 10 file, as pydicom sees it too (it refuses a file without
+            # the DICM prefix): an other file.
+            series.others.append(
+                OtherFile(path=path, size=_size(path), reason=f"not DICOM ({exc})")
+            )
+            continue
+        except CorruptDataset:
+            _scan_slowly(series, path)  # corrupt, or not DICOM at all: pydicom says
+            continue
         except OSError as exc:
             series.skipped.append((path, f"unreadable ({exc.strerror or exc})"))
+            continue
+        try:
+            instance = _from_header(path, head)
+        except NoInstance as exc:
+            series.others.append(
+                OtherFile(path=path, size=head.size, reason=f"not DICOM ({exc})")
+            )
+            continue
+        if instance is None:
+            _scan_slowly(series, path)
+        else:
+            series.instances.append(instance)
     return series
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _scan_slowly(series: Series, path: Path) -> None:
+    """Read one file with pydicom, then check it (files the fast pass cannot judge)."""
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        instance = read_instance(path)
+        read_file(path, (), ordered=False)
+        series.instances.append(instance)
+    except CorruptDataset as exc:
+        series.corrupt.append((path, f"corrupt DICOM ({exc})"))
+    except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
+        try:
+            size = path.stat().st_size
+        except OSError as err:
+            series.skipped.append((path, f"unreadable ({err.strerror or err})"))
+            return
+        reason = f"not DICOM ({exc})" if str(exc) else "not DICOM"
+        series.others.append(OtherFile(path=path, size=size, reason=reason))
+    except OSError as exc:
+        series.skipped.append((path, f"unreadable ({exc.strerror or exc})"))
 
 
 # The one path-cleaning rule (targets/paths.py), under the name its callers know.

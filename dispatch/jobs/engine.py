@@ -19,25 +19,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from django.db import connections, transaction
-from django.db.models import F, Q, Sum
+from django.db import connection, connections, transaction
+from django.db.models import Q, Sum
 from django.utils import timezone
 
-from config.safetext import db_text, log_fields
+from config.safetext import log_fields
 from targets.kinds.base import Outcome, SendContext, TargetError
 from targets.models import Target
 from targets.redaction import crash_site, scrub
-from targets.series import Series, scan_folder
+from targets.series import Series
 from targets.validators import split_globs
 
-from . import committing, lease
-from .models import FINISHED_STATES, Attempt, InstanceState, Job, JobInstance, State
+from . import committing, files, lease
+from .models import FINISHED_STATES, Attempt, Job, State
 from .outcomes import OutcomeWriter, finish
 
 log = logging.getLogger("courier.dispatch")
 
-# Seconds between progress writes while a job sends (instances, attempt and job).
-PROGRESS_INTERVAL = 1.0
+# Seconds between progress writes while a job sends (instances, attempt and job);
+# also every `OutcomeWriter.BATCH` outcomes. Never one statement per instance.
+PROGRESS_INTERVAL = 0.25
 
 ProgressHook = Callable[[Outcome], None]
 
@@ -112,6 +113,76 @@ class Claim:
     interrupted: list[Attempt] = field(default_factory=list)
 
 
+# The claim itself, for any number of workers on SQLite or PostgreSQL: one UPDATE
+# that takes the job only if it may be claimed now (`claimable_q`, or queued and
+# held by this worker for a direct send) and only if the target has a connection
+# free, counting the connections its other jobs with a live lease hold (and, unless
+# held, one for each direct send waiting); it takes as many of the free ones as the
+# job has instances left. RETURNING gives the row as claimed.
+_USED = (
+    "(SELECT COALESCE(SUM(CASE WHEN o.state = 'sending' THEN o.connections "
+    "ELSE 1 END), 0) FROM dispatch_job o WHERE o.target_id = %(target)s "
+    "AND o.id <> %(id)s AND o.lease_expires_at > %(now)s AND o.state IN {states})"
+)
+_CLAIM = (
+    "UPDATE dispatch_job SET state = 'sending', lease_owner = %(worker)s, "
+    "lease_expires_at = %(expires)s, updated_at = %(now)s, "
+    "attempt_count = attempt_count + 1, connections = {connections} "
+    "WHERE id = %(id)s AND {claimable} {limit}"
+    "RETURNING attempt_count, attempt_base, connections, total, sent, present, "
+    "warnings, failed, bytes_sent, other_files, other_sent"
+)
+_CLAIMABLE = (
+    "((state IN ('queued', 'retry-wait') AND not_before <= %(now)s "
+    "AND (lease_expires_at IS NULL OR lease_expires_at < %(now)s)) "
+    "OR (state = 'sending' AND lease_expires_at < %(now)s))"
+)
+_HELD = "(state = 'queued' AND lease_owner = %(worker)s)"
+_PEEK = "SELECT * FROM dispatch_job WHERE id = %(id)s AND {claimable}"
+_TARGET = "SELECT * FROM targets_target WHERE id = %s"
+_NEXT = (
+    f"SELECT id FROM dispatch_job WHERE target_id = %(target)s AND {_CLAIMABLE} "
+    "ORDER BY not_before, id LIMIT 1"
+)
+_RETURNED = (
+    "attempt_count",
+    "attempt_base",
+    "connections",
+    "total",
+    "sent",
+    "present",
+    "warnings",
+    "failed",
+    "bytes_sent",
+    "other_files",
+    "other_sent",
+)
+
+
+def next_claimable(target_id: int) -> int | None:
+    """The target's job any worker may claim now, oldest due first (`claimable_q`)."""
+    now = connection.ops.adapt_datetimefield_value(timezone.now())
+    with connection.cursor() as cursor:
+        cursor.execute(_NEXT, {"target": target_id, "now": now})
+        row = cursor.fetchone()
+    return row[0] if row else None
+
+
+def _claim_sql(respect_limit: bool, held: bool) -> str:
+    used = _USED.format(states="('sending')" if held else "('sending', 'queued')")
+    free = f"(%(limit)s - {used})"
+    if respect_limit:
+        connections = f"CASE WHEN {free} < %(left)s THEN {free} ELSE %(left)s END"
+        limit = f"AND {free} > 0 "
+    else:
+        connections, limit = "%(limit)s", ""
+    return _CLAIM.format(
+        connections=connections,
+        claimable=_HELD if held else _CLAIMABLE,
+        limit=limit,
+    )
+
+
 def claim(
     job_id: int, worker: str, respect_limit: bool, *, held: bool = False
 ) -> Claim | None:
@@ -121,89 +192,107 @@ def claim(
     for a connection); other holds do not count against it.
     """
     now = timezone.now()
-    claimable = Q(state=State.QUEUED, lease_owner=worker) if held else claimable_q(now)
-    # Most messages for a busy target or a taken job end here, without a write
-    # transaction (on SQLite that would wait for the one database-wide write lock).
-    if respect_limit:
-        seen = (
-            Job.objects.filter(pk=job_id)
-            .filter(claimable)
-            .values_list("target_id", "target__max_connections")
-            .first()
+    adapt = connection.ops.adapt_datetimefield_value
+    # Most messages for a busy target or a taken job end here, with one read and
+    # no write (on SQLite a write waits for the one database-wide write lock).
+    # Plain SQL: building this query with the ORM (the job and the target's
+    # hundred columns) was the largest part of a small job's CPU.
+    peek = {"id": job_id, "now": adapt(now), "worker": worker}
+    rows = Job.objects.raw(_PEEK.format(claimable=_HELD if held else _CLAIMABLE), peek)
+    job = next(iter(rows), None)
+    if job is None:
+        return None
+    target = next(iter(Target.objects.raw(_TARGET, [job.target_id])), None)
+    if target is None:
+        return None
+    job.target = target
+    target = target.as_kind()
+    refusal = send_refusal(target)
+    if refusal:
+        Job.objects.filter(pk=job_id).exclude(state__in=FINISHED_STATES).update(
+            state=State.FAILED, last_error=refusal, finished_at=now
         )
-        if seen is None:
-            return None
-        used = slots_in_use(seen[0], now, exclude=job_id, holds=not held)
-        if used >= max(1, seen[1] or 1):
-            return None
-    with transaction.atomic():
-        # Lock the target row so that counting its running jobs and claiming one is
-        # one step for every worker process (PostgreSQL; SQLite's write transaction
-        # already serialises this).
-        job = (
-            Job.objects.select_related("target")
-            .select_for_update(of=("target",))
-            .filter(pk=job_id)
-            .first()
+        return None
+    waiting = wait_reason(target)
+    if waiting:
+        # A direct send's hold ends here too: the job waits like any other.
+        Job.objects.filter(
+            pk=job_id, state__in=[State.QUEUED, State.RETRY_WAIT]
+        ).update(
+            state=State.PAUSED,
+            last_error=waiting,
+            lease_owner="",
+            lease_expires_at=None,
         )
-        if job is None or job.state in FINISHED_STATES:
-            return None
-        target = job.target.as_kind()
-        refusal = send_refusal(target)
-        if refusal:
-            Job.objects.filter(pk=job_id).exclude(state__in=FINISHED_STATES).update(
-                state=State.FAILED, last_error=refusal, finished_at=now
-            )
-            return None
-        waiting = wait_reason(target)
-        if waiting:
-            # A direct send's hold ends here too: the job waits like any other.
-            Job.objects.filter(
-                pk=job_id, state__in=[State.QUEUED, State.RETRY_WAIT]
-            ).update(
-                state=State.PAUSED,
-                last_error=waiting,
-                lease_owner="",
-                lease_expires_at=None,
-            )
-            return None
+        return None
+    expires = now + lease.lease_length()
+    params = {
+        "id": job_id,
+        "target": target.pk,
+        "worker": worker,
+        "now": adapt(now),
+        "expires": adapt(expires),
+        "limit": job_limit(target),
         # A job takes as many of the target's free connections as it has
         # instances left: one big series uses them all, small ones share them.
-        free = job_limit(target) - slots_in_use(
-            target.pk, now, exclude=job_id, holds=not held
-        )
-        if respect_limit and free <= 0:
-            return None
-        left = max(1, job.total - job.sent - job.present - job.failed)
-        slots = max(1, min(free, left) if respect_limit else job_limit(target))
-        claimed = lease.take(
-            Job.objects.filter(pk=job_id).filter(claimable),
-            worker,
-            now,
-            state=State.SENDING,
-            connections=slots,
-            attempt_count=F("attempt_count") + 1,
-            updated_at=now,
-        )
-        if not claimed:
-            return None
-        was_sending = job.state == State.SENDING
-        job.state, job.lease_owner = State.SENDING, worker
-        job.lease_expires_at, job.connections = now + lease.lease_length(), slots
-        job.attempt_count += 1
-        if not was_sending:
-            return Claim(job=job, target=target)
-        # Attempts left open by a worker that died (its lease expired).
-        interrupted = list(job.attempts.filter(ended_at__isnull=True))
-        for attempt in interrupted:
-            attempt.ended_at = now
-            attempt.outcome = "interrupted"
-            attempt.error = (
-                f"worker {attempt.worker} stopped answering (lease expired); "
-                "the job was resumed"
+        "left": max(1, job.total - job.sent - job.present - job.failed),
+    }
+    sql = _claim_sql(respect_limit, held)
+    if connection.vendor == "sqlite":
+        # One statement: SQLite's UPDATE holds the database's write lock from
+        # counting to claiming.
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            row = cursor.fetchone()
+    else:
+        # Counting the target's connections in use and claiming is one step for
+        # every worker process: the target's row is locked meanwhile.
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT id FROM targets_target WHERE id = %s FOR UPDATE", [target.pk]
             )
-            attempt.save(update_fields=["ended_at", "outcome", "error"])
-        return Claim(job=job, target=target, interrupted=interrupted)
+            cursor.execute(sql, params)
+            row = cursor.fetchone()
+    if row is None:
+        return None
+    was_sending, previous = (
+        job.state == State.SENDING,
+        (job.lease_owner, job.attempt_count),
+    )
+    for name, value in zip(_RETURNED, row, strict=True):
+        setattr(job, name, value)
+    job.state, job.lease_owner, job.lease_expires_at = State.SENDING, worker, expires
+    if not was_sending:
+        return Claim(job=job, target=target)
+    return Claim(job=job, target=target, interrupted=_interrupted(job, *previous, now))
+
+
+def _interrupted(job: Job, owner: str, number: int, now) -> list[Attempt]:
+    """Close the attempts of a worker that died (its lease ran out) as interrupted.
+
+    An attempt's row is written at its first progress write or at its end, so a
+    worker that died sooner left none: it is recorded here.
+    """
+    why = "worker {} stopped answering (lease expired); the job was resumed"
+    interrupted = list(job.attempts.filter(ended_at__isnull=True))
+    for attempt in interrupted:
+        attempt.ended_at = now
+        attempt.outcome = "interrupted"
+        attempt.error = why.format(attempt.worker)
+        attempt.save(update_fields=["ended_at", "outcome", "error"])
+    if number and not job.attempts.filter(number=number).exists():
+        interrupted.append(
+            Attempt.objects.create(
+                job=job,
+                number=number,
+                worker=owner,
+                started_at=now,
+                ended_at=now,
+                outcome="interrupted",
+                error=why.format(owner),
+            )
+        )
+    return interrupted
 
 
 # -- one attempt ------------------------------------------------------------------------
@@ -218,14 +307,18 @@ def attempt(
 ) -> Job:
     """Make one attempt at a claimed job; return the job as it ended.
 
-    Reads the job's pending files, sends them, records the attempt and each file's
-    outcome, then sets the job's state: done / done-with-warnings / failed, or
-    retry-wait (transient error, `retry` true and attempts left) with the time of
-    the next attempt in `not_before`. Stops at the next instance once `keeper`'s
-    lease is no longer valid (cancelled, taken over, the database away).
+    Sends the job's pending files (rebuilt from their rows: the folder is not read
+    again, `files.pending`), records the attempt and each file's outcome, then sets
+    the job's state: done / done-with-warnings / failed, or retry-wait (transient
+    error, `retry` true and attempts left) with the time of the next attempt in
+    `not_before`. Stops at the next instance once `keeper`'s lease is no longer
+    valid (cancelled, taken over, the database away).
     """
     job, target = claimed.job, claimed.target
-    record = Attempt.objects.create(job=job, number=job.attempt_count, worker=worker)
+    record = Attempt(
+        job=job, number=job.attempt_count, worker=worker, started_at=timezone.now()
+    )
+    writer = OutcomeWriter(job, target, record, worker, {})
     started = time.monotonic()
     error: TargetError | None = None
     aborted = False
@@ -233,29 +326,19 @@ def attempt(
         folder = Path(job.folder)
         if not folder.is_dir():
             raise TargetError(f"folder {folder} no longer exists", permanent=True)
-        pending = {
-            path: (pk, uid)
-            for path, pk, uid in job.instances.filter(
-                state=InstanceState.PENDING
-            ).values_list("path", "id", "sop_instance_uid")
-        }
-        if pending:
-            series = _scan(folder, target).only(set(pending))
-            changed = _mark_changed(
-                job, series, {path: uid for path, (_, uid) in pending.items()}
-            )
-            if changed:
-                series = series.only(set(pending) - changed)
-            found = series.instances + series.others
-            missing = set(pending) - changed - {str(i.path) for i in found}
-            if missing:
-                _mark_missing(job, missing)
-            if found:
-                ids = {path: pk for path, (pk, _) in pending.items()}
-                writer = OutcomeWriter(job, target, record, worker, ids)
-                aborted = _send(job, target, series, writer, keeper, progress)
+        todo = files.pending(job, split_globs(target.exclude))
+        writer.ids, writer.others, writer.fresh = todo.ids, todo.others, todo.fresh
+        paths = {pk: path for path, pk in todo.ids.items()}
+        for pk, why in todo.failed.items():
+            writer.fail(pk, paths[pk], why)
+        series = todo.series
+        if series.instances or series.others:
+            aborted = _send(job, target, series, writer, keeper, progress)
         if not aborted and committing.wanted(target):
-            # What this and earlier attempts delivered, committed or not.
+            # The request names what the rows say was delivered: write them first.
+            # The commitment moves rows back to pending: `finish` counts the rows.
+            writer.write_rows()
+            writer.fresh = False
             context = SendContext(job.calling_aet, job.called_aet)
             committing.commit(job, target, worker, keeper, context)
     except committing.Stopped:
@@ -274,36 +357,7 @@ def attempt(
         error = TargetError(
             scrub(f"unexpected error: {type(exc).__name__}: {exc}", target)
         )
-    return finish(job, target, record, worker, error, aborted, retry, started)
-
-
-def _mark_changed(job: Job, series: Series, pending: dict[str, str]) -> set[str]:
-    """Fail the files that now hold another instance than when the job was made.
-
-    A file rewritten in place (a hard-linked spool copy shares its bytes with the
-    caller's file) must not be sent as the instance the job recorded.
-    """
-    changed = {}
-    for inst in series.instances:
-        was = pending.get(str(inst.path))
-        if was and was != inst.sop_instance_uid:
-            changed[str(inst.path)] = inst.sop_instance_uid
-    for path, now in changed.items():
-        JobInstance.objects.filter(job=job, path=path).update(
-            state=InstanceState.FAILED,
-            message=db_text(
-                f"the file changed after the job was made: it now holds SOP "
-                f"Instance UID {now}, not {pending[path]}"
-            ),
-        )
-    return set(changed)
-
-
-def _mark_missing(job: Job, paths: set[str]) -> None:
-    JobInstance.objects.filter(job=job, path__in=paths).update(
-        state=InstanceState.FAILED,
-        message="file is gone from the folder, is no longer DICOM or is corrupt",
-    )
+    return finish(job, target, writer, worker, error, aborted, retry, started)
 
 
 def _send(
@@ -374,16 +428,10 @@ def _send(
             # the next instance.
             stop.set()
     thread.join()
-    # What the target confirmed is kept, however the send ended.
-    writer.flush()
+    # What the target confirmed is written by `finish`, however the send ended.
     if failure:
         exc = failure[0]
         if isinstance(exc, SendAborted) or stop.is_set():
             return True
         raise exc
     return stop.is_set()
-
-
-def _scan(folder: str | Path, target: Target) -> Series:
-    series = scan_folder(folder)
-    return series.excluding(split_globs(target.exclude))

@@ -110,6 +110,8 @@ class LeaseKeeper:
         self.lease = lease_length().total_seconds()
         self.every = renew_every()
         self.renewed_at = time.monotonic()
+        # Told the new end of the lease once, at the next renewal (`then`).
+        self._then: Callable[[datetime], None] | None = None
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -120,6 +122,12 @@ class LeaseKeeper:
 
     def start(self) -> LeaseKeeper:
         self._thread.start()
+        return self
+
+    def then(self, call: Callable[[datetime], None]) -> LeaseKeeper:
+        """Call `call(new end of the lease)` once, after the next renewal (in the
+        keeper's thread): for what only a row still held that long needs."""
+        self._then = call
         return self
 
     def stop(self) -> None:
@@ -137,10 +145,11 @@ class LeaseKeeper:
         try:
             while not self._stop.wait(self.every):
                 started = time.monotonic()
+                expires = timezone.now() + lease_length()
                 try:
                     renewed = self.model.objects.filter(
                         pk=self.pk, lease_owner=self.worker, state__in=self.states
-                    ).update(lease_expires_at=timezone.now() + lease_length())
+                    ).update(lease_expires_at=expires)
                 except Exception as exc:  # the database is away: try again
                     log.warning(
                         "lease renewal failed %s",
@@ -154,6 +163,18 @@ class LeaseKeeper:
                     self.lost.set()
                     return
                 self.renewed_at = started
+                call, self._then = self._then, None
+                if call is not None:
+                    try:
+                        call(expires)
+                    except Exception as exc:  # the queue is away: the sweep remains
+                        log.warning(
+                            "after lease renewal %s",
+                            log_fields(
+                                row=f"{self.model._meta.label}:{self.pk}",
+                                error=type(exc).__name__,
+                            ),
+                        )
         finally:
             # This thread's own database connection.
             connections.close_all()

@@ -238,6 +238,16 @@ class JobInstance(models.Model):
         max_length=10, choices=Commitment.choices, default=Commitment.NONE, blank=True
     )
     updated_at = models.DateTimeField(auto_now=True)
+    # What the folder scan read when the job was made, so that an attempt sends
+    # without reading the file again: the file's size, and `stamp` (size, mtime
+    # and inode) to tell that it is still the file that was read; the header
+    # (SOP Class UID, transfer syntax, `targets.series.HEADER_TAGS`). Rows from
+    # before these columns (stamp empty) are read again when sent.
+    size = models.PositiveBigIntegerField(default=0)
+    stamp = models.CharField(max_length=64, blank=True)
+    sop_class_uid = models.CharField(max_length=64, blank=True)
+    transfer_syntax = models.CharField(max_length=64, blank=True)
+    tags = models.JSONField(default=dict, blank=True)
 
     class Meta:
         ordering = ["job", "path"]

@@ -21,6 +21,7 @@ from targets.models import Target
 from targets.series import OtherFile, Series, scan_folder
 from targets.validators import split_globs
 
+from . import files
 from .engine import send_refusal
 from .models import (
     FINISHED_STATES,
@@ -85,17 +86,9 @@ def create_jobs(
                 other_files=len(others),
                 skipped=len(left_out),
             )
-            JobInstance.objects.bulk_create(
-                [
-                    JobInstance(
-                        job=job,
-                        path=str(i.path),
-                        sop_instance_uid=db_text(i.sop_instance_uid, 64),
-                    )
-                    for i in own.instances
-                ]
-                + [JobInstance(job=job, path=str(o.path), dicom=False) for o in others]
-            )
+            # The headers read by the scan go with the rows: an attempt does not
+            # read the folder again (`files.pending`).
+            JobInstance.objects.bulk_create(files.rows_for(job, own.instances, others))
             jobs.append(job)
         if enqueue_now:
             for job in jobs:

@@ -126,8 +126,9 @@ def run_job(
 
     Reads the target fresh from the database and sends the job's pending files
     (`engine.attempt`). A job left waiting to retry is queued for its time. The
-    lease is renewed by a `LeaseKeeper` (the caller's, if it passes one) and
-    watched: should this worker die, another resumes the job when it runs out.
+    lease is renewed by a `LeaseKeeper` (the caller's, if it passes one) and,
+    from its first renewal on, watched: should this worker die, another resumes
+    the job when it runs out (the sweep does, for a job that died younger).
     """
     worker = worker or lease.worker_id()
     claimed = engine.claim(job_id, worker, respect_limit, held=held)
@@ -136,7 +137,10 @@ def run_job(
     own_keeper = keeper is None
     if keeper is None:
         keeper = engine.keeper_for(job_id, worker).start()
-    watch(job_id, claimed.job.lease_expires_at)
+    # A job still sending at the lease's first renewal gets a watch for when its
+    # lease would end; most jobs are done before that, and a worker dying sooner
+    # leaves its job to the sweep (each minute, and when a worker starts).
+    keeper.then(lambda expires: watch(job_id, expires))
     try:
         job = engine.attempt(claimed, worker, keeper, progress, retry)
     finally:
@@ -167,13 +171,7 @@ def run_jobs_from(job_id: int, *, budget_seconds: float = 20.0) -> int:
             kick_target(job.target_id)
             break
         target_id = job.target_id
-        next_id = (
-            Job.objects.filter(target_id=target_id)
-            .filter(engine.claimable_q(timezone.now()))
-            .order_by("not_before", "id")
-            .values_list("id", flat=True)
-            .first()
-        )
+        next_id = engine.next_claimable(target_id)
         if next_id is None:
             break
         job = run_job(next_id)

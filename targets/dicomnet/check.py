@@ -63,10 +63,18 @@ class _Walker:
     # Where the data ends, in messages: "data" (a received dataset) or "file".
     what = "data"
 
-    def __init__(self, buf: bytes, implicit: bool, little: bool, ordered: bool = True):
+    def __init__(
+        self,
+        buf: bytes,
+        implicit: bool,
+        little: bool,
+        ordered: bool = True,
+        capture: frozenset[int] | tuple[int, ...] = _CAPTURED,
+    ):
         self.buf = buf
         self.implicit = implicit
         self.ordered = ordered
+        self.capture = capture
         self.odd: int | None = None
         self.odd_nested = False
         self.unordered: int | None = None
@@ -153,9 +161,9 @@ class _Walker:
                 )
             if length & 1 and self.odd is None:
                 self.odd, self.odd_nested = tag, not top
-            if captured is not None and tag in _CAPTURED:
+            if captured is not None and tag in self.capture:
                 value = buf[pos : pos + length]
-                if captured.get(tag, value) != value:
+                if tag in _CAPTURED and captured.get(tag, value) != value:
                     raise CorruptDataset(
                         f"element ({group:04X},{elem:04X}) appears twice with "
                         "different values"
@@ -210,6 +218,34 @@ def walk_encoded(
     what: str = "data",
 ) -> tuple[dict[str, str], _Walker]:
     """`walk_dataset`, also returning the walker (what it found to repair)."""
+    walker = _walk(raw, transfer_syntax, start, _CAPTURED, ordered=ordered, what=what)
+    return _uids(walker.captured), walker
+
+
+def _uids(captured: dict[int, bytes]) -> dict[str, str]:
+    def uid(tag: int) -> str:
+        value = captured.get(tag, b"")
+        return value.rstrip(b"\x00 ").decode("ascii", "replace")
+
+    return {
+        "SOPClassUID": uid(TAG_SOP_CLASS),
+        "SOPInstanceUID": uid(TAG_SOP_INSTANCE),
+        "StudyInstanceUID": uid(TAG_STUDY_UID),
+        "SeriesInstanceUID": uid(TAG_SERIES_UID),
+    }
+
+
+def _walk(
+    raw: bytes | mmap.mmap,
+    transfer_syntax: str,
+    start: int,
+    capture: frozenset[int] | tuple[int, ...],
+    *,
+    ordered: bool = True,
+    what: str = "data",
+) -> _Walker:
+    """Walk the dataset to its end; return the walker, holding the raw values of
+    the top-level `capture` tags found (`captured`) and what it found to repair."""
     if transfer_syntax == DEFLATED:
         try:
             raw = zlib.decompress(raw[start:], -zlib.MAX_WBITS)
@@ -222,24 +258,13 @@ def walk_encoded(
         little = transfer_syntax != EXPLICIT_BE
     if len(raw) <= start:
         raise CorruptDataset("empty dataset")
-    walker = _Walker(raw, implicit, little, ordered)
+    walker = _Walker(raw, implicit, little, ordered, capture)
     walker.what = what
     try:
         walker.dataset(start, len(raw), top=True, in_item=False)
     except struct.error as exc:  # a header cut short inside a long-VR element
         raise CorruptDataset(f"truncated data ({exc})") from None
-
-    def uid(tag: int) -> str:
-        value = walker.captured.get(tag, b"")
-        return value.rstrip(b"\x00 ").decode("ascii", "replace")
-
-    found = {
-        "SOPClassUID": uid(TAG_SOP_CLASS),
-        "SOPInstanceUID": uid(TAG_SOP_INSTANCE),
-        "StudyInstanceUID": uid(TAG_STUDY_UID),
-        "SeriesInstanceUID": uid(TAG_SERIES_UID),
-    }
-    return found, walker
+    return walker
 
 
 def check_dataset(
@@ -261,9 +286,11 @@ def check_dataset(
 _META_TS = 0x00020010
 
 
-def _file_meta(buf: mmap.mmap) -> tuple[int, str]:
+def _file_meta(
+    buf: mmap.mmap, values: dict[int, bytes] | None = None
+) -> tuple[int, str]:
     """Walk the file meta group after the preamble; return where the dataset starts
-    and its transfer syntax."""
+    and its transfer syntax (and, into `values`, every meta element's raw value)."""
     end, pos, ts = len(buf), 132, ""
     while True:
         if pos + 8 > end:
@@ -284,6 +311,8 @@ def _file_meta(buf: mmap.mmap) -> tuple[int, str]:
             raise CorruptDataset(f"unknown VR {vr!r} in the file meta information")
         if pos + length > end:
             raise CorruptDataset("the file ends inside its file meta information")
+        if values is not None:
+            values[(group << 16) | elem] = bytes(buf[pos : pos + length])
         if (group << 16) | elem == _META_TS:
             ts = (
                 bytes(buf[pos : pos + length])
@@ -316,28 +345,69 @@ _WALKED: dict[tuple, FileWalk] = {}
 _WALKED_MAX = 20000
 
 
+class NotPart10(CorruptDataset):
+    """The file has no DICM prefix after a 128-byte preamble (not a Part 10 file)."""
+
+
+@dataclass
+class FileHeader:
+    """What `read_file` found: the file's size, its transfer syntax, its file meta
+    elements and the top-level elements asked for (raw values)."""
+
+    size: int
+    transfer_syntax: str
+    meta: dict[int, bytes]
+    values: dict[int, bytes]
+
+
 def walk_file(path: str | Path, *, ordered: bool = True) -> FileWalk:
     """Check a DICOM Part 10 file: preamble, file meta, and the whole dataset.
 
-    Raise `CorruptDataset` (truncated, or not what its header says) or `OSError`.
-    The file is mapped, not read: a large instance costs no memory. A file walked
-    before and unchanged since (same inode, size and modification time) is not
-    walked again.
+    Raise `NotPart10`, `CorruptDataset` (truncated, or not what its header says) or
+    `OSError`. The file is mapped, not read: a large instance costs no memory. A
+    file walked before and unchanged since (same inode, size and modification time)
+    is not walked again.
     """
+    return _read(path, (), ordered, None)[0]
+
+
+def read_file(
+    path: str | Path, tags: frozenset[int] | tuple[int, ...], *, ordered: bool = True
+) -> FileHeader:
+    """Check a Part 10 file as `walk_file` does, keeping the raw values of the
+    top-level `tags` met on the way: one pass serves the check and the header (and
+    leaves the walk for the check before sending, see `walk_file`).
+
+    Raise `NotPart10` (no preamble and DICM prefix), `CorruptDataset` or `OSError`.
+    """
+    header = _read(path, tags, ordered, {})[1]
+    assert header is not None
+    return header
+
+
+def _read(
+    path: str | Path,
+    tags: frozenset[int] | tuple[int, ...],
+    ordered: bool,
+    meta: dict[int, bytes] | None,
+) -> tuple[FileWalk, FileHeader | None]:
     with open(path, "rb") as f:
         st = os.fstat(f.fileno())
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, ordered)
         known = _WALKED.get(key)
-        if known is not None:
-            return known
+        if known is not None and meta is None:
+            return known, None
         size = st.st_size
         if size < 132:
-            raise CorruptDataset("shorter than a DICOM preamble")
+            raise NotPart10("shorter than a DICOM preamble")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             if buf[128:132] != b"DICM":
-                raise CorruptDataset("no DICM prefix after the preamble")
-            start, ts = _file_meta(buf)
-            uids, w = walk_encoded(buf, ts, start, ordered=ordered, what="file")
+                raise NotPart10("no DICM prefix after the preamble")
+            start, ts = _file_meta(buf, meta)
+            # One walk: the UIDs every check needs and the tags asked for.
+            capture = frozenset(_CAPTURED).union(tags) if tags else _CAPTURED
+            w = _walk(buf, ts, start, capture, ordered=ordered, what="file")
+    uids = _uids(w.captured)
     found = FileWalk(start, size, ts, uids, w.odd, w.odd_nested, w.unordered)
     if len(_WALKED) >= _WALKED_MAX:
         try:
@@ -345,7 +415,8 @@ def walk_file(path: str | Path, *, ordered: bool = True) -> FileWalk:
         except (KeyError, StopIteration, RuntimeError):  # another thread was first
             pass
     _WALKED[key] = found
-    return found
+    header = None if meta is None else FileHeader(size, ts, meta, w.captured)
+    return found, header
 
 
 def check_file(path: str | Path, *, ordered: bool = True) -> None:

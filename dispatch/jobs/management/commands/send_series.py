@@ -37,6 +37,9 @@ class Command(BaseCommand):
         "Send the series under a folder to a target (DICOM files; Folder, SFTP, rsync "
         "and S3 targets also get its other files); non-zero exit on failure."
     )
+    # Scripts call this once per series: the system checks (the URL check imports
+    # every admin page and view) are `runcourier`'s and `check`'s to run.
+    requires_system_checks: list[str] = []
 
     def add_arguments(self, parser):
         parser.add_argument("target", help="target name (case-insensitive)")

@@ -1,0 +1,153 @@
+"""A job's files: recorded from the folder scan when the job is made, so that an
+attempt sends them without reading the folder again.
+
+Each `JobInstance` row keeps what the scan read (size, SOP Class UID, transfer
+syntax, the header tags) and a stamp of the file (size, mtime, inode). An attempt
+rebuilds the series from its pending rows; only a file whose stamp no longer
+matches (rewritten or replaced since) is read again, and one that now holds
+another instance, is gone, or is no longer intact DICOM fails by name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from config.safetext import db_text
+from targets.series import Instance, OtherFile, Series, scan_paths
+
+from .models import InstanceState, Job, JobInstance
+
+GONE = "file is gone from the folder, is no longer DICOM or is corrupt"
+
+
+def stamp(st: os.stat_result) -> str:
+    """What tells a file from a rewritten or replaced one without reading it."""
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+def rows_for(
+    job: Job, instances: list[Instance], others: list[OtherFile]
+) -> list[JobInstance]:
+    """The job's rows for the scanned `instances` and `others`, headers included."""
+    rows = []
+    for inst in instances:
+        try:
+            st = os.stat(inst.path)
+        except OSError:
+            seen, size = "", inst.size  # gone already: the attempt says so
+        else:
+            seen, size = stamp(st), st.st_size
+        rows.append(
+            JobInstance(
+                job=job,
+                path=str(inst.path),
+                sop_instance_uid=db_text(inst.sop_instance_uid, 64),
+                size=size,
+                stamp=seen,
+                sop_class_uid=db_text(inst.sop_class_uid, 64),
+                transfer_syntax=db_text(inst.transfer_syntax, 64),
+                # Values from the files: no NUL reaches the database.
+                tags={k: db_text(v) for k, v in inst.tags.items()},
+            )
+        )
+    for other in others:
+        rows.append(
+            JobInstance(job=job, path=str(other.path), dicom=False, size=other.size)
+        )
+    return rows
+
+
+@dataclass
+class Pending:
+    """An attempt's files: the series to send and what cannot be sent (why)."""
+
+    series: Series
+    ids: dict[str, int]
+    # Row ids of the series folder's other files (not instances).
+    others: set[int] = field(default_factory=set)
+    # Row id -> why it fails without being sent (changed, gone, corrupt).
+    failed: dict[int, str] = field(default_factory=dict)
+    # Every row was pending: no earlier attempt recorded an outcome.
+    fresh: bool = False
+
+
+def pending(job: Job, exclude: list[str]) -> Pending:
+    """Rebuild the series of `job`'s pending files from their rows.
+
+    `exclude`: the target's exclusion globs as they are now (a file excluded since
+    the job was made is not sent and fails like a gone one).
+    """
+    rows = list(
+        job.instances.filter(state=InstanceState.PENDING)
+        .order_by("id")
+        .values_list(
+            "id",
+            "path",
+            "dicom",
+            "sop_instance_uid",
+            "sop_class_uid",
+            "transfer_syntax",
+            "stamp",
+            "tags",
+        )
+    )
+    root = Path(job.folder)
+    series = Series(root=root)
+    ids: dict[str, int] = {}
+    others: set[int] = set()
+    failed: dict[int, str] = {}
+    again: dict[str, tuple[int, str]] = {}
+    for pk, path, dicom, uid, sop_class, syntax, seen, tags in rows:
+        ids[path] = pk
+        if not dicom:
+            others.add(pk)
+        try:
+            st = os.stat(path)
+        except OSError:
+            failed[pk] = GONE
+            continue
+        if not dicom:
+            series.others.append(OtherFile(Path(path), st.st_size, reason=""))
+        elif seen and seen == stamp(st) and sop_class:
+            series.instances.append(
+                Instance(Path(path), st.st_size, sop_class, uid, syntax, tags or {})
+            )
+        else:
+            again[path] = (pk, uid)
+    if again:
+        _read_again(series, again, failed)
+    kept = series.excluding(exclude)
+    if kept is not series:
+        left = {id(item) for item in (*kept.instances, *kept.others)}
+        for item in (*series.instances, *series.others):
+            if id(item) not in left:
+                failed[ids[str(item.path)]] = GONE
+    return Pending(
+        series=kept,
+        ids=ids,
+        others=others,
+        failed=failed,
+        fresh=len(rows) == job.total + job.other_files,
+    )
+
+
+def _read_again(
+    series: Series, files: dict[str, tuple[int, str]], failed: dict[int, str]
+) -> None:
+    """Read files changed since the job was made (or recorded before stamps)."""
+    read = scan_paths(series.root, [Path(p) for p in files])
+    for inst in read.instances:
+        pk, was = files.pop(str(inst.path))
+        if was and inst.sop_instance_uid != was:
+            # A file rewritten in place (a hard-linked spool copy shares its bytes
+            # with the caller's file) is not the instance the job recorded.
+            failed[pk] = db_text(
+                f"the file changed after the job was made: it now holds SOP "
+                f"Instance UID {inst.sop_instance_uid}, not {was}"
+            )
+        else:
+            series.instances.append(inst)
+    for pk, _ in files.values():
+        failed[pk] = GONE
