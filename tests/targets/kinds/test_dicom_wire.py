@@ -27,6 +27,7 @@ from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import (
     CTImageStorage,
+    StorageCommitmentPushModel,
     StudyRootQueryRetrieveInformationModelFind,
     Verification,
 )
@@ -195,7 +196,11 @@ def test_a_send_and_a_test_end_in_a_release_not_an_abort(scp, ct_series):
 
     assert report.ok, [(c.name, c.message) for c in report.checks]
     assert len(scp.requests) == 2
-    assert scp.requests[1]["contexts"] == [(Verification, CT_SYNTAXES[::-1])]
+    # Test asks for Verification and whether Storage Commitment is accepted.
+    assert scp.requests[1]["contexts"] == [
+        (Verification, CT_SYNTAXES[::-1]),
+        (StorageCommitmentPushModel, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]),
+    ]
     assert scp.ends == ["released", "released"]
 
 
