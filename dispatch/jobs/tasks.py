@@ -126,9 +126,9 @@ def run_job(
 
     Reads the target fresh from the database and sends the job's pending files
     (`engine.attempt`). A job left waiting to retry is queued for its time. The
-    lease is renewed by a `LeaseKeeper` (the caller's, if it passes one) and,
-    from its first renewal on, watched: should this worker die, another resumes
-    the job when it runs out (the sweep does, for a job that died younger).
+    lease is renewed by a `LeaseKeeper` (the caller's, if it passes one) and
+    watched: should this worker die, another resumes the job when it runs out (for
+    a one-file job that died before its first renewal, the sweep does).
     """
     worker = worker or lease.worker_id()
     claimed = engine.claim(job_id, worker, respect_limit, held=held)
@@ -137,10 +137,15 @@ def run_job(
     own_keeper = keeper is None
     if keeper is None:
         keeper = engine.keeper_for(job_id, worker).start()
-    # A job still sending at the lease's first renewal gets a watch for when its
-    # lease would end; most jobs are done before that, and a worker dying sooner
-    # leaves its job to the sweep (each minute, and when a worker starts).
-    keeper.then(lambda expires: watch(job_id, expires))
+    # A watch for when the lease would end, should this worker die. A job of
+    # several files gets it at once (a crash costs one lease, whenever it comes). A
+    # one-file job, most of a busy queue and done well within a lease, gets it only
+    # if still sending at the lease's first renewal: one dying sooner is left to the
+    # sweep (each minute, and when a worker starts).
+    if claimed.job.total > 1:
+        watch(job_id, timezone.now() + lease.lease_length())
+    else:
+        keeper.then(lambda expires: watch(job_id, expires))
     try:
         job = engine.attempt(claimed, worker, keeper, progress, retry)
     finally:
