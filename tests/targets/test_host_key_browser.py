@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -26,7 +27,12 @@ def message_after_click(browser, element_id: str, expected: str) -> str:
         ]
         return next((t for t in texts if expected in t), False)
 
-    return WebDriverWait(browser, 60).until(shown)
+    # The click loads a new page: a message found on the old one can go stale
+    # between finding it and reading it; look again.
+    wait = WebDriverWait(
+        browser, 60, ignored_exceptions=(StaleElementReferenceException,)
+    )
+    return wait.until(shown)
 
 
 def test_trust_host_key_beside_the_test_result_pins_the_key_and_test_passes(
