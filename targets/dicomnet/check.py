@@ -10,6 +10,7 @@ Protocol code: no models, no settings.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import struct
@@ -405,7 +406,7 @@ def _read(
                 raise NotPart10("no DICM prefix after the preamble")
             start, ts = _file_meta(buf, meta)
             # One walk: the UIDs every check needs and the tags asked for.
-            capture = frozenset(_CAPTURED).union(tags) if tags else _CAPTURED
+            capture = _capture(tags) if tags else _CAPTURED
             w = _walk(buf, ts, start, capture, ordered=ordered, what="file")
     uids = _uids(w.captured)
     found = FileWalk(start, size, ts, uids, w.odd, w.odd_nested, w.unordered)
@@ -417,6 +418,13 @@ def _read(
     _WALKED[key] = found
     header = None if meta is None else FileHeader(size, ts, meta, w.captured)
     return found, header
+
+
+@functools.lru_cache(maxsize=32)
+def _capture(tags: frozenset[int] | tuple[int, ...]) -> frozenset[int]:
+    """The UIDs every check needs and `tags`: built once per distinct ask (a scan
+    asks the same tags for every file)."""
+    return frozenset(_CAPTURED).union(tags)
 
 
 def check_file(path: str | Path, *, ordered: bool = True) -> None:
