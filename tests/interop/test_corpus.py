@@ -37,7 +37,7 @@ import pydicom
 import pytest
 from pydicom.uid import UID
 
-from tests.fixtures.receive_peers import ReceiverProcess
+from tests.fixtures.receive_peers import ReceiverProcess, responses_to_the_caller
 from tests.interop.corpus import CorpusFile, build_corpus
 from tests.peers import DCMTK_ENV, Orthanc, StoreSCP
 
@@ -385,6 +385,7 @@ def raw_send(
                 if not assoc.is_established:
                     named[f.path.name] = f"{FAILED}|association not established"
                     continue
+                responses_to_the_caller(assoc)
             try:
                 status = assoc.send_c_store(f.path)
             except Exception as exc:  # pynetdicom raises for unreadable files

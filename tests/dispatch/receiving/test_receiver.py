@@ -20,7 +20,7 @@ from pynetdicom.dsutils import encode
 from targets.dicomnet.check import CorruptDataset, check_dataset
 from targets.dicomnet.sockets import enable_tcp_nodelay
 from tests.dicomgen import make_mixed_study, make_series
-from tests.fixtures.receive_peers import echoscu, storescu
+from tests.fixtures.receive_peers import echoscu, responses_to_the_caller, storescu
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -58,6 +58,7 @@ def send_raw(port: int, paths: list[Path]) -> list[int]:
     try:
         assoc = ae.associate("127.0.0.1", port, ae_title="COURIER")
         assert assoc.is_established
+        responses_to_the_caller(assoc)
         statuses = [int(assoc.send_c_store(p).Status) for p in paths]
         assoc.release()
     finally:
