@@ -206,6 +206,11 @@ def _int(value) -> int | None:
 # the walk 0.05 ms).
 
 _CHARSET_TAG = 0x00080005
+# A file whose sequences nest deeper than Python's recursion limit (as for a send,
+# `targets.series.TOO_DEEP`).
+TOO_DEEP = (
+    "corrupt DICOM: its sequences nest too deeply to be checked (hundreds of levels)"
+)
 _ENCODINGS = {
     b"": "latin-1",
     b"ISO_IR 6": "latin-1",
@@ -255,6 +260,8 @@ def read_header(path: str) -> tuple[str, tuple | str]:
         return path, "not a DICOM file (no DICM preamble)"
     except CorruptDataset as exc:
         return path, f"corrupt DICOM: {exc}"[:300]
+    except RecursionError:  # valid DICOM, but the walk recurses once per level
+        return path, TOO_DEEP
     except OSError as exc:
         return path, f"{CANNOT_READ}{exc.strerror or exc}"
     if values is not None:
