@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import logging
 import os
@@ -117,7 +118,7 @@ class IncomingInstance:
         self.size = 0
         self.unchecked = 0  # bytes written since the free space was looked at
         self.fd = -1
-        self.path: Path | None = None
+        self.path: str | None = None  # the partial file (a str: no Path per instance)
         self.offset = 0
         self.meta = b""  # written with the first piece of the dataset
         self.file_meta = b""
@@ -130,7 +131,7 @@ class IncomingInstance:
             request.sop_class, request.sop_instance, request.transfer_syntax,
             request.calling_aet,
         )  # fmt: skip
-        path = receiver.partial / f"{secrets.token_hex(8)}.part"
+        path = f"{receiver.partial_prefix}{next(receiver.partial_numbers)}.part"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         try:
             try:
@@ -185,7 +186,8 @@ class IncomingInstance:
             os.close(self.fd)
             self.fd = -1
         if self.path is not None:
-            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
             self.path = None
 
     def _fail(self, status: int) -> None:
@@ -226,7 +228,7 @@ class IncomingInstance:
             series = rx._series_for(uids, request)
         except OSError as exc:  # the series' folder or description not written
             return rx._refuse_write(request, exc)
-        target = series.folder / instance_file_name(sop_uid)
+        target = os.path.join(str(series.folder), instance_file_name(sop_uid))
         try:
             return self._store(series, target, sop_uid)
         except OSError as exc:
@@ -235,7 +237,7 @@ class IncomingInstance:
             with rx._lock:
                 series.inflight -= 1
 
-    def _store(self, series: OpenSeries, target: Path, sop_uid: str) -> int:
+    def _store(self, series: OpenSeries, target: str, sop_uid: str) -> int:
         """Make the instance durable, then put it in its series folder.
 
         A small instance (its bytes still in memory) goes through the journal: one
@@ -248,7 +250,7 @@ class IncomingInstance:
         assert self.path is not None
         ticket = None
         if self.head is not None and rx.journal is not None:
-            relative = f"{series.folder.name}/{target.name}"
+            relative = f"{series.folder.name}/{os.path.basename(target)}"
             ticket = rx.journal.append(relative, self.file_meta, self.head)
         if ticket is None:
             os.fdatasync(self.fd)
@@ -322,6 +324,10 @@ class Receiver:
         self.port = port
         self.incoming = Path(spool_dir) / "incoming"
         self.partial = self.incoming / PARTIAL_DIR
+        # Partial file names: this receiver's prefix and a counter (O_EXCL: never
+        # another's file).
+        self.partial_prefix = f"{self.partial}/{secrets.token_hex(4)}-"
+        self.partial_numbers = itertools.count()
         self.accepted = [a.strip() for a in accepted_calling_aets if a.strip()]
         self.min_free_bytes = min_free_bytes
         self.quiet_seconds = quiet_seconds

@@ -121,7 +121,7 @@ def _dataset(path: Path) -> pydicom.Dataset:
 def test_receive_sigkilled_at_random_points_keeps_every_acknowledged_instance(
     courier_site, tmp_path
 ):
-    count = 40
+    count = 30
     series = make_series(tmp_path / "ct", count)
     originals = {pydicom.dcmread(f).SOPInstanceUID: f for f in series.files}
     out = tmp_path / "routed"
@@ -141,7 +141,7 @@ def test_receive_sigkilled_at_random_points_keeps_every_acknowledged_instance(
     rng.seed(seed)
     acknowledged: set[str] = set()
     storescu = require_binary("storescu")
-    for _ in range(3):
+    for _ in range(2):
         rx = ReceiverProcess(site, port=port).start()
         sender = subprocess.Popen(
             [storescu, "-v", "-aet", "MODALITY", "-aec", "COURIER", "127.0.0.1",
