@@ -419,13 +419,16 @@ def finish(
     if not updated:
         # Cancelled or taken over meanwhile: leave the row as it is.
         job.refresh_from_db()
-        _log_attempt(job, target, attempt, started)
+        _log_attempt(job, target, attempt, time.monotonic() - started)
         return job
     for name, value in fields.items():
         setattr(job, name, value)
-    _log_attempt(job, target, attempt, started)
+    # After the commit (a batch's ends are written in one transaction): no log
+    # line and no spool folder deleted for an end that is not written.
+    duration = time.monotonic() - started
+    transaction.on_commit(lambda: _log_attempt(job, target, attempt, duration))
     if state in SUCCESS_STATES and job.owned_spool:
-        cleanup_spool(job.folder)
+        transaction.on_commit(lambda: cleanup_spool(job.folder))
     return job
 
 
@@ -457,11 +460,11 @@ def _stopped(
             **{k: counts[k] for k in ("total",) + _COUNTERS},
         )
         job.refresh_from_db()
-    _log_attempt(job, target, attempt, started)
+    _log_attempt(job, target, attempt, time.monotonic() - started)
     return job
 
 
-def _log_attempt(job: Job, target: Target, attempt: Attempt, started: float) -> None:
+def _log_attempt(job: Job, target: Target, attempt: Attempt, seconds: float) -> None:
     log.info(
         "dispatch attempt %s",
         log_fields(
@@ -477,7 +480,7 @@ def _log_attempt(job: Job, target: Target, attempt: Attempt, started: float) -> 
             warnings=attempt.warnings,
             failed=attempt.failed,
             bytes=attempt.bytes_sent,
-            duration=f"{time.monotonic() - started:.2f}",
+            duration=f"{seconds:.2f}",
             worker=attempt.worker,
             error=attempt.error,
         ),
