@@ -410,10 +410,12 @@ def send_batch(
     next_write = time.monotonic() + PROGRESS_INTERVAL
     done = 0
     try:
+        rows = files.pending_rows([c.job.pk for c in claims])
         for claimed in claims:
             if not keeper.valid:
                 break  # the leases could not be renewed: stop before they end
-            sent = send(claimed, worker, lease.RowLease(keeper, claimed.job.pk))
+            pk = claimed.job.pk
+            sent = send(claimed, worker, lease.RowLease(keeper, pk), None, rows[pk])
             waiting.append(sent)
             done += 1
             stop = sent.error is not None and not sent.error.permanent
@@ -515,6 +517,7 @@ def send(
     worker: str,
     keeper: lease.LeaseKeeper | lease.RowLease,
     progress: ProgressHook | None = None,
+    rows: list[tuple] | None = None,
 ) -> Sent:
     """The sending part of `attempt`: the job's pending files through the handler.
 
@@ -533,7 +536,7 @@ def send(
         folder = Path(job.folder)
         if not folder.is_dir():
             raise TargetError(f"folder {folder} no longer exists", permanent=True)
-        todo = files.pending(job, split_globs(target.exclude))
+        todo = files.pending(job, split_globs(target.exclude), rows)
         writer.ids, writer.others, writer.fresh = todo.ids, todo.others, todo.fresh
         paths = {pk: path for path, pk in todo.ids.items()}
         for pk, why in todo.failed.items():

@@ -333,7 +333,8 @@ def finish(
     if error is None:
         # Files the handler said nothing about did not get through.
         writer.fail_unreported()
-    with transaction.atomic():
+    # (In a batch's transaction, no savepoint: an error ends the whole batch.)
+    with transaction.atomic(savepoint=False):
         writer.write_rows()
         counts = writer.counts() or refresh_counts(job)
         fresh = writer.fresh
