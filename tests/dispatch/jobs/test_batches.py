@@ -48,7 +48,10 @@ def _sending_connections(target) -> int:
     return live.aggregate(n=Sum("connections"))["n"] or 0
 
 
-def test_a_batch_is_sent_in_few_statements_and_every_job_is_recorded(tmp_path):
+def test_a_batch_is_sent_in_few_statements_and_every_job_is_recorded(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(engine, "PROGRESS_INTERVAL", 3600.0)  # one write at the end
     target = folder_target(tmp_path / "out")
     jobs = _jobs(tmp_path, target, 6)
     with CaptureQueriesContext(connection) as ctx:
@@ -56,6 +59,7 @@ def test_a_batch_is_sent_in_few_statements_and_every_job_is_recorded(tmp_path):
     statements = [q["sql"] for q in ctx.captured_queries]
     assert [j.pk for j in ended] == [j.pk for j in jobs]
     assert len(statements) <= BATCH_FIXED + PER_JOB * 6, "\n".join(statements)
+    assert sum(s.startswith("INSERT") for s in statements) == 6  # the attempts
     for job in Job.objects.filter(pk__in=[j.pk for j in jobs]):
         # As the job admin shows it: done, counted, the lease let go, one attempt.
         assert job.state == State.DONE and (job.total, job.sent) == (1, 1)
