@@ -26,7 +26,7 @@ from huey.contrib.djhuey import HUEY, db_periodic_task, db_task
 
 from targets.models import Target
 
-from . import engine, lease
+from . import batch, engine, lease
 from .models import Job, State
 from .spool import expire_spool
 
@@ -158,14 +158,14 @@ def run_job(
 
 def run_batch(target_id: int, *, worker: str | None = None) -> list[Job] | None:
     """Claim a batch of the target's queued one-file jobs and send them one after
-    the other (`engine.claim_batch`); return them as they ended, or None if none
+    the other (`batch.claim`); return them as they ended, or None if none
     was claimed.
 
     One lease keeper for the batch; the batch is watched (one message) only if
     still sending at the lease's first renewal, as a one-file job is.
     """
     worker = worker or lease.worker_id()
-    claims = engine.claim_batch(target_id, worker)
+    claims = batch.claim(target_id, worker)
     if not claims:
         return None
     ids = [c.job.pk for c in claims]
@@ -174,7 +174,7 @@ def run_batch(target_id: int, *, worker: str | None = None) -> list[Job] | None:
     # (`run_jobs_from`), whose leases ended with it.
     keeper.then(lambda expires: watch(ids[-1], expires))
     try:
-        jobs = engine.send_batch(claims, worker, keeper)
+        jobs = batch.send(claims, worker, keeper)
     finally:
         keeper.stop()
     for job in jobs:

@@ -1,6 +1,6 @@
-"""Batches of one-file jobs: a worker thread takes up to `engine.BATCH_JOBS` of a
+"""Batches of one-file jobs: a worker thread takes up to `batch.BATCH_JOBS` of a
 target's queued one-file jobs at once and sends them one after the other
-(`engine.claim_batch`, `tasks.run_batch`). What they must keep: the target's
+(`batch.claim`, `tasks.run_batch`). What they must keep: the target's
 connection limit, the leases, the retries, the progress the pages show, and a
 bounded number of statements (counted, not timed: bench/cmd_queue.py times it)."""
 
@@ -12,7 +12,7 @@ from django.db.models import Sum
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from dispatch.jobs import engine, services, tasks
+from dispatch.jobs import batch, engine, services, tasks
 from dispatch.jobs.models import Job, State
 from targets.models import DicomTarget, FolderTarget
 from tests.dicomgen import make_series
@@ -78,13 +78,13 @@ def test_a_batch_holds_one_connection_and_none_when_the_target_is_full(tmp_path)
     (big,) = _jobs(tmp_path / "big", target, 1, files=3)
     # The series of three files holds both connections.
     assert engine.claim(big.pk, "worker-a", True).job.connections == 2
-    assert engine.claim_batch(target.pk, "worker-b") == []
+    assert batch.claim(target.pk, "worker-b") == []
     assert not Job.objects.filter(lease_owner="worker-b").exists()
 
     # One connection free: a batch takes every small job (never the big one) and
     # holds one connection in all, the one of the job it sends last.
     Job.objects.filter(pk=big.pk).update(connections=1)
-    claims = engine.claim_batch(target.pk, "worker-b")
+    claims = batch.claim(target.pk, "worker-b")
     assert [c.job.pk for c in claims] == [j.pk for j in small]
     held = dict(
         Job.objects.filter(lease_owner="worker-b").values_list("pk", "connections")
@@ -92,11 +92,11 @@ def test_a_batch_holds_one_connection_and_none_when_the_target_is_full(tmp_path)
     assert held == {j.pk: (1 if j is small[-1] else 0) for j in small}
     assert _sending_connections(target) == 2 == engine.job_limit(target)
     # Full again: neither another batch nor a single job gets in.
-    assert engine.claim_batch(target.pk, "worker-c") == []
+    assert batch.claim(target.pk, "worker-c") == []
 
     # Given back (the rest of a batch after a transient error): queued again, as
     # before the claim, for any worker.
-    assert engine.release([c.job.pk for c in claims], "worker-b") == 5
+    assert batch.release([c.job.pk for c in claims], "worker-b") == 5
     for job in Job.objects.filter(pk__in=[j.pk for j in small]):
         assert (job.state, job.lease_owner, job.lease_expires_at) == (
             State.QUEUED,
@@ -104,7 +104,7 @@ def test_a_batch_holds_one_connection_and_none_when_the_target_is_full(tmp_path)
             None,
         )
         assert job.attempt_count == 0
-    assert len(engine.claim_batch(target.pk, "worker-c", most=3)) == 3
+    assert len(batch.claim(target.pk, "worker-c", most=3)) == 3
 
 
 def test_a_batch_is_never_taken_for_a_paused_target_and_a_permanent_error_fails_each(
