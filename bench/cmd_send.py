@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import shutil
+import sys
 import tempfile
 from functools import partial
 from pathlib import Path

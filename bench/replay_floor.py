@@ -45,7 +45,9 @@ def main() -> None:
                       walk.transfer_syntax, data))  # fmt: skip
     contexts = sorted({(c, ts) for c, _, ts, _ in files})
     proposed = propose([(c, [ts]) for c, ts in contexts])
-    ids = {(c, ts): cx.context_id for (c, ts), cx in zip(contexts, proposed)}
+    ids = {
+        (c, ts): cx.context_id for (c, ts), cx in zip(contexts, proposed, strict=True)
+    }
 
     t0 = time.perf_counter()
     assoc = Association.open(
