@@ -45,6 +45,7 @@ from harness import (
     Arm,
     BenchError,
     Run,
+    checkout_label,
     header,
     interleave,
     manage,
@@ -64,10 +65,13 @@ class DcmtkStoreSCP(StoreSCP):
         return [DCMTK["storescp"], *super().command()[1:]]
 
 
-def courier_send(site: CourierSite, target: str, folder: Path) -> Run:
+def courier_send(
+    site: CourierSite, target: str, folder: Path, checkout: str | None = None
+) -> Run:
     return run_process(
-        manage("send_series", target, str(folder)), env=site.env, cwd=ROOT
-    )
+        manage("send_series", target, str(folder), checkout=checkout),
+        env=site.env, cwd=checkout or ROOT,
+    )  # fmt: skip
 
 
 def storescu(port: int, aet: str, folder: Path) -> Run:
@@ -119,6 +123,11 @@ def main() -> None:
         "--connections", type=int, default=2,
         help="also Courier with this many parallel connections (1: not)",
     )  # fmt: skip
+    parser.add_argument(
+        "--baseline", metavar="CHECKOUT",
+        help="also run the command from this checkout (its own .venv, the same "
+        "database schema): before and after in one interleaved run",
+    )  # fmt: skip
     parser.add_argument("--json", help="append the figures to this JSON-lines file")
     args = parser.parse_args()
 
@@ -169,6 +178,12 @@ def main() -> None:
                         checked(partial(floor, port, aet, folder), n, received),
                         peer.clear),
                 ]  # fmt: skip
+                if args.baseline:
+                    arms.insert(1, Arm(
+                        f"baseline ({checkout_label(args.baseline)}) send_series",
+                        checked(partial(courier_send, site, peer_name, folder,
+                                        args.baseline), n, received),
+                        peer.clear))  # fmt: skip
                 if args.connections > 1:
                     arms.insert(1, Arm(
                         f"Courier send_series, {args.connections} connections",

@@ -3,7 +3,7 @@
 Shaped like pynetdicom's `storescu`: propose only the presentation contexts the series
 needs, check every status, always release or abort. Which contexts, and converting a
 file whose syntax the peer refuses, are `targets.dicomnet.transcode`. The association
-itself is `targets.dicomnet.scu.Association` (pynetdicom's PDUs on a plain blocking
+itself is `targets.dicomnet.scu.Association` (its own PDUs on a plain blocking
 socket, file bytes sent as they are on disk), which is about four times faster than
 pynetdicom's threaded `Association` (see that module and the README's Performance).
 
