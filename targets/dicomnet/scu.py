@@ -186,8 +186,16 @@ def _uid(value: str) -> bytes:
     return value.encode("ascii")
 
 
-def _ae(title: str) -> bytes:
-    return title.encode("ascii").ljust(16)[:16]
+def _ae(title: str, what: str) -> bytes:
+    """An AE title field (PS3.8 9.3.2): 1-16 characters of the Default Character
+    Repertoire without backslash or control characters, not all spaces."""
+    if (
+        not title.strip()
+        or len(title) > 16
+        or any(c == "\\" or not " " <= c <= "~" for c in title)
+    ):
+        raise ValueError(f"the {what} AE title {title!r} is not a valid AE title")
+    return title.encode("ascii").ljust(16)
 
 
 def associate_rq(
@@ -223,8 +231,8 @@ def associate_rq(
     items.append(_item(0x50, b"".join(user)))
     body = (
         struct.pack(">HH", 1, 0)
-        + _ae(called_aet)
-        + _ae(calling_aet)
+        + _ae(called_aet, "called")
+        + _ae(calling_aet, "calling")
         + bytes(32)
         + b"".join(items)
     )
@@ -429,8 +437,10 @@ class Association:
             )
         except UnicodeEncodeError as exc:
             raise LinkError(
-                f"an AE title or UID is not ASCII: {exc.object!r}", permanent=True
+                f"a UID is not ASCII: {exc.object!r}", permanent=True
             ) from exc
+        except ValueError as exc:  # an AE title no peer could take
+            raise LinkError(str(exc), permanent=True) from exc
         sock.settimeout(acse_timeout)
         try:
             sock.sendall(rq)

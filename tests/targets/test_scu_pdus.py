@@ -163,3 +163,16 @@ def test_the_abort_is_pynetdicoms():
     pdu = A_ABORT_RQ()
     pdu.source, pdu.reason_diagnostic = 0x00, 0x00
     assert abort_pdu() == pdu.encode()
+
+
+@pytest.mark.parametrize(
+    "title", ["", "    ", "SEVENTEEN_CHARS_X", "A\\B", "TAB\tX", "Ä"]
+)
+def test_an_ae_title_no_peer_could_take_is_refused_before_a_byte_is_sent(title):
+    with pytest.raises(ValueError, match="AE title"):
+        associate_rq(
+            calling_aet="COURIER",
+            called_aet=title,
+            contexts=propose([(CT, [IMPLICIT])]),
+            max_pdu=16384,
+        )
