@@ -28,10 +28,22 @@ def stamp(st: os.stat_result) -> str:
 
 
 def rows_for(
-    job: Job, instances: list[Instance], others: list[OtherFile]
+    job: Job,
+    instances: list[Instance],
+    others: list[OtherFile],
+    corrupt: list[tuple[Path, str]] = (),
 ) -> list[JobInstance]:
-    """The job's rows for the scanned `instances` and `others`, headers included."""
-    rows = []
+    """The job's rows for the scanned `instances` and `others`, headers included,
+    and for the `corrupt` DICOM files (path, why): failed, never sent."""
+    rows = [
+        JobInstance(
+            job=job,
+            path=str(path),
+            state=InstanceState.FAILED,
+            message=db_text(f"{why}: not sent", 2000),
+        )
+        for path, why in corrupt
+    ]
     for inst in instances:
         try:
             st = os.stat(inst.path)

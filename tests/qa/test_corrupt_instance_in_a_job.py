@@ -8,7 +8,8 @@ out", the job ends *done* with "0 failed", and `send_series` (direct or `--queue
 issue 13 says a malformed file "fails that instance with words". The job's page and
 `job_status` name neither the file nor the reason. Reported for routing (the job
 rows are made in dispatch/jobs/services.py and files.py; the states and counts in
-the engine): the test below is what it should do.
+the engine). Fixed on issue13-finish: a corrupt file found by the scan is a failed
+instance of the job, named with the reason.
 """
 
 from __future__ import annotations
@@ -21,11 +22,6 @@ from targets.models import DicomTarget
 from tests.dicomgen import make_series
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a corrupt DICOM instance is counted as an 'other file left out': the "
-    "job ends done, unnamed (reported to the coordinator)",
-)
 @pytest.mark.django_db(transaction=True)
 def test_a_truncated_instance_fails_the_job_by_name(tmp_path, storescp, immediate_huey):
     series = make_series(tmp_path / "in", 3)

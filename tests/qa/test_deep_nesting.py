@@ -68,6 +68,23 @@ def test_a_series_with_a_deeply_nested_file_sends_the_others(
     arrived = {p.name for p in storescp.files()}
     sent = [u for u in series.sop_uids if any(u in name for name in arrived)]
     assert len(sent) == 2, (job.state, job.last_error)
-    # Left out as a truncated file is (never sent, in any form), counted on the job.
-    assert job.skipped == 1
-    assert not job.instances.filter(path__endswith=deep.name).exists()
+    # Never sent, in any form, as a truncated file: a failed instance of the job,
+    # named with the reason.
+    assert job.skipped == 0 and job.failed == 1
+    (row,) = job.instances.filter(path__endswith=deep.name)
+    assert row.state == "failed" and "nest too deeply" in row.message
+
+
+def test_a_deeply_nested_file_is_a_problem_of_the_folder_index(tmp_path):
+    from targets.kinds.dicomweb.index import FolderIndex
+
+    series = make_series(tmp_path / "in", 3)
+    deep = sorted(series.folder.glob("*.dcm"))[0]
+    deepen(deep)
+
+    report = FolderIndex(series.folder, tmp_path / "index.sqlite3").scan(workers=1)
+
+    assert report.added == 2
+    assert [(p, "nest too deeply" in why) for p, why in report.problems] == [
+        (deep.name, True)
+    ]
