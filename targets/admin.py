@@ -463,6 +463,18 @@ class TargetAdmin(admin.ModelAdmin):
                 f"{'passed' if result.ok else 'failed'}: {result.summary}",
                 messages.SUCCESS if result.ok else messages.ERROR,
             )
+            if typed := self._typed_secrets(form):
+                # Never sent back to the browser: a Save now would drop them (or
+                # keep the old ones) without a word, after a Test that used them.
+                self.message_user(
+                    request,
+                    f"Type the {' and '.join(typed)} again before saving: "
+                    f"{'it was' if len(typed) == 1 else 'they were'} used for this "
+                    "Test, but secrets are never sent back to the browser, so the "
+                    "form below no longer holds "
+                    f"{'it' if len(typed) == 1 else 'them'}.",
+                    messages.WARNING,
+                )
         admin_form = helpers.AdminForm(
             form,
             list(fieldsets),
@@ -491,6 +503,15 @@ class TargetAdmin(admin.ModelAdmin):
         return self.render_change_form(
             request, context, add=add, change=not add, obj=obj, form_url=form_url
         )
+
+    @staticmethod
+    def _typed_secrets(form: TargetForm) -> list[str]:
+        """Labels of the secrets a value was typed into in this form."""
+        return [
+            str(form.fields[name].label).lower()
+            for name in form.secret_fields
+            if form.data.get(f"{form.add_prefix(name)}_0")
+        ]
 
     def _form_test_html(self, result: CheckReport, notes: list[str]) -> str:
         html = result_html(

@@ -253,6 +253,14 @@ def read_instance(path: Path) -> Instance:
     )
 
 
+# The element walker and pydicom recurse once per sequence level: a file nested
+# deeper than Python's recursion limit (valid DICOM; dcmtk reads it) cannot be
+# checked here, so it is never sent, and says why, instead of ending the scan.
+TOO_DEEP = (
+    "corrupt DICOM (its sequences nest too deeply to be checked: hundreds of levels)"
+)
+
+
 def scan_folder(folder: str | Path) -> Series:
     """Collect every file under `folder`, recursively, in a stable order.
 
@@ -292,6 +300,9 @@ def scan_paths(root: Path, paths: Iterable[Path]) -> Series:
         except CorruptDataset:
             _scan_slowly(series, path)  # corrupt, or not DICOM at all: pydicom says
             continue
+        except RecursionError:
+            series.corrupt.append((path, TOO_DEEP))
+            continue
         except OSError as exc:
             series.skipped.append((path, f"unreadable ({exc.strerror or exc})"))
             continue
@@ -326,6 +337,8 @@ def _scan_slowly(series: Series, path: Path) -> None:
         series.instances.append(instance)
     except CorruptDataset as exc:
         series.corrupt.append((path, f"corrupt DICOM ({exc})"))
+    except RecursionError:
+        series.corrupt.append((path, TOO_DEEP))
     except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
         try:
             size = path.stat().st_size

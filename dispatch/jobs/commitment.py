@@ -9,14 +9,17 @@ the transaction UID it chose.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 from django.db import transaction
 from django.utils import timezone
 
-from config.safetext import db_text
+from config.safetext import db_text, log_fields
 
 from .models import StorageCommitment
+
+log = logging.getLogger("courier.dispatch")
 
 
 def record_report(
@@ -26,13 +29,16 @@ def record_report(
     *,
     reported_by: str = "",
     reported_from: str = "",
-) -> StorageCommitment:
+) -> StorageCommitment | None:
     """Keep a peer's report of a commitment transaction; return its row.
 
     `committed`: (SOP Class UID, SOP Instance UID) of each instance the peer
     committed; `failed`: (SOP Class UID, SOP Instance UID, failure reason) of each
     it did not. A transaction reported again keeps the latest report (a report may
     come twice: once on the association it was asked on, once on a new one).
+    Only transactions Courier asked for have a row (made before the N-ACTION); a
+    report on any other UID is logged and dropped (None), so that whoever may
+    associate with the receiver cannot grow the table without limit.
     """
     committed_rows = [[db_text(c, 64), db_text(i, 64)] for c, i in committed]
     failed_rows = [[db_text(c, 64), db_text(i, 64), int(r)] for c, i, r in failed]
@@ -42,9 +48,23 @@ def record_report(
         else StorageCommitment.Outcome.COMMITTED
     )
     with transaction.atomic():
-        row, _ = StorageCommitment.objects.select_for_update().get_or_create(
-            transaction_uid=db_text(transaction_uid, 64)
+        row = (
+            StorageCommitment.objects.select_for_update()
+            .filter(transaction_uid=db_text(transaction_uid, 64))
+            .first()
         )
+        if row is None:
+            log.warning(
+                "event=commitment_report_unsolicited %s",
+                log_fields(
+                    transaction=transaction_uid,
+                    calling_aet=reported_by,
+                    peer=reported_from,
+                    committed=len(committed_rows),
+                    failed=len(failed_rows),
+                ),
+            )
+            return None
         row.outcome = outcome
         row.committed = committed_rows
         row.failed = failed_rows

@@ -113,13 +113,13 @@ class OutcomeWriter:
         if pk not in self.recorded:
             self._record(pk, path, InstanceState.FAILED, message, 0)
 
-    def fail_unreported(self) -> None:
+    def fail_unreported(
+        self, why: str = "the target's handler reported no outcome for this file"
+    ) -> None:
         """Fail the files the handler said nothing about: they did not get through."""
         for path, pk in self.ids.items():
             if pk not in self.recorded:
-                self.fail(
-                    pk, path, "the target's handler reported no outcome for this file"
-                )
+                self.fail(pk, path, why)
 
     def _record(self, pk: int, path: str, state: str, message: str, size: int) -> None:
         self.recorded.add(pk)
@@ -330,20 +330,25 @@ def finish(
     attempt = writer.attempt
     if aborted:
         return _stopped(job, target, writer, worker, started, now)
+    # Attempts since the job was queued or last retried by an operator.
+    tries = job.attempt_count - job.attempt_base
+    again = retry and tries < target.retry_max_attempts
     if error is None:
         # Files the handler said nothing about did not get through.
         writer.fail_unreported()
-    with transaction.atomic():
+    elif error.permanent or not again:
+        # The job ends here: no file is left untried without its reason.
+        writer.fail_unreported(db_text(f"not sent: {error.message}", 2000))
+    # (In a batch's transaction, no savepoint: an error ends the whole batch.)
+    with transaction.atomic(savepoint=False):
         writer.write_rows()
         counts = writer.counts() or refresh_counts(job)
         fresh = writer.fresh
         retry_at = None
-        # Attempts since the job was queued or last retried by an operator.
-        tries = job.attempt_count - job.attempt_base
         if error is not None:
             if error.permanent:
                 state, message = State.FAILED, error.message
-            elif retry and tries < target.retry_max_attempts:
+            elif again:
                 delay = backoff_delay(target, tries)
                 retry_at = now + timedelta(seconds=delay)
                 state = State.RETRY_WAIT
@@ -419,13 +424,16 @@ def finish(
     if not updated:
         # Cancelled or taken over meanwhile: leave the row as it is.
         job.refresh_from_db()
-        _log_attempt(job, target, attempt, started)
+        _log_attempt(job, target, attempt, time.monotonic() - started)
         return job
     for name, value in fields.items():
         setattr(job, name, value)
-    _log_attempt(job, target, attempt, started)
+    # After the commit (a batch's ends are written in one transaction): no log
+    # line and no spool folder deleted for an end that is not written.
+    duration = time.monotonic() - started
+    transaction.on_commit(lambda: _log_attempt(job, target, attempt, duration))
     if state in SUCCESS_STATES and job.owned_spool:
-        cleanup_spool(job.folder)
+        transaction.on_commit(lambda: cleanup_spool(job.folder))
     return job
 
 
@@ -457,11 +465,11 @@ def _stopped(
             **{k: counts[k] for k in ("total",) + _COUNTERS},
         )
         job.refresh_from_db()
-    _log_attempt(job, target, attempt, started)
+    _log_attempt(job, target, attempt, time.monotonic() - started)
     return job
 
 
-def _log_attempt(job: Job, target: Target, attempt: Attempt, started: float) -> None:
+def _log_attempt(job: Job, target: Target, attempt: Attempt, seconds: float) -> None:
     log.info(
         "dispatch attempt %s",
         log_fields(
@@ -477,7 +485,7 @@ def _log_attempt(job: Job, target: Target, attempt: Attempt, started: float) -> 
             warnings=attempt.warnings,
             failed=attempt.failed,
             bytes=attempt.bytes_sent,
-            duration=f"{time.monotonic() - started:.2f}",
+            duration=f"{seconds:.2f}",
             worker=attempt.worker,
             error=attempt.error,
         ),

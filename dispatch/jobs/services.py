@@ -82,13 +82,17 @@ def create_jobs(
                 series_description=db_text(first.get("SeriesDescription"), 200),
                 calling_aet=db_text(context.calling_aet),
                 called_aet=db_text(context.called_aet),
-                total=len(own.instances),
+                # A corrupt DICOM file is an instance that fails by name.
+                total=len(own.instances) + len(scanned.corrupt),
+                failed=len(scanned.corrupt),
                 other_files=len(others),
-                skipped=len(left_out),
+                skipped=len(left_out) - len(scanned.corrupt),
             )
             # The headers read by the scan go with the rows: an attempt does not
             # read the folder again (`files.pending`).
-            JobInstance.objects.bulk_create(files.rows_for(job, own.instances, others))
+            JobInstance.objects.bulk_create(
+                files.rows_for(job, own.instances, others, scanned.corrupt)
+            )
             jobs.append(job)
         if enqueue_now:
             for job in jobs:

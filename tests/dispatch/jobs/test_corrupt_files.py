@@ -94,10 +94,17 @@ def test_a_truncated_copy_never_replaces_the_good_one_at_a_folder_target(tmp_pat
 
     with pytest.raises(CommandError, match="2 corrupt DICOM files refused"):
         call_command("send_series", "Archive", str(bad_dir))
-    # With an intact file beside them, the send goes on and names what it refused.
+    # With an intact file beside them, the send goes on: the intact one is
+    # delivered, the job fails each corrupt one by name.
     fresh_ct(bad_dir / "ct.dcm")
-    err = _stderr_of("send_series", "Archive", str(bad_dir))
-    assert "left out 2 files: 2 corrupt DICOM (e.g. MR_small.dcm, rtplan.dcm)" in err
+    with pytest.raises(CommandError) as failed:
+        _stderr_of("send_series", "Archive", str(bad_dir))
+    assert "2 of 3 instances failed: MR_small.dcm: corrupt DICOM (element " in str(
+        failed.value
+    )
+    assert "rtplan.dcm: corrupt DICOM (element (300A,00B0) runs past the end" in str(
+        failed.value
+    )
 
     after = {p.name: p.read_bytes() for p in out.rglob("*.dcm")}
     assert {k: after[k] for k in delivered} == delivered
@@ -123,7 +130,8 @@ def test_a_corrupt_file_is_never_sent_to_a_dicom_target(storescp, tmp_path):
         name="Peer", host="127.0.0.1", port=storescp.port, called_aet=storescp.aet
     )
 
-    call_command("send_series", "Peer", str(folder), stderr=open("/dev/null", "w"))
+    with pytest.raises(CommandError, match=r"1 of 2 instances failed: bad.dcm: "):
+        call_command("send_series", "Peer", str(folder), stderr=open("/dev/null", "w"))
 
     names = [p.name for p in storescp.files()]
     assert any(good_uid in n for n in names)

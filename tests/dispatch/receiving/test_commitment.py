@@ -295,6 +295,7 @@ def test_a_report_sent_to_the_receiver_is_recorded_by_transaction_uid(receiver):
 @pytest.mark.django_db(transaction=True)
 def test_a_report_arriving_twice_keeps_the_latest():
     uid = generate_uid()
+    StorageCommitment.objects.create(transaction_uid=uid)  # Courier asked
     first = record_report(uid, [], [(CT_IMAGE, "1.2.3", NO_SUCH_OBJECT)])
     assert first.outcome == StorageCommitment.Outcome.FAILED
     again = record_report(uid, [(CT_IMAGE, "1.2.3")], [], reported_by="PACS")
