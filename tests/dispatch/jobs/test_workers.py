@@ -7,6 +7,7 @@ what arrived on the peer and what the job tables say.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -235,16 +236,30 @@ def test_a_silent_peer_times_out_and_the_worker_goes_on_with_other_jobs(
     silent.start()
     try:
         site = courier_site().migrate()
-        dicom = site.add_target(
-            **dicom_target(
-                silent, dimse_timeout=2, acse_timeout=2, retry_max_attempts=1
-            )
-        )
         out = tmp_path / "out"
         out.mkdir()
-        folder = site.add_target(name="after", kind="folder", path=str(out))
-        (stuck,) = site.queue_folders(dicom, [make_series(tmp_path / "a", 3).folder])
-        (later,) = site.queue_folders(folder, [make_series(tmp_path / "b", 2).folder])
+        fields = [
+            dicom_target(silent, dimse_timeout=2, acse_timeout=2, retry_max_attempts=1),
+            {"name": "after", "kind": "folder", "path": str(out)},
+        ]
+        # One instance for the silent peer: each instance that hangs costs a DIMSE
+        # timeout (and the attempt stops after three in a row); one proves it.
+        folders = [make_series(tmp_path / n, c).folder for n, c in (("a", 1), ("b", 2))]
+        # One site process makes both targets and queues one job to each, in order
+        # (as `add_target` then `queue_folders`, without a Django start-up each).
+        stuck, later = site.python(
+            "import json\n"
+            "from dispatch.jobs import services\n"
+            "from targets.models import Target\n"
+            "ids = []\n"
+            f"for fields, folder in zip(json.loads({json.dumps(json.dumps(fields))}),"
+            f" {json.dumps([str(f) for f in folders])}):\n"
+            "    t = Target(**fields)\n"
+            "    t.save()\n"
+            "    ids += [j.pk for j in services.create_jobs(folder, [t],"
+            " owned_spool=False, source='queue')]\n"
+            "print(json.dumps(ids))\n"
+        )
         site.start_worker(1)  # one thread: the next job needs it back
 
         site.wait_for(
