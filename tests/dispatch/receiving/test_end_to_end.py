@@ -7,6 +7,7 @@ The Courier site (its own database, queue and spool) comes from `courier_site`
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import pydicom
@@ -26,14 +27,27 @@ def setup_site(courier_site, **env):
     return site
 
 
-def add_rule(site, name: str, target_id: int, modality: str) -> None:
-    site.python(
+def add_targets_and_rules(
+    site, targets: list[dict], rules: list[tuple[str, int, str]]
+) -> list[int]:
+    """Create `targets` (Target fields) and `rules` (name, index into `targets`,
+    Modality) in one site process, one Django start-up for all; return the target
+    ids."""
+    return site.python(
+        "import json\n"
         "from dispatch.routing.models import Rule, RuleCondition\n"
-        f"r = Rule.objects.create(name={name!r})\n"
-        f"r.targets.set([{target_id}])\n"
-        "RuleCondition.objects.create(rule=r, field='tag', keyword='Modality', "
-        f"value={modality!r})\n"
-        "print(r.pk)\n"
+        "from targets.models import Target\n"
+        "ids = []\n"
+        f"for fields in json.loads({json.dumps(json.dumps(targets))}):\n"
+        "    t = Target(**fields)\n"
+        "    t.save()\n"
+        "    ids.append(t.pk)\n"
+        f"for name, index, modality in {rules!r}:\n"
+        "    r = Rule.objects.create(name=name)\n"
+        "    r.targets.set([ids[index]])\n"
+        "    RuleCondition.objects.create(rule=r, field='tag', keyword='Modality',"
+        " value=modality)\n"
+        "print(json.dumps(ids))\n"
     )
 
 
@@ -56,8 +70,8 @@ def metadata(orthanc: Orthanc, sop_uid: str) -> dict:
     return orthanc.rest(f"/instances/{oid}/metadata?expand")
 
 
-def dicom_target(site, orthanc: Orthanc, *, pass_incoming: bool) -> int:
-    return site.add_target(
+def dicom_target(orthanc: Orthanc, *, pass_incoming: bool) -> dict:
+    return dict(
         name="orthanc", kind="dicom", host="127.0.0.1", port=orthanc.dicom_port,
         called_aet="ORTHANC", calling_aet="COURIER", pass_calling_aet=pass_incoming,
         pass_called_aet=pass_incoming,
@@ -68,15 +82,19 @@ def test_a_study_is_routed_ct_to_orthanc_and_mr_to_a_folder_passing_the_aets(
     courier_site, orthanc, tmp_path
 ):
     site = setup_site(courier_site, COURIER_RECEIVER_ACCEPTED_CALLING_AETS="CT_1")
-    orthanc_id = dicom_target(site, orthanc, pass_incoming=True)
     folder = tmp_path / "mr-out"
     folder.mkdir()
-    folder_id = site.add_target(name="mr-folder", kind="folder", path=str(folder))
-    add_rule(site, "CT to Orthanc", orthanc_id, "CT")
-    add_rule(site, "MR to folder", folder_id, "MR")
+    orthanc_id, _ = add_targets_and_rules(
+        site,
+        [
+            dicom_target(orthanc, pass_incoming=True),
+            {"name": "mr-folder", "kind": "folder", "path": str(folder)},
+        ],
+        [("CT to Orthanc", 0, "CT"), ("MR to folder", 1, "MR")],
+    )
     ct, mr = make_mixed_study(tmp_path / "study", ct=6, mr=4)
+    site.start_worker()  # starts while the receiver does
     rx = ReceiverProcess(site).start()
-    site.start_worker()
     try:
         assert echoscu(rx.port, calling="INTRUDER").returncode != 0
         sent = storescu(rx.port, [tmp_path / "study"], calling="CT_1",
@@ -131,8 +149,9 @@ def test_a_worker_killed_between_receive_and_route_routes_after_restart_once(
     courier_site, orthanc, tmp_path
 ):
     site = setup_site(courier_site)
-    orthanc_id = dicom_target(site, orthanc, pass_incoming=True)
-    add_rule(site, "CT to Orthanc", orthanc_id, "CT")
+    add_targets_and_rules(
+        site, [dicom_target(orthanc, pass_incoming=True)], [("CT to Orthanc", 0, "CT")]
+    )
     series = make_series(tmp_path / "ct", 25)
     rx = ReceiverProcess(site).start()
     worker = site.start_worker()
@@ -173,8 +192,11 @@ def test_a_c_move_from_the_query_tool_lands_in_the_receiver_and_is_routed(
     site = setup_site(courier_site)
     folder = tmp_path / "moved"
     folder.mkdir()
-    folder_id = site.add_target(name="moved", kind="folder", path=str(folder))
-    add_rule(site, "CT to folder", folder_id, "CT")
+    add_targets_and_rules(
+        site,
+        [{"name": "moved", "kind": "folder", "path": str(folder)}],
+        [("CT to folder", 0, "CT")],
+    )
     rx_port = free_port()
     pacs = Orthanc(
         tmp_path / "pacs", aet="PACS",
@@ -185,8 +207,8 @@ def test_a_c_move_from_the_query_tool_lands_in_the_receiver_and_is_routed(
     with pacs:
         assert storescu(pacs.dicom_port, [series.folder], called="PACS",
                         extra=["+sd"]).returncode == 0  # fmt: skip
+        site.start_worker()  # starts while the receiver does
         rx = ReceiverProcess(site, port=rx_port).start()
-        site.start_worker()
         try:
             source = Target(kind="dicom", host="127.0.0.1", port=pacs.dicom_port,
                             called_aet="PACS", calling_aet="COURIER")  # fmt: skip

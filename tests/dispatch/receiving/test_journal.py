@@ -129,11 +129,14 @@ def test_receive_sigkilled_at_random_points_keeps_every_acknowledged_instance(
     site = courier_site(
         env={"COURIER_SERIES_QUIET_SECONDS": "3600", "COURIER_MIN_FREE_BYTES": "0"}
     ).migrate()
-    target = site.add_target(name="out", kind="folder", path=str(out))
+    # The target and its rule in one site process (one Django start-up).
     site.python(
         "from dispatch.routing.models import Rule\n"
+        "from targets.models import Target\n"
+        f"t = Target(name='out', kind='folder', path={str(out)!r})\n"
+        "t.save()\n"
         "r = Rule.objects.create(name='all')\n"
-        f"r.targets.set([{target}])\nprint(1)\n"
+        "r.targets.set([t])\nprint(1)\n"
     )
     port = free_port()
     rng = random.Random()

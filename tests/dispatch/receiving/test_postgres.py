@@ -40,11 +40,14 @@ def test_a_nul_byte_cannot_stop_receiving_or_routing_on_postgresql(
     ).migrate()
     out = tmp_path / "out"
     out.mkdir()
-    target = site.add_target(name="out", kind="folder", path=str(out))
+    # The target and its rule in one site process (one Django start-up).
     site.python(
         "from dispatch.routing.models import Rule, RuleCondition\n"
+        "from targets.models import Target\n"
+        f"t = Target(name='out', kind='folder', path={str(out)!r})\n"
+        "t.save()\n"
         "r = Rule.objects.create(name='CT')\n"
-        f"r.targets.set([{target}])\n"
+        "r.targets.set([t])\n"
         "RuleCondition.objects.create(rule=r, field='tag', keyword='Modality', "
         "value='CT')\nprint(r.pk)\n"
     )
