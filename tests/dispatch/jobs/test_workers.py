@@ -181,9 +181,10 @@ def test_a_worker_killed_in_the_middle_of_a_batch_leaves_the_rest_resumed_none_t
 
     with StoreSCP(tmp_path / "pacs", extra_args=["--sleep-after", "1", "+uf"]) as peer:
         site = courier_site(env={"COURIER_JOB_LEASE": "2"}).migrate()
+        # The workers boot while the target and the series are made.
+        workers = [site.start_worker(1, "--no-periodic") for _ in range(2)]
         target = site.add_target(**dicom_target(peer, max_connections=1))
         series = [make_series(tmp_path / f"s{i}", 1) for i in range(4)]
-        workers = [site.start_worker(1, "--no-periodic") for _ in range(2)]
         site.wait_workers_ready()
         job_ids = site.queue_folders(target, [s.folder for s in series])
         uid_of = dict(zip(job_ids, (s.sop_uids[0] for s in series), strict=True))
