@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pydicom
@@ -129,15 +130,19 @@ def test_receive_sigkilled_at_random_points_keeps_every_acknowledged_instance(
     site = courier_site(
         env={"COURIER_SERIES_QUIET_SECONDS": "3600", "COURIER_MIN_FREE_BYTES": "0"}
     ).migrate()
-    # The target and its rule in one site process (one Django start-up).
-    site.python(
+    # The target and its rule in one site process (one Django start-up), made while
+    # the first receiver starts: it never routes (quiet for an hour), the second does.
+    setup = ThreadPoolExecutor(1)
+    made = setup.submit(
+        site.python,
         "from dispatch.routing.models import Rule\n"
         "from targets.models import Target\n"
         f"t = Target(name='out', kind='folder', path={str(out)!r})\n"
         "t.save()\n"
         "r = Rule.objects.create(name='all')\n"
-        "r.targets.set([t])\nprint(1)\n"
+        "r.targets.set([t])\nprint(1)\n",
     )
+    setup.shutdown(wait=False)
     port = free_port()
     rng = random.Random()
     seed = rng.randrange(1 << 30)
@@ -164,6 +169,7 @@ def test_receive_sigkilled_at_random_points_keeps_every_acknowledged_instance(
             if acks == kill_after:
                 rx.kill()  # SIGKILL, wherever the next instance is
     sender.wait(60)
+    assert made.result() == 1
 
     # Restarted once more, routing on: the journal replayed, the series adopted.
     rx = ReceiverProcess(
