@@ -68,6 +68,6 @@ def test_a_series_with_a_deeply_nested_file_sends_the_others(
     arrived = {p.name for p in storescp.files()}
     sent = [u for u in series.sop_uids if any(u in name for name in arrived)]
     assert len(sent) == 2, (job.state, job.last_error)
-    # Left out as a truncated file is (never sent, in any form), counted on the job.
-    assert job.skipped == 1
-    assert not job.instances.filter(path__endswith=deep.name).exists()
+    # Failed by name as a truncated file is (never sent, in any form).
+    assert job.failed == 1 and job.skipped == 0
+    assert job.instances.get(path__endswith=deep.name).state == "failed"
