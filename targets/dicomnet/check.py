@@ -32,6 +32,10 @@ _CAPTURED = (TAG_SOP_CLASS, TAG_SOP_INSTANCE, TAG_STUDY_UID, TAG_SERIES_UID)
 
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+# Undefined-length sequences walked inside one another, at most: the walk recurses
+# once per level (Python's stack ends near 500). Real data nests a handful of levels;
+# dcmtk has no limit, but a file beyond this one is refused in words.
+MAX_DEPTH = 200
 
 
 class CorruptDataset(ValueError):
@@ -85,10 +89,11 @@ class _Walker:
         # (explicit VR) or a 4-byte length (implicit VR).
         self.header = struct.Struct(e + ("HHL" if implicit else "HH2sH"))
         self.captured: dict[int, bytes] = {}
+        self.depth = 0
 
     def implicit_walker(self) -> _Walker:
         inner = _Walker(self.buf, implicit=True, little=True, ordered=self.ordered)
-        inner.what = self.what
+        inner.what, inner.depth = self.what, self.depth
         return inner
 
     def _merge(self, inner: _Walker) -> None:
@@ -176,11 +181,15 @@ class _Walker:
 
     def items(self, pos: int, end: int) -> int:
         """Walk an undefined-length value: items up to the sequence delimiter."""
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise CorruptDataset(f"sequences nest more than {MAX_DEPTH} levels deep")
         while True:
             tag, _ = self._read_tag(pos, end)
             length = self.u32.unpack_from(self.buf, pos + 4)[0]
             pos += 8
             if tag == _SEQ_END:
+                self.depth -= 1
                 return pos
             if tag != _ITEM:
                 raise CorruptDataset(f"expected an item at byte {pos - 8}")

@@ -71,3 +71,27 @@ def test_a_series_with_a_deeply_nested_file_sends_the_others(
     # Failed by name as a truncated file is (never sent, in any form).
     assert job.failed == 1 and job.skipped == 0
     assert job.instances.get(path__endswith=deep.name).state == "failed"
+
+
+@pytest.mark.parametrize("vr", [b"SQ", b"UN"])
+def test_the_walker_refuses_deep_nesting_in_words(vr):
+    """At most `MAX_DEPTH` levels; beyond, words rather than a RecursionError (also
+    inside a UN of undefined length, walked as Implicit VR)."""
+    from targets.dicomnet.check import MAX_DEPTH, CorruptDataset, walk_dataset
+
+    def raw(depth: int) -> bytes:
+        if vr == b"SQ":
+            return nested_private_sequence(depth)
+        # UN: the levels inside are Implicit VR (tag, undefined length).
+        item = struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF)
+        inner = struct.pack("<HHL", 0x0013, 0x1001, 0xFFFFFFFF) + item
+        ends = struct.pack("<HHL", 0xFFFE, 0xE00D, 0) + struct.pack(
+            "<HHL", 0xFFFE, 0xE0DD, 0
+        )
+        head = struct.pack("<HH", 0x0013, 0x1001) + b"UN\0\0" + b"\xff" * 4
+        return head + item + inner * (depth - 1) + ends * depth
+
+    walk_dataset(raw(MAX_DEPTH), "1.2.840.10008.1.2.1")
+    for depth in (MAX_DEPTH + 1, DEPTH):
+        with pytest.raises(CorruptDataset, match=f"more than {MAX_DEPTH} levels deep"):
+            walk_dataset(raw(depth), "1.2.840.10008.1.2.1")
