@@ -38,7 +38,10 @@ def record_report(
     come twice: once on the association it was asked on, once on a new one).
     Only transactions Courier asked for have a row (made before the N-ACTION); a
     report on any other UID is logged and dropped (None), so that whoever may
-    associate with the receiver cannot grow the table without limit.
+    associate with the receiver cannot grow the table without limit. A row made
+    with the AE title its report must come from (`reported_by`: the target's) takes
+    reports from that AE title only; one from any other is logged and dropped
+    (None): whoever saw a Transaction UID cannot mark a waiting job committed.
     """
     committed_rows = [[db_text(c, 64), db_text(i, 64)] for c, i in committed]
     failed_rows = [[db_text(c, 64), db_text(i, 64), int(r)] for c, i, r in failed]
@@ -59,6 +62,20 @@ def record_report(
                 log_fields(
                     transaction=transaction_uid,
                     calling_aet=reported_by,
+                    peer=reported_from,
+                    committed=len(committed_rows),
+                    failed=len(failed_rows),
+                ),
+            )
+            return None
+        expected = row.reported_by.strip()
+        if expected and reported_by.strip() != expected:
+            log.warning(
+                "event=commitment_report_wrong_peer %s",
+                log_fields(
+                    transaction=transaction_uid,
+                    calling_aet=reported_by,
+                    expected_aet=expected,
                     peer=reported_from,
                     committed=len(committed_rows),
                     failed=len(failed_rows),

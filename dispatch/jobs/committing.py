@@ -97,7 +97,10 @@ def commit(
             return
     references = [Reference(classes[path], uid) for _, path, uid in rows]
     transaction_uid = generate_uid(prefix=None)
-    StorageCommitment.objects.create(transaction_uid=transaction_uid)
+    # The report is taken from the target's AE title only (`record_report`).
+    StorageCommitment.objects.create(
+        transaction_uid=transaction_uid, reported_by=db_text(target.called_aet, 16)
+    )
     JobInstance.objects.filter(pk__in=[pk for pk, _, _ in rows]).update(
         commitment=Commitment.WAITING
     )
