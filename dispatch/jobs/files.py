@@ -72,7 +72,7 @@ def rows_for(
                 path=str(path),
                 state=InstanceState.FAILED,
                 # The reason quotes the file's bytes: fit for any database.
-                message=db_text(why, 2000),
+                message=db_text(f"{why}: not sent", 2000),
                 size=_size(path),
             )
         )

@@ -113,13 +113,13 @@ class OutcomeWriter:
         if pk not in self.recorded:
             self._record(pk, path, InstanceState.FAILED, message, 0)
 
-    def fail_unreported(self) -> None:
+    def fail_unreported(
+        self, why: str = "the target's handler reported no outcome for this file"
+    ) -> None:
         """Fail the files the handler said nothing about: they did not get through."""
         for path, pk in self.ids.items():
             if pk not in self.recorded:
-                self.fail(
-                    pk, path, "the target's handler reported no outcome for this file"
-                )
+                self.fail(pk, path, why)
 
     def _record(self, pk: int, path: str, state: str, message: str, size: int) -> None:
         self.recorded.add(pk)
@@ -330,20 +330,24 @@ def finish(
     attempt = writer.attempt
     if aborted:
         return _stopped(job, target, writer, worker, started, now)
+    # Attempts since the job was queued or last retried by an operator.
+    tries = job.attempt_count - job.attempt_base
+    again = retry and tries < target.retry_max_attempts
     if error is None:
         # Files the handler said nothing about did not get through.
         writer.fail_unreported()
+    elif error.permanent or not again:
+        # The job ends here: no file is left untried without its reason.
+        writer.fail_unreported(db_text(f"not sent: {error.message}", 2000))
     with transaction.atomic():
         writer.write_rows()
         counts = writer.counts() or refresh_counts(job)
         fresh = writer.fresh
         retry_at = None
-        # Attempts since the job was queued or last retried by an operator.
-        tries = job.attempt_count - job.attempt_base
         if error is not None:
             if error.permanent:
                 state, message = State.FAILED, error.message
-            elif retry and tries < target.retry_max_attempts:
+            elif again:
                 delay = backoff_delay(target, tries)
                 retry_at = now + timedelta(seconds=delay)
                 state = State.RETRY_WAIT

@@ -5,6 +5,8 @@ few UN elements), so "pydicom reads its header" does not mean "the file is whole
 walk here is strict and cheap (element headers only): the receiver runs it on every
 dataset before acknowledging it, and `targets.series` on every file before it is sent
 anywhere, so a truncated or corrupt file is never delivered nor replaces a good copy.
+It is Courier's one element walker: the folder index reads its headers with it too
+(`read_file`), so what the index lists is what Courier can send.
 Protocol code: no models, no settings.
 """
 
@@ -31,11 +33,25 @@ TAG_SERIES_UID = 0x0020000E
 _CAPTURED = (TAG_SOP_CLASS, TAG_SOP_INSTANCE, TAG_STUDY_UID, TAG_SERIES_UID)
 
 _UNDEFINED = 0xFFFFFFFF
+# An explicit VR element's header size by its VR (PS3.5 7.1.2).
+_HEAD_SIZES = {vr: 12 if vr in LONG_VRS else 8 for vr in ALL_VRS}
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 # Undefined-length sequences walked inside one another, at most: the walk recurses
 # once per level (Python's stack ends near 500). Real data nests a handful of levels;
 # dcmtk has no limit, but a file beyond this one is refused in words.
 MAX_DEPTH = 200
+
+
+def _structs(little: bool, implicit: bool) -> tuple[struct.Struct, ...]:
+    e = "<" if little else ">"
+    # One unpack per element header: tag, then the VR and a 2-byte length
+    # (explicit VR) or a 4-byte length (implicit VR).
+    header = struct.Struct(e + ("HHL" if implicit else "HH2sH"))
+    return struct.Struct(e + "HH"), struct.Struct(e + "L"), header
+
+
+# Made once: a walk per file of a folder index is worth a few microseconds.
+_STRUCTS = {(le, im): _structs(le, im) for le in (True, False) for im in (True, False)}
 
 
 class CorruptDataset(ValueError):
@@ -82,12 +98,7 @@ class _Walker:
         self.odd: int | None = None
         self.odd_nested = False
         self.unordered: int | None = None
-        e = "<" if little else ">"
-        self.tag = struct.Struct(e + "HH")
-        self.u32 = struct.Struct(e + "L")
-        # One unpack per element header: tag, then the VR and a 2-byte length
-        # (explicit VR) or a 4-byte length (implicit VR).
-        self.header = struct.Struct(e + ("HHL" if implicit else "HH2sH"))
+        self.tag, self.u32, self.header = _STRUCTS[little, implicit]
         self.captured: dict[int, bytes] = {}
         self.depth = 0
 
@@ -117,8 +128,9 @@ class _Walker:
         # The loop runs once per element (hundreds per instance): locals only.
         buf, last, implicit, ordered = self.buf, -1, self.implicit, self.ordered
         header, u32 = self.header.unpack_from, self.u32.unpack_from
-        long_vrs, all_vrs = LONG_VRS, ALL_VRS
-        captured = self.captured if top else None
+        head_sizes, undefined = _HEAD_SIZES, _UNDEFINED
+        captured = self.captured
+        capture = self.capture if top else ()
         while pos < end:
             if pos + 8 > end:
                 raise CorruptDataset(f"truncated element header at byte {pos}")
@@ -127,12 +139,15 @@ class _Walker:
                 pos += 8
             else:
                 group, elem, vr, length = header(buf, pos)
-                if vr in long_vrs:
+                size = head_sizes.get(vr)
+                if size == 8:
+                    pos += 8
+                elif size == 12:
                     if pos + 12 > end:
                         raise CorruptDataset(f"truncated element header at byte {pos}")
                     length = u32(buf, pos + 8)[0]
                     pos += 12
-                elif vr in all_vrs or group == 0xFFFE:
+                elif group == 0xFFFE:
                     pos += 8
                 else:
                     raise CorruptDataset(f"unknown VR {vr!r} at byte {pos + 4}")
@@ -149,7 +164,7 @@ class _Walker:
                 if self.unordered is None:
                     self.unordered = tag
             last = tag
-            if length == _UNDEFINED:
+            if length == undefined:
                 if not implicit and vr == b"UN":
                     # PS3.5 6.2.2: a UN value of undefined length is a sequence
                     # encoded in Implicit VR Little Endian.
@@ -166,7 +181,7 @@ class _Walker:
                 )
             if length & 1 and self.odd is None:
                 self.odd, self.odd_nested = tag, not top
-            if captured is not None and tag in self.capture:
+            if tag in capture:
                 value = buf[pos : pos + length]
                 if tag in _CAPTURED and captured.get(tag, value) != value:
                     raise CorruptDataset(
@@ -296,7 +311,7 @@ _META_TS = 0x00020010
 
 
 def _file_meta(
-    buf: mmap.mmap, values: dict[int, bytes] | None = None
+    buf: bytes | mmap.mmap, values: dict[int, bytes] | None = None
 ) -> tuple[int, str]:
     """Walk the file meta group after the preamble; return where the dataset starts
     and its transfer syntax (and, into `values`, every meta element's raw value)."""
@@ -377,21 +392,46 @@ def walk_file(path: str | Path, *, ordered: bool = True) -> FileWalk:
     file walked before and unchanged since (same inode, size and modification time)
     is not walked again.
     """
-    return _read(path, (), ordered, None)[0]
+    found = _read(path, (), ordered, None, True)[0]
+    assert found is not None
+    return found
 
 
 def read_file(
-    path: str | Path, tags: frozenset[int] | tuple[int, ...], *, ordered: bool = True
+    path: str | Path,
+    tags: frozenset[int] | tuple[int, ...],
+    *,
+    ordered: bool = True,
+    remember: bool = True,
 ) -> FileHeader:
     """Check a Part 10 file as `walk_file` does, keeping the raw values of the
     top-level `tags` met on the way: one pass serves the check and the header (and
-    leaves the walk for the check before sending, see `walk_file`).
+    leaves the walk for the check before sending, see `walk_file`; not with
+    `remember=False`, for a file that is read, not sent: a folder index).
 
     Raise `NotPart10` (no preamble and DICM prefix), `CorruptDataset` or `OSError`.
     """
-    header = _read(path, tags, ordered, {})[1]
+    # The file meta's values are kept for a file that may be sent (its header
+    # gives the instance's UIDs when the dataset lacks them).
+    header = _read(path, tags, ordered, {} if remember else None, remember)[1]
     assert header is not None
     return header
+
+
+# Files up to this size are read, larger ones mapped (a map costs more system
+# calls than reading a small file; a large instance costs no memory mapped).
+_READ_MAX = 256 * 1024
+
+
+def _capture(tags: frozenset[int] | tuple[int, ...]) -> frozenset[int]:
+    """The tags a walk keeps: the UIDs every check needs and those asked for."""
+    found = _CAPTURES.get(tags)
+    if found is None:
+        found = _CAPTURES[tags] = frozenset(_CAPTURED).union(tags)
+    return found
+
+
+_CAPTURES: dict[frozenset[int] | tuple[int, ...], frozenset[int]] = {}
 
 
 def _read(
@@ -399,23 +439,28 @@ def _read(
     tags: frozenset[int] | tuple[int, ...],
     ordered: bool,
     meta: dict[int, bytes] | None,
-) -> tuple[FileWalk, FileHeader | None]:
+    remember: bool,
+) -> tuple[FileWalk | None, FileHeader | None]:
+    """Walk the file (see `read_file`); with `remember`, return the walk too and
+    keep it for `walk_file`; `meta` None: the file meta's values are not kept."""
     with open(path, "rb") as f:
         st = os.fstat(f.fileno())
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, ordered)
         known = _WALKED.get(key)
-        if known is not None and meta is None:
+        if known is not None and meta is None and remember:
             return known, None
         size = st.st_size
         if size < 132:
             raise NotPart10("shorter than a DICOM preamble")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            if buf[128:132] != b"DICM":
-                raise NotPart10("no DICM prefix after the preamble")
-            start, ts = _file_meta(buf, meta)
-            # One walk: the UIDs every check needs and the tags asked for.
-            capture = frozenset(_CAPTURED).union(tags) if tags else _CAPTURED
-            w = _walk(buf, ts, start, capture, ordered=ordered, what="file")
+        capture = _capture(tags) if tags else _CAPTURED
+        if size <= _READ_MAX:
+            buf = f.read()
+            start, ts, w = _walk_part10(buf, meta, capture, ordered)
+        else:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                start, ts, w = _walk_part10(mapped, meta, capture, ordered)
+    if not remember:
+        return None, FileHeader(size, ts, meta or {}, w.captured)
     uids = _uids(w.captured)
     found = FileWalk(start, size, ts, uids, w.odd, w.odd_nested, w.unordered)
     if len(_WALKED) >= _WALKED_MAX:
@@ -426,6 +471,20 @@ def _read(
     _WALKED[key] = found
     header = None if meta is None else FileHeader(size, ts, meta, w.captured)
     return found, header
+
+
+def _walk_part10(
+    buf: bytes | mmap.mmap,
+    meta: dict[int, bytes] | None,
+    capture: frozenset[int] | tuple[int, ...],
+    ordered: bool,
+) -> tuple[int, str, _Walker]:
+    """Walk a whole Part 10 file; return where its dataset starts, its transfer
+    syntax and the walker."""
+    if buf[128:132] != b"DICM":
+        raise NotPart10("no DICM prefix after the preamble")
+    start, ts = _file_meta(buf, meta)
+    return start, ts, _walk(buf, ts, start, capture, ordered=ordered, what="file")
 
 
 def check_file(path: str | Path, *, ordered: bool = True) -> None:

@@ -1,8 +1,9 @@
-"""DICOM value representations, for the hand-written readers of encoded datasets.
+"""DICOM value representations, for the hand-written element walker.
 
-Two readers walk element headers without pydicom, each for its own speed: the
-receiver's strict check of every received dataset (`dispatch.receiving.files`) and the folder
-index's header reader (`targets.kinds.dicomweb.index`). They share this table (PS3.5 6.2, 7.1.2).
+One walker reads element headers without pydicom (`targets.dicomnet.check`): the
+receiver's check of every received dataset, the check before every send, the scan
+of a series folder and the folder index's header reader. This is its table
+(PS3.5 6.2, 7.1.2); a test holds it against pydicom's.
 """
 
 from __future__ import annotations

@@ -68,9 +68,11 @@ def test_a_series_with_a_deeply_nested_file_sends_the_others(
     arrived = {p.name for p in storescp.files()}
     sent = [u for u in series.sop_uids if any(u in name for name in arrived)]
     assert len(sent) == 2, (job.state, job.last_error)
-    # Failed by name as a truncated file is (never sent, in any form).
-    assert job.failed == 1 and job.skipped == 0
-    assert job.instances.get(path__endswith=deep.name).state == "failed"
+    # Never sent, in any form, as a truncated file: a failed instance of the job,
+    # named with the reason.
+    assert job.skipped == 0 and job.failed == 1
+    (row,) = job.instances.filter(path__endswith=deep.name)
+    assert row.state == "failed" and "nest too deeply" in row.message
 
 
 @pytest.mark.parametrize("vr", [b"SQ", b"UN"])
@@ -95,3 +97,19 @@ def test_the_walker_refuses_deep_nesting_in_words(vr):
     for depth in (MAX_DEPTH + 1, DEPTH):
         with pytest.raises(CorruptDataset, match=f"more than {MAX_DEPTH} levels deep"):
             walk_dataset(raw(depth), "1.2.840.10008.1.2.1")
+
+
+def test_a_deeply_nested_file_is_a_problem_of_the_folder_index(tmp_path):
+    from targets.kinds.dicomweb.index import FolderIndex
+
+    series = make_series(tmp_path / "in", 3)
+    deep = sorted(series.folder.glob("*.dcm"))[0]
+    deepen(deep)
+
+    report = FolderIndex(series.folder, tmp_path / "index.sqlite3").scan(workers=1)
+
+    assert report.added == 2
+    # The element walker's words (targets/dicomnet/check.py MAX_DEPTH).
+    assert [
+        (p, "nest more than 200 levels deep" in why) for p, why in report.problems
+    ] == [(deep.name, True)], report.problems

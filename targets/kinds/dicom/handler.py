@@ -111,9 +111,13 @@ class DicomHandler(Handler):
     # name, and the others go on over a new association (PEERS.md: Orthanc 1.10
     # sometimes never answers a C-STORE; some archives abort on one bad instance).
     STRIKES_PER_INSTANCE = 2
-    # So many instances failed in a row that way (nothing stored in between) mean
-    # the target, not the instances, is broken: the send stops with an error and
-    # the rest stays pending for the job's next attempt.
+    # So many instances failed in a row that way (nothing stored in between) may
+    # mean the target, not the instances, is broken: an instance the target stored
+    # earlier in this send is stored again on a new association. If the target
+    # takes it, the instances were at fault and the send goes on with the others;
+    # if not (or nothing was stored yet), the send stops with an error: the rest
+    # waits for the job's next attempt, and on its last each is failed by name
+    # with that error (`dispatch.jobs.outcomes.finish`).
     MAX_FAILED_IN_A_ROW = 3
 
     # -- hooks for DICOM+TLS ------------------------------------------------------------
@@ -275,11 +279,13 @@ class DicomHandler(Handler):
                 while inst is not None:
                     outcome = self._store(assoc, inst)
                     report(outcome)
-                    work.mark_done(answered=True)
+                    work.mark_done(inst if outcome.status != FAILED else None)
                     inst = work.take()
             except LinkError as exc:
                 assoc.abort()
-                inst = self._after_link_error(work, inst, exc, report, notes)
+                inst = self._after_link_error(
+                    work, inst, exc, report, notes, (contexts, calling, called)
+                )
                 continue
             except BaseException:
                 assoc.abort()
@@ -293,8 +299,12 @@ class DicomHandler(Handler):
         exc: LinkError,
         report: Callable[[Outcome], None],
         notes: list[str],
+        how: tuple[list[tuple[str, list[str]]], str, str],
     ) -> Instance | None:
-        """Account for a hang or an abort at `inst`; return what to send next."""
+        """Account for a hang or an abort at `inst`; return what to send next.
+
+        `how`: the contexts and AE titles, for an association to probe the target.
+        """
         where = f"at instance {inst.sop_instance_uid}"
         strikes = work.strike(inst)
         if strikes < self.STRIKES_PER_INSTANCE:
@@ -311,14 +321,54 @@ class DicomHandler(Handler):
                 "sent: failed, the others were sent on new associations",
             )
         )
-        failed_in_a_row = work.mark_done(answered=False)
-        if failed_in_a_row >= self.MAX_FAILED_IN_A_ROW:
-            raise TargetError(
-                f"{exc.message} {where}; {failed_in_a_row} instances in a row failed "
-                f"this way ({work.done} of {work.total} done): the target, not "
-                "the instances, seems broken; the rest waits for the next attempt"
-            ) from exc
-        return work.take()
+        failed_in_a_row = work.mark_done(None, failed=True)
+        if failed_in_a_row < self.MAX_FAILED_IN_A_ROW:
+            return work.take()
+        probe = work.stored
+        if probe is not None and self._still_stores(probe, *how):
+            notes.append(
+                f"{failed_in_a_row} instances in a row failed with a hang or an "
+                f"abort; the target stored {probe.sop_instance_uid} again on a new "
+                "association: the instances, not the target, were at fault; the "
+                "others were sent"
+            )
+            work.mark_done(probe, count=False)
+            return work.take()
+        raise TargetError(
+            f"{exc.message} {where}; {failed_in_a_row} instances in a row failed "
+            f"this way ({work.done} of {work.total} done)"
+            + (
+                ""
+                if probe is None
+                else f" and instance {probe.sop_instance_uid}, stored before, "
+                "could not be stored again"
+            )
+            + ": the target, not the instances, seems broken; the rest was not sent"
+        ) from exc
+
+    def _still_stores(
+        self,
+        inst: Instance,
+        contexts: list[tuple[str, list[str]]],
+        calling: str,
+        called: str,
+    ) -> bool:
+        """Whether the target stores `inst` (which it stored before) again, on a
+        new association."""
+        try:
+            assoc = self.open(contexts, calling, called)
+        except LinkError:
+            return False
+        try:
+            outcome = self._store(assoc, inst)
+        except LinkError:
+            assoc.abort()
+            return False
+        except BaseException:
+            assoc.abort()
+            raise
+        assoc.release()
+        return outcome.status != FAILED
 
     def _store(self, assoc: Association, inst: Instance) -> Outcome:
         # One walk of the file before any of it is sent: a malformed file fails
@@ -450,17 +500,25 @@ class _WorkQueue:
         self._failed_in_a_row = 0
         self.total = len(instances)
         self.done = 0
+        # The last instance the target stored in this send (a probe, see
+        # `DicomHandler.MAX_FAILED_IN_A_ROW`).
+        self.stored: Instance | None = None
 
     def take(self) -> Instance | None:
         with self._lock:
             return self._pending.popleft() if self._pending else None
 
-    def mark_done(self, *, answered: bool) -> int:
-        """Count one instance as dealt with; return how many in a row (this one
-        included) failed because the peer hung or aborted."""
+    def mark_done(
+        self, stored: Instance | None, *, failed: bool = False, count: bool = True
+    ) -> int:
+        """Count one instance as dealt with (`stored` if the target stored it);
+        return how many in a row (this one included) failed because the peer hung
+        or aborted. `count=False`: a probe, not one more instance."""
         with self._lock:
-            self.done += 1
-            self._failed_in_a_row = 0 if answered else self._failed_in_a_row + 1
+            self.done += count
+            if stored is not None:
+                self.stored = stored
+            self._failed_in_a_row = self._failed_in_a_row + 1 if failed else 0
             return self._failed_in_a_row
 
     def strike(self, inst: Instance) -> int:

@@ -73,6 +73,8 @@ class RecordingSCP:
         self.stall_once: set[str] = set()  # UIDs whose first C-STORE gets no answer
         self.stall_always = False
         self.stalled: list[str] = []  # UIDs of the C-STOREs left unanswered
+        self.abort_on: set[str] = set()  # UIDs whose every C-STORE is aborted
+        self.aborted: list[str] = []
         self.release = threading.Event()
         self.lock = threading.Lock()
         self.associations = 0  # accepted since the last reset
@@ -100,6 +102,11 @@ class RecordingSCP:
 
     def on_store(self, event) -> int:
         uid = event.request.AffectedSOPInstanceUID
+        if uid in self.abort_on:
+            with self.lock:
+                self.aborted.append(uid)
+            event.assoc.abort()
+            return 0xA700
         with self.lock:
             stall = self.stall_always or uid in self.stall_once
             self.stall_once.discard(uid)
@@ -121,6 +128,8 @@ class RecordingSCP:
             self.stall_once.clear()
             self.stall_always = False
             self.stalled.clear()
+            self.abort_on = set()
+            self.aborted.clear()
             self.associations = 0
 
     def stop(self) -> None:
@@ -398,17 +407,47 @@ def test_a_peer_that_never_answers_ends_in_a_timeout_error_and_frees_the_thread(
     assert not thread.is_alive()
     error = outcome["error"]
     # Each of the first three instances is tried twice and failed by name; three
-    # in a row mean the target is broken: the rest waits for the next attempt.
+    # in a row, with nothing stored before to try again, mean the target is broken:
+    # the rest is not sent (the job's next attempt sends it, or its last fails each
+    # by name with this error).
     assert re.fullmatch(
         r"no response from the target within 1 s \(DIMSE timeout\) at instance "
         r"[\d.]+; 3 instances in a row failed this way \(3 of 20 done\): the "
-        r"target, not the instances, seems broken; the rest waits for the next "
-        r"attempt",
+        r"target, not the instances, seems broken; the rest was not sent",
         error.message,
     )
     assert not error.permanent
     assert not fresh_recorder.received
     assert len(fresh_recorder.stalled) == 6
+
+
+def test_instances_a_peer_aborts_on_in_a_row_are_failed_by_name_and_the_rest_is_sent(
+    fresh_recorder, ct_series
+):
+    # Four instances in a row on which the peer aborts every time (an archive that
+    # aborts on what it cannot take): each is tried twice and failed by name; after
+    # three in a row an instance the peer stored before is stored again, so the
+    # peer, not the instances, is found sound and the rest of the series is sent.
+    bad = ct_series.sop_uids[5:9]
+    fresh_recorder.abort_on = set(bad)
+
+    result = target(fresh_recorder.port, "RECORDER").handler.send(
+        scan_folder(ct_series.folder), connections=1
+    )
+
+    by_uid = {o.sop_instance_uid: o for o in result.outcomes}
+    assert len(by_uid) == 20
+    for uid in bad:
+        assert by_uid[uid].status == FAILED
+        assert "2 times while this instance was being sent: failed" in (
+            by_uid[uid].message
+        )
+    good = set(ct_series.sop_uids) - set(bad)
+    assert {u for u, o in by_uid.items() if o.status == SENT} == good
+    assert good == set(fresh_recorder.received)
+    assert Counter(fresh_recorder.aborted) == dict.fromkeys(bad, 2)
+    [probe] = [n for n in result.notes if "stored " in n and "again" in n]
+    assert probe.startswith("3 instances in a row failed with a hang or an abort")
 
 
 # -- rejections and unreachable targets ------------------------------------------------
