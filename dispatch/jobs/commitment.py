@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from datetime import timedelta
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -90,3 +92,13 @@ def record_report(
         row.reported_from = db_text(reported_from, 100)
         row.save()
     return row
+
+
+def purge_commitments(now=None) -> int:
+    """Delete transactions older than `COURIER_COMMITMENT_RETENTION_DAYS`; return
+    how many. A worker waits for a report minutes at most
+    (`COURIER_COMMITMENT_WAIT`), so an older row, answered or not, is history."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(days=float(settings.COURIER_COMMITMENT_RETENTION_DAYS))
+    deleted, _ = StorageCommitment.objects.filter(created_at__lt=cutoff).delete()
+    return deleted

@@ -120,3 +120,31 @@ def test_a_report_is_taken_from_the_targets_ae_title_only(receiver, caplog):
     report_as("INTRUDER", generate_uid())
     row.refresh_from_db()
     assert row.committed == [[CT_IMAGE, committed]]
+
+
+@pytest.mark.django_db
+def test_the_sweep_purges_transactions_past_their_retention(settings):
+    """StorageCommitment rows were never deleted: one per commitment request, for
+    ever. The workers' sweep deletes those older than the retention."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from dispatch.jobs.tasks import sweep
+
+    settings.COURIER_COMMITMENT_RETENTION_DAYS = 30
+    now = timezone.now()
+    old, recent = generate_uid(), generate_uid()
+    StorageCommitment.objects.create(
+        transaction_uid=old, created_at=now - timedelta(days=31),
+        outcome=StorageCommitment.Outcome.COMMITTED,
+    )  # fmt: skip
+    StorageCommitment.objects.create(
+        transaction_uid=recent, created_at=now - timedelta(days=29)
+    )
+
+    sweep(now)
+
+    assert list(
+        StorageCommitment.objects.values_list("transaction_uid", flat=True)
+    ) == [recent]
