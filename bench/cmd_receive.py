@@ -2,13 +2,15 @@
 Courier in the middle of modality -> Orthanc.
 
     .venv/bin/python bench/cmd_receive.py [--rounds 5] [--count 2000] [--quiet 2]
-        [--only receive|e2e] [--json bench/results.jsonl]
+        [--only receive|e2e] [--before /work/main] [--json bench/results.jsonl]
 
 1. Receive: `/usr/bin/storescu +sd` (TCP_NODELAY=1, one association) sends `--count`
    ~39 KB CT instances to, in interleaved rounds,
    - Courier `manage.py receive` (a throw-away SQLite site, its defaults: every
-     instance and its directory fsynced before the success status, series bookkept
-     in the database; the quiet period set to an hour so nothing is routed), and
+     instance durable before the success status, through the journal (one flush
+     each), series bookkept in the database; the quiet period set to an hour so
+     nothing is routed; the journal's segments kept from run to run, as a running
+     receiver keeps them), and
    - `/usr/bin/storescp` (`-pdu 131072`, writes files, no fsync): the reference.
    The time is storescu's whole process; the CPU column is the receiver's (read from
    /proc around the transfer), the peak RSS the receiver's. Each receiver starts
@@ -31,6 +33,7 @@ import shutil
 import signal
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import django
@@ -59,7 +62,7 @@ django.setup()
 from tests.dicomgen import make_series  # noqa: E402
 from tests.fixtures.dispatch_peers import CourierSite  # noqa: E402
 from tests.fixtures.receive_peers import ReceiverProcess  # noqa: E402
-from tests.peers import Orthanc, StoreSCP  # noqa: E402
+from tests.peers import Orthanc, StoreSCP, port_open  # noqa: E402
 
 UNFINISHED = (
     "SELECT id FROM dispatch_job WHERE state NOT IN "
@@ -87,21 +90,52 @@ def received_by(meter_pids: list[int], send) -> Run:
     return run
 
 
+class OtherCheckout(ReceiverProcess):
+    """`manage.py receive` of another checkout (its own virtualenv), e.g. main's
+    code before a change, on the same site."""
+
+    def __init__(self, site, root: Path):
+        super().__init__(site)
+        self.root = root
+
+    def start(self, timeout: float = 60) -> ReceiverProcess:
+        import subprocess
+
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                [str(self.root / ".venv/bin/python"), str(self.root / "manage.py"),
+                 "receive", "--host", "127.0.0.1", "--port", str(self.port)],
+                env=self.env, cwd=self.root, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        wait_until(lambda: port_open(self.port), timeout=timeout)
+        return self
+
+
 class CourierReceiver:
     """A fresh, empty `manage.py receive` before every run."""
 
-    def __init__(self, site: CourierSite):
+    def __init__(self, site: CourierSite, root: Path | None = None):
         self.site = site
+        self.root = root
         self.rx: ReceiverProcess | None = None
 
     def restart(self) -> None:
         if self.rx:
             self.rx.stop()
         incoming = self.site.spool / "incoming"
-        if incoming.exists():
-            shutil.rmtree(incoming)
+        # Emptied but for the journal's segments: a running receiver keeps them
+        # (made once, 32 MiB of zeros each), so they are not made in a timed run.
+        for entry in incoming.iterdir() if incoming.exists() else ():
+            if entry.name == ".journal":
+                continue
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         self.site.query("DELETE FROM dispatch_receivedseries")
-        self.rx = ReceiverProcess(self.site).start()
+        self.rx = (
+            OtherCheckout(self.site, self.root)
+            if self.root
+            else ReceiverProcess(self.site)
+        ).start()
 
     def stored(self) -> int:
         return len(list((self.site.spool / "incoming").glob("*/*.dcm")))
@@ -114,15 +148,24 @@ def receive(args, work: Path, series) -> None:
     ).migrate()
     scp = DcmtkStoreSCP(work / "storescp", max_pdu=131072).start()
     courier = CourierReceiver(site)
+    before = None
+    if args.before:
+        before_site = CourierSite(
+            work / "before", env={"COURIER_SERIES_QUIET_SECONDS": "3600"}
+        ).migrate()
+        before = CourierReceiver(before_site, Path(args.before))
+
+    def run_on(receiver: CourierReceiver) -> Run:
+        run = received_by(
+            [receiver.rx.proc.pid],
+            lambda: storescu(receiver.rx.port, "COURIER", series.folder),
+        )
+        if receiver.stored() != n:
+            raise BenchError(f"Courier stored {receiver.stored()} of {n}")
+        return run
 
     def run_courier() -> Run:
-        run = received_by(
-            [courier.rx.proc.pid],
-            lambda: storescu(courier.rx.port, "COURIER", series.folder),
-        )
-        if courier.stored() != n:
-            raise BenchError(f"Courier stored {courier.stored()} of {n}")
-        return run
+        return run_on(courier)
 
     def run_storescp() -> Run:
         run = received_by(
@@ -144,10 +187,20 @@ def receive(args, work: Path, series) -> None:
             Arm("Courier manage.py receive (fsync)", run_courier, courier.restart),
             Arm("dcmtk storescp (no fsync)", run_storescp, fresh_storescp),
         ]
+        if before:
+            arms.append(
+                Arm(
+                    f"before: receive of {Path(args.before).name}",
+                    lambda: run_on(before),
+                    before.restart,
+                )  # fmt: skip
+            )
         runs = interleave(arms, args.rounds, warmup=args.warmup)
     finally:
         if courier.rx:
             courier.rx.stop()
+        if before and before.rx:
+            before.rx.stop()
         scp.stop()
     sender = {k: [r.extra["sender_cpu"] for r in v] for k, v in runs.items()}
     report(
@@ -191,7 +244,7 @@ def end_to_end(args, work: Path, series) -> None:
     def through(pids: list[int], port: int) -> Run:
         meter = ProcessMeter(orthanc.proc.pid, *pids).start()
         courier = ProcessMeter(*pids).start() if pids else None
-        start = time.perf_counter()
+        start, started_at = time.perf_counter(), time.time()
         sent = storescu(port, orthanc.aet, series.folder)
         wait_until(lambda: orthanc.count_instances() >= n, timeout=900)
         wall = time.perf_counter() - start
@@ -204,6 +257,7 @@ def end_to_end(args, work: Path, series) -> None:
         run.extra["storescu_wall"] = sent.wall
         if pids:  # let the job finish its bookkeeping before the next run (untimed)
             wait_until(lambda: not site.query(UNFINISHED), timeout=120, step=0.1)
+            run.extra["phases"] = phases(site, started_at, sent.wall, wall)
         return run
 
     try:
@@ -229,12 +283,40 @@ def end_to_end(args, work: Path, series) -> None:
         reference="modality -> Orthanc",
         json_path=args.json,
         notes=[
+            "middle path, median seconds per phase: "
+            + ", ".join(
+                f"{name} {sorted(r.extra['phases'][name] for r in via)[len(via) // 2]:.2f}"
+                for name in PHASES
+            ),
             f"Courier's receiver + worker CPU in the middle path, median: "
             f"{courier_cpu:.2f} s",
             f"middle path without the {args.quiet:g} s quiet period, median: "
             f"{minus_quiet:.2f} s ({minus_quiet / direct:.2f}x the direct path)",
         ],
     )
+
+
+PHASES = ("receive (storescu)", "quiet period, close, route",
+          "routed -> the job's first attempt", "the send (attempt)",
+          "attempt end -> Orthanc seen holding all")  # fmt: skip
+
+
+def _at(value: str) -> float:
+    return datetime.fromisoformat(value).replace(tzinfo=UTC).timestamp()
+
+
+def phases(site: CourierSite, started: float, storescu_wall: float, wall: float):
+    """Where the middle path's time went, from the database's timestamps (s)."""
+    ((routed,),) = site.query(
+        "SELECT routed_at FROM dispatch_receivedseries ORDER BY id DESC LIMIT 1"
+    )
+    ((begun, ended),) = site.query(
+        "SELECT MIN(a.started_at), MAX(a.ended_at) FROM dispatch_attempt a "
+        "WHERE a.job_id = (SELECT MAX(id) FROM dispatch_job)"
+    )
+    points = [started, started + storescu_wall, _at(routed), _at(begun), _at(ended),
+              started + wall]  # fmt: skip
+    return {name: points[i + 1] - points[i] for i, name in enumerate(PHASES)}
 
 
 def main() -> None:
@@ -244,6 +326,10 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--quiet", type=float, default=2.0)
     parser.add_argument("--only", default="", help="receive or e2e")
+    parser.add_argument(
+        "--before",
+        help="another checkout (with its .venv) whose receiver runs as a third arm",
+    )
     parser.add_argument("--json", help="append the figures to this JSON-lines file")
     args = parser.parse_args()
     header("the receiver as a process vs storescp; Courier in the middle")

@@ -13,9 +13,17 @@ receiver emptied before every run, untimed):
 - Courier: `manage.py send_series <target> <folder>`, a whole process: interpreter
   start, Django, the folder scan, the job bookkeeping and the send;
 - `/usr/bin/storescu +sd <folder>` and `/usr/bin/dcmsend --scan-directories <folder>`
-  (one association each, the same files, the same peer).
+  (one association each, the same files, the same peer);
+- `--connections N` (default 2; 1 leaves it out): Courier again, to a second target
+  for the same peer with N parallel connections (N associations sharing the
+  instances; storescp runs with `--fork`, so it serves them at once, as Orthanc does);
+- the floor (`bench/replay_floor.py`): the same C-STOREs pre-encoded in memory and
+  sent over one association as fast as the peer answers, timed from the association
+  request to the release. No sender can take less over one association: the rest
+  is the peer's own work and the round trips.
 
-Each is timed as a process (wall, CPU from `wait4`, peak RSS); the receiver's count
+Each is timed as a process (wall, CPU from `wait4`, peak RSS; the floor's wall and
+CPU are those of its timed part); the receiver's count
 is checked after every run. Ratios are Courier's time over storescu's within each
 round. bench/send_dicom.py has the second-line, in-process `handler.send()` figures.
 """
@@ -23,7 +31,9 @@ round. bench/send_dicom.py has the second-line, in-process `handler.send()` figu
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import sys
 import tempfile
 from functools import partial
 from pathlib import Path
@@ -35,6 +45,7 @@ from harness import (
     Arm,
     BenchError,
     Run,
+    checkout_label,
     header,
     interleave,
     manage,
@@ -54,10 +65,13 @@ class DcmtkStoreSCP(StoreSCP):
         return [DCMTK["storescp"], *super().command()[1:]]
 
 
-def courier_send(site: CourierSite, target: str, folder: Path) -> Run:
+def courier_send(
+    site: CourierSite, target: str, folder: Path, checkout: str | None = None
+) -> Run:
     return run_process(
-        manage("send_series", target, str(folder)), env=site.env, cwd=ROOT
-    )
+        manage("send_series", target, str(folder), checkout=checkout),
+        env=site.env, cwd=checkout or ROOT,
+    )  # fmt: skip
 
 
 def storescu(port: int, aet: str, folder: Path) -> Run:
@@ -70,6 +84,18 @@ def dcmsend(port: int, aet: str, folder: Path) -> Run:
     cmd = [DCMTK["dcmsend"], "-aet", "DCMSEND", "-aec", aet,
            "127.0.0.1", str(port), "--scan-directories", str(folder)]  # fmt: skip
     return run_process(cmd, env=DCMTK_ENV)
+
+
+def floor(port: int, aet: str, folder: Path) -> Run:
+    """The pre-encoded replay (bench/replay_floor.py): its timed part only."""
+    done = run_process(
+        [sys.executable, str(ROOT / "bench" / "replay_floor.py"), "127.0.0.1",
+         str(port), aet, str(folder)], cwd=ROOT,
+    )  # fmt: skip
+    result = json.loads(Path(done.extra["log"]).read_text().strip().splitlines()[-1])
+    if result["failed"]:
+        raise BenchError(f"the replay had {result['failed']} failed C-STOREs")
+    return Run(wall=result["wall"], user=result["cpu"], load=done.load)
 
 
 def checked(run, count: int, received) -> Run:
@@ -93,6 +119,15 @@ def main() -> None:
     parser.add_argument(
         "--only", default="", help="small, large, storescp or orthanc: only those"
     )
+    parser.add_argument(
+        "--connections", type=int, default=2,
+        help="also Courier with this many parallel connections (1: not)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--baseline", metavar="CHECKOUT",
+        help="also run the command from this checkout (its own .venv, the same "
+        "database schema): before and after in one interleaved run",
+    )  # fmt: skip
     parser.add_argument("--json", help="append the figures to this JSON-lines file")
     args = parser.parse_args()
 
@@ -104,7 +139,8 @@ def main() -> None:
         "large (~530 KB)": make_series(work / "large", args.count, size=512),
     }
     site = CourierSite(work / "site").migrate()
-    scp = DcmtkStoreSCP(work / "storescp", max_pdu=131072).start()
+    # --fork: one process per association, so the parallel arm gets them at once.
+    scp = DcmtkStoreSCP(work / "storescp", max_pdu=131072, fork=True).start()
     orthanc = Orthanc(work / "orthanc").start()
     try:
         peers = {
@@ -116,6 +152,11 @@ def main() -> None:
             site.add_target(
                 name=name, kind="dicom", host="127.0.0.1", port=port, called_aet=aet
             )
+            if args.connections > 1:
+                site.add_target(
+                    name=f"{name}-parallel", kind="dicom", host="127.0.0.1",
+                    port=port, called_aet=aet, max_connections=args.connections,
+                )  # fmt: skip
         for peer_name, (peer, port, aet, received) in peers.items():
             for size, series in sizes.items():
                 if args.only and args.only not in (peer_name, size.split()[0]):
@@ -133,7 +174,21 @@ def main() -> None:
                     Arm("dcmtk dcmsend",
                         checked(partial(dcmsend, port, aet, folder), n, received),
                         peer.clear),
+                    Arm("floor: pre-encoded replay, 1 association",
+                        checked(partial(floor, port, aet, folder), n, received),
+                        peer.clear),
                 ]  # fmt: skip
+                if args.baseline:
+                    arms.insert(1, Arm(
+                        f"baseline ({checkout_label(args.baseline)}) send_series",
+                        checked(partial(courier_send, site, peer_name, folder,
+                                        args.baseline), n, received),
+                        peer.clear))  # fmt: skip
+                if args.connections > 1:
+                    arms.insert(1, Arm(
+                        f"Courier send_series, {args.connections} connections",
+                        checked(partial(courier_send, site, f"{peer_name}-parallel",
+                                        folder), n, received), peer.clear))  # fmt: skip
                 runs = interleave(arms, args.rounds, warmup=args.warmup)
                 report(
                     f"send {n} x {size} to {peer_name} (whole processes)",

@@ -37,6 +37,7 @@ from harness import (
     Arm,
     BenchError,
     Run,
+    checkout_label,
     header,
     interleave,
     manage,
@@ -50,7 +51,8 @@ from tests.fixtures.dispatch_peers import CourierSite
 from tests.peers import StoreSCP
 
 # What every manage.py command pays before its own code: Courier's settings, every
-# installed app (the admin's autodiscovery, huey with redis), no command.
+# installed app (models, ready(), huey with redis-py; the admin's pages load with the
+# URLconf since issue 15), no command.
 SETUP = (
     "import os, django; "
     "os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'config.settings'); "
@@ -154,6 +156,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--importtime-runs", type=int, default=5)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument(
+        "--baseline", metavar="CHECKOUT",
+        help="also run the command from this checkout (its own .venv, the same "
+        "database schema): before and after in one interleaved run",
+    )  # fmt: skip
     parser.add_argument("--json", help="append the figures to this JSON-lines file")
     args = parser.parse_args()
 
@@ -195,6 +202,13 @@ def main() -> None:
             Arm("python -c pass (interpreter alone)",
                 partial(run_process, [sys.executable, "-c", "pass"])),
         ]  # fmt: skip
+        if args.baseline:
+            cmd = manage("send_series", "storescp", str(series.folder),
+                         checkout=args.baseline)  # fmt: skip
+            arms.insert(1, Arm(
+                f"baseline ({checkout_label(args.baseline)}) send_series, 1 instance",
+                partial(one, partial(run_process, cmd, env=site.env,
+                                     cwd=args.baseline)), scp.clear))  # fmt: skip
         runs = interleave(arms, args.rounds, warmup=args.warmup)
         record = report(
             "one instance: whole processes",

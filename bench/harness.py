@@ -373,9 +373,28 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
             proc.wait(5)
 
 
-def manage(*args: str) -> list[str]:
-    """The command line of `manage.py <args>` with this interpreter."""
+def manage(*args: str, checkout: str | os.PathLike | None = None) -> list[str]:
+    """The command line of `manage.py <args>` with this interpreter, or with
+    another checkout's own (`checkout/.venv`, e.g. main before a change)."""
+    if checkout is not None:
+        other = Path(checkout).resolve()
+        return [
+            str(other / ".venv" / "bin" / "python"),
+            str(other / "manage.py"),
+            *args,
+        ]
     return [sys.executable, str(ROOT / "manage.py"), *args]
+
+
+def checkout_label(checkout: str | os.PathLike) -> str:
+    """`<folder> <short commit>` of another checkout, for an arm's name."""
+    import subprocess
+
+    commit = subprocess.run(
+        ["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
+        capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    return f"{Path(checkout).name} {commit}"
 
 
 def proc_tree_cpu(pid: int) -> float:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from django.contrib import admin
-from django.contrib.admin.apps import AdminConfig
+from django.contrib.admin.apps import SimpleAdminConfig
+from django.contrib.admin.checks import check_admin_app, check_dependencies
+from django.core import checks
 
 
 class CourierAdminSite(admin.AdminSite):
@@ -24,5 +26,23 @@ class CourierAdminSite(admin.AdminSite):
         return super().index(request, context)
 
 
-class CourierAdminConfig(AdminConfig):
+def check_admin_pages(app_configs, **kwargs):
+    """Django's admin checks, over every app's admin module (loaded first)."""
+    admin.autodiscover()
+    return check_admin_app(app_configs, **kwargs)
+
+
+class CourierAdminConfig(SimpleAdminConfig):
+    """The admin, its pages loaded with the URLconf instead of at `django.setup()`.
+
+    Every app's admin module imports its services (and with them the senders,
+    pydicom, pynetdicom): most of a management command's start-up, for pages it
+    never serves. `config.urls` runs the autodiscovery (the web server loads the
+    URLconf before its first request, `config.wsgi`), and so do the admin's checks.
+    """
+
     default_site = "config.admin_site.CourierAdminSite"
+
+    def ready(self) -> None:
+        checks.register(check_dependencies, checks.Tags.admin)
+        checks.register(check_admin_pages, checks.Tags.admin)

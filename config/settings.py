@@ -171,6 +171,9 @@ else:
         "consumer": {
             "workers": env.int("COURIER_WORKERS", default=4),
             "worker_type": "thread",
+            # An idle thread polls the queue's file; huey backs off to once every
+            # 10 s, which the first job after a quiet spell waited. 1 s at most.
+            "max_delay": 1.0,
         },
     }
 

@@ -12,3 +12,9 @@ application = get_wsgi_application()
 from config.preload import preload_for_threads  # noqa: E402
 
 preload_for_threads()
+
+# The URLconf, and with it every admin module (not loaded by django.setup(),
+# config.admin_site), also before the first request thread.
+from django.urls import get_resolver  # noqa: E402
+
+get_resolver().url_patterns  # noqa: B018

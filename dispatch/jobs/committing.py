@@ -22,7 +22,6 @@ from pathlib import Path
 from django.conf import settings
 from django.db.models import Q
 from django.template.defaultfilters import pluralize
-from pydicom.uid import generate_uid
 
 from config.safetext import db_text
 from targets.dicomnet.commit_scu import failure_text
@@ -96,6 +95,8 @@ def commit(
             _count(job)
             return
     references = [Reference(classes[path], uid) for _, path, uid in rows]
+    from pydicom.uid import generate_uid  # here: the send path imports no pydicom
+
     transaction_uid = generate_uid(prefix=None)
     # The report is taken from the target's AE title only (`record_report`).
     StorageCommitment.objects.create(

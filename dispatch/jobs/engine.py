@@ -301,7 +301,7 @@ def _interrupted(job: Job, owner: str, number: int, now) -> list[Attempt]:
 def attempt(
     claimed: Claim,
     worker: str,
-    keeper: lease.LeaseKeeper,
+    keeper: lease.LeaseKeeper | lease.RowLease,
     progress: ProgressHook | None = None,
     retry: bool = True,
 ) -> Job:
@@ -313,6 +313,45 @@ def attempt(
     error, `retry` true and attempts left) with the time of the next attempt in
     `not_before`. Stops at the next instance once `keeper`'s lease is no longer
     valid (cancelled, taken over, the database away).
+    """
+    sent = send(claimed, worker, keeper, progress)
+    return sent.finish(worker, retry)
+
+
+@dataclass
+class Sent:
+    """An attempt whose sending is over, its end not yet written (`finish`)."""
+
+    claim: Claim
+    writer: OutcomeWriter
+    error: TargetError | None
+    aborted: bool
+    started: float
+
+    def finish(self, worker: str, retry: bool = True) -> Job:
+        return finish(
+            self.claim.job,
+            self.claim.target,
+            self.writer,
+            worker,
+            self.error,
+            self.aborted,
+            retry,
+            self.started,
+        )
+
+
+def send(
+    claimed: Claim,
+    worker: str,
+    keeper: lease.LeaseKeeper | lease.RowLease,
+    progress: ProgressHook | None = None,
+    rows: list[tuple] | None = None,
+) -> Sent:
+    """The sending part of `attempt`: the job's pending files through the handler.
+
+    Writes progress while a job of many files sends; the end is left to
+    `Sent.finish`.
     """
     job, target = claimed.job, claimed.target
     record = Attempt(
@@ -326,7 +365,7 @@ def attempt(
         folder = Path(job.folder)
         if not folder.is_dir():
             raise TargetError(f"folder {folder} no longer exists", permanent=True)
-        todo = files.pending(job, split_globs(target.exclude))
+        todo = files.pending(job, split_globs(target.exclude), rows)
         writer.ids, writer.others, writer.fresh = todo.ids, todo.others, todo.fresh
         paths = {pk: path for path, pk in todo.ids.items()}
         for pk, why in todo.failed.items():
@@ -357,7 +396,7 @@ def attempt(
         error = TargetError(
             scrub(f"unexpected error: {type(exc).__name__}: {exc}", target)
         )
-    return finish(job, target, writer, worker, error, aborted, retry, started)
+    return Sent(claimed, writer, error, aborted, started)
 
 
 def _send(
@@ -365,7 +404,7 @@ def _send(
     target: Target,
     series: Series,
     writer: OutcomeWriter,
-    keeper: lease.LeaseKeeper,
+    keeper: lease.LeaseKeeper | lease.RowLease,
     progress: ProgressHook | None,
 ) -> bool:
     """Run the handler in a thread; record outcomes here, stop if the lease is lost.
@@ -404,6 +443,18 @@ def _send(
 
     if not keeper.valid:
         return True
+    if len(series.instances) + len(series.others) <= 1:
+        # One file: sent on this thread (no thread to start, no progress to write
+        # while it goes), its outcome recorded once the handler returns.
+        told: list[Outcome] = []
+        target.handler.send(
+            series, progress=told.append, context=context, connections=1
+        )
+        for outcome in told:
+            writer.add(outcome)
+            if progress:
+                progress(outcome)
+        return False
     thread = threading.Thread(target=sender, name=f"send-job-{job.pk}", daemon=True)
     thread.start()
     next_flush = time.monotonic() + PROGRESS_INTERVAL

@@ -100,26 +100,43 @@ class Pending:
     fresh: bool = False
 
 
-def pending(job: Job, exclude: list[str]) -> Pending:
+_COLUMNS = (
+    "id",
+    "path",
+    "dicom",
+    "sop_instance_uid",
+    "sop_class_uid",
+    "transfer_syntax",
+    "stamp",
+    "tags",
+)
+
+
+def pending_rows(job_ids: list[int]) -> dict[int, list[tuple]]:
+    """The pending rows of several jobs in one query (a batch), by job id."""
+    rows: dict[int, list[tuple]] = {pk: [] for pk in job_ids}
+    for job_id, *row in (
+        JobInstance.objects.filter(job_id__in=job_ids, state=InstanceState.PENDING)
+        .order_by("id")
+        .values_list("job_id", *_COLUMNS)
+    ):
+        rows[job_id].append(tuple(row))
+    return rows
+
+
+def pending(job: Job, exclude: list[str], rows: list[tuple] | None = None) -> Pending:
     """Rebuild the series of `job`'s pending files from their rows.
 
     `exclude`: the target's exclusion globs as they are now (a file excluded since
-    the job was made is not sent and fails like a gone one).
+    the job was made is not sent and fails like a gone one). `rows`: the job's
+    pending rows if read already (`pending_rows`).
     """
-    rows = list(
-        job.instances.filter(state=InstanceState.PENDING)
-        .order_by("id")
-        .values_list(
-            "id",
-            "path",
-            "dicom",
-            "sop_instance_uid",
-            "sop_class_uid",
-            "transfer_syntax",
-            "stamp",
-            "tags",
+    if rows is None:
+        rows = list(
+            job.instances.filter(state=InstanceState.PENDING)
+            .order_by("id")
+            .values_list(*_COLUMNS)
         )
-    )
     root = Path(job.folder)
     series = Series(root=root)
     ids: dict[str, int] = {}

@@ -339,7 +339,8 @@ def finish(
     elif error.permanent or not again:
         # The job ends here: no file is left untried without its reason.
         writer.fail_unreported(db_text(f"not sent: {error.message}", 2000))
-    with transaction.atomic():
+    # (In a batch's transaction, no savepoint: an error ends the whole batch.)
+    with transaction.atomic(savepoint=False):
         writer.write_rows()
         counts = writer.counts() or refresh_counts(job)
         fresh = writer.fresh
@@ -423,13 +424,16 @@ def finish(
     if not updated:
         # Cancelled or taken over meanwhile: leave the row as it is.
         job.refresh_from_db()
-        _log_attempt(job, target, attempt, started)
+        _log_attempt(job, target, attempt, time.monotonic() - started)
         return job
     for name, value in fields.items():
         setattr(job, name, value)
-    _log_attempt(job, target, attempt, started)
+    # After the commit (a batch's ends are written in one transaction): no log
+    # line and no spool folder deleted for an end that is not written.
+    duration = time.monotonic() - started
+    transaction.on_commit(lambda: _log_attempt(job, target, attempt, duration))
     if state in SUCCESS_STATES and job.owned_spool:
-        cleanup_spool(job.folder)
+        transaction.on_commit(lambda: cleanup_spool(job.folder))
     return job
 
 
@@ -461,11 +465,11 @@ def _stopped(
             **{k: counts[k] for k in ("total",) + _COUNTERS},
         )
         job.refresh_from_db()
-    _log_attempt(job, target, attempt, started)
+    _log_attempt(job, target, attempt, time.monotonic() - started)
     return job
 
 
-def _log_attempt(job: Job, target: Target, attempt: Attempt, started: float) -> None:
+def _log_attempt(job: Job, target: Target, attempt: Attempt, seconds: float) -> None:
     log.info(
         "dispatch attempt %s",
         log_fields(
@@ -481,7 +485,7 @@ def _log_attempt(job: Job, target: Target, attempt: Attempt, started: float) -> 
             warnings=attempt.warnings,
             failed=attempt.failed,
             bytes=attempt.bytes_sent,
-            duration=f"{time.monotonic() - started:.2f}",
+            duration=f"{seconds:.2f}",
             worker=attempt.worker,
             error=attempt.error,
         ),

@@ -26,7 +26,7 @@ from huey.contrib.djhuey import HUEY, db_periodic_task, db_task
 
 from targets.models import Target
 
-from . import engine, lease
+from . import batch, engine, lease
 from .commitment import purge_commitments
 from .models import Job, State
 from .spool import expire_spool
@@ -157,13 +157,41 @@ def run_job(
     return job
 
 
+def run_batch(target_id: int, *, worker: str | None = None) -> list[Job] | None:
+    """Claim a batch of the target's queued one-file jobs and send them one after
+    the other (`batch.claim`); return them as they ended, or None if none
+    was claimed.
+
+    One lease keeper for the batch; the batch is watched (one message) only if
+    still sending at the lease's first renewal, as a one-file job is.
+    """
+    worker = worker or lease.worker_id()
+    claims = batch.claim(target_id, worker)
+    if not claims:
+        return None
+    ids = [c.job.pk for c in claims]
+    keeper = lease.LeaseKeeper(Job, ids, worker, [State.SENDING]).start()
+    # Should this worker die, the job taken over goes on with the others
+    # (`run_jobs_from`), whose leases ended with it.
+    keeper.then(lambda expires: watch(ids[-1], expires))
+    try:
+        jobs = batch.send(claims, worker, keeper)
+    finally:
+        keeper.stop()
+    for job in jobs:
+        if job.state == State.RETRY_WAIT:
+            enqueue(job, eta=job.not_before)
+    return jobs
+
+
 def run_jobs_from(job_id: int, *, budget_seconds: float = 20.0) -> int:
     """Run the job, then go on with the next jobs of its target for a while.
 
-    A worker thread that just freed a slot of a target takes that target's next job
-    itself instead of waiting for the queue to hand it out (a polled queue such as
-    SqliteHuey adds up to its polling delay per job). The time budget keeps one
-    target from holding a worker thread for long. Return how many jobs ran.
+    A worker thread that just freed a slot of a target takes that target's next
+    jobs itself instead of waiting for the queue to hand them out (a polled queue
+    such as SqliteHuey adds up to its polling delay per job): one-file jobs in
+    batches (`run_batch`), others one at a time. The time budget keeps one target
+    from holding a worker thread for long. Return how many jobs ran.
     """
     deadline = time.monotonic() + budget_seconds
     job = run_job(job_id)
@@ -177,6 +205,11 @@ def run_jobs_from(job_id: int, *, budget_seconds: float = 20.0) -> int:
             kick_target(job.target_id)
             break
         target_id = job.target_id
+        batch = run_batch(target_id)
+        if batch:
+            ran += len(batch) - 1
+            job = batch[-1]
+            continue
         next_id = engine.next_claimable(target_id)
         if next_id is None:
             break

@@ -5,12 +5,13 @@ from __future__ import annotations
 from django.conf import settings
 from django.core.checks import Error, register
 
-from .commitment import parse_peers
-
 
 @register()
 def check_commitment_peers(app_configs, **kwargs):
     """courier.E020: COURIER_RECEIVER_COMMITMENT_PEERS is a list of AET=host:port."""
+    # Here, not at the top: this module loads at every django.setup().
+    from .commitment import parse_peers
+
     try:
         parse_peers(settings.COURIER_RECEIVER_COMMITMENT_PEERS)
     except ValueError as exc:

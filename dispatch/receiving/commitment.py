@@ -2,8 +2,9 @@
 delivering the answer on a new association when the request's association is gone.
 
 A referenced instance is committed when its file is in the spool under a series
-folder with the referenced SOP Class: a file gets there only by a rename after it and
-its folder were fsynced, so what is found is durable. Anything else fails: 0x0112
+folder with the referenced SOP Class: a file gets there only by a rename after it
+was made durable (its journal record flushed, which a starting receiver replays, or
+the file and its folder fsynced), so what is found survives a crash. Anything else fails: 0x0112
 (no such object) when no file has that SOP Instance UID, 0x0119 (class/instance
 conflict) when the file holds another SOP class. The spool is what is looked at:
 an instance already delivered to every target and removed from the spool is no

@@ -35,7 +35,7 @@ class TooLarge(ValueError):
 
 
 def check_stored(
-    path: Path, offset: int, transfer_syntax: str, *, max_inflated: int
+    path: str | Path, offset: int, transfer_syntax: str, *, max_inflated: int
 ) -> dict[str, str]:
     """The receiver's walk (`walk_dataset`, elements in any order) of the dataset
     stored in `path` from byte `offset`; return its UIDs.
@@ -47,7 +47,7 @@ def check_stored(
     with open(path, "rb") as f:
         if transfer_syntax != DEFLATED:
             return _check_mapped(f, offset, transfer_syntax)
-        with tempfile.TemporaryFile(dir=path.parent) as out:
+        with tempfile.TemporaryFile(dir=os.path.dirname(path)) as out:
             _inflate(f, offset, out, max_inflated)
             # Deflated is explicit VR little endian once inflated.
             return _check_mapped(out, 0, EXPLICIT_LE)
@@ -93,7 +93,8 @@ def instance_file_name(sop_uid: str) -> str:
 
 def unprintable(value: str) -> bool:
     """True if `value` has control or non-ASCII characters (no UID or AE title may)."""
-    return any(not (" " <= c <= "~") for c in value)
+    # For ASCII, printable is exactly " " to "~".
+    return not (value.isascii() and value.isprintable())
 
 
 # -- file meta -------------------------------------------------------------------------

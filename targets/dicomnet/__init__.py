@@ -4,3 +4,44 @@
 one (the receiver's associations), `check` the structural walk of a dataset, `vr` the
 VR table both share, `sockets` the TCP tuning. Nothing here imports a Django model.
 """
+
+from __future__ import annotations
+
+import importlib
+import threading
+
+# What converting a file and naming a UID use of pydicom (targets.dicomnet.transcode).
+PYDICOM_MODULES = (
+    "pydicom",
+    "pydicom.uid",
+    "pydicom.datadict",
+    "pydicom.dataelem",
+    "pydicom.dataset",
+    "pydicom.filebase",
+    "pydicom.filereader",
+    "pydicom.filewriter",
+    "pydicom.pixels",
+)
+
+_lock = threading.Lock()
+_loaded = False
+
+
+def load_pydicom() -> None:
+    """Import pydicom's modules the send path uses, once, holding one lock.
+
+    The send path imports no pydicom up front (with numpy it is ~0.4 s of a
+    one-instance `send_series`); only converting a file or naming a UID in a
+    message needs it, and that may happen first in two sender threads at once.
+    pydicom's first import from two threads at once can wedge the import system
+    (config.preload), so these first imports take turns. Call it before any
+    `from pydicom... import` in code that threads run.
+    """
+    global _loaded
+    if _loaded:
+        return
+    with _lock:
+        if not _loaded:
+            for name in PYDICOM_MODULES:
+                importlib.import_module(name)
+            _loaded = True

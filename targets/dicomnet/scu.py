@@ -3,9 +3,12 @@
 Why not pynetdicom's `Association` for sending: it runs a reader thread and a reactor
 thread that hand every PDU over through queues, polling with 1 ms sleeps, and it
 re-encodes each dataset with pydicom. That caps one association at about a quarter of
-dcmtk storescu's rate. This module keeps pynetdicom for what it does well (the
-A-ASSOCIATE PDUs, presentation contexts, rejection reasons) and does the data transfer
-itself, synchronously in the calling thread: each C-STORE is the command set plus the
+dcmtk storescu's rate. This module encodes the few PDUs an SCU sends (A-ASSOCIATE-RQ,
+P-DATA-TF, A-RELEASE, A-ABORT) and decodes the A-ASSOCIATE-AC itself, without
+importing pynetdicom (whose package import pulls in pydicom and numpy, most of a
+one-instance `send_series`'s start-up; `tests/targets/test_scu_pdus.py` holds the
+bytes equal to pynetdicom's), and does the data transfer
+synchronously in the calling thread: each C-STORE is the command set plus the
 file's dataset bytes, read straight from disk, written with one `sendmsg` per PDU, then
 one read for the response. No threads, so a timeout is just a socket timeout.
 
@@ -26,19 +29,11 @@ import socket
 import ssl
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
-    UserIdentityNegotiation,
-)
-from pynetdicom.presentation import PresentationContext
-
+from targets.dicomnet import load_pydicom
 from targets.dicomnet.check import CorruptDataset, walk_encoded
 from targets.dicomnet.identity import (
     IMPLEMENTATION_CLASS_UID,
@@ -46,6 +41,9 @@ from targets.dicomnet.identity import (
 )
 from targets.dicomnet.outgoing import Outgoing, RefusedFile
 from targets.dicomnet.sockets import _nodelay
+
+if TYPE_CHECKING:
+    from pynetdicom.pdu_primitives import UserIdentityNegotiation
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 VERIFICATION = "1.2.840.10008.1.1"
@@ -119,7 +117,22 @@ class UserIdentity:
     username: str
     password: str = ""
 
+    def item(self) -> bytes:
+        """The User Identity sub-item of an A-ASSOCIATE-RQ (PS3.8 D.3.3.7.1)."""
+        primary = self.username.encode("utf-8")
+        secondary = self.password.encode("utf-8")
+        body = (
+            struct.pack(">BBH", 2 if self.password else 1, 0, len(primary))
+            + primary
+            + struct.pack(">H", len(secondary))
+            + secondary
+        )
+        return _item(0x58, body)
+
     def primitive(self) -> UserIdentityNegotiation:
+        """The same for pynetdicom's `AE.associate` (the query tool)."""
+        from pynetdicom.pdu_primitives import UserIdentityNegotiation
+
         item = UserIdentityNegotiation()
         # 2: username and passcode; 1: username only.
         item.user_identity_type = 2 if self.password else 1
@@ -142,20 +155,138 @@ class Context:
     transfer_syntax: str
 
 
+@dataclass
+class PresentationContext:
+    """A proposed presentation context (the attributes of pynetdicom's)."""
+
+    context_id: int
+    abstract_syntax: str
+    transfer_syntax: list[str] = field(default_factory=list)
+
+
 def propose(
     contexts: Sequence[tuple[str, Sequence[str]]],
 ) -> list[PresentationContext]:
     """Number (abstract syntax, transfer syntaxes) pairs as presentation contexts."""
     if len(contexts) > 128:
         raise ValueError("at most 128 presentation contexts fit in one association")
-    proposed = []
-    for i, (abstract, syntaxes) in enumerate(contexts):
-        cx = PresentationContext()
-        cx.context_id = 2 * i + 1
-        cx.abstract_syntax = abstract
-        cx.transfer_syntax = list(syntaxes)
-        proposed.append(cx)
-    return proposed
+    return [
+        PresentationContext(2 * i + 1, abstract, list(syntaxes))
+        for i, (abstract, syntaxes) in enumerate(contexts)
+    ]
+
+
+# -- A-ASSOCIATE PDUs (PS3.8 9.3.2-9.3.3) ----------------------------------------------
+def _item(item_type: int, value: bytes) -> bytes:
+    """A PDU item or sub-item: type, reserved byte, 2-byte length, value."""
+    return struct.pack(">BBH", item_type, 0, len(value)) + value
+
+
+def _uid(value: str) -> bytes:
+    return value.encode("ascii")
+
+
+def _ae(title: str, what: str) -> bytes:
+    """An AE title field (PS3.8 9.3.2): 1-16 characters of the Default Character
+    Repertoire without backslash or control characters, not all spaces."""
+    if (
+        not title.strip()
+        or len(title) > 16
+        or any(c == "\\" or not " " <= c <= "~" for c in title)
+    ):
+        raise ValueError(f"the {what} AE title {title!r} is not a valid AE title")
+    return title.encode("ascii").ljust(16)
+
+
+def associate_rq(
+    *,
+    calling_aet: str,
+    called_aet: str,
+    contexts: Sequence[PresentationContext],
+    max_pdu: int,
+    identity: UserIdentity | None = None,
+    roles: Sequence[tuple[str, bool, bool]] = (),
+) -> bytes:
+    """An A-ASSOCIATE-RQ PDU: Courier's identity, the maximum PDU length Courier
+    takes, the proposed contexts, SCP/SCU role selection per (SOP class, SCU role,
+    SCP role), and User Identity."""
+    items = [_item(0x10, _uid(APPLICATION_CONTEXT))]
+    for cx in contexts:
+        sub = _item(0x30, _uid(cx.abstract_syntax)) + b"".join(
+            _item(0x40, _uid(ts)) for ts in cx.transfer_syntax
+        )
+        items.append(_item(0x20, struct.pack(">BBBB", cx.context_id, 0, 0, 0) + sub))
+    user = [
+        _item(0x51, struct.pack(">I", max_pdu)),
+        _item(0x52, _uid(IMPLEMENTATION_CLASS_UID)),
+        _item(0x55, IMPLEMENTATION_VERSION_NAME.encode("ascii")),
+    ]
+    for sop_class, scu_role, scp_role in roles:
+        uid = _uid(sop_class)
+        user.append(
+            _item(0x54, struct.pack(">H", len(uid)) + uid + bytes([scu_role, scp_role]))
+        )
+    if identity is not None:
+        user.append(identity.item())
+    items.append(_item(0x50, b"".join(user)))
+    body = (
+        struct.pack(">HH", 1, 0)
+        + _ae(called_aet, "called")
+        + _ae(calling_aet, "calling")
+        + bytes(32)
+        + b"".join(items)
+    )
+    return struct.pack(">BBI", ASSOCIATE_RQ, 0, len(body)) + body
+
+
+@dataclass
+class Acceptance:
+    """What an A-ASSOCIATE-AC says: per context id its result and transfer
+    syntax, and the peer's maximum PDU length (0: none given or no limit)."""
+
+    results: dict[int, tuple[int, str]]
+    max_pdu: int
+
+
+def parse_associate_ac(pdu: bytes) -> Acceptance:
+    """Decode an A-ASSOCIATE-AC (header included); raise ValueError if malformed."""
+    if len(pdu) < 74:
+        raise ValueError("too short")
+    results: dict[int, tuple[int, str]] = {}
+    max_pdu = 0
+    for item_type, value in _items(pdu, 74, len(pdu)):
+        if item_type == 0x21:  # presentation context (AC)
+            if len(value) < 4:
+                raise ValueError("short presentation context item")
+            syntax = ""
+            for sub_type, sub in _items(value, 4, len(value)):
+                if sub_type == 0x40:
+                    syntax = sub.rstrip(b"\x00 ").decode("ascii")
+            results[value[0]] = (value[2], syntax)
+        elif item_type == 0x50:  # user information
+            for sub_type, sub in _items(value, 0, len(value)):
+                if sub_type == 0x51:
+                    if len(sub) != 4:
+                        raise ValueError("bad maximum length sub-item")
+                    (max_pdu,) = struct.unpack(">I", sub)
+    return Acceptance(results, max_pdu)
+
+
+def _items(data: bytes, pos: int, end: int):
+    """(type, value) of each item in data[pos:end]; ValueError if one overruns."""
+    while pos < end:
+        if pos + 4 > end:
+            raise ValueError("truncated item header")
+        item_type, _, length = struct.unpack_from(">BBH", data, pos)
+        if pos + 4 + length > end:
+            raise ValueError(f"item {item_type:#04x} overruns the PDU")
+        yield item_type, bytes(data[pos + 4 : pos + 4 + length])
+        pos += 4 + length
+
+
+def abort_pdu(source: int = 0, reason: int = 0) -> bytes:
+    """An A-ABORT PDU (PS3.8 9.3.8)."""
+    return struct.pack(">BBIBBBB", ABORT, 0, 4, 0, 0, source, reason)
 
 
 def _element(tag: int, value: bytes) -> bytes:
@@ -194,9 +325,20 @@ def dataset_offset(path: Path, head: bytes) -> int:
         if head[136:138] == b"UL":
             (group_length,) = struct.unpack_from("<I", head, 140)
             return 144 + group_length
-    from pynetdicom.dsutils import split_dataset
+    # A file without a group length (rare): its meta read by pydicom, as
+    # pynetdicom's `split_dataset` does.
+    load_pydicom()
+    from pydicom.filereader import read_dataset, read_preamble
 
-    return split_dataset(path)[1]
+    with open(path, "rb") as f:
+        read_preamble(f, False)
+        read_dataset(
+            f,
+            is_implicit_VR=False,
+            is_little_endian=True,
+            stop_when=lambda tag, vr, length: tag.group != 2,
+        )
+        return f.tell()
 
 
 class Association:
@@ -285,23 +427,23 @@ class Association:
         where,
         identity: UserIdentity | None = None,
     ) -> Association:
-        rq = A_ASSOCIATE()
-        rq.application_context_name = APPLICATION_CONTEXT
-        rq.calling_ae_title = calling_aet
-        rq.called_ae_title = called_aet
-        rq.presentation_context_definition_list = contexts
-        max_length = MaximumLengthNotification()
-        max_length.maximum_length_received = max_pdu
-        impl_uid = ImplementationClassUIDNotification()
-        impl_uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-        impl_version = ImplementationVersionNameNotification()
-        impl_version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        rq.user_information = [max_length, impl_uid, impl_version]
-        if identity is not None:
-            rq.user_information.append(identity.primitive())
+        try:
+            rq = associate_rq(
+                calling_aet=calling_aet,
+                called_aet=called_aet,
+                contexts=contexts,
+                max_pdu=max_pdu,
+                identity=identity,
+            )
+        except UnicodeEncodeError as exc:
+            raise LinkError(
+                f"a UID is not ASCII: {exc.object!r}", permanent=True
+            ) from exc
+        except ValueError as exc:  # an AE title no peer could take
+            raise LinkError(str(exc), permanent=True) from exc
         sock.settimeout(acse_timeout)
         try:
-            sock.sendall(A_ASSOCIATE_RQ(rq).encode())
+            sock.sendall(rq)
             pdu_type, pdu = _read_pdu(sock, bytearray())
         except TimeoutError as exc:
             raise LinkTimeout(
@@ -325,29 +467,22 @@ class Association:
                 f"type {pdu_type:#04x}; is this a DICOM port?"
             )
         try:
-            ac = A_ASSOCIATE_AC()
-            ac.decode(pdu)
-            answer = ac.to_primitive()
-        except Exception as exc:  # pynetdicom raises assorted errors on bad bytes
+            answer = parse_associate_ac(pdu)
+        except (ValueError, UnicodeDecodeError) as exc:
             raise LinkError(f"{where} sent a malformed association answer") from exc
         by_id = {cx.context_id: cx for cx in contexts}
         accepted, rejected = [], []
-        for result in answer.presentation_context_definition_results_list:
-            proposed = by_id.get(result.context_id)
+        for context_id, (result, syntax) in answer.results.items():
+            proposed = by_id.get(context_id)
             if proposed is None:
                 continue
-            if result.result == 0 and result.transfer_syntax:
-                accepted.append(
-                    Context(
-                        result.context_id,
-                        proposed.abstract_syntax,
-                        str(result.transfer_syntax[0]),
-                    )
-                )
+            if result == 0 and syntax:
+                accepted.append(Context(context_id, proposed.abstract_syntax, syntax))
             else:
                 rejected.append(proposed)
-        peer_max = answer.maximum_length_received or 0
-        return cls(sock, accepted, rejected, peer_max, dimse_timeout, acse_timeout)
+        return cls(
+            sock, accepted, rejected, answer.max_pdu, dimse_timeout, acse_timeout
+        )
 
     # -- DIMSE -----------------------------------------------------------------------
     def next_message_id(self) -> int:
@@ -587,10 +722,7 @@ class Association:
         if not self._closed:
             try:
                 self.sock.settimeout(1.0)
-                pdu = A_ABORT_RQ()
-                pdu.source = 0x00
-                pdu.reason_diagnostic = 0x00
-                self.sock.sendall(pdu.encode())
+                self.sock.sendall(abort_pdu())
             except OSError:
                 pass
         self.close()

@@ -10,8 +10,6 @@ from __future__ import annotations
 import socket
 import threading
 
-from pynetdicom import transport
-
 _lock = threading.Lock()
 _done = False
 
@@ -29,6 +27,10 @@ def enable_tcp_nodelay() -> None:
     with _lock:
         if _done:
             return
+        # Here, not at the top: Courier's own sender (targets.dicomnet.scu) uses
+        # `_nodelay` without importing pynetdicom (and with it pydicom and numpy).
+        from pynetdicom import transport
+
         create = transport.AssociationSocket._create_socket
         accept = transport.AssociationServer.get_request
 

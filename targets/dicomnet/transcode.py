@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from targets.dicomnet import load_pydicom
 from targets.dicomnet.check import CorruptDataset, walk_dataset
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ class Converted:
 
 def name(uid: str) -> str:
     """A transfer syntax or SOP class by name (the UID if pydicom knows none)."""
+    load_pydicom()
     from pydicom.uid import UID
 
     known = UID(uid).name
@@ -132,6 +134,7 @@ def convert(path: Path, transfer_syntax: str, offered: Sequence[Context]) -> Con
     Raise `CannotConvert` when no offered syntax is one Courier converts into, or
     the file does not decode (no decoder for its syntax, or the decoder fails).
     """
+    load_pydicom()
     cx = next((c for ts in TARGETS for c in offered if c.transfer_syntax == ts), None)
     if cx is None:
         names = ", ".join(name(c.transfer_syntax) for c in offered)
@@ -178,6 +181,7 @@ def transcode(ds: Dataset, transfer_syntax: str) -> bool:
     Planar Configuration, Number of Frames) and the lossy flags per PS3.3. Raise
     `CannotConvert` if the pixel data do not decode.
     """
+    load_pydicom()
     from pydicom.uid import UID
 
     source = str(ds.file_meta.get("TransferSyntaxUID", ImplicitVRLittleEndian))

@@ -3,7 +3,7 @@
 Shaped like pynetdicom's `storescu`: propose only the presentation contexts the series
 needs, check every status, always release or abort. Which contexts, and converting a
 file whose syntax the peer refuses, are `targets.dicomnet.transcode`. The association
-itself is `targets.dicomnet.scu.Association` (pynetdicom's PDUs on a plain blocking
+itself is `targets.dicomnet.scu.Association` (its own PDUs on a plain blocking
 socket, file bytes sent as they are on disk), which is about four times faster than
 pynetdicom's threaded `Association` (see that module and the README's Performance).
 
@@ -31,8 +31,8 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from django.conf import settings
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from targets.dicomnet import load_pydicom
 from targets.dicomnet.commitment import Reference, Report
 from targets.dicomnet.outgoing import RefusedFile, prepare
 from targets.dicomnet.scu import (
@@ -45,10 +45,15 @@ from targets.dicomnet.scu import (
     propose,
     status_of,
 )
-from targets.dicomnet.sockets import enable_tcp_nodelay
 from targets.dicomnet.status import WARNING as WARNING_STATUS
 from targets.dicomnet.status import category, in_words
-from targets.dicomnet.transcode import CannotConvert, convert, plan_contexts
+from targets.dicomnet.transcode import (
+    CannotConvert,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    convert,
+    plan_contexts,
+)
 from targets.kinds.base import (
     FAILED,
     SENT,
@@ -70,6 +75,9 @@ if TYPE_CHECKING:
 
 
 def uid_name(uid: str) -> str:
+    load_pydicom()  # only for a message: the send path imports no pydicom up front
+    from pydicom.uid import UID
+
     name = UID(uid).name
     return f"{name} ({uid})" if name and name != uid else uid
 
@@ -146,7 +154,6 @@ class DicomHandler(Handler):
         called: str,
     ) -> Association:
         """Open an association proposing `contexts`; raise `LinkError`."""
-        enable_tcp_nodelay()  # for any pynetdicom socket used beside ours
         t = self.target
         return Association.open(
             t.host,

@@ -167,6 +167,64 @@ def test_a_killed_workers_job_is_resumed_by_a_live_worker_when_its_lease_ends(
         peer.stop()
 
 
+def test_a_worker_killed_in_the_middle_of_a_batch_leaves_the_rest_resumed_none_twice(
+    courier_site, tmp_path
+):
+    """One-file jobs go in batches (`tasks.run_batch`). A PACS that takes a second
+    per instance and one connection: the first job goes alone, the others in a
+    batch; the worker holding the batch is killed after its second job is
+    confirmed. The live worker resumes the rest once their leases end; what was
+    confirmed is never sent again (storescp keeps every reception as its own
+    file, +uf), and only the job in flight at the kill may arrive twice."""
+    import pydicom
+
+    with StoreSCP(tmp_path / "pacs", extra_args=["--sleep-after", "1", "+uf"]) as peer:
+        site = courier_site(env={"COURIER_JOB_LEASE": "2"}).migrate()
+        target = site.add_target(**dicom_target(peer, max_connections=1))
+        series = [make_series(tmp_path / f"s{i}", 1) for i in range(4)]
+        workers = [site.start_worker(1, "--no-periodic") for _ in range(2)]
+        site.wait_workers_ready()
+        job_ids = site.queue_folders(target, [s.folder for s in series])
+        uid_of = dict(zip(job_ids, (s.sop_uids[0] for s in series), strict=True))
+
+        def done() -> set[int]:
+            return {j["id"] for j in site.jobs() if j["state"] == "done"}
+
+        def mid_batch() -> list[dict]:
+            held = [j for j in site.jobs() if j["state"] == "sending"]
+            return len(done()) >= 2 and len(held) >= 2 and held
+
+        held = site.wait_for(mid_batch, what="two jobs confirmed, two held")
+        owner = held[0]["lease_owner"].split(":")[1]
+        (victim,) = [w for w in workers if str(w.pid) == owner]
+        (survivor,) = [w for w in workers if w is not victim]
+        site.kill_worker(victim)
+        confirmed = done()
+        # Mid-batch: the killed worker held the rest of its batch.
+        assert {j["lease_owner"] for j in held} == {held[0]["lease_owner"]}
+        assert len(confirmed) < 4, "the batch finished before the kill"
+
+        site.wait_for(lambda: len(done()) == 4, what="the rest resumed")
+        assert survivor.poll() is None
+        received: dict[str, int] = {}
+        for path in peer.files():
+            uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+            received[uid] = received.get(uid, 0) + 1
+        assert set(received) == set(uid_of.values())
+        for job_id in confirmed:
+            assert received[uid_of[job_id]] == 1
+            (attempt,) = site.attempts(job_id)
+            assert attempt["outcome"] == "done"
+        # At most the one instance in flight at the kill went twice.
+        assert sum(received.values()) <= 5
+        for job_id in set(job_ids) - confirmed:
+            attempts = site.attempts(job_id)
+            assert attempts[0]["outcome"] == "interrupted"
+            assert attempts[0]["worker"].split(":")[1] == str(victim.pid)
+            assert attempts[-1]["outcome"] == "done"
+            assert attempts[-1]["worker"].split(":")[1] == str(survivor.pid)
+
+
 def test_a_silent_peer_times_out_and_the_worker_goes_on_with_other_jobs(
     courier_site, tmp_path
 ):

@@ -1,0 +1,94 @@
+"""What a management command loads: the import contract behind a quick start-up.
+
+A script calls `send_series` once per series, so the command's start-up is paid per
+series (README, "Performance"). A DICOM send walks files with Courier's own reader
+and speaks DICOM through its own PDUs (`targets.dicomnet.scu`): it must not import
+pydicom (with numpy) or pynetdicom, nor load the admin's pages. These run the real
+command in a fresh process and look at what it imported; conversion, which does need
+pydicom, is covered by `tests/interop/test_corpus.py` through the same command.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.dicomgen import make_series
+from tests.fixtures.dispatch_peers import PROJECT
+
+# Loaded by none of the commands below (each is a module a heavy import brings).
+HEAVY = (
+    "numpy",
+    "pydicom",
+    "pynetdicom",
+    "targets.admin",
+    "dispatch.jobs.admin",
+)
+
+
+def run_and_list_loaded(site, code: str) -> tuple[subprocess.CompletedProcess, list]:
+    """Run `code` in a fresh interpreter with the site's settings; return the
+    process and which of HEAVY it had imported by the end (its last stdout line)."""
+    program = (
+        "import json, sys\n"
+        "try:\n" + "".join(f"    {line}\n" for line in code.splitlines()) + "finally:\n"
+        f"    print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program],
+        env=site.env, cwd=PROJECT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    lines = done.stdout.strip().splitlines()
+    assert lines, done.stderr[-3000:]
+    return done, json.loads(lines[-1])
+
+
+def test_a_dicom_send_imports_neither_pydicom_nor_pynetdicom(
+    courier_site, storescp, tmp_path
+):
+    site = courier_site().migrate()
+    site.add_target(
+        name="pacs", kind="dicom", host="127.0.0.1", port=storescp.port,
+        called_aet=storescp.aet,
+    )  # fmt: skip
+    series = make_series(tmp_path / "in", 1)
+    done, loaded = run_and_list_loaded(
+        site,
+        "from django.core.management import execute_from_command_line\n"
+        "execute_from_command_line("
+        f"['manage.py', 'send_series', 'pacs', {str(series.folder)!r}])",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "1 sent" in done.stdout and "0 failed of 1 instances" in done.stdout
+    (received,) = [
+        f for f in storescp.files() if f.name.endswith(f".{series.sop_uids[0]}.dcm")
+    ]
+    # The pixels as sent (storescp drops the CT example's trailing padding).
+    assert series.files[0].read_bytes()[-20000:-4000] in received.read_bytes()
+    assert loaded == []
+
+
+def test_django_setup_loads_no_admin_page_and_the_checks_still_see_them(courier_site):
+    site = courier_site()
+    done, loaded = run_and_list_loaded(
+        site,
+        "import django\n"
+        "django.setup()\n"
+        "print(json.dumps([m for m in ('targets.admin', 'numpy') if m in sys.modules]))",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[0]) == []
+    # The admin's system checks load the pages first, so they check every one.
+    done, _ = run_and_list_loaded(
+        site,
+        "import django\n"
+        "django.setup()\n"
+        "from django.contrib import admin\n"
+        "from django.core import checks\n"
+        "checks.run_checks(tags=[checks.Tags.admin])\n"
+        "print(json.dumps(sorted(m._meta.label for m in admin.site._registry)))",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    registered = json.loads(done.stdout.splitlines()[0])
+    assert {"targets.Target", "dispatch.Job"} <= set(registered)
