@@ -190,38 +190,6 @@ class JobAdmin(admin.ModelAdmin):
     list_select_related = ("target",)
     actions = ["retry_now_action", "cancel_action", "pause_targets", "resume_targets"]
     inlines = [AttemptInline]
-    readonly_fields = (
-        "target",
-        "folder",
-        "owned_spool",
-        "source",
-        "study_uid",
-        "series_uid",
-        "series_description",
-        "calling_aet",
-        "called_aet",
-        "state",
-        "created_at",
-        "updated_at",
-        "finished_at",
-        "not_before",
-        "attempt_count",
-        "lease_owner",
-        "lease_expires_at",
-        "total",
-        "sent",
-        "present",
-        "warnings",
-        "failed",
-        "sent_size",
-        "other_files",
-        "other_sent",
-        "skipped",
-        "committed_column",
-        "last_error",
-        "live_status",
-        "problem_instances",
-    )
     fieldsets = (
         (None, {"fields": ("target", "live_status", "problem_instances")}),
         (
@@ -271,6 +239,8 @@ class JobAdmin(admin.ModelAdmin):
             },
         ),
     )
+    # Everything on the page is read-only: exactly the fields the fieldsets show.
+    readonly_fields = tuple(f for _, opts in fieldsets for f in opts["fields"])
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -84,6 +84,37 @@ def bundled_files() -> list[tuple[str, Path]]:
     return found
 
 
+@dataclass(frozen=True)
+class Source:
+    """A file the corpus copies: read once per session, copied with a fresh SOP
+    Instance UID for each sender (only the UID's characters differ)."""
+
+    name: str
+    path: Path
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+
+
+def sources(extras: Path) -> list[Source]:
+    """Every bundled instance and every crafted one (written into `extras`)."""
+    out = []
+    for name, path in bundled_files() + make_extras(extras):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        out.append(
+            Source(
+                name=name,
+                path=path,
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+            )
+        )
+    return out
+
+
 def structure(raw: bytes) -> tuple[str, str]:
     """(why the dataset is truncated, how it is misencoded): "" when it is not.
 
@@ -246,20 +277,22 @@ def _element_patterns(ts: str, length: int) -> list[bytes]:
     ]
 
 
-def with_fresh_uid(raw: bytes) -> tuple[bytes, str]:
-    """`raw` with a new SOP Instance UID of the same length; (bytes, new UID).
+def with_fresh_uid(raw: bytes, old: str = "") -> tuple[bytes, str]:
+    """`raw` (whose SOP Instance UID is `old`, read from it when not given) with a
+    new SOP Instance UID of the same length; (bytes, new UID).
 
     Only the UID's characters change: in the dataset's (0008,0018) and in the file
     meta's (0002,0003) (there with the group length adjusted when the meta's old
     value had another length).
     """
     offset, ts = dataset_start(raw)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import io
+    if not old:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import io
 
-        ds = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True)
-    old = str(ds.SOPInstanceUID)
+            ds = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True)
+        old = str(ds.SOPInstanceUID)
     new = fresh_uid(len(old))
     body = raw[offset:]
     deflated = ts == DEFLATED
@@ -522,27 +555,24 @@ def make_extras(folder: Path) -> list[tuple[str, Path]]:
     return made
 
 
-def build_corpus(folder: Path) -> list[CorpusFile]:
-    """Every bundled instance and every crafted one, each with a fresh SOP Instance
+def build_corpus(folder: Path, from_sources: list[Source]) -> list[CorpusFile]:
+    """Every file of `from_sources` (see `sources`), each with a fresh SOP Instance
     UID, as flat files in `folder` (names: the source path with "/" as "__")."""
     folder.mkdir(parents=True)
-    sources = bundled_files() + make_extras(folder.parent / f"{folder.name}-extras")
     out = []
-    for name, src in sources:
-        raw, uid = with_fresh_uid(src.read_bytes())
-        path = folder / name.replace("/", "__")
+    for src in from_sources:
+        raw, uid = with_fresh_uid(src.path.read_bytes(), src.sop_instance_uid)
+        path = folder / src.name.replace("/", "__")
         path.write_bytes(raw)
         truncated, misencoded = structure(raw)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
         out.append(
             CorpusFile(
-                name=name,
+                name=src.name,
                 path=path,
                 sop_instance_uid=uid,
-                sop_class_uid=str(ds.SOPClassUID),
-                transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+                # Only the SOP Instance UID differs from the source's.
+                sop_class_uid=src.sop_class_uid,
+                transfer_syntax=src.transfer_syntax,
                 broken=truncated,
                 note=misencoded,
             )

@@ -37,8 +37,8 @@ import pydicom
 import pytest
 from pydicom.uid import UID
 
-from tests.fixtures.receive_peers import ReceiverProcess
-from tests.interop.corpus import CorpusFile, build_corpus
+from tests.fixtures.receive_peers import ReceiverProcess, responses_to_the_caller
+from tests.interop.corpus import CorpusFile, Source, build_corpus, sources
 from tests.peers import DCMTK_ENV, Orthanc, StoreSCP
 
 pytestmark = pytest.mark.interop
@@ -385,6 +385,7 @@ def raw_send(
                 if not assoc.is_established:
                     named[f.path.name] = f"{FAILED}|association not established"
                     continue
+                responses_to_the_caller(assoc)
             try:
                 status = assoc.send_c_store(f.path)
             except Exception as exc:  # pynetdicom raises for unreadable files
@@ -599,11 +600,18 @@ def dicom_target(site, name: str, port: int, aet: str) -> None:
 # -- the directions ------------------------------------------------------------------
 
 
+@pytest.fixture(scope="session")
+def corpus_sources(tmp_path_factory) -> list[Source]:
+    """pydicom's instances and the crafted ones, found, made and read once per
+    session; each sender gets its own copy with fresh UIDs (`build_corpus`)."""
+    return sources(tmp_path_factory.mktemp("corpus-extras"))
+
+
 def test_courier_to_orthanc_stores_every_file_or_names_it(
-    courier_site, orthanc, tmp_path
+    courier_site, orthanc, corpus_sources, tmp_path
 ):
-    corpus = build_corpus(tmp_path / "courier")
-    reference = build_corpus(tmp_path / "dcmsend")
+    corpus = build_corpus(tmp_path / "courier", corpus_sources)
+    reference = build_corpus(tmp_path / "dcmsend", corpus_sources)
     site = courier_site().migrate()
     dicom_target(site, "orthanc", orthanc.dicom_port, orthanc.aet)
 
@@ -622,11 +630,11 @@ def test_courier_to_orthanc_stores_every_file_or_names_it(
 
 
 def test_courier_to_an_uncompressed_only_storescp_converts_keeping_identity(
-    courier_site, storescp_uncompressed, tmp_path
+    courier_site, storescp_uncompressed, corpus_sources, tmp_path
 ):
     peer = storescp_uncompressed
-    corpus = build_corpus(tmp_path / "courier")
-    reference = build_corpus(tmp_path / "dcmsend")
+    corpus = build_corpus(tmp_path / "courier", corpus_sources)
+    reference = build_corpus(tmp_path / "dcmsend", corpus_sources)
     site = courier_site().migrate()
     dicom_target(site, "plain", peer.port, peer.aet)
 
@@ -644,13 +652,15 @@ def test_courier_to_an_uncompressed_only_storescp_converts_keeping_identity(
     assert not problems, summary(problems)
 
 
-def test_dcmtk_and_pynetdicom_into_courier_receiver(courier_site, storescp, tmp_path):
+def test_dcmtk_and_pynetdicom_into_courier_receiver(
+    courier_site, storescp, corpus_sources, tmp_path
+):
     """What dcmtk (and pynetdicom, sending the files' bytes unchanged) sends,
     Courier's receiver stores under its own UID with its pixel values; it takes at
     least what dcmtk's own storescp (all syntaxes) takes from the same sender."""
-    by_storescu = build_corpus(tmp_path / "storescu")
-    by_dcmsend = build_corpus(tmp_path / "dcmsend")
-    by_raw = build_corpus(tmp_path / "raw")
+    by_storescu = build_corpus(tmp_path / "storescu", corpus_sources)
+    by_dcmsend = build_corpus(tmp_path / "dcmsend", corpus_sources)
+    by_raw = build_corpus(tmp_path / "raw", corpus_sources)
     # The reference: the same senders, the same files, into dcmtk's storescp.
     ref_storescu = storescp_results(
         storescp,

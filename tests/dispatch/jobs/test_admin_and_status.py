@@ -67,6 +67,16 @@ def test_a_jobs_page_lists_attempts_and_instances_not_sent(admin_client, failed_
     assert '<details id="job-files"><summary>2 files not sent (2 pending)' in body
 
 
+def test_a_jobs_page_shows_every_field_read_only(admin_client, failed_job):
+    url = reverse("admin:dispatch_job_change", args=[failed_job.pk])
+    response = admin_client.get(url)
+    form = response.context["adminform"]
+    shown = [f for _, opts in form.fieldsets for f in opts["fields"]]
+    assert "sent_size" in shown and "lease_expires_at" in shown
+    assert form.form.fields == {}  # nothing on the page can be edited
+    assert set(shown) <= set(form.readonly_fields)
+
+
 def test_retry_now_sends_a_failed_job(admin_client, failed_job, immediate_huey):
     admin_client.post(
         reverse("admin:dispatch_job_changelist"),

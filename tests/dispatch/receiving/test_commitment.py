@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 
 import pydicom
 import pytest
@@ -221,6 +222,13 @@ def test_a_report_for_an_unknown_modality_is_logged_not_sent(
     )
     assert status.Status == 0x0000
     assoc.release()
+    # The association's thread logs it after the release it answered: poll for it
+    # (asserting at once raced that thread on a loaded machine).
+    deadline = time.monotonic() + 30
+    while "commitment_report_undeliverable" not in caplog.text:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     rx.stop()
     assert "event=commitment_report_undeliverable" in caplog.text
     assert "COURIER_RECEIVER_COMMITMENT_PEERS" in caplog.text
