@@ -296,6 +296,11 @@ COURIER_JOB_LEASE = env.float("COURIER_JOB_LEASE", default=15.0)
 # is retried like any other failure. The worker keeps the job (and renews its lease)
 # meanwhile, holding one of the target's connections.
 COURIER_COMMITMENT_WAIT = env.float("COURIER_COMMITMENT_WAIT", default=120.0)
+# Storage Commitment transactions (what each target reported) are kept this many
+# days, then deleted by the workers' sweep.
+COURIER_COMMITMENT_RETENTION_DAYS = env.float(
+    "COURIER_COMMITMENT_RETENTION_DAYS", default=30.0
+)
 # Spool folders of failed or cancelled jobs are kept this many days, then deleted.
 COURIER_FAILED_RETENTION_DAYS = env.float("COURIER_FAILED_RETENTION_DAYS", default=14.0)
 # Receiver (manage.py receive, started by runcourier): its port, the calling AE titles

@@ -142,7 +142,7 @@ class Series:
             instances=[i for i in self.instances if kept(i.path)],
             others=[o for o in self.others if kept(o.path)],
             skipped=list(self.skipped),
-            corrupt=list(self.corrupt),
+            corrupt=[(p, why) for p, why in self.corrupt if kept(p)],
         )
 
     def rebased(self, root: Path) -> Series:

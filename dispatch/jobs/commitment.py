@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from datetime import timedelta
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -38,7 +40,10 @@ def record_report(
     come twice: once on the association it was asked on, once on a new one).
     Only transactions Courier asked for have a row (made before the N-ACTION); a
     report on any other UID is logged and dropped (None), so that whoever may
-    associate with the receiver cannot grow the table without limit.
+    associate with the receiver cannot grow the table without limit. A row made
+    with the AE title its report must come from (`reported_by`: the target's) takes
+    reports from that AE title only; one from any other is logged and dropped
+    (None): whoever saw a Transaction UID cannot mark a waiting job committed.
     """
     committed_rows = [[db_text(c, 64), db_text(i, 64)] for c, i in committed]
     failed_rows = [[db_text(c, 64), db_text(i, 64), int(r)] for c, i, r in failed]
@@ -65,6 +70,20 @@ def record_report(
                 ),
             )
             return None
+        expected = row.reported_by.strip()
+        if expected and reported_by.strip() != expected:
+            log.warning(
+                "event=commitment_report_wrong_peer %s",
+                log_fields(
+                    transaction=transaction_uid,
+                    calling_aet=reported_by,
+                    expected_aet=expected,
+                    peer=reported_from,
+                    committed=len(committed_rows),
+                    failed=len(failed_rows),
+                ),
+            )
+            return None
         row.outcome = outcome
         row.committed = committed_rows
         row.failed = failed_rows
@@ -73,3 +92,13 @@ def record_report(
         row.reported_from = db_text(reported_from, 100)
         row.save()
     return row
+
+
+def purge_commitments(now=None) -> int:
+    """Delete transactions older than `COURIER_COMMITMENT_RETENTION_DAYS`; return
+    how many. A worker waits for a report minutes at most
+    (`COURIER_COMMITMENT_WAIT`), so an older row, answered or not, is history."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(days=float(settings.COURIER_COMMITMENT_RETENTION_DAYS))
+    deleted, _ = StorageCommitment.objects.filter(created_at__lt=cutoff).delete()
+    return deleted

@@ -98,7 +98,10 @@ def commit(
     from pydicom.uid import generate_uid  # here: the send path imports no pydicom
 
     transaction_uid = generate_uid(prefix=None)
-    StorageCommitment.objects.create(transaction_uid=transaction_uid)
+    # The report is taken from the target's AE title only (`record_report`).
+    StorageCommitment.objects.create(
+        transaction_uid=transaction_uid, reported_by=db_text(target.called_aet, 16)
+    )
     JobInstance.objects.filter(pk__in=[pk for pk, _, _ in rows]).update(
         commitment=Commitment.WAITING
     )

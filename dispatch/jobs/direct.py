@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from django.utils import timezone
@@ -19,6 +19,7 @@ from django.utils import timezone
 from targets.kinds.base import SendContext
 from targets.models import Target
 from targets.series import Series, scan_folder
+from targets.validators import split_globs
 
 from . import engine, lease
 from .models import DispatchError, Job, JobOrigin, State
@@ -34,6 +35,8 @@ class SendReport:
     # kind leaves out, excluded ones, unreadable ones).
     left_out: list[tuple[Path, str]]
     seconds: float
+    # Corrupt DICOM files, with why: instances of the job that failed unsent.
+    refused: list[tuple[Path, str]] = field(default_factory=list)
 
 
 WaitHook = Callable[[int, int], None]
@@ -64,7 +67,7 @@ def send_series(
     waiting = engine.wait_reason(target)
     if waiting:
         raise DispatchError(waiting.split(";")[0] + "; enable or resume it first")
-    series, left_out = _read(target, folder)
+    series, left_out, refused = _read(target, folder)
     start = time.monotonic()
     (job,) = create_jobs(
         folder,
@@ -116,18 +119,25 @@ def send_series(
         keeper.stop()
     kick_target(target.pk)
     job.refresh_from_db()
-    return SendReport(job=job, left_out=left_out, seconds=time.monotonic() - start)
+    return SendReport(
+        job=job, left_out=left_out, seconds=time.monotonic() - start, refused=refused
+    )
 
 
-def _read(target: Target, folder: Path) -> tuple[Series, list[tuple[Path, str]]]:
-    """The series under `folder`, and the files `target` will not get (and why).
+Named = list[tuple[Path, str]]
+
+
+def _read(target: Target, folder: Path) -> tuple[Series, Named, Named]:
+    """The series under `folder`, the files `target` will not get (and why), and
+    the corrupt DICOM files (and why) that fail the job unsent.
 
     A folder without a DICOM file to send is refused in words.
     """
     series = scan_folder(folder)
     if not series.instances:
         raise DispatchError(f"no DICOM files in {folder}" + _refused_note(series))
-    return series, other_files_for(target, series)[1]
+    refused = series.excluding(split_globs(target.exclude)).corrupt
+    return series, other_files_for(target, series)[1], refused
 
 
 def _refused_note(series: Series) -> str:
@@ -153,7 +163,7 @@ def queue_series(
     if not folder.is_dir():
         raise DispatchError(f"{folder} is not a folder")
     start = time.monotonic()
-    series, left_out = _read(target, folder)
+    series, left_out, refused = _read(target, folder)
     owned = take_into_spool(folder)
     try:
         (job,) = create_jobs(
@@ -167,4 +177,6 @@ def queue_series(
     except BaseException:
         shutil.rmtree(owned, ignore_errors=True)
         raise
-    return SendReport(job=job, left_out=left_out, seconds=time.monotonic() - start)
+    return SendReport(
+        job=job, left_out=left_out, seconds=time.monotonic() - start, refused=refused
+    )

@@ -11,6 +11,7 @@ another instance, is gone, or is no longer intact DICOM fails by name.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,19 +32,15 @@ def rows_for(
     job: Job,
     instances: list[Instance],
     others: list[OtherFile],
-    corrupt: list[tuple[Path, str]] = (),
+    corrupt: Sequence[tuple[Path, str]] = (),
 ) -> list[JobInstance]:
-    """The job's rows for the scanned `instances` and `others`, headers included,
-    and for the `corrupt` DICOM files (path, why): failed, never sent."""
-    rows = [
-        JobInstance(
-            job=job,
-            path=str(path),
-            state=InstanceState.FAILED,
-            message=db_text(f"{why}: not sent", 2000),
-        )
-        for path, why in corrupt
-    ]
+    """The job's rows for the scanned `instances` and `others`, headers included.
+
+    A `corrupt` DICOM file (path, why) is an instance of the series that cannot be
+    sent: its row is failed with the reason from the start, never sent or retried
+    by an attempt (a damaged file does not mend itself).
+    """
+    rows = []
     for inst in instances:
         try:
             st = os.stat(inst.path)
@@ -68,7 +65,25 @@ def rows_for(
         rows.append(
             JobInstance(job=job, path=str(other.path), dicom=False, size=other.size)
         )
+    for path, why in corrupt:
+        rows.append(
+            JobInstance(
+                job=job,
+                path=str(path),
+                state=InstanceState.FAILED,
+                # The reason quotes the file's bytes: fit for any database.
+                message=db_text(f"{why}: not sent", 2000),
+                size=_size(path),
+            )
+        )
     return rows
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 @dataclass
@@ -178,5 +193,10 @@ def _read_again(
             )
         else:
             series.instances.append(inst)
+    for path, why in read.corrupt:
+        # Retried by an operator: still damaged, and said so.
+        pk, _ = files.pop(str(path), (None, ""))
+        if pk is not None:
+            failed[pk] = db_text(why, 2000)
     for pk, _ in files.values():
         failed[pk] = GONE

@@ -285,7 +285,8 @@ class StorageCommitment(models.Model):
     )
     created_at = models.DateTimeField(default=timezone.now)
     reported_at = models.DateTimeField(null=True, blank=True)
-    # Who sent the report: its calling AE title and address.
+    # Who sent the report: its calling AE title and address. Until then the AE
+    # title it must come from (the target's called AE title; `record_report`).
     reported_by = models.CharField(max_length=16, blank=True)
     reported_from = models.CharField(max_length=100, blank=True)
     # [[SOP Class UID, SOP Instance UID], ...] committed, and

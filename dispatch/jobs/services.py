@@ -82,16 +82,17 @@ def create_jobs(
                 series_description=db_text(first.get("SeriesDescription"), 200),
                 calling_aet=db_text(context.calling_aet),
                 called_aet=db_text(context.called_aet),
-                # A corrupt DICOM file is an instance that fails by name.
-                total=len(own.instances) + len(scanned.corrupt),
-                failed=len(scanned.corrupt),
+                # A corrupt DICOM file is an instance of the series that failed:
+                # the job cannot be done without it.
+                total=len(own.instances) + len(own.corrupt),
+                failed=len(own.corrupt),
                 other_files=len(others),
-                skipped=len(left_out) - len(scanned.corrupt),
+                skipped=len(left_out),
             )
             # The headers read by the scan go with the rows: an attempt does not
             # read the folder again (`files.pending`).
             JobInstance.objects.bulk_create(
-                files.rows_for(job, own.instances, others, scanned.corrupt)
+                files.rows_for(job, own.instances, others, own.corrupt)
             )
             jobs.append(job)
         if enqueue_now:
@@ -107,7 +108,8 @@ def other_files_for(
 
     Folder, SFTP, rsync and S3 deliver every other file but those the exclusion
     filter names; the DICOM kinds send DICOM only. Unreadable files are left out
-    everywhere.
+    everywhere. Corrupt DICOM files are not in either list: they are instances that
+    fail, for every kind (`create_jobs`).
     """
     target = target.as_kind()
     kept = (
@@ -126,8 +128,7 @@ def other_files_for(
         for o in series.others
         if o.path not in kept_paths
     ]
-    # Corrupt DICOM files are refused everywhere, in any form.
-    return kept, left + list(series.skipped) + list(series.corrupt)
+    return kept, left + list(series.skipped)
 
 
 # -- operator actions ------------------------------------------------------------------

@@ -27,6 +27,7 @@ from huey.contrib.djhuey import HUEY, db_periodic_task, db_task
 from targets.models import Target
 
 from . import batch, engine, lease
+from .commitment import purge_commitments
 from .models import Job, State
 from .spool import expire_spool
 
@@ -254,4 +255,5 @@ def sweep(now=None, *, at_startup: bool = False) -> int:
         ).values_list("id", "lease_expires_at"):
             watch(job_id, expires)
     expire_spool(now)
+    purge_commitments(now)
     return queued

@@ -36,6 +36,10 @@ _UNDEFINED = 0xFFFFFFFF
 # An explicit VR element's header size by its VR (PS3.5 7.1.2).
 _HEAD_SIZES = {vr: 12 if vr in LONG_VRS else 8 for vr in ALL_VRS}
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+# Undefined-length sequences walked inside one another, at most: the walk recurses
+# once per level (Python's stack ends near 500). Real data nests a handful of levels;
+# dcmtk has no limit, but a file beyond this one is refused in words.
+MAX_DEPTH = 200
 
 
 def _structs(little: bool, implicit: bool) -> tuple[struct.Struct, ...]:
@@ -96,10 +100,11 @@ class _Walker:
         self.unordered: int | None = None
         self.tag, self.u32, self.header = _STRUCTS[little, implicit]
         self.captured: dict[int, bytes] = {}
+        self.depth = 0
 
     def implicit_walker(self) -> _Walker:
         inner = _Walker(self.buf, implicit=True, little=True, ordered=self.ordered)
-        inner.what = self.what
+        inner.what, inner.depth = self.what, self.depth
         return inner
 
     def _merge(self, inner: _Walker) -> None:
@@ -191,11 +196,15 @@ class _Walker:
 
     def items(self, pos: int, end: int) -> int:
         """Walk an undefined-length value: items up to the sequence delimiter."""
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise CorruptDataset(f"sequences nest more than {MAX_DEPTH} levels deep")
         while True:
             tag, _ = self._read_tag(pos, end)
             length = self.u32.unpack_from(self.buf, pos + 4)[0]
             pos += 8
             if tag == _SEQ_END:
+                self.depth -= 1
                 return pos
             if tag != _ITEM:
                 raise CorruptDataset(f"expected an item at byte {pos - 8}")

@@ -63,6 +63,7 @@ NO_DATASET = 0x0101
 ALL_COMMITTED, SOME_FAILED = 1, 2
 # Failure reasons of a reference (PS3.4 J.3.3.1.1.2).
 PROCESSING_FAILURE = 0x0110
+INVALID_ARGUMENT_VALUE = 0x0115
 NO_SUCH_OBJECT = 0x0112
 CLASS_INSTANCE_CONFLICT = 0x0119
 # A report or request dataset larger than this is refused (about 100,000 references).
@@ -75,6 +76,17 @@ _FAILED_SOP_SEQUENCE = 0x00081198
 
 class CommitmentError(ValueError):
     """A Storage Commitment dataset that cannot be understood."""
+
+    # The N-ACTION's answer (PS3.7 10.1.4.1.10): processing failure unless a
+    # subclass says which argument is wrong.
+    status = PROCESSING_FAILURE
+
+
+class InvalidRequest(CommitmentError):
+    """A request that reads but lacks what it must hold: "invalid argument value"
+    (0x0115; Missing Attribute, 0x0120, is not an N-ACTION status)."""
+
+    status = INVALID_ARGUMENT_VALUE
 
 
 @dataclass(frozen=True)
@@ -156,7 +168,10 @@ def parse_action(data: bytes, transfer_syntax: str) -> tuple[str, list[Reference
     except Exception as exc:
         raise CommitmentError(f"unreadable request: {exc}") from None
     if not uid:
-        raise CommitmentError("the request has no Transaction UID")
+        raise InvalidRequest("the request has no Transaction UID")
+    if not refs:
+        # Nothing to commit: "all committed" for nothing would mislead the modality.
+        raise InvalidRequest("the request names no instance (Referenced SOP Sequence)")
     return uid, refs
 
 

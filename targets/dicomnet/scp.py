@@ -1071,7 +1071,7 @@ class _Association:
                 "event=commitment_refused %s",
                 log_fields(calling_aet=self.calling, peer=self.address, reason=exc),
             )
-            return PROCESSING_FAILURE
+            return exc.status
         request = commitment.Request(
             uid, refs, self.calling, self.called, f"{self.address}:{self.port}"
         )

@@ -77,3 +77,74 @@ def test_reports_on_transactions_courier_never_asked_for_are_not_kept(receiver):
 def test_record_report_keeps_nothing_for_an_unknown_transaction():
     assert record_report(generate_uid(), [(CT_IMAGE, "1.2.3")], []) is None
     assert not StorageCommitment.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_report_is_taken_from_the_targets_ae_title_only(receiver, caplog):
+    """Whoever saw a Transaction UID could mark a waiting job committed (any AE
+    title, any host; the latest report won). The row names the AE title its report
+    must come from (the target's); a report from another is logged and dropped."""
+    rx = receiver(bookkeeper=DatabaseBookkeeper("qa"))
+    asked = generate_uid()
+    # As dispatch/jobs/committing.py makes it for a target whose AE title is PACS.
+    StorageCommitment.objects.create(transaction_uid=asked, reported_by="PACS")
+
+    def report_as(aet: str, instance: str) -> None:
+        peer = AE(ae_title=aet)
+        peer.add_requested_context(StorageCommitmentPushModel)
+        role = build_role(StorageCommitmentPushModel, scp_role=True)
+        assoc = peer.associate("127.0.0.1", rx.port, ae_title="COURIER",
+                               ext_neg=[role])  # fmt: skip
+        assert assoc.is_established
+        assoc.send_n_event_report(
+            _report(asked, [instance]),
+            1, StorageCommitmentPushModel, STORAGE_COMMITMENT_INSTANCE,
+        )  # fmt: skip
+        assoc.release()
+
+    report_as("INTRUDER", generate_uid())
+
+    row = StorageCommitment.objects.get(transaction_uid=asked)
+    assert row.outcome == StorageCommitment.Outcome.WAITING
+    assert (row.committed, row.reported_by) == ([], "PACS")
+    (line,) = [r.getMessage() for r in caplog.records if "wrong_peer" in r.getMessage()]
+    assert "calling_aet=INTRUDER" in line and "expected_aet=PACS" in line
+
+    committed = generate_uid()
+    report_as("PACS", committed)
+
+    row.refresh_from_db()
+    assert row.outcome == StorageCommitment.Outcome.COMMITTED
+    assert row.committed == [[CT_IMAGE, committed]]
+    # Reported again by someone else: the target's report stands.
+    report_as("INTRUDER", generate_uid())
+    row.refresh_from_db()
+    assert row.committed == [[CT_IMAGE, committed]]
+
+
+@pytest.mark.django_db
+def test_the_sweep_purges_transactions_past_their_retention(settings):
+    """StorageCommitment rows were never deleted: one per commitment request, for
+    ever. The workers' sweep deletes those older than the retention."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from dispatch.jobs.tasks import sweep
+
+    settings.COURIER_COMMITMENT_RETENTION_DAYS = 30
+    now = timezone.now()
+    old, recent = generate_uid(), generate_uid()
+    StorageCommitment.objects.create(
+        transaction_uid=old, created_at=now - timedelta(days=31),
+        outcome=StorageCommitment.Outcome.COMMITTED,
+    )  # fmt: skip
+    StorageCommitment.objects.create(
+        transaction_uid=recent, created_at=now - timedelta(days=29)
+    )
+
+    sweep(now)
+
+    assert list(
+        StorageCommitment.objects.values_list("transaction_uid", flat=True)
+    ) == [recent]

@@ -75,6 +75,30 @@ def test_a_series_with_a_deeply_nested_file_sends_the_others(
     assert row.state == "failed" and "nest too deeply" in row.message
 
 
+@pytest.mark.parametrize("vr", [b"SQ", b"UN"])
+def test_the_walker_refuses_deep_nesting_in_words(vr):
+    """At most `MAX_DEPTH` levels; beyond, words rather than a RecursionError (also
+    inside a UN of undefined length, walked as Implicit VR)."""
+    from targets.dicomnet.check import MAX_DEPTH, CorruptDataset, walk_dataset
+
+    def raw(depth: int) -> bytes:
+        if vr == b"SQ":
+            return nested_private_sequence(depth)
+        # UN: the levels inside are Implicit VR (tag, undefined length).
+        item = struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF)
+        inner = struct.pack("<HHL", 0x0013, 0x1001, 0xFFFFFFFF) + item
+        ends = struct.pack("<HHL", 0xFFFE, 0xE00D, 0) + struct.pack(
+            "<HHL", 0xFFFE, 0xE0DD, 0
+        )
+        head = struct.pack("<HH", 0x0013, 0x1001) + b"UN\0\0" + b"\xff" * 4
+        return head + item + inner * (depth - 1) + ends * depth
+
+    walk_dataset(raw(MAX_DEPTH), "1.2.840.10008.1.2.1")
+    for depth in (MAX_DEPTH + 1, DEPTH):
+        with pytest.raises(CorruptDataset, match=f"more than {MAX_DEPTH} levels deep"):
+            walk_dataset(raw(depth), "1.2.840.10008.1.2.1")
+
+
 def test_a_deeply_nested_file_is_a_problem_of_the_folder_index(tmp_path):
     from targets.kinds.dicomweb.index import FolderIndex
 
@@ -85,6 +109,7 @@ def test_a_deeply_nested_file_is_a_problem_of_the_folder_index(tmp_path):
     report = FolderIndex(series.folder, tmp_path / "index.sqlite3").scan(workers=1)
 
     assert report.added == 2
-    assert [(p, "nest too deeply" in why) for p, why in report.problems] == [
-        (deep.name, True)
-    ]
+    # The element walker's words (targets/dicomnet/check.py MAX_DEPTH).
+    assert [
+        (p, "nest more than 200 levels deep" in why) for p, why in report.problems
+    ] == [(deep.name, True)], report.problems

@@ -9,6 +9,7 @@ the other ways a copy goes wrong.
 from __future__ import annotations
 
 import shutil
+from io import StringIO
 from pathlib import Path
 
 import pydicom
@@ -94,30 +95,18 @@ def test_a_truncated_copy_never_replaces_the_good_one_at_a_folder_target(tmp_pat
 
     with pytest.raises(CommandError, match="2 corrupt DICOM files refused"):
         call_command("send_series", "Archive", str(bad_dir))
-    # With an intact file beside them, the send goes on: the intact one is
-    # delivered, the job fails each corrupt one by name.
+    # With an intact file beside them, the send goes on, names what it refused and
+    # fails: the series did not reach the target whole.
     fresh_ct(bad_dir / "ct.dcm")
-    with pytest.raises(CommandError) as failed:
-        _stderr_of("send_series", "Archive", str(bad_dir))
-    assert "2 of 3 instances failed: MR_small.dcm: corrupt DICOM (element " in str(
-        failed.value
-    )
-    assert "rtplan.dcm: corrupt DICOM (element (300A,00B0) runs past the end" in str(
-        failed.value
-    )
+    err = StringIO()
+    with pytest.raises(CommandError, match="2 of 3 instances failed: MR_small.dcm"):
+        call_command("send_series", "Archive", str(bad_dir), stderr=err)
+    assert "failed: rtplan.dcm: corrupt DICOM (element (300A,00B0)" in err.getvalue()
 
     after = {p.name: p.read_bytes() for p in out.rglob("*.dcm")}
     assert {k: after[k] for k in delivered} == delivered
     assert len(after) == 3
     assert target.pk
-
-
-def _stderr_of(*args) -> str:
-    from io import StringIO
-
-    out, err = StringIO(), StringIO()
-    call_command(*args, stdout=out, stderr=err)
-    return err.getvalue()
 
 
 def test_a_corrupt_file_is_never_sent_to_a_dicom_target(storescp, tmp_path):
@@ -130,8 +119,8 @@ def test_a_corrupt_file_is_never_sent_to_a_dicom_target(storescp, tmp_path):
         name="Peer", host="127.0.0.1", port=storescp.port, called_aet=storescp.aet
     )
 
-    with pytest.raises(CommandError, match=r"1 of 2 instances failed: bad.dcm: "):
-        call_command("send_series", "Peer", str(folder), stderr=open("/dev/null", "w"))
+    with pytest.raises(CommandError, match="1 of 2 instances failed: bad.dcm"):
+        call_command("send_series", "Peer", str(folder), stderr=StringIO())
 
     names = [p.name for p in storescp.files()]
     assert any(good_uid in n for n in names)

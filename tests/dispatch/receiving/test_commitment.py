@@ -385,3 +385,30 @@ def test_courier_delivering_a_report_answers_a_release_collision_as_the_requesto
     # associate, the report (command + dataset), release, collision, end: no abort.
     assert b"\x07" not in seen
     assert seen[-3:] == [b"\x05", b"\x06", b"closed"]
+
+
+@pytest.mark.parametrize("lacking", ["references", "transaction"])
+def test_a_request_without_references_or_transaction_uid_is_invalid(receiver, lacking):
+    """An empty Referenced SOP Sequence was answered success and "all committed"
+    (event type 1) for nothing; a missing Transaction UID 0x0110. Both are an
+    invalid argument value (0x0115, PS3.7 10.1.4.1.10), and no report follows."""
+    rx = receiver()
+    _, request = commit_request(
+        [] if lacking == "references" else [(CT_IMAGE, "1.2.3")]
+    )
+    if lacking == "transaction":
+        del request.TransactionUID
+    reports = Reports()
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate("127.0.0.1", rx.port, ae_title="COURIER",
+                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handle)])  # fmt: skip
+    assert assoc.is_established
+    try:
+        status, _ = assoc.send_n_action(
+            request, 1, StorageCommitmentPushModel, STORAGE_COMMITMENT_INSTANCE
+        )
+        assert status.Status == 0x0115
+        assert not reports.arrived.wait(1)
+    finally:
+        assoc.release()

@@ -80,7 +80,7 @@ class Command(BaseCommand):
                 report = direct.queue_series(target_obj, path, context=context)
             except DispatchError as exc:
                 raise CommandError(str(exc)) from None
-            self.warn_left_out(report.left_out)
+            self.warn_left_out(report.left_out, report.refused)
             job = report.job
             self.stdout.write(
                 f"queued job {job.pk}: {job.files_label} to {target_obj.name} "
@@ -130,12 +130,18 @@ class Command(BaseCommand):
         finally:
             if bar is not None:
                 bar.close()
-        self.warn_left_out(report.left_out)
+        self.warn_left_out(report.left_out, report.refused)
         for line in failures[:20]:
             self.stderr.write(f"failed: {line}")
         self.finish(report.job, report.seconds)
 
-    def warn_left_out(self, left_out: list[tuple[Path, str]]) -> None:
+    def warn_left_out(
+        self, left_out: list[tuple[Path, str]], refused: list[tuple[Path, str]]
+    ) -> None:
+        # A malformed DICOM file is named with its reason, each one: an instance
+        # the target does not get, which fails the job.
+        for path, reason in refused[:20]:
+            self.stderr.write(f"failed: {path.name}: {reason}")
         if not left_out:
             return
         reasons = Counter(reason.split(" (")[0] for _, reason in left_out)
@@ -149,11 +155,6 @@ class Command(BaseCommand):
                 f"(e.g. {names}{more})"
             )
         )
-        # A malformed DICOM file is named with its reason, each one: it is an
-        # instance the target does not get, not merely another file.
-        corrupt = [(p, r) for p, r in left_out if r.startswith("corrupt DICOM")]
-        for path, reason in corrupt[:20]:
-            self.stderr.write(f"failed: {path.name}: {reason}")
 
     def follow(self, job: Job, seconds: float) -> None:
         """Poll the queued job until it is finished, with a bar on a terminal."""
