@@ -22,13 +22,13 @@ from __future__ import annotations
 import heapq
 import logging
 import os
-import struct
 import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 from config.safetext import log_fields
+from targets.dicomnet.check import CorruptDataset, read_file_meta
 from targets.dicomnet.commitment import (
     CLASS_INSTANCE_CONFLICT,
     NO_SUCH_OBJECT,
@@ -38,7 +38,6 @@ from targets.dicomnet.commitment import (
     send_report,
 )
 from targets.dicomnet.scu import LinkError
-from targets.dicomnet.vr import LONG_VRS
 
 from .files import instance_file_name
 
@@ -106,28 +105,10 @@ def _spool_index(incoming: Path) -> dict[str, Path]:
 def _stored_sop_class(path: Path) -> str | None:
     """The Media Storage SOP Class UID in a stored file's meta, or None."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(4096)
-    except OSError:
+        raw = read_file_meta(path).get(0x00020002)
+    except (OSError, CorruptDataset):
         return None
-    if head[128:132] != b"DICM":
-        return None
-    pos = 132
-    while pos + 8 <= len(head):
-        group, elem = struct.unpack_from("<HH", head, pos)
-        if group != 0x0002:
-            return None
-        vr = head[pos + 4 : pos + 6]
-        if vr in LONG_VRS:
-            (length,) = struct.unpack_from("<I", head, pos + 8)
-            pos += 12
-        else:
-            (length,) = struct.unpack_from("<H", head, pos + 6)
-            pos += 8
-        if elem == 0x0002:
-            return head[pos : pos + length].rstrip(b"\x00 ").decode("ascii", "replace")
-        pos += length
-    return None
+    return raw.rstrip(b"\x00 ").decode("ascii", "replace") if raw else None
 
 
 def parse_peers(entries: Iterable[str]) -> dict[str, tuple[str, int]]:

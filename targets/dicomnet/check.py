@@ -349,6 +349,28 @@ def _file_meta(
     return pos, ts
 
 
+def read_file_meta(path: str | Path) -> dict[int, bytes]:
+    """The file meta elements of a Part 10 file by tag (raw values), without walking
+    its dataset: for a file Courier checked when it took it, e.g. in its own spool.
+
+    Raise `NotPart10`, `CorruptDataset` or `OSError`.
+    """
+    with open(path, "rb") as f:
+        head = f.read(4096)
+        if len(head) < 132 or head[128:132] != b"DICM":
+            raise NotPart10("no DICM prefix after the preamble")
+        while True:
+            values: dict[int, bytes] = {}
+            try:
+                _file_meta(head, values)
+                return values
+            except CorruptDataset:
+                more = f.read(len(head))  # a meta longer than the first read
+                if not more:
+                    raise
+                head += more
+
+
 @dataclass(frozen=True)
 class FileWalk:
     """What one walk of a Part 10 file found (see `_Walker` for `odd`...)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pydicom
+import pytest
 
 from targets.dicomnet import check
 from tests.dicomgen import make_series
@@ -28,3 +29,44 @@ def test_the_tags_asked_for_are_merged_with_the_uids_once_per_distinct_ask(
         assert check.TAG_SOP_INSTANCE in header.values
     assert len(check._CAPTURES) == 2  # built for two distinct asks, not four files
     assert check._capture(asked) is check._capture(asked)
+
+
+def test_the_file_meta_alone_is_read_as_pydicom_reads_it_however_long(tmp_path):
+    """`read_file_meta` (the receiver's Storage Commitment answers use it) gives
+    pydicom's file meta for pydicom's own files, and reads on when the meta is
+    longer than its first read (a big Private Information element)."""
+    from pydicom.data import get_testdata_files
+
+    files = [f for f in get_testdata_files("*.dcm") if "truncated" not in f]
+    checked = 0
+    for name in files:
+        try:
+            ds = pydicom.dcmread(name, stop_before_pixels=True)
+        except Exception:
+            continue
+        if ds.preamble is None or "MediaStorageSOPClassUID" not in ds.file_meta:
+            continue
+        try:
+            meta = check.read_file_meta(name)
+        except check.CorruptDataset:
+            continue  # files whose meta pydicom repairs; not what this is about
+        raw = meta[0x00020002].rstrip(b"\0 ").decode()
+        assert raw == ds.file_meta.MediaStorageSOPClassUID, name
+        checked += 1
+    assert checked > 50
+
+    series = make_series(tmp_path / "ct", 1)
+    ds = pydicom.dcmread(series.files[0])
+    ds.file_meta.PrivateInformationCreatorUID = "1.2.3.4"
+    ds.file_meta.PrivateInformation = b"\x01" * 10000
+    long_meta = tmp_path / "long-meta.dcm"
+    ds.save_as(long_meta, enforce_file_format=True)
+
+    meta = check.read_file_meta(long_meta)
+    assert meta[0x00020102] == b"\x01" * 10000
+    assert meta[0x00020002].rstrip(b"\0 ").decode() == ds.SOPClassUID
+
+    not_dicom = tmp_path / "note.txt"
+    not_dicom.write_bytes(b"hello" * 100)
+    with pytest.raises(check.NotPart10):
+        check.read_file_meta(not_dicom)
