@@ -12,6 +12,7 @@ with Success survives a crash, however it ends.
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -190,13 +191,20 @@ def test_receive_sigkilled_at_random_points_keeps_every_acknowledged_instance(
                     originals[pydicom.dcmread(path).SOPInstanceUID]
                 ), seed
         worker = site.start_worker()
-        site.wait_for(
-            lambda: (
-                {pydicom.dcmread(f).SOPInstanceUID for f in out.rglob("*.dcm")}
-                >= acknowledged
-            ),
-            timeout=300,
-        )
+        site.wait_for(lambda: _delivered(out) >= acknowledged, timeout=300)
         site.stop_worker(worker)
     finally:
         rx.stop()
+
+
+def _delivered(out: Path) -> set[str]:
+    """The SOP Instance UIDs in the Folder target's finished folders. The target
+    writes a series into a hidden temporary folder and renames it into place, so the
+    walk skips hidden folders and does not mind one vanishing while it is listed."""
+    found = set()
+    for folder, dirs, files in os.walk(out):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if name.endswith(".dcm") and not name.startswith("."):
+                found.add(pydicom.dcmread(os.path.join(folder, name)).SOPInstanceUID)
+    return found
