@@ -38,6 +38,7 @@ _PICK = (
     "SELECT j.id, {used} FROM dispatch_job j WHERE " + _SMALL + " "
     "ORDER BY j.not_before, j.id LIMIT %(n)s"
 )
+# The claim's columns (engine.RETURNED) and what a batch's sends read besides.
 _BATCH = {
     "id",
     "target_id",
@@ -46,17 +47,7 @@ _BATCH = {
     "series_uid",
     "calling_aet",
     "called_aet",
-    "attempt_count",
-    "attempt_base",
-    "connections",
-    "total",
-    "sent",
-    "present",
-    "warnings",
-    "failed",
-    "bytes_sent",
-    "other_files",
-    "other_sent",
+    *engine.RETURNED,
 }
 _TAKE = (
     "UPDATE dispatch_job SET state = 'sending', lease_owner = %(worker)s, "

@@ -144,7 +144,7 @@ _NEXT = (
     f"SELECT id FROM dispatch_job WHERE target_id = %(target)s AND {_CLAIMABLE} "
     "ORDER BY not_before, id LIMIT 1"
 )
-_RETURNED = (
+RETURNED = (
     "attempt_count",
     "attempt_base",
     "connections",
@@ -259,7 +259,7 @@ def claim(
         job.state == State.SENDING,
         (job.lease_owner, job.attempt_count),
     )
-    for name, value in zip(_RETURNED, row, strict=True):
+    for name, value in zip(RETURNED, row, strict=True):
         setattr(job, name, value)
     job.state, job.lease_owner, job.lease_expires_at = State.SENDING, worker, expires
     if not was_sending:
