@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import itertools
 import json
 import logging
@@ -298,6 +299,29 @@ def _identity_problem(
     return None
 
 
+class SpoolInUse(RuntimeError):
+    """Another receiver runs on this spool."""
+
+
+def lock_spool(incoming: Path) -> int:
+    """Take the spool for this receiver (an exclusive `flock` on its folder, freed
+    when the process dies); raise `SpoolInUse` if another receiver has it.
+
+    Two receivers on one spool would write into the same journal segments, each
+    rewinding the other's, and adopt each other's open series.
+    """
+    fd = os.open(incoming, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SpoolInUse(
+            f"another receiver is running on the spool {incoming}: one receiver "
+            "per spool (COURIER_SPOOL_DIR)"
+        ) from None
+    return fd
+
+
 class Receiver:
     """The C-STORE/C-ECHO SCP. `start()` serves in the background, `stop()` ends it."""
 
@@ -347,6 +371,7 @@ class Receiver:
         self._server: StoreSCP | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._spool_lock = -1
         # Series whose row could not be written, logged once each.
         self._unsaved: set[tuple[str, str, str]] = set()
         # Counters shown in the heartbeat; changed and read under `_lock` only
@@ -370,6 +395,14 @@ class Receiver:
 
     def start(self) -> None:
         self.incoming.mkdir(parents=True, exist_ok=True)
+        self._spool_lock = lock_spool(self.incoming)
+        try:
+            self._start()
+        except BaseException:
+            self._release_spool()
+            raise
+
+    def _start(self) -> None:
         self.partial.mkdir(exist_ok=True)
         self._remove_stale_partials()
         if self.journal is not None:
@@ -471,6 +504,12 @@ class Receiver:
         self.tick(final=True)
         if self.journal is not None:
             self.journal.close()
+        self._release_spool()
+
+    def _release_spool(self) -> None:
+        if self._spool_lock >= 0:
+            os.close(self._spool_lock)
+            self._spool_lock = -1
 
     def request_stop(self) -> None:
         """Ask `wait_stopped()` to return (safe from a signal handler)."""
