@@ -48,8 +48,9 @@ if TYPE_CHECKING:
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 VERIFICATION = "1.2.840.10008.1.1"
 
-# A peer announcing 0 ("no limit") still gets PDUs no larger than this, so memory
-# per fragment stays bounded.
+# A peer announcing 0 ("no limit"), or more than this, still gets PDUs no larger
+# than this, so memory per fragment stays bounded (a fragment is read whole from
+# the file; dcmtk sends at most 128 KiB).
 UNLIMITED_PDU = 4 * 1024 * 1024
 
 # Larger PDUs than this from a peer are taken as garbage, not buffered.
@@ -358,7 +359,7 @@ class Association:
         self.rejected = rejected
         # What the peer announced (0: no limit) and what Courier then uses.
         self.announced_max_pdu = peer_max_pdu
-        self.peer_max_pdu = peer_max_pdu or UNLIMITED_PDU
+        self.peer_max_pdu = min(peer_max_pdu or UNLIMITED_PDU, UNLIMITED_PDU)
         self.dimse_timeout = dimse_timeout
         self.acse_timeout = acse_timeout
         self._msg_id = 0
@@ -442,9 +443,12 @@ class Association:
         except ValueError as exc:  # an AE title no peer could take
             raise LinkError(str(exc), permanent=True) from exc
         sock.settimeout(acse_timeout)
+        # What arrives with the answer (an A-ABORT right behind the A-ASSOCIATE-AC)
+        # is the association's next PDU, not to be dropped.
+        buffer = bytearray()
         try:
             sock.sendall(rq)
-            pdu_type, pdu = _read_pdu(sock, bytearray())
+            pdu_type, pdu = _read_pdu(sock, buffer)
         except TimeoutError as exc:
             raise LinkTimeout(
                 f"no answer to the association request from {where} within "
@@ -480,9 +484,11 @@ class Association:
                 accepted.append(Context(context_id, proposed.abstract_syntax, syntax))
             else:
                 rejected.append(proposed)
-        return cls(
+        association = cls(
             sock, accepted, rejected, answer.max_pdu, dimse_timeout, acse_timeout
         )
+        association._buffer = buffer
+        return association
 
     # -- DIMSE -----------------------------------------------------------------------
     def next_message_id(self) -> int:
