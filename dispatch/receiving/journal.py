@@ -247,6 +247,8 @@ class Journal:
         self._segments: list[Segment] = []
         self._creating = 0
         self._names = itertools.count()
+        # One checkpoint at a time (the bookkeeping thread's, a replacement's).
+        self._checkpointing = threading.Lock()
 
     def open(self) -> list[Record]:
         """Open the segments; return the records not yet checkpointed, oldest first
@@ -398,6 +400,10 @@ class Journal:
         """Make the spool files of the records so far durable (one `syncfs`), then
         drop those records: move each segment's start past them, and rewind a
         segment with nothing newer."""
+        with self._checkpointing:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
         self._drop_removed()
         with self._lock:
             snapshot = [(s, s.end) for s in self._segments]

@@ -255,6 +255,10 @@ class IncomingInstance:
             ticket = rx.journal.append(relative, self.file_meta, self.head)
         if ticket is None:
             os.fdatasync(self.fd)
+            if rx.journal is not None and os.path.exists(target):
+                # A replacement: an earlier copy's journal record, not yet
+                # checkpointed, would be replayed over this one after a crash.
+                rx.journal.checkpoint()
         try:
             os.replace(self.path, target)
             self.path = None

@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from dispatch.receiving.journal import _RECORD, SEGMENT_BYTES, _aligned
@@ -192,3 +193,32 @@ def test_a_spool_disk_that_fills_refuses_with_0xa700_and_keeps_what_it_acknowled
     (spool / "filler").unlink()
     time.sleep(0.6)
     assert send_raw(rx.port, series.files) == [0] * 30
+
+
+def test_a_replacement_made_durable_without_the_journal_is_not_undone_by_a_replay(
+    receiver, tmp_path
+):
+    """The same SOP Instance UID again with other bytes replaces the earlier file.
+    The first copy (small) went through the journal; the second (over 256 KiB)
+    through the classic path. A crash (a SIGKILL will do: the files are intact)
+    before the next checkpoint used to replay the first copy's record over the
+    second: the older instance came back, the one acknowledged last was lost."""
+    first = make_series(tmp_path / "small", 1)
+    ds = pydicom.dcmread(make_series(tmp_path / "big", 1, size=512).files[0])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = first.sop_uids[0]
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = first.study_uid, first.series_uid
+    second = tmp_path / "second.dcm"
+    ds.save_as(second, enforce_file_format=True)
+    spool = tmp_path / "spool"
+    rx = receiver(spool_dir=spool, tick_seconds=3600)
+
+    assert send_raw(rx.port, [first.files[0]]) == [0]
+    assert send_raw(rx.port, [second]) == [0]
+    (stored,) = stored_files(rx)
+    latest = stored.read_bytes()
+    assert latest.endswith(second.read_bytes()[-4096:])
+    crash(rx)
+
+    again = receiver(spool_dir=spool)
+
+    assert [f.read_bytes() for f in stored_files(again)] == [latest]
