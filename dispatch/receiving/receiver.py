@@ -456,7 +456,13 @@ class Receiver:
         restored = 0
         for record in records:
             parts = Path(record.path).parts
-            if len(parts) != 2 or any(p in ("", ".", "..") for p in parts):
+            # As the receiver names them: a series folder and a file in it, neither
+            # hidden (not `.journal` or `.partial`), nothing absolute.
+            if (
+                len(parts) != 2
+                or Path(record.path).is_absolute()
+                or any(not p or p.startswith(".") or "\x00" in p for p in parts)
+            ):
                 log.error("event=journal_record_ignored %s",
                           log_fields(path=record.path, reason="not a spool path"))  # fmt: skip
                 continue

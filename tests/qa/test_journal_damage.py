@@ -222,3 +222,40 @@ def test_a_replacement_made_durable_without_the_journal_is_not_undone_by_a_repla
     again = receiver(spool_dir=spool)
 
     assert [f.read_bytes() for f in stored_files(again)] == [latest]
+
+
+def test_a_journal_record_naming_no_series_file_is_refused_by_name_at_replay(
+    receiver, tmp_path, caplog
+):
+    """A record is file data that becomes a path at start-up: only `<series
+    folder>/<file>` is written. A record naming the journal's own segment, the
+    partial files' folder or a file at the root used to be written there."""
+    from dispatch.receiving.journal import Journal
+
+    spool = tmp_path / "spool"
+    rx = receiver(spool_dir=spool, tick_seconds=3600)
+    assert send_raw(rx.port, make_series(tmp_path / "ct", 1).files) == [0]
+    (kept,) = stored_files(rx)
+    crash(rx)
+    escape = Path(f"/qa15-journal-escape-{os.getpid()}.dcm")
+    hostile = [".journal/segment-0", ".partial/x.dcm", str(escape), "a\x00b/c.dcm"]
+    journal = Journal(spool / "incoming")
+    journal.open()
+    for path in hostile:
+        journal.done(journal.append(path, b"not an instance"))
+    journal.close()
+    caplog.set_level(logging.INFO, "courier.receiver")
+
+    try:
+        again = receiver(spool_dir=spool)
+        assert not escape.exists()
+    finally:
+        escape.unlink(missing_ok=True)
+
+    segment = spool / "incoming" / ".journal" / "segment-0"
+    assert segment.stat().st_size == SEGMENT_BYTES
+    assert not (spool / "incoming" / ".partial" / "x.dcm").exists()
+    assert stored_files(again) == [kept]
+    refused = [r.getMessage() for r in caplog.records if "not a spool path" in r.msg
+               or "not a spool path" in r.getMessage()]  # fmt: skip
+    assert len(refused) == len(hostile)
