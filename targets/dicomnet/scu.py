@@ -28,6 +28,7 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,9 @@ UNLIMITED_PDU = 4 * 1024 * 1024
 
 # Larger PDUs than this from a peer are taken as garbage, not buffered.
 MAX_PDU_READ = 64 * 1024 * 1024
+
+# A response's command set is a few hundred bytes; more than this is not one.
+MAX_COMMAND = 64 * 1024
 
 # PDU types (PS3.8 9.3.1)
 ASSOCIATE_RQ = 0x01
@@ -657,11 +661,20 @@ class Association:
             raise LinkError(f"connection lost while sending: {exc}") from exc
 
     def _response(self, msg_id: int) -> dict[int, bytes]:
-        """Read P-DATA until a whole command set arrives; return its elements."""
-        self.sock.settimeout(self.dimse_timeout)
+        """Read P-DATA until a whole command set arrives; return its elements.
+
+        The DIMSE timeout bounds the whole response, not each read: a peer that
+        trickles fragments without ever ending the command cannot hold the
+        association (and the job) forever.
+        """
+        deadline = time.monotonic() + self.dimse_timeout
         command = bytearray()
         while True:
             try:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self.sock.settimeout(left)
                 pdu_type, pdu = _read_pdu(self.sock, self._buffer)
             except TimeoutError as exc:
                 raise LinkTimeout(
@@ -687,6 +700,11 @@ class Association:
                     command += pdu[pos + 6 : pos + 4 + item_length]
                     done = done or bool(control & LAST)
                 pos += 4 + item_length
+            if len(command) > MAX_COMMAND:
+                raise LinkError(
+                    f"the target's response is over {MAX_COMMAND} bytes without "
+                    "ending: not a DIMSE response"
+                )
             if done:
                 rsp = parse_command(bytes(command))
                 answered = rsp.get(0x0120)

@@ -77,6 +77,7 @@ class OddPeer:
         write: Callable[[socket.socket, bytes], None] | None = None,
         abort_after_stores: int | None = None,
         silent: bool = False,
+        before_response: Callable[[socket.socket, int], None] | None = None,
     ):
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -87,6 +88,8 @@ class OddPeer:
         # After its answer, only read until the sender closes (a peer that sent an
         # A-ABORT waits for the transport to close, PS3.8 Sta13).
         self.silent = silent
+        # Called with the connection and the context id before each response.
+        self.before_response = before_response
         self.pdata_lengths: list[int] = []
         self.datasets: list[bytes] = []
         self.received: list[int] = []  # PDU types
@@ -143,6 +146,8 @@ class OddPeer:
                         if self.abort_after_stores == len(self.datasets):
                             self.write(conn, pdu(0x07, bytes(4)))
                             return
+                        if self.before_response is not None:
+                            self.before_response(conn, cid)
                         self.write(conn, store_rsp(cid, bytes(command)))
                         command.clear()
         except (ConnectionError, OSError):
@@ -157,3 +162,8 @@ def bytewise(conn: socket.socket, data: bytes) -> None:
     """Every byte in its own TCP segment (TCP_NODELAY)."""
     for i in range(len(data)):
         conn.sendall(data[i : i + 1])
+
+
+def command_fragment(context_id: int, data: bytes) -> bytes:
+    """A P-DATA-TF with one command PDV that is not the command's last."""
+    return pdu(0x04, struct.pack(">IBB", len(data) + 2, context_id, 0x01) + data)

@@ -8,18 +8,28 @@ behind the acceptance. dcmtk's storescu against the same peers is the reference
 from __future__ import annotations
 
 import struct
+import time
 
 import pydicom
+import pytest
 
 from targets.dicomnet.scu import (
     UNLIMITED_PDU,
     Association,
     LinkError,
+    LinkTimeout,
     dataset_offset,
     propose,
 )
 from tests.dicomgen import make_series
-from tests.qa.oddpeer import OddPeer, associate_ac, bytewise, item, pdu
+from tests.qa.oddpeer import (
+    OddPeer,
+    associate_ac,
+    bytewise,
+    command_fragment,
+    item,
+    pdu,
+)
 
 
 def open_to(peer: OddPeer, files, dimse_timeout: float = 10) -> Association:
@@ -112,3 +122,37 @@ def test_odd_but_valid_acceptances_in_one_byte_segments_are_understood(tmp_path)
     assert peer.done.wait(10)
     assert peer.datasets == datasets(series.files)
     assert peer.received[-1] == 0x05  # released, not aborted
+
+
+def test_a_response_trickled_without_end_times_out_as_the_dimse_timeout_says(
+    tmp_path,
+):
+    # The peer sends a command fragment every 0.1 s for 3 s before its response:
+    # each read came within the DIMSE timeout (1 s), so Courier used to wait for
+    # as long as the peer kept trickling (forever, the job held with its lease).
+    def trickle(conn, cid):
+        for _ in range(30):
+            conn.sendall(command_fragment(cid, b"\x00\x00"))
+            time.sleep(0.1)
+
+    series = make_series(tmp_path / "ct", 1)
+    peer = OddPeer(before_response=trickle)
+    assoc = open_to(peer, series.files, dimse_timeout=1)
+    with pytest.raises(LinkTimeout, match="no response from the target within 1 s"):
+        store_all(assoc, series.files)
+    assoc.abort()
+
+
+def test_a_response_larger_than_any_command_set_is_refused_not_buffered(tmp_path):
+    # 2 MiB of command fragments that never end the command: Courier used to keep
+    # them all (a peer sending without end fills the sender's memory).
+    def flood(conn, cid):
+        for _ in range(32):
+            conn.sendall(command_fragment(cid, bytes(65536)))
+
+    series = make_series(tmp_path / "ct", 1)
+    peer = OddPeer(before_response=flood)
+    assoc = open_to(peer, series.files, dimse_timeout=5)
+    with pytest.raises(LinkError, match="response is over 65536 bytes"):
+        store_all(assoc, series.files)
+    assoc.abort()
