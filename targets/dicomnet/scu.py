@@ -724,14 +724,17 @@ class Association:
 
         A release collision (the peer's A-RELEASE-RQ crossing ours) is answered as
         the requestor does in PS3.8 9.2.6 / table 9-10 (AR-8, AR-9): send
-        A-RELEASE-RP, then wait for the peer's.
+        A-RELEASE-RP, then wait for the peer's. The ACSE timeout bounds the whole
+        wait (a peer sending other PDUs instead cannot prolong it).
         """
         if self._closed:
             return
+        deadline = time.monotonic() + self.acse_timeout
         try:
             self.sock.settimeout(self.acse_timeout)
             self.sock.sendall(struct.pack(">BBIxxxx", RELEASE_RQ, 0, 4))
             while True:
+                self.sock.settimeout(max(0.001, deadline - time.monotonic()))
                 pdu_type, _ = _read_pdu(self.sock, self._buffer)
                 if pdu_type == RELEASE_RQ:
                     self.sock.sendall(struct.pack(">BBIxxxx", RELEASE_RP, 0, 4))

@@ -78,6 +78,7 @@ class OddPeer:
         abort_after_stores: int | None = None,
         silent: bool = False,
         before_response: Callable[[socket.socket, int], None] | None = None,
+        on_release: Callable[[socket.socket], None] | None = None,
     ):
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -90,6 +91,9 @@ class OddPeer:
         self.silent = silent
         # Called with the connection and the context id before each response.
         self.before_response = before_response
+        # Called with the connection when the sender asks to release, before the
+        # A-RELEASE-RP; then whatever the sender still sends is recorded.
+        self.on_release = on_release
         self.pdata_lengths: list[int] = []
         self.datasets: list[bytes] = []
         self.received: list[int] = []  # PDU types
@@ -128,8 +132,12 @@ class OddPeer:
             while True:
                 kind, body = self.read_pdu(conn)
                 if kind == 0x05:
+                    if self.on_release is not None:
+                        self.on_release(conn)
                     self.write(conn, pdu(0x06, bytes(4)))
-                    return
+                    conn.settimeout(5)
+                    while True:
+                        self.read_pdu(conn)
                 if kind != 0x04:
                     return
                 self.pdata_lengths.append(len(body))

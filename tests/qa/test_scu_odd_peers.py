@@ -156,3 +156,39 @@ def test_a_response_larger_than_any_command_set_is_refused_not_buffered(tmp_path
     with pytest.raises(LinkError, match="response is over 65536 bytes"):
         store_all(assoc, series.files)
     assoc.abort()
+
+
+def test_a_release_answered_with_a_trickle_of_other_pdus_ends_in_an_abort(tmp_path):
+    # The peer answers Courier's A-RELEASE-RQ with a P-DATA every 0.1 s for 3 s
+    # before its A-RELEASE-RP: Courier used to wait as long as it kept on (each
+    # read within the ACSE timeout); the ACSE timeout (1 s) now ends it, with an
+    # A-ABORT and the connection closed while the peer still trickles.
+    trickled = []
+
+    def trickle(conn):
+        for _ in range(30):
+            try:
+                conn.sendall(command_fragment(1, b"\x00\x00"))
+            except OSError:
+                return
+            trickled.append(1)
+            time.sleep(0.1)
+
+    series = make_series(tmp_path / "ct", 1)
+    peer = OddPeer(on_release=trickle)
+    assoc = Association.open(
+        "127.0.0.1", peer.port, calling_aet="COURIER", called_aet="ODD",
+        contexts=propose([(series_sop_class(series), [EXPLICIT])]),
+        connect_timeout=5, acse_timeout=1, dimse_timeout=5, max_pdu=16384,
+    )  # fmt: skip
+    assert store_all(assoc, series.files) == [0]
+    assoc.release()
+    assert peer.done.wait(10)
+    assert len(trickled) < 30
+
+
+EXPLICIT = "1.2.840.10008.1.2.1"
+
+
+def series_sop_class(series) -> str:
+    return pydicom.dcmread(series.files[0], stop_before_pixels=True).SOPClassUID
