@@ -3,7 +3,9 @@
 A script calls `send_series` once per series, so the command's start-up is paid per
 series (README, "Performance"). A DICOM send walks files with Courier's own reader
 and speaks DICOM through its own PDUs (`targets.dicomnet.scu`): it must not import
-pydicom (with numpy) or pynetdicom, nor load the admin's pages. These run the real
+pydicom (with numpy) or pynetdicom, nor load the admin's pages; a one-file send
+queues no message, so it loads neither the queue (huey, and redis-py with it) nor,
+for a target without a secret, cryptography. These run the real
 command in a fresh process and look at what it imported; conversion, which does need
 pydicom, is covered by `tests/interop/test_corpus.py` through the same command.
 """
@@ -24,6 +26,10 @@ HEAVY = (
     "pynetdicom",
     "targets.admin",
     "dispatch.jobs.admin",
+    "huey",
+    "redis",
+    "dispatch.jobs.tasks",
+    "cryptography",
 )
 
 
@@ -75,7 +81,8 @@ def test_django_setup_loads_no_admin_page_and_the_checks_still_see_them(courier_
         site,
         "import django\n"
         "django.setup()\n"
-        "print(json.dumps([m for m in ('targets.admin', 'numpy') if m in sys.modules]))",
+        "print(json.dumps([m for m in ('targets.admin', 'numpy', 'huey', 'redis') "
+        "if m in sys.modules]))",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.splitlines()[0]) == []
