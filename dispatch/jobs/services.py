@@ -29,7 +29,6 @@ from .models import (
     DispatchError,
     InstanceState,
     Job,
-    JobInstance,
     JobOrigin,
     State,
 )
@@ -107,9 +106,7 @@ def create_jobs(
             )
             # The headers read by the scan go with the rows: an attempt does not
             # read the folder again (`files.pending`).
-            JobInstance.objects.bulk_create(
-                files.rows_for(job, own.instances, others, own.corrupt)
-            )
+            files.insert_rows(job, own.instances, others, own.corrupt)
             jobs.append(job)
         if enqueue_now:
             for job in jobs:
