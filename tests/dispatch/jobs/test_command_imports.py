@@ -35,10 +35,14 @@ HEAVY = (
 
 def run_and_list_loaded(site, code: str) -> tuple[subprocess.CompletedProcess, list]:
     """Run `code` in a fresh interpreter with the site's settings; return the
-    process and which of HEAVY it had imported by the end (its last stdout line)."""
+    process and which of HEAVY it had imported by the end (its last stdout line).
+
+    Also prints, the line before, whether the garbage collector was on at the end
+    and how many objects start-up had set aside from it (`config/apps.py`)."""
     program = (
-        "import json, sys\n"
+        "import gc, json, sys\n"
         "try:\n" + "".join(f"    {line}\n" for line in code.splitlines()) + "finally:\n"
+        "    print(json.dumps([gc.isenabled(), gc.get_freeze_count()]))\n"
         f"    print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\n"
     )
     done = subprocess.run(
@@ -61,11 +65,17 @@ def test_a_dicom_send_imports_neither_pydicom_nor_pynetdicom(
     series = make_series(tmp_path / "in", 1)
     done, loaded = run_and_list_loaded(
         site,
-        "from django.core.management import execute_from_command_line\n"
-        "execute_from_command_line("
-        f"['manage.py', 'send_series', 'pacs', {str(series.folder)!r}])",
+        # manage.py as an operator runs it (its main(), which starts with the
+        # garbage collector off).
+        f"sys.argv = ['manage.py', 'send_series', 'pacs', {str(series.folder)!r}]\n"
+        "import runpy\n"
+        "runpy.run_path('manage.py', run_name='__main__')",
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    # The collector is back on once Django is set up, with start-up's objects
+    # set aside for good.
+    enabled, frozen = json.loads(done.stdout.splitlines()[-2])
+    assert enabled and frozen > 10_000
     assert "1 sent" in done.stdout and "0 failed of 1 instances" in done.stdout
     (received,) = [
         f for f in storescp.files() if f.name.endswith(f".{series.sop_uids[0]}.dcm")
