@@ -45,8 +45,10 @@ WaitHook = Callable[[int, int], None]
 def _watch(job_id: int, expires: datetime) -> None:
     """A worker's look at the job when its lease would run out (`tasks.watch`).
 
-    Imported when needed: a one-file send done within a lease sends no message,
-    so it never loads the queue (huey, redis-py).
+    Sent from the lease's first renewal (`watch_late`), and the queue imported
+    then: a send done sooner (one file, or 500 small ones in about a second) never
+    loads huey and redis-py (~70 ms of CPU); should its process die first, the
+    sweep resumes the job once the lease has run out.
     """
     from .tasks import watch
 
@@ -106,6 +108,7 @@ def send_series(
                 retry=False,
                 held=True,
                 keeper=keeper,
+                watch_late=True,
             )
             if result is not None:
                 break

@@ -31,6 +31,7 @@ def attempt_job(
     retry: bool = True,
     held: bool = False,
     keeper: lease.LeaseKeeper | None = None,
+    watch_late: bool = False,
 ) -> Job | None:
     """Claim the job and make one attempt (`engine.attempt`); return the job as it
     ended, or None if not claimed.
@@ -38,7 +39,9 @@ def attempt_job(
     The lease is renewed by a `LeaseKeeper` (the caller's, if it passes one) and
     watched (`watch(job_id, expires)` queues a look for when it would run out):
     should this process die, a worker resumes the job then (for a one-file job that
-    died before its first renewal, the sweep does).
+    died before its first renewal, the sweep does). `watch_late`: any job is
+    watched from its first renewal, as a one-file job is (a direct send: its
+    message would cost the command huey's import, while most sends end sooner).
     """
     claimed = engine.claim(job_id, worker, respect_limit, held=held)
     if claimed is None:
@@ -51,7 +54,7 @@ def attempt_job(
     # one-file job, most of a busy queue and done well within a lease, gets it only
     # if still sending at the lease's first renewal: one dying sooner is left to the
     # sweep (each minute, and when a worker starts).
-    if claimed.job.total > 1:
+    if claimed.job.total > 1 and not watch_late:
         watch(job_id, timezone.now() + lease.lease_length())
     else:
         keeper.then(lambda expires: watch(job_id, expires))

@@ -554,3 +554,25 @@ def test_a_lease_keeper_gives_up_the_job_when_it_is_taken_or_cannot_renew(
     keeper = engine.keeper_for(job.pk, "worker-a").start()
     assert eventually_invalid(keeper)
     assert not keeper.lost.is_set()
+
+
+def test_a_direct_send_is_watched_from_its_first_lease_renewal(
+    tmp_path, settings, monkeypatch
+):
+    # A direct send queues the lease's watch (a message, and with it huey's
+    # import) only once it is still sending at a renewal; should its process die
+    # sooner, the sweep resumes the job when the lease has run out.
+    watched: list[int] = []
+    monkeypatch.setattr(tasks, "watch", lambda job_id, expires: watched.append(job_id))
+    target = folder_target(tmp_path / "out")
+    quick = direct.send_series(target, make_series(tmp_path / "quick", 3).folder)
+    assert quick.job.state == State.DONE and watched == []
+
+    settings.COURIER_JOB_LEASE = 1.0  # renewed every 0.2 s
+    slow = direct.send_series(
+        target,
+        make_series(tmp_path / "slow", 3).folder,
+        progress=lambda outcome: time.sleep(0.3),
+    )
+    assert slow.job.state == State.DONE and slow.job.sent == 3
+    assert watched == [slow.job.pk]
