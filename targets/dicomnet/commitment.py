@@ -6,8 +6,8 @@ the same association while it is open; `send_report` opens a new one to the
 requester when it is not (PS3.4 J.3.3: the report may come on either). It proposes
 the Storage Commitment Push Model with the SCP role (role selection, PS3.7 D.3.3.4),
 as the SCP side of the SOP class is what sends N-EVENT-REPORTs, and it ends with
-A-RELEASE, answering a release collision as PS3.8 9.2.7 says (the requester's side
-of the collision: A-RELEASE-RP first, then wait for the peer's).
+A-RELEASE (`scu.release`: a release collision answered as PS3.8 9.2.7 says). The
+timeout bounds the whole response and the whole release wait (`scu.read_command`).
 
 The datasets are small (a few hundred bytes per referenced instance) and are read
 and written with pydicom. Protocol code: no models, no settings.
@@ -34,8 +34,6 @@ from targets.dicomnet.scu import (
     COMMAND,
     LAST,
     P_DATA_TF,
-    RELEASE_RP,
-    RELEASE_RQ,
     AssociationRejected,
     LinkError,
     LinkTimeout,
@@ -45,6 +43,8 @@ from targets.dicomnet.scu import (
     _us,
     connect,
     parse_command,
+    read_command,
+    release,
 )
 
 STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
@@ -291,13 +291,18 @@ def send_report(
         pdus = pdata(context_id, COMMAND | LAST, command, peer_max)
         pdus += pdata(context_id, 0, data, peer_max)
         sock.sendall(b"".join(pdus))
-        status = _response_status(sock, buffer, where)
+        status = _response_status(sock, buffer, where, timeout)
         if status != 0x0000:
             raise LinkError(
                 f"{where} answered the storage commitment report with status "
                 f"0x{status:04X}"
             )
-        release(sock, buffer)
+        try:
+            release(sock, buffer, timeout)
+        except (OSError, LinkError):
+            # The report is delivered (success status): a peer that does not
+            # release in time is aborted, the report not sent again.
+            _abort(sock)
     except TimeoutError as exc:
         _abort(sock)
         raise LinkTimeout(f"no answer from {where} within {timeout:g} s") from exc
@@ -370,46 +375,16 @@ def _accepted(sock: socket.socket, buffer: bytearray, where: str):
     raise LinkError(f"{where} did not accept the Storage Commitment Push Model")
 
 
-def _response_status(sock: socket.socket, buffer: bytearray, where: str) -> int:
-    command = bytearray()
-    while True:
-        pdu_type, pdu = _read_pdu(sock, buffer)
-        if pdu_type == ABORT:
-            raise LinkError(f"{where} aborted the association")
-        if pdu_type != P_DATA_TF:
-            raise LinkError(f"{where} sent PDU type 0x{pdu_type:02X} instead of "
-                            "a response")  # fmt: skip
-        pos = 6
-        while pos + 6 <= len(pdu):
-            (item_length,) = struct.unpack_from(">I", pdu, pos)
-            if pdu[pos + 5] & COMMAND:
-                command += pdu[pos + 6 : pos + 4 + item_length]
-                if pdu[pos + 5] & LAST:
-                    rsp = parse_command(bytes(command))
-                    field_ = rsp.get(0x0100, b"")
-                    status = rsp.get(0x0900, b"")
-                    if field_[:2] != _us(N_EVENT_REPORT_RSP) or len(status) < 2:
-                        raise LinkError(f"{where} answered with another message")
-                    return struct.unpack("<H", status[:2])[0]
-            pos += 4 + item_length
-
-
-def release(sock: socket.socket, buffer: bytearray) -> None:
-    """A-RELEASE as the association's requester, collisions included (PS3.8 9.2.7).
-
-    If the peer asks for release too while Courier waits for its A-RELEASE-RP (a
-    release collision, state Sta9), the requester answers first with A-RELEASE-RP
-    (Sta11) and then waits for the peer's A-RELEASE-RP. P-DATA still arriving in
-    the meantime is dropped; an A-ABORT ends it.
-    """
-    sock.sendall(struct.pack(">BBIxxxx", RELEASE_RQ, 0, 4))
-    while True:
-        pdu_type, _pdu = _read_pdu(sock, buffer)
-        if pdu_type == RELEASE_RP or pdu_type == ABORT:
-            return
-        if pdu_type == RELEASE_RQ:
-            sock.sendall(struct.pack(">BBIxxxx", RELEASE_RP, 0, 4))
-            # Sta11: only the peer's A-RELEASE-RP (or an abort) is left to come.
+def _response_status(
+    sock: socket.socket, buffer: bytearray, where: str, timeout: float
+) -> int:
+    """The status of the N-EVENT-REPORT-RSP, read within `timeout` in all."""
+    rsp = parse_command(read_command(sock, buffer, timeout, peer=where))
+    field_ = rsp.get(0x0100, b"")
+    status = rsp.get(0x0900, b"")
+    if field_[:2] != _us(N_EVENT_REPORT_RSP) or len(status) < 2:
+        raise LinkError(f"{where} answered with another message")
+    return struct.unpack("<H", status[:2])[0]
 
 
 def _abort(sock: socket.socket) -> None:

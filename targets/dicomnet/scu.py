@@ -95,6 +95,10 @@ class LinkTimeout(LinkError):
     """The peer did not answer within the timeout."""
 
 
+class PeerAborted(LinkError):
+    """The peer sent an A-ABORT."""
+
+
 class AssociationRejected(LinkError):
     def __init__(
         self, result: int, source: int, reason: int, *, identity: bool = False
@@ -661,58 +665,19 @@ class Association:
             raise LinkError(f"connection lost while sending: {exc}") from exc
 
     def _response(self, msg_id: int) -> dict[int, bytes]:
-        """Read P-DATA until a whole command set arrives; return its elements.
-
-        The DIMSE timeout bounds the whole response, not each read: a peer that
-        trickles fragments without ever ending the command cannot hold the
-        association (and the job) forever.
-        """
-        deadline = time.monotonic() + self.dimse_timeout
-        command = bytearray()
-        while True:
-            try:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError
-                self.sock.settimeout(left)
-                pdu_type, pdu = _read_pdu(self.sock, self._buffer)
-            except TimeoutError as exc:
-                raise LinkTimeout(
-                    f"no response from the target within {self.dimse_timeout:g} s "
-                    "(DIMSE timeout)"
-                ) from exc
-            except OSError as exc:
-                raise LinkError(
-                    f"connection lost while waiting for a response: {exc}"
-                ) from exc
-            if pdu_type == ABORT:
-                self._closed = True
-                raise LinkError("the target aborted the association")
-            if pdu_type == RELEASE_RQ:
-                raise LinkError("the target asked to release the association mid-send")
-            if pdu_type != P_DATA_TF:
-                raise LinkError(f"unexpected PDU type {pdu_type:#04x} from the target")
-            pos, done = 6, False
-            while pos + 6 <= len(pdu):
-                (item_length,) = struct.unpack_from(">I", pdu, pos)
-                control = pdu[pos + 5]
-                if control & COMMAND:
-                    command += pdu[pos + 6 : pos + 4 + item_length]
-                    done = done or bool(control & LAST)
-                pos += 4 + item_length
-            if len(command) > MAX_COMMAND:
-                raise LinkError(
-                    f"the target's response is over {MAX_COMMAND} bytes without "
-                    "ending: not a DIMSE response"
-                )
-            if done:
-                rsp = parse_command(bytes(command))
-                answered = rsp.get(0x0120)
-                if answered is not None and struct.unpack("<H", answered)[0] != msg_id:
-                    raise LinkError("the target answered a different message")
-                # A response carrying a dataset (not expected for C-STORE/C-ECHO)
-                # has it follow in further PDUs; none of ours do.
-                return rsp
+        """Read a whole response command set (`read_command`); return its elements."""
+        try:
+            command = read_command(self.sock, self._buffer, self.dimse_timeout)
+        except PeerAborted:
+            self._closed = True
+            raise
+        rsp = parse_command(command)
+        answered = rsp.get(0x0120)
+        if answered is not None and struct.unpack("<H", answered)[0] != msg_id:
+            raise LinkError("the target answered a different message")
+        # A response carrying a dataset (not expected for C-STORE/C-ECHO) has it
+        # follow in further PDUs; none of ours do.
+        return rsp
 
     @staticmethod
     def _status(rsp: dict[int, bytes]) -> int:
@@ -720,26 +685,11 @@ class Association:
 
     # -- ending ----------------------------------------------------------------------
     def release(self) -> None:
-        """Release politely; abort if the peer does not answer in time.
-
-        A release collision (the peer's A-RELEASE-RQ crossing ours) is answered as
-        the requestor does in PS3.8 9.2.6 / table 9-10 (AR-8, AR-9): send
-        A-RELEASE-RP, then wait for the peer's. The ACSE timeout bounds the whole
-        wait (a peer sending other PDUs instead cannot prolong it).
-        """
+        """Release politely (`release`); abort if the peer does not answer in time."""
         if self._closed:
             return
-        deadline = time.monotonic() + self.acse_timeout
         try:
-            self.sock.settimeout(self.acse_timeout)
-            self.sock.sendall(struct.pack(">BBIxxxx", RELEASE_RQ, 0, 4))
-            while True:
-                self.sock.settimeout(max(0.001, deadline - time.monotonic()))
-                pdu_type, _ = _read_pdu(self.sock, self._buffer)
-                if pdu_type == RELEASE_RQ:
-                    self.sock.sendall(struct.pack(">BBIxxxx", RELEASE_RP, 0, 4))
-                elif pdu_type in (RELEASE_RP, ABORT):
-                    break
+            release(self.sock, self._buffer, self.acse_timeout)
         except (OSError, LinkError):
             self.abort()
             return
@@ -769,6 +719,82 @@ class Association:
             self.release()
         else:
             self.abort()
+
+
+def read_command(
+    sock: socket.socket, buffer: bytearray, timeout: float, peer: str = "the target"
+) -> bytes:
+    """Read P-DATA until a whole command set arrives; return its bytes.
+
+    `timeout` (the DIMSE timeout) bounds the whole response, not each read: a peer
+    that trickles fragments without ever ending the command cannot hold the
+    association (and the job) forever; more than `MAX_COMMAND` bytes without the
+    end is refused, not buffered. Raise `LinkError` in words naming `peer`
+    (`LinkTimeout`, `PeerAborted`).
+    """
+    deadline = time.monotonic() + timeout
+    command = bytearray()
+    while True:
+        try:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            sock.settimeout(left)
+            pdu_type, pdu = _read_pdu(sock, buffer)
+        except TimeoutError as exc:
+            raise LinkTimeout(
+                f"no response from {peer} within {timeout:g} s (DIMSE timeout)"
+            ) from exc
+        except OSError as exc:
+            raise LinkError(
+                f"connection lost while waiting for a response: {exc}"
+            ) from exc
+        if pdu_type == ABORT:
+            raise PeerAborted(f"{peer} aborted the association")
+        if pdu_type == RELEASE_RQ:
+            raise LinkError(f"{peer} asked to release the association mid-send")
+        if pdu_type != P_DATA_TF:
+            raise LinkError(f"unexpected PDU type {pdu_type:#04x} from {peer}")
+        pos, done = 6, False
+        while pos + 6 <= len(pdu):
+            (item_length,) = struct.unpack_from(">I", pdu, pos)
+            control = pdu[pos + 5]
+            if control & COMMAND:
+                command += pdu[pos + 6 : pos + 4 + item_length]
+                done = done or bool(control & LAST)
+            pos += 4 + item_length
+        if len(command) > MAX_COMMAND:
+            raise LinkError(
+                f"{peer}'s response is over {MAX_COMMAND} bytes without ending: "
+                "not a DIMSE response"
+            )
+        if done:
+            return bytes(command)
+
+
+def release(sock: socket.socket, buffer: bytearray, timeout: float) -> None:
+    """A-RELEASE as the association's requester: send A-RELEASE-RQ, wait for the
+    A-RELEASE-RP (or an A-ABORT).
+
+    A release collision (the peer's A-RELEASE-RQ crossing ours, Sta9) is answered
+    as the requestor does in PS3.8 9.2.6 / table 9-10 (AR-8, AR-9): A-RELEASE-RP
+    first (Sta11), then wait for the peer's. P-DATA still arriving is dropped.
+    `timeout` (the ACSE timeout) bounds the whole wait: a peer sending other PDUs
+    instead cannot prolong it. Raise `TimeoutError` / `OSError` / `LinkError`.
+    """
+    deadline = time.monotonic() + timeout
+    sock.settimeout(timeout)
+    sock.sendall(struct.pack(">BBIxxxx", RELEASE_RQ, 0, 4))
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no answer to the release request")
+        sock.settimeout(left)
+        pdu_type, _ = _read_pdu(sock, buffer)
+        if pdu_type == RELEASE_RQ:
+            sock.sendall(struct.pack(">BBIxxxx", RELEASE_RP, 0, 4))
+        elif pdu_type in (RELEASE_RP, ABORT):
+            return
 
 
 def status_of(rsp: dict[int, bytes]) -> int:

@@ -41,7 +41,8 @@ def associate_ac(rq: bytes, *, max_pdu: int | None, extra: bytes = b"") -> bytes
 
 
 def store_rsp(context_id: int, command: bytes, status: int = 0) -> bytes:
-    """A C-STORE-RSP to the C-STORE-RQ `command` (implicit VR LE command set)."""
+    """A response to the request `command` (a C-STORE-RQ or an N-EVENT-REPORT-RQ;
+    implicit VR LE command set)."""
     fields, pos = {}, 0
     while pos + 8 <= len(command):
         _g, elem, length = struct.unpack_from("<HHI", command, pos)
@@ -53,7 +54,12 @@ def store_rsp(context_id: int, command: bytes, status: int = 0) -> bytes:
 
     body = (
         element(0x0002, fields[0x0002])
-        + element(0x0100, struct.pack("<H", 0x8001))
+        # The request's command field with the response bit: C-STORE-RSP, or the
+        # N-EVENT-REPORT-RSP to a Storage Commitment report.
+        + element(
+            0x0100,
+            struct.pack("<H", 0x8000 | struct.unpack("<H", fields[0x0100][:2])[0]),
+        )
         + element(0x0120, fields[0x0110])
         + element(0x0800, struct.pack("<H", 0x0101))
         + element(0x0900, struct.pack("<H", status))

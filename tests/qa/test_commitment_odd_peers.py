@@ -1,0 +1,73 @@
+"""The Storage Commitment report's own association (`targets/dicomnet/commitment.py`
+`send_report`) against the raw-socket peer of `tests/qa/oddpeer.py`: a response
+trickled without end, a response larger than any command set, a release answered
+with a stream of other PDUs. The same limits as the sender's (`scu.read_command`,
+`scu.release`, tests in test_scu_odd_peers.py)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from pydicom.uid import generate_uid
+
+from targets.dicomnet.commitment import Reference, Report, send_report
+from targets.dicomnet.scu import LinkError, LinkTimeout
+from tests.qa.oddpeer import OddPeer, command_fragment
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def report_to(peer: OddPeer, timeout: float) -> None:
+    report = Report(generate_uid(), [Reference(CT_IMAGE, generate_uid())])
+    send_report(
+        "127.0.0.1", peer.port, calling_aet="COURIER", called_aet="ODD",
+        report=report, timeout=timeout,
+    )  # fmt: skip
+
+
+def test_a_report_response_trickled_without_end_times_out():
+    # A command fragment every 0.1 s for 3 s: each read came within the timeout
+    # (1 s), so delivering the report used to wait as long as the peer kept on.
+    def trickle(conn, cid):
+        for _ in range(30):
+            conn.sendall(command_fragment(cid, b"\x00\x00"))
+            time.sleep(0.1)
+
+    peer = OddPeer(before_response=trickle)
+    with pytest.raises(
+        LinkTimeout, match=r"no response from 127\.0\.0\.1:\d+ within 1 s"
+    ):
+        report_to(peer, timeout=1)
+
+
+def test_a_report_response_larger_than_any_command_set_is_refused():
+    # 2 MiB of command fragments without the end: used to be buffered whole.
+    def flood(conn, cid):
+        for _ in range(32):
+            conn.sendall(command_fragment(cid, bytes(65536)))
+
+    peer = OddPeer(before_response=flood)
+    with pytest.raises(LinkError, match="response is over 65536 bytes"):
+        report_to(peer, timeout=5)
+
+
+def test_a_release_answered_with_a_trickle_is_aborted_and_the_report_delivered():
+    # The peer answers the A-RELEASE-RQ with a P-DATA every 0.1 s for 3 s: the
+    # timeout (1 s) bounds the whole wait; the report was answered success, so
+    # send_report returns (the report is not sent again) after an A-ABORT.
+    trickled = []
+
+    def trickle(conn):
+        for _ in range(30):
+            try:
+                conn.sendall(command_fragment(1, b"\x00\x00"))
+            except OSError:
+                return
+            trickled.append(1)
+            time.sleep(0.1)
+
+    peer = OddPeer(on_release=trickle)
+    report_to(peer, timeout=1)
+    assert peer.done.wait(10)
+    assert len(trickled) < 30
