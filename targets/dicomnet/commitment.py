@@ -44,6 +44,7 @@ from targets.dicomnet.scu import (
     connect,
     parse_command,
     read_command,
+    refuse_tiny_pdu,
     release,
 )
 
@@ -366,11 +367,13 @@ def _accepted(sock: socket.socket, buffer: bytearray, where: str):
         answer = ac.to_primitive()
     except Exception as exc:  # pynetdicom raises assorted errors on bad bytes
         raise LinkError(f"{where} sent a malformed association answer") from exc
+    peer_max = answer.maximum_length_received or 0
+    refuse_tiny_pdu(sock, peer_max, where)
     for cx in answer.presentation_context_definition_results_list:
         if cx.context_id == 1 and cx.result == 0 and cx.transfer_syntax:
             syntax = str(cx.transfer_syntax[0])
             if syntax in SYNTAXES:
-                return 1, syntax, answer.maximum_length_received or 0
+                return 1, syntax, peer_max
     _abort(sock)
     raise LinkError(f"{where} did not accept the Storage Commitment Push Model")
 

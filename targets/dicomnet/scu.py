@@ -60,6 +60,10 @@ MAX_PDU_READ = 64 * 1024 * 1024
 # A response's command set is a few hundred bytes; more than this is not one.
 MAX_COMMAND = 64 * 1024
 
+# A peer's maximum PDU length must leave room for a PDV's header (6 bytes) and data:
+# 1-12 is refused, as dcmtk does ("illegal (must be > 12)"); 0 means no limit.
+MIN_PEER_PDU = 13
+
 # PDU types (PS3.8 9.3.1)
 ASSOCIATE_RQ = 0x01
 ASSOCIATE_AC, ASSOCIATE_RJ, P_DATA_TF = 0x02, 0x03, 0x04
@@ -482,6 +486,7 @@ class Association:
             answer = parse_associate_ac(pdu)
         except (ValueError, UnicodeDecodeError) as exc:
             raise LinkError(f"{where} sent a malformed association answer") from exc
+        refuse_tiny_pdu(sock, answer.max_pdu, where)
         by_id = {cx.context_id: cx for cx in contexts}
         accepted, rejected = [], []
         for context_id, (result, syntax) in answer.results.items():
@@ -719,6 +724,24 @@ class Association:
             self.release()
         else:
             self.abort()
+
+
+def refuse_tiny_pdu(sock: socket.socket, max_pdu: int, where: str) -> None:
+    """Abort the association and raise a permanent `LinkError` if the peer's
+    maximum PDU length (its A-ASSOCIATE-AC) is 1-12: no P-DATA-TF fits it."""
+    if not 0 < max_pdu < MIN_PEER_PDU:
+        return
+    try:
+        sock.settimeout(1.0)
+        # A-P-ABORT, invalid PDU parameter value (PS3.8 9.3.8).
+        sock.sendall(abort_pdu(2, 6))
+    except OSError:
+        pass
+    raise LinkError(
+        f"{where} announced a maximum PDU length of {max_pdu} bytes: illegal (must "
+        "be over 12, or 0 for no limit); check the target's DICOM settings",
+        permanent=True,
+    )
 
 
 def read_command(

@@ -71,3 +71,15 @@ def test_a_release_answered_with_a_trickle_is_aborted_and_the_report_delivered()
     report_to(peer, timeout=1)
     assert peer.done.wait(10)
     assert len(trickled) < 30
+
+
+def test_a_requester_announcing_a_maximum_pdu_of_12_is_refused_and_aborted():
+    # At 6 or less no PDV data fits (the report's framing made empty fragments
+    # without end); 7-12 leaves a few bytes a PDU. Refused as dcmtk does, so the
+    # report goes out in no P-DATA at all (it used to, in 6-byte fragments).
+    peer = OddPeer(max_pdu=12)
+    with pytest.raises(LinkError, match="maximum PDU length of 12 bytes: illegal"):
+        report_to(peer, timeout=5)
+    assert peer.done.wait(10)
+    assert peer.received[:2] == [0x01, 0x07]  # associate, abort; no P-DATA
+    assert 0x04 not in peer.received

@@ -192,3 +192,20 @@ EXPLICIT = "1.2.840.10008.1.2.1"
 
 def series_sop_class(series) -> str:
     return pydicom.dcmread(series.files[0], stop_before_pixels=True).SOPClassUID
+
+
+@pytest.mark.parametrize("max_pdu", [1, 12])
+def test_a_peer_announcing_a_maximum_pdu_of_12_or_less_is_refused_and_aborted(
+    tmp_path, max_pdu
+):
+    # No P-DATA-TF fits 1-12 bytes (a PDV header alone is 6): Courier used to send
+    # PDUs larger than the peer's maximum. dcmtk's storescu refuses the acceptance
+    # ("illegal (must be > 12)"); so does Courier, aborting the association.
+    series = make_series(tmp_path / "ct", 1)
+    peer = OddPeer(max_pdu=max_pdu)
+    with pytest.raises(LinkError, match=f"maximum PDU length of {max_pdu} bytes: "
+                       "illegal") as caught:  # fmt: skip
+        open_to(peer, series.files)
+    assert caught.value.permanent
+    assert peer.done.wait(10)
+    assert peer.received == [0x01, 0x07]  # associate, abort; no P-DATA
