@@ -137,7 +137,9 @@ def convert(path: Path, transfer_syntax: str, offered: Sequence[Context]) -> Con
     load_pydicom()
     cx = next((c for ts in TARGETS for c in offered if c.transfer_syntax == ts), None)
     if cx is None:
-        names = ", ".join(name(c.transfer_syntax) for c in offered)
+        # Each syntax once: a peer accepting several contexts with one syntax
+        # (even one never proposed) named it once per context.
+        names = ", ".join(dict.fromkeys(name(c.transfer_syntax) for c in offered))
         raise CannotConvert(
             f"the target accepts this SOP class only as {names}; Courier converts "
             f"{name(transfer_syntax)} only into an uncompressed syntax"

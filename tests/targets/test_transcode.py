@@ -396,6 +396,19 @@ def test_a_peer_that_accepts_only_another_compressed_syntax_is_named():
     assert "only as JPEG-LS Lossless Image Compression" in str(caught.value)
 
 
+def test_a_syntax_accepted_on_several_contexts_is_named_once():
+    # A peer accepting both proposed contexts (Explicit, Implicit) with JPEG
+    # Baseline, proposed on neither: the message named it twice.
+    jpeg = "1.2.840.10008.1.2.4.50"
+    offered = [Context(1, "1.2.3", jpeg), Context(3, "1.2.3", jpeg)]
+    with pytest.raises(CannotConvert) as caught:
+        convert(FILES / "MR_small_RLE.dcm", "1.2.840.10008.1.2.5", offered)
+    assert str(caught.value) == (
+        "the target accepts this SOP class only as JPEG Baseline (Process 1); "
+        "Courier converts RLE Lossless only into an uncompressed syntax"
+    )
+
+
 def test_transcode_imports_neither_pydicom_nor_numpy_until_it_converts():
     # A send that converts nothing must not pay for numpy and the decoders here.
     code = (
