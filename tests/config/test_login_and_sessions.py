@@ -121,3 +121,23 @@ def test_a_session_ends_when_idle_and_each_request_moves_its_deadline(
     Session.objects.update(expire_date=timezone.now() - timedelta(seconds=1))
     response = client.get("/admin/")
     assert response.status_code == 302 and LOGIN in response["Location"]
+
+
+def test_the_bare_host_leads_to_the_admin_home_and_anonymous_users_to_its_login(
+    admin_user,
+):
+    # "/" used to be a bare 404: an admin typing only the host found nothing.
+    anonymous = Client().get("/", follow=True)
+    assert anonymous.redirect_chain == [
+        ("/admin/", 302),
+        (f"{LOGIN}?next=/admin/", 302),
+    ]
+    assert anonymous.status_code == 200
+    assert b'name="password"' in anonymous.content
+
+    client = Client()
+    assert login(client, GOOD).status_code == 302
+    staff = client.get("/", follow=True)
+    assert staff.redirect_chain == [("/admin/", 302)]
+    assert staff.status_code == 200
+    assert staff.resolver_match.view_name == "admin:index"
