@@ -47,9 +47,10 @@ from targets.dicomnet.scu import (
     LinkTimeout,
     _command,
     _element,
-    _read_pdu,
     _us,
+    check_command_size,
     parse_command,
+    read_pdu_by,
 )
 
 REQUEST_STORAGE_COMMITMENT = 1  # Action Type ID (PS3.4 J.3.2)
@@ -228,23 +229,24 @@ def _next_message(
 ) -> tuple[int, dict[int, bytes], bytes | None] | None:
     """The next whole DIMSE message: (context id, command, dataset or None).
 
-    None if nothing arrives within `timeout`; once a message starts, the rest of it
-    must come within the DIMSE timeout. Raise `Closed` if the peer releases (it is
+    None if nothing arrives within `timeout`; once a message starts, all of it must
+    come within the DIMSE timeout, its command set within `MAX_COMMAND` bytes. Raise `Closed` if the peer releases (it is
     answered) or aborts, or the connection ends.
     """
     if not _readable(assoc, timeout):
         return None
     sock = assoc.sock
-    sock.settimeout(assoc.dimse_timeout)
+    # The whole message, not each read: a peer trickling fragments cannot hold on.
+    deadline = time.monotonic() + assoc.dimse_timeout
     command = bytearray()
     data = bytearray()
     cmd: dict[int, bytes] | None = None
     while True:
         try:
-            pdu_type, pdu = _read_pdu(sock, assoc._buffer)
+            pdu_type, pdu = read_pdu_by(sock, assoc._buffer, deadline)
         except TimeoutError as exc:
             raise LinkTimeout(
-                f"the target stopped in the middle of a message for "
+                "the target did not complete a message within "
                 f"{assoc.dimse_timeout:g} s (DIMSE timeout)"
             ) from exc
         except OSError:
@@ -270,6 +272,7 @@ def _next_message(
             pos += 4 + item_length
             if control & COMMAND:
                 command += value
+                check_command_size(command)
                 if control & LAST:
                     cmd = parse_command(bytes(command))
                     if _us_value(cmd.get(0x0800)) == NO_DATASET:

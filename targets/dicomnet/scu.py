@@ -744,6 +744,27 @@ def refuse_tiny_pdu(sock: socket.socket, max_pdu: int, where: str) -> None:
     )
 
 
+def read_pdu_by(
+    sock: socket.socket, buffer: bytearray, deadline: float
+) -> tuple[int, bytes]:
+    """`_read_pdu`, all of it before `deadline` (`time.monotonic()`), however the
+    peer splits it; raise `TimeoutError` after."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the deadline passed")
+    sock.settimeout(left)
+    return _read_pdu(sock, buffer)
+
+
+def check_command_size(command: bytearray, peer: str = "the target") -> None:
+    """Refuse a command set growing past `MAX_COMMAND` (not buffered without end)."""
+    if len(command) > MAX_COMMAND:
+        raise LinkError(
+            f"{peer}'s response is over {MAX_COMMAND} bytes without ending: not a "
+            "DIMSE response"
+        )
+
+
 def read_command(
     sock: socket.socket, buffer: bytearray, timeout: float, peer: str = "the target"
 ) -> bytes:
@@ -759,11 +780,7 @@ def read_command(
     command = bytearray()
     while True:
         try:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError
-            sock.settimeout(left)
-            pdu_type, pdu = _read_pdu(sock, buffer)
+            pdu_type, pdu = read_pdu_by(sock, buffer, deadline)
         except TimeoutError as exc:
             raise LinkTimeout(
                 f"no response from {peer} within {timeout:g} s (DIMSE timeout)"
@@ -786,11 +803,7 @@ def read_command(
                 command += pdu[pos + 6 : pos + 4 + item_length]
                 done = done or bool(control & LAST)
             pos += 4 + item_length
-        if len(command) > MAX_COMMAND:
-            raise LinkError(
-                f"{peer}'s response is over {MAX_COMMAND} bytes without ending: "
-                "not a DIMSE response"
-            )
+        check_command_size(command, peer)
         if done:
             return bytes(command)
 
@@ -809,11 +822,7 @@ def release(sock: socket.socket, buffer: bytearray, timeout: float) -> None:
     sock.settimeout(timeout)
     sock.sendall(struct.pack(">BBIxxxx", RELEASE_RQ, 0, 4))
     while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("no answer to the release request")
-        sock.settimeout(left)
-        pdu_type, _ = _read_pdu(sock, buffer)
+        pdu_type, _ = read_pdu_by(sock, buffer, deadline)
         if pdu_type == RELEASE_RQ:
             sock.sendall(struct.pack(">BBIxxxx", RELEASE_RP, 0, 4))
         elif pdu_type in (RELEASE_RP, ABORT):
