@@ -88,10 +88,11 @@ print(json.dumps(out))
 def test_courier_s_pydicom_entry_points_survive_a_first_import_from_many_threads(
     tmp_path,
 ):
-    """On main before this test, `commitment`'s entry points began with `from
-    pydicom.filereader import ...`: 8 of 8 processes had threads with half-initialised
-    modules. Skipping `load_pydicom()` in `transcode.name` alone breaks 6-8 rounds of
-    10. The lock inside `load_pydicom` is not what protects: without it 0 of 20."""
+    """Before this test, `commitment`'s entry points began with `from
+    pydicom.filereader import ...`: every round of 3 runs broke. Skipping
+    `load_pydicom()` in `transcode.name` alone broke 4-9 rounds of 10 in each of 10
+    runs. The lock inside `load_pydicom` is not what protects: without it, 0 rounds
+    of 30 broke (the import system already makes package-first imports wait)."""
     source = get_testdata_file("CT_small.dcm")
     data = open(source, "rb").read()
     assert data[132:138] == b"\x02\x00\x00\x00UL"  # File Meta Group Length
