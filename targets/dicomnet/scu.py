@@ -758,8 +758,11 @@ def error_comment(rsp: dict[int, bytes]) -> str:
 def connect(host: str, port: int, timeout: float) -> socket.socket:
     """Open a TCP connection with TCP_NODELAY; raise `LinkError` in words."""
     where = f"{host}:{port}"
+    # An ASCII name or address as bytes: a str goes through the idna codec, whose
+    # import is a few ms of a one-file send_series; other names still do.
+    name: str | bytes = host.encode("ascii") if host.isascii() else host
     try:
-        sock = socket.create_connection((host, port), timeout=timeout)
+        sock = socket.create_connection((name, port), timeout=timeout)
     except socket.gaierror as exc:
         raise LinkError(f"cannot resolve host {host!r}: {exc.strerror}") from exc
     except ConnectionRefusedError as exc:
