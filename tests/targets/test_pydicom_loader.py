@@ -38,6 +38,7 @@ import numpy  # imported once: only pydicom's first import is raced
 
 import targets.dicomnet as dn
 from targets.dicomnet import commitment, scu, transcode
+from targets.kinds.dicomweb import index
 
 assert "pydicom" not in sys.modules
 report, meta_file = bytes.fromhex(sys.argv[1]), Path(sys.argv[2])
@@ -56,6 +57,7 @@ calls = {
     "scu.dataset_offset": lambda: scu.dataset_offset(
         meta_file, meta_file.read_bytes()[:256]
     ),
+    "index._text": lambda: index._text(" CHEST "),
 }
 names = list(calls)
 out = []
@@ -115,6 +117,7 @@ def test_courier_s_pydicom_entry_points_survive_a_first_import_from_many_threads
         "commitment.encode_report": encoded.hex(),
         "commitment.parse_report": "9.8.7",
         "scu.dataset_offset": meta_end,
+        "index._text": "CHEST",
     }
 
     done = subprocess.run(
