@@ -47,6 +47,8 @@ _BATCH = {
     "series_uid",
     "calling_aet",
     "called_aet",
+    # A series still arriving: its job's end is "following" (`growing`).
+    "series_open",
     *engine.RETURNED,
 }
 _TAKE = (

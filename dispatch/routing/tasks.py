@@ -15,11 +15,15 @@ is idempotent. A worker that starts routes the leftovers at once.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
+from pathlib import Path
 
 from huey import crontab
 from huey.contrib.djhuey import HUEY, db_periodic_task, db_task
 
-from . import services
+from dispatch.jobs.services import grow_jobs
+
+from . import services, streaming
 
 
 def route_received(pk: int) -> None:
@@ -31,6 +35,30 @@ def route_received(pk: int) -> None:
     """
     if services.contained(services.complete_series, pk, "complete"):
         route_series_task(pk)
+
+
+@dataclass
+class Forwarding:
+    """A series still arriving as `forward_received` left it: the jobs forwarding
+    it (none: no rule forwards it as it arrives) and the paths they have."""
+
+    job_ids: list[int]
+    known: set[str] | None = None
+
+
+def forward_received(
+    pk: int, folder: str | Path, was: Forwarding | None = None
+) -> Forwarding:
+    """Take a series still arriving, once a second while instances land: the
+    first time, judge the rules that forward as instances arrive
+    (`streaming.start_streaming`); then give their jobs the new instances
+    (`dispatch.jobs.services.grow_jobs`). Pass back what the last call returned.
+    """
+    if was is None:
+        was = Forwarding(streaming.start_streaming(pk))
+    if was.job_ids:
+        was.known = grow_jobs(was.job_ids, folder, was.known)
+    return was
 
 
 @db_task()

@@ -1,0 +1,180 @@
+"""Rules that forward as instances arrive, in process: a job that grows with its
+series, yields while it waits, and ends only once the series is complete.
+
+The receiver's side is `tasks.forward_received` called as its bookkeeping calls
+it; the process-level test (receiver, worker, Orthanc) is
+tests/dispatch/receiving/test_end_to_end.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dispatch.jobs import growing
+from dispatch.jobs.models import InstanceState, Job, JobInstance, State
+from dispatch.jobs.services import retry_refusal
+from dispatch.jobs.status import job_report
+from dispatch.jobs.tasks import run_job, sweep
+from dispatch.routing import services as routing
+from dispatch.routing.models import ReceivedSeries
+from dispatch.routing.tasks import forward_received
+from tests.dicomgen import make_series
+from tests.dispatch.helpers import folder_target, modality_is, rule
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def arriving(spool: Path, tmp_path: Path, count: int = 6):
+    """A series whose files land in its spool folder as the test moves them in."""
+    full = make_series(tmp_path / "modality", count)
+    folder = spool / "incoming" / "series-1"
+    folder.mkdir(parents=True)
+    row = ReceivedSeries.objects.create(
+        series_uid=full.series_uid, study_uid=full.study_uid, folder=str(folder),
+        calling_aet="CT_1", called_aet="PACS", state=ReceivedSeries.State.RECEIVING,
+    )  # fmt: skip
+
+    def land(files):
+        for f in files:
+            shutil.move(f, folder / f.name)
+
+    return row, full.files, land
+
+
+def delivered(folder: Path) -> int:
+    return len(list(folder.rglob("*.dcm")))
+
+
+def test_a_job_grows_with_its_series_yields_and_ends_once_routed(tmp_path, spool):
+    now_t = folder_target(tmp_path / "now")
+    later_t = folder_target(tmp_path / "later")
+    streaming = rule("ct as it arrives", [now_t], modality_is("CT"))
+    streaming.stream = True
+    streaming.save()
+    rule("ct when complete", [now_t, later_t], modality_is("CT"))
+    mr = rule("mr as it arrives", [later_t], modality_is("MR"))
+    mr.stream = True
+    mr.save()
+    row, files, land = arriving(spool, tmp_path)
+
+    land(files[:2])
+    fwd = forward_received(row.pk, row.folder)
+    (job,) = Job.objects.all()
+    assert job.series_open and job.total == 2 and job.target == now_t
+    assert job.calling_aet == "CT_1" and job.called_aet == "PACS"
+    assert forward_received(row.pk, row.folder, fwd).job_ids == [job.pk]
+
+    # It sends what is there and waits, holding no worker and no lease.
+    job = run_job(job.pk)
+    assert job.state == State.FOLLOWING and not job.lease_owner
+    assert delivered(tmp_path / "now") == 2
+    assert job_report(job)["waiting"].startswith("2 of 2 sent so far")
+    assert "next instances" in retry_refusal(job)
+    assert run_job(job.pk) is None  # a message for a waiting job claims nothing
+
+    land(files[2:5])
+    fwd = forward_received(row.pk, row.folder, fwd)
+    job.refresh_from_db()
+    assert (job.state, job.total) == (State.QUEUED, 5)
+    job = run_job(job.pk)
+    assert job.state == State.FOLLOWING and delivered(tmp_path / "now") == 5
+    assert Path(row.folder).is_dir()  # kept: the series is not complete
+
+    land(files[5:])
+    assert routing.complete_series(row.pk)
+    result = routing.route_series(row.pk)
+    # The streamed target gets no second job; the other rule's target gets one.
+    assert result.state == ReceivedSeries.State.ROUTED
+    assert sorted(result.rules) == ["ct as it arrives", "ct when complete"]
+    (later,) = Job.objects.exclude(pk=job.pk)
+    assert later.target == later_t and not later.series_open
+    job.refresh_from_db()
+    assert (job.state, job.total, job.series_open) == (State.QUEUED, 6, False)
+
+    job = run_job(job.pk)
+    assert job.state == State.DONE and job.sent == 6
+    assert delivered(tmp_path / "now") == 6
+    # Each instance was sent once, over the three attempts.
+    assert sum(a.sent for a in job.attempts.all()) == 6
+    assert Path(row.folder).is_dir()  # the other job is not done yet
+    assert run_job(later.pk).state == State.DONE
+    assert not Path(row.folder).exists()
+
+
+def test_no_streaming_rule_leaves_routing_to_completion_and_the_default_target(
+    tmp_path, spool, settings
+):
+    settings.COURIER_UNROUTED_DEFAULT_TARGET = "catch-all"
+    catch = folder_target(tmp_path / "catch", name="catch-all")
+    mr = rule("mr as it arrives", [folder_target(tmp_path / "mr")], modality_is("MR"))
+    mr.stream = True
+    mr.save()
+    row, files, land = arriving(spool, tmp_path, 2)
+    land(files)
+
+    assert forward_received(row.pk, row.folder).job_ids == []
+    assert not Job.objects.exists()
+    routing.complete_series(row.pk)
+    result = routing.route_series(row.pk)
+    assert [Job.objects.get(pk=pk).target for pk in result.job_ids] == [catch]
+
+
+def test_a_waiting_job_is_woken_by_what_came_while_it_sent_or_by_the_sweep(
+    tmp_path, spool
+):
+    target = folder_target(tmp_path / "out")
+    r = rule("all as it arrives", [target])
+    r.stream = True
+    r.save()
+    row, files, land = arriving(spool, tmp_path, 3)
+    land(files[:1])
+    fwd = forward_received(row.pk, row.folder)
+    (job,) = Job.objects.all()
+    Job.objects.filter(pk=job.pk).update(state=State.SENDING)
+    land(files[1:2])
+    # Rows added while a worker sends: the receiver cannot queue a sending job...
+    fwd = forward_received(row.pk, row.folder, fwd)
+    assert Job.objects.get(pk=job.pk).state == State.SENDING
+    # ... the worker that yields finds them and goes on.
+    Job.objects.filter(pk=job.pk).update(state=State.FOLLOWING)
+    assert growing.wake_if_due(job.pk)
+    assert Job.objects.get(pk=job.pk).state == State.QUEUED
+    # Nothing pending and the series open: it stays waiting, even for the sweep.
+    JobInstance.objects.filter(job=job).update(state=InstanceState.SENT)
+    Job.objects.filter(pk=job.pk).update(state=State.FOLLOWING)
+    assert not growing.wake_if_due(job.pk)
+    sweep()
+    assert Job.objects.get(pk=job.pk).state == State.FOLLOWING
+    # Closed with its wake-up message lost: the sweep queues it.
+    Job.objects.filter(pk=job.pk).update(series_open=False)
+    assert sweep() >= 1
+    assert Job.objects.get(pk=job.pk).state == State.QUEUED
+
+
+def test_instances_added_to_a_job_that_failed_are_named_when_the_series_closes(
+    tmp_path, spool
+):
+    target = folder_target(tmp_path / "out")
+    r = rule("all as it arrives", [target])
+    r.stream = True
+    r.save()
+    row, files, land = arriving(spool, tmp_path, 3)
+    land(files[:1])
+    fwd = forward_received(row.pk, row.folder)
+    (job,) = Job.objects.all()
+    Job.objects.filter(pk=job.pk).update(state=State.FAILED, last_error="refused")
+    land(files[1:])
+    forward_received(row.pk, row.folder, fwd)
+    routing.complete_series(row.pk)
+    routing.route_series(row.pk)
+
+    job.refresh_from_db()
+    assert job.total == 3 and not job.series_open
+    late = job.instances.filter(state=InstanceState.FAILED)
+    assert late.count() == 3  # (the first was never sent either)
+    assert all("had failed before this instance arrived" in m for m in
+               late.values_list("message", flat=True))  # fmt: skip
+    assert not job.instances.filter(state=InstanceState.PENDING).exists()
