@@ -67,7 +67,7 @@ DISPATCH_SITE = ("dispatch", "dispatch.overview", "dispatch.views", "dispatch.ur
 # its models (the rows it keeps) and the page it extends.
 HAND_OVER = (
     "dispatch.routing.tasks",
-    {"route_received", "forward_received", "Forwarding"},
+    {"route_received", "forward_received"},
 )
 
 
@@ -131,6 +131,7 @@ LAYERS = [
             "dispatch.jobs.outcomes",
             "dispatch.jobs.engine",
             "dispatch.jobs.status",
+            "dispatch.jobs.growing",
         ),
         forbidden=(
             "dispatch.jobs.tasks",

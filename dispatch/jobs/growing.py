@@ -2,31 +2,36 @@
 
 A rule that forwards as instances arrive (`routing.Rule.stream`) makes its jobs
 when the series' first instance is stored, with `Job.series_open` set. The
-receiver's bookkeeping (once a second, after its journal checkpoint: every file in
-the series folder is durable) adds the instances that landed since as pending rows
-(`add_files`) and queues a job that had sent everything and was waiting
-(`State.FOLLOWING`). An attempt at an open job sends what is pending and then
-yields: `outcomes.finish` leaves it following instead of done, and the worker
-thread is free again (`wake_if_due` queues it at once if rows came meanwhile).
-Routing closes the jobs when the series is complete (`close`): the last instances
-are added, `series_open` cleared, and the next attempt ends the job as any other.
+receiver's bookkeeping (once a second) only queues such a job again when its
+series got new instances and the job was waiting (`State.FOLLOWING`, `wake`); the
+worker that claims it adds the new files of the series folder as pending rows
+(`add_files`, headers read there, not on the receiver's threads) and sends what is
+pending. Only durable instances are read: the receiver renames a file into the
+series folder after making it durable, and `.*.part` files never count. An
+attempt at an open job then yields: `outcomes.finish` leaves it following instead
+of done, and the worker thread is free again (`wake_if_due` queues it at once if
+files landed meanwhile). Routing closes the jobs when the series is complete
+(`close`): the last instances are added, `series_open` cleared, and the next
+attempt ends the job as any other.
 
-Every step is a conditional UPDATE on the job's row, so the receiver and a worker
-racing each other queue a job at most once more than needed, never lose a wake-up:
-each writes its change first and looks at the other's after.
+Every step is a conditional UPDATE on the job's row, and each side writes its
+change before it looks at the other's (the receiver: the file, then the job's
+state; the worker: the state, then the folder), so a wake-up is never lost; at
+worst a job is queued once more than needed.
 
-These functions only touch the database; the callers send the queue messages for
-the ids they return (`services.grow_jobs`, `services.close_jobs`, `tasks`).
+These functions only touch the database and the folder; the callers send the
+queue messages for the ids they return (`services`, `tasks`).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from fnmatch import fnmatch
 from pathlib import Path
 
 from django.db import transaction
-from django.db.models import Count, F, OuterRef, Q, Subquery
+from django.db.models import Count, F, OuterRef, Subquery
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -47,26 +52,37 @@ def spool_instances(folder: Path) -> set[str]:
     return {str(folder / n) for n in names if n.endswith(".dcm") and n[0] != "."}
 
 
-def add_files(
-    job_ids: Iterable[int], folder: str | Path, known: set[str] | None = None
-) -> tuple[set[str], list[int]]:
-    """Add the instances of `folder` the open jobs do not have yet as pending rows.
+def _excluded(job: Job, paths: Iterable[str]) -> set[str]:
+    globs = split_globs(job.target.as_kind().exclude)
+    if not globs:
+        return set()
+    return {p for p in paths if any(fnmatch(Path(p).name, g) for g in globs)}
 
-    `known`: the paths already added (kept by the caller between calls, so a tick
-    reads only the new files); None reads them from the rows. Return the paths now
-    known and the ids of jobs that were waiting for them and are queued again.
+
+def unadded(job: Job) -> set[str]:
+    """Instances in the job's series folder that it has no row for (nor excludes)."""
+    files = spool_instances(Path(job.folder))
+    if not files:
+        return set()
+    have = set(job.instances.values_list("path", flat=True))
+    new = files - have
+    return new - _excluded(job, new) if new else new
+
+
+def add_files(job_ids: Iterable[int], folder: str | Path) -> list[int]:
+    """Add the instances of `folder` the open jobs do not have yet as pending rows
+    (an unreadable or damaged one as failed, with the reason).
+
+    Return the ids of jobs that were waiting for them and are queued again.
     """
     job_ids = list(job_ids)
     folder = Path(folder).resolve()
-    if known is None:
-        known = set(
-            JobInstance.objects.filter(job_id__in=job_ids).values_list(
-                "path", flat=True
-            )
-        )
-    new = sorted(spool_instances(folder) - known)
+    have = set(
+        JobInstance.objects.filter(job_id__in=job_ids).values_list("path", flat=True)
+    )
+    new = sorted(spool_instances(folder) - have)
     if not new:
-        return known, []
+        return []
     scanned = scan_paths(folder, [Path(p) for p in new])
     grown = []
     with transaction.atomic():
@@ -80,17 +96,21 @@ def add_files(
                 job.instances.filter(path__in=new).values_list("path", flat=True)
             )
             instances = [i for i in own.instances if str(i.path) not in have]
-            corrupt = [(p, why) for p, why in own.corrupt if str(p) not in have]
+            corrupt = [
+                (p, why)
+                for p, why in (*own.corrupt, *own.skipped)
+                if str(p) not in have
+            ]
             rows = files.rows_for(job, instances, [], corrupt)
-            if not rows and not own.skipped:
+            if not rows:
                 continue
             JobInstance.objects.bulk_create(rows)
-            _recount(job.pk, skipped=len(own.skipped))
+            _recount(job.pk)
             grown.append(job.pk)
-    return known | set(new), wake(grown)
+    return wake(grown)
 
 
-def _recount(job_id: int, skipped: int = 0) -> None:
+def _recount(job_id: int) -> None:
     """The job's instance total from its rows (a worker's end of attempt may have
     written a total from before the rows it did not see)."""
     dicom = (
@@ -99,9 +119,17 @@ def _recount(job_id: int, skipped: int = 0) -> None:
         .annotate(n=Count("id"))
         .values("n")
     )
+    failed = (
+        JobInstance.objects.filter(
+            job_id=OuterRef("pk"), dicom=True, state=InstanceState.FAILED
+        )
+        .values("job_id")
+        .annotate(n=Count("id"))
+        .values("n")
+    )
     Job.objects.filter(pk=job_id).update(
         total=Coalesce(Subquery(dicom), 0),
-        skipped=F("skipped") + skipped,
+        failed=Coalesce(Subquery(failed), 0),
         updated_at=timezone.now(),
     )
 
@@ -118,24 +146,27 @@ def wake(job_ids: Iterable[int]) -> list[int]:
     ]
 
 
-def wake_if_due(job_id: int) -> bool:
-    """A job that just yielded: queue it again at once if instances were added
-    while it sent, or its series was closed meanwhile. True if queued."""
-    pending = JobInstance.objects.filter(job_id=job_id, state=InstanceState.PENDING)
-    due = Job.objects.filter(pk=job_id, state=State.FOLLOWING).filter(
-        Q(series_open=False) | Q(pk__in=pending.values("job_id"))
+def _due(job: Job) -> bool:
+    """A waiting job has something to do: its series closed, rows pending, or
+    files landed that it has no row for yet."""
+    return (
+        not job.series_open
+        or job.instances.filter(state=InstanceState.PENDING).exists()
+        or bool(unadded(job))
     )
-    now = timezone.now()
-    return bool(due.update(state=State.QUEUED, not_before=now, updated_at=now))
+
+
+def wake_if_due(job_id: int) -> bool:
+    """A job that just yielded: queue it again at once if instances landed while
+    it sent, or its series was closed meanwhile. True if queued."""
+    job = Job.objects.filter(pk=job_id, state=State.FOLLOWING).first()
+    return job is not None and _due(job) and bool(wake([job_id]))
 
 
 def due_following() -> list[int]:
     """Waiting jobs that should not wait (a lost message): the sweep queues them."""
-    pending = JobInstance.objects.filter(state=InstanceState.PENDING)
-    ids = Job.objects.filter(state=State.FOLLOWING).filter(
-        Q(series_open=False) | Q(pk__in=pending.values("job_id"))
-    )
-    return wake(list(ids.values_list("pk", flat=True)))
+    waiting = Job.objects.filter(state=State.FOLLOWING).select_related("target")
+    return wake([job.pk for job in waiting if _due(job)])
 
 
 def close(job_ids: Iterable[int], folder: str | Path) -> list[int]:
@@ -147,7 +178,7 @@ def close(job_ids: Iterable[int], folder: str | Path) -> list[int]:
     """
     job_ids = list(job_ids)
     with transaction.atomic():
-        _, woken = add_files(job_ids, folder)
+        woken = add_files(job_ids, folder)
         Job.objects.filter(pk__in=job_ids).update(series_open=False)
         for job in Job.objects.filter(pk__in=job_ids, state=State.FAILED):
             failed = job.instances.filter(state=InstanceState.PENDING).update(

@@ -104,15 +104,11 @@ def create_jobs(
     return jobs
 
 
-def grow_jobs(
-    job_ids: list[int], folder: str | Path, known: set[str] | None = None
-) -> set[str]:
-    """Add a still-arriving series' new instances to its open jobs and queue those
-    waiting for them (`growing.add_files`); return the paths now known."""
-    known, woken = growing.add_files(job_ids, folder, known)
-    for pk in woken:
+def wake_jobs(job_ids: list[int]) -> None:
+    """New instances landed in a still-arriving series: queue its open jobs that
+    wait for them (the worker adds them, `growing`)."""
+    for pk in growing.wake(job_ids):
         enqueue(pk)
-    return known
 
 
 def close_jobs(job_ids: list[int], folder: str | Path) -> None:

@@ -20,7 +20,7 @@ from django.utils import timezone
 from config.safetext import db_text, log_fields
 from dispatch.jobs.commitment import record_report
 from dispatch.routing.models import DESCRIPTION_SUFFIX, ReceivedSeries, count_instances
-from dispatch.routing.tasks import Forwarding, forward_received, route_received
+from dispatch.routing.tasks import forward_received, route_received
 
 from .models import ReceiverStatus
 from .series import Bookkeeper, OpenSeries
@@ -34,9 +34,9 @@ class DatabaseBookkeeper(Bookkeeper):
 
     def __init__(self, name: str):
         self.name = name
-        # Series still arriving, by row pk, as routing last left them (the jobs
-        # of rules that forward as instances arrive, if any).
-        self._streams: dict[int, Forwarding] = {}
+        # Series still arriving, by row pk: the jobs of rules that forward them
+        # as instances arrive (empty: none does).
+        self._streams: dict[int, list[int]] = {}
 
     def restore(self, spool_incoming: Path) -> list[OpenSeries]:
         ReceiverStatus.objects.update_or_create(
@@ -59,12 +59,11 @@ class DatabaseBookkeeper(Bookkeeper):
     def _forward(self, series: OpenSeries) -> None:
         """Start or grow the jobs of rules that forward as instances arrive.
 
-        Called after the journal's checkpoint: every file in the folder is
-        durable. A failure is logged; routing at completion catches up.
+        A failure is logged; routing at completion catches up.
         """
         try:
             self._streams[series.pk] = forward_received(
-                series.pk, series.folder, self._streams.get(series.pk)
+                series.pk, self._streams.get(series.pk)
             )
         except Exception as exc:
             log.warning(

@@ -15,13 +15,11 @@ is idempotent. A worker that starts routes the leftovers at once.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-from pathlib import Path
 
 from huey import crontab
 from huey.contrib.djhuey import HUEY, db_periodic_task, db_task
 
-from dispatch.jobs.services import grow_jobs
+from dispatch.jobs.services import wake_jobs
 
 from . import services, streaming
 
@@ -37,28 +35,18 @@ def route_received(pk: int) -> None:
         route_series_task(pk)
 
 
-@dataclass
-class Forwarding:
-    """A series still arriving as `forward_received` left it: the jobs forwarding
-    it (none: no rule forwards it as it arrives) and the paths they have."""
-
-    job_ids: list[int]
-    known: set[str] | None = None
-
-
-def forward_received(
-    pk: int, folder: str | Path, was: Forwarding | None = None
-) -> Forwarding:
+def forward_received(pk: int, job_ids: list[int] | None = None) -> list[int]:
     """Take a series still arriving, once a second while instances land: the
-    first time, judge the rules that forward as instances arrive
-    (`streaming.start_streaming`); then give their jobs the new instances
-    (`dispatch.jobs.services.grow_jobs`). Pass back what the last call returned.
+    first time (`job_ids` None), judge the rules that forward as instances arrive
+    (`streaming.start_streaming`); then queue their jobs that wait for the new
+    instances (`dispatch.jobs.services.wake_jobs`). Return the jobs' ids (empty:
+    nothing forwards this series), to pass back next time.
     """
-    if was is None:
-        was = Forwarding(streaming.start_streaming(pk))
-    if was.job_ids:
-        was.known = grow_jobs(was.job_ids, folder, was.known)
-    return was
+    if job_ids is None:
+        return streaming.start_streaming(pk)
+    if job_ids:
+        wake_jobs(job_ids)
+    return job_ids
 
 
 @db_task()

@@ -2,7 +2,7 @@
 series, yields while it waits, and ends only once the series is complete.
 
 The receiver's side is `tasks.forward_received` called as its bookkeeping calls
-it; the process-level test (receiver, worker, Orthanc) is
+it (the worker adds the files that landed when it claims the job); the process-level test (receiver, worker, Orthanc) is
 tests/dispatch/receiving/test_end_to_end.py.
 """
 
@@ -61,11 +61,11 @@ def test_a_job_grows_with_its_series_yields_and_ends_once_routed(tmp_path, spool
     row, files, land = arriving(spool, tmp_path)
 
     land(files[:2])
-    fwd = forward_received(row.pk, row.folder)
+    fwd = forward_received(row.pk)
     (job,) = Job.objects.all()
     assert job.series_open and job.total == 2 and job.target == now_t
     assert job.calling_aet == "CT_1" and job.called_aet == "PACS"
-    assert forward_received(row.pk, row.folder, fwd).job_ids == [job.pk]
+    assert fwd == [job.pk] and forward_received(row.pk) == [job.pk]
 
     # It sends what is there and waits, holding no worker and no lease.
     job = run_job(job.pk)
@@ -76,10 +76,11 @@ def test_a_job_grows_with_its_series_yields_and_ends_once_routed(tmp_path, spool
     assert run_job(job.pk) is None  # a message for a waiting job claims nothing
 
     land(files[2:5])
-    fwd = forward_received(row.pk, row.folder, fwd)
+    forward_received(row.pk, fwd)
     job.refresh_from_db()
-    assert (job.state, job.total) == (State.QUEUED, 5)
-    job = run_job(job.pk)
+    assert (job.state, job.total) == (State.QUEUED, 2)
+    job = run_job(job.pk)  # takes the three new files
+    assert job.total == 5
     assert job.state == State.FOLLOWING and delivered(tmp_path / "now") == 5
     assert Path(row.folder).is_dir()  # kept: the series is not complete
 
@@ -115,7 +116,7 @@ def test_no_streaming_rule_leaves_routing_to_completion_and_the_default_target(
     row, files, land = arriving(spool, tmp_path, 2)
     land(files)
 
-    assert forward_received(row.pk, row.folder).job_ids == []
+    assert forward_received(row.pk) == []
     assert not Job.objects.exists()
     routing.complete_series(row.pk)
     result = routing.route_series(row.pk)
@@ -131,18 +132,21 @@ def test_a_waiting_job_is_woken_by_what_came_while_it_sent_or_by_the_sweep(
     r.save()
     row, files, land = arriving(spool, tmp_path, 3)
     land(files[:1])
-    fwd = forward_received(row.pk, row.folder)
+    fwd = forward_received(row.pk)
     (job,) = Job.objects.all()
+    JobInstance.objects.filter(job=job).update(state=InstanceState.SENT)
     Job.objects.filter(pk=job.pk).update(state=State.SENDING)
     land(files[1:2])
-    # Rows added while a worker sends: the receiver cannot queue a sending job...
-    fwd = forward_received(row.pk, row.folder, fwd)
+    # A file landed while a worker sends: the receiver cannot queue a sending job...
+    forward_received(row.pk, fwd)
     assert Job.objects.get(pk=job.pk).state == State.SENDING
-    # ... the worker that yields finds them and goes on.
+    # ... the worker that yields finds it and goes on.
     Job.objects.filter(pk=job.pk).update(state=State.FOLLOWING)
     assert growing.wake_if_due(job.pk)
     assert Job.objects.get(pk=job.pk).state == State.QUEUED
-    # Nothing pending and the series open: it stays waiting, even for the sweep.
+    # Every file has its row, none pending, the series open: it stays waiting,
+    # even for the sweep.
+    growing.add_files([job.pk], row.folder)
     JobInstance.objects.filter(job=job).update(state=InstanceState.SENT)
     Job.objects.filter(pk=job.pk).update(state=State.FOLLOWING)
     assert not growing.wake_if_due(job.pk)
@@ -163,11 +167,11 @@ def test_instances_added_to_a_job_that_failed_are_named_when_the_series_closes(
     r.save()
     row, files, land = arriving(spool, tmp_path, 3)
     land(files[:1])
-    fwd = forward_received(row.pk, row.folder)
+    fwd = forward_received(row.pk)
     (job,) = Job.objects.all()
     Job.objects.filter(pk=job.pk).update(state=State.FAILED, last_error="refused")
     land(files[1:])
-    forward_received(row.pk, row.folder, fwd)
+    forward_received(row.pk, fwd)
     routing.complete_series(row.pk)
     routing.route_series(row.pk)
 
