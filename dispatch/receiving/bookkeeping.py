@@ -66,6 +66,9 @@ class DatabaseBookkeeper(Bookkeeper):
                 series.pk, self._streams.get(series.pk)
             )
         except Exception as exc:
+            # Tried again on the next tick (the series is saved again too: that
+            # is idempotent), whether or not another instance lands.
+            series.dirty = True
             log.warning(
                 "event=series_forward_failed %s",
                 log_fields(series_uid=series.series_uid, error=exc),
