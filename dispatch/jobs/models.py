@@ -75,8 +75,8 @@ class Job(models.Model):
     # How the series arrived, for the pass-incoming switches of DICOM targets.
     calling_aet = models.CharField("incoming Source AET", max_length=16, blank=True)
     called_aet = models.CharField("incoming Target AET", max_length=16, blank=True)
-    # The series is still arriving: the receiver adds its instances to the job as
-    # they land (`growing`), and the job cannot be done before routing closes it.
+    # The series is still arriving: its instances join the job as they land
+    # (`growing`), and the job cannot be done before routing closes it.
     series_open = models.BooleanField("series still arriving", default=False)
 
     state = models.CharField(

@@ -6,8 +6,8 @@ The services move a `ReceivedSeries` through its states:
 
 A rule that forwards as instances arrive (`Rule.stream`) is judged earlier, when
 the series' first instance is stored (`streaming.start_streaming`, from the
-receiver's bookkeeping): its targets get their jobs then, open (`Job.series_open`), and the
-receiver adds each instance to them as it lands (`dispatch.jobs.growing`).
+receiver's bookkeeping): its targets get their jobs then, open
+(`Job.series_open`), which take each instance as it lands (`dispatch.jobs.growing`).
 `route_series` closes those jobs when the series is complete and routes the other
 rules as before; a target with a job for the series gets no second one.
 

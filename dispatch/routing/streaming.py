@@ -5,9 +5,9 @@ The receiver's bookkeeping calls `start_streaming` (through
 rules with "forward as instances arrive" (`Rule.stream`) are matched on the
 header of its first stored instance (every condition looks at one instance's
 header and the AE titles, so nothing is lost by judging it before the series is
-complete); their targets get open jobs (`Job.series_open`), which the receiver
-grows as instances land (`dispatch.jobs.growing`) and `services.route_series`
-closes at completion.
+complete); their targets get open jobs (`Job.series_open`), which grow as
+instances land (`dispatch.jobs.growing`) and `services.route_series` closes at
+completion.
 """
 
 from __future__ import annotations
