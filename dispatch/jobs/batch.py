@@ -32,7 +32,9 @@ BATCH_JOBS = 32
 _SMALL = (
     "j.target_id = %(target)s AND j.state = 'queued' AND j.not_before <= %(now)s "
     "AND (j.lease_expires_at IS NULL OR j.lease_expires_at < %(now)s) "
-    "AND j.total + j.other_files <= 1"
+    "AND j.total + j.other_files <= 1 "
+    # An open job (its series still arriving) grows when claimed alone (`tasks`).
+    "AND NOT j.series_open"
 )
 _PICK = (
     "SELECT j.id, {used} FROM dispatch_job j WHERE " + _SMALL + " "

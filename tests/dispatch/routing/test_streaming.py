@@ -15,9 +15,9 @@ import pytest
 
 from dispatch.jobs import growing
 from dispatch.jobs.models import InstanceState, Job, JobInstance, State
-from dispatch.jobs.services import retry_refusal
+from dispatch.jobs.services import create_jobs, retry_refusal
 from dispatch.jobs.status import job_report
-from dispatch.jobs.tasks import run_job, sweep
+from dispatch.jobs.tasks import run_job, run_jobs_from, sweep
 from dispatch.routing import services as routing
 from dispatch.routing.models import ReceivedSeries
 from dispatch.routing.tasks import forward_received
@@ -182,3 +182,74 @@ def test_instances_added_to_a_job_that_failed_are_named_when_the_series_closes(
     assert all("had failed before this instance arrived" in m for m in
                late.values_list("message", flat=True))  # fmt: skip
     assert not job.instances.filter(state=InstanceState.PENDING).exists()
+
+
+def test_an_open_job_of_one_file_is_never_taken_into_a_batch(tmp_path, spool):
+    """A batch sends one-file jobs as they are; an open job of one file must grow
+    first (a batch would find nothing new, wake it and take it again)."""
+    target = folder_target(tmp_path / "out")
+    r = rule("all as it arrives", [target])
+    r.stream = True
+    r.save()
+    row, files, land = arriving(spool, tmp_path, 3)
+    land(files[:1])
+    (job_id,) = forward_received(row.pk)
+    other = make_series(tmp_path / "other", 1)
+    (single,) = create_jobs(other.folder, [target], owned_spool=False)
+    land(files[1:])
+
+    run_jobs_from(single.pk)
+
+    job = Job.objects.get(pk=job_id)
+    assert (job.state, job.total, job.sent) == (State.FOLLOWING, 3, 3)
+    assert job.attempts.count() <= 2
+
+
+# The same steps on PostgreSQL, in one site process (one Django start-up): the
+# conditional UPDATEs, the recount subquery, the batch's NOT series_open.
+PG_STEPS = """
+import json, shutil
+from pathlib import Path
+from dispatch.jobs import growing
+from dispatch.jobs.models import Job, State
+from dispatch.jobs.tasks import run_job, sweep
+from dispatch.routing import services
+from dispatch.routing.models import ReceivedSeries, Rule
+from dispatch.routing.tasks import forward_received
+from targets.models import Target
+files = sorted(Path(SRC).glob('*.dcm'))
+folder = Path(SPOOL) / 'incoming' / 'series-pg'
+folder.mkdir(parents=True)
+t = Target(name='out', kind='folder', path=OUT)
+t.save()
+r = Rule.objects.create(name='all', stream=True)
+r.targets.set([t])
+row = ReceivedSeries.objects.create(series_uid='1.2.3', folder=str(folder),
+    calling_aet='CT_1', state='receiving')
+shutil.move(files[0], folder / files[0].name)
+(job_id,) = forward_received(row.pk)
+seen = [run_job(job_id).state]
+for f in files[1:]:
+    shutil.move(f, folder / f.name)
+forward_received(row.pk, [job_id])
+seen.append(run_job(job_id).state)
+seen.append(growing.due_following())
+services.complete_series(row.pk)
+services.route_series(row.pk)
+job = run_job(job_id)
+print(json.dumps(seen + [job.state, job.total, job.sent, Path(folder).exists()]))
+"""
+
+
+def test_streaming_steps_on_postgresql(courier_site, postgres_server, tmp_path):
+    url = postgres_server.create_database(f"stream_{tmp_path.name[-8:].lower()}")
+    site = courier_site(database_url=url, pg=postgres_server).migrate()
+    src = make_series(tmp_path / "modality", 3)
+    (tmp_path / "out").mkdir()
+    code = (
+        f"SRC, SPOOL, OUT = {str(src.folder)!r}, {str(site.spool)!r}, "
+        f"{str(tmp_path / 'out')!r}\n" + PG_STEPS
+    )
+    assert site.python(code) == [
+        "following", "following", [], "done", 3, 3, False
+    ]  # fmt: skip
