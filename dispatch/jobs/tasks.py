@@ -138,10 +138,6 @@ def run_job(
     own_keeper = keeper is None
     if keeper is None:
         keeper = engine.keeper_for(job_id, worker).start()
-    if claimed.job.series_open:
-        # The series still arrives: the files landed since join the job here, on
-        # the worker, not on the receiver's threads.
-        growing.add_files([job_id], claimed.job.folder)
     # A watch for when the lease would end, should this worker die. A job of
     # several files gets it at once (a crash costs one lease, whenever it comes). A
     # one-file job, most of a busy queue and done well within a lease, gets it only
@@ -152,6 +148,10 @@ def run_job(
     else:
         keeper.then(lambda expires: watch(job_id, expires))
     try:
+        if claimed.job.series_open:
+            # The series still arrives: the files landed since join the job
+            # here, on the worker, not on the receiver's threads.
+            growing.add_files([job_id], claimed.job.folder)
         job = engine.attempt(claimed, worker, keeper, progress, retry)
     finally:
         if own_keeper:
