@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -130,6 +131,11 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--json", help="append the figures to this JSON-lines file")
     args = parser.parse_args()
+    # Courier's processes as an installation runs them: with its modules' bytecode
+    # cached (pip compiles site-packages; a checkout writes __pycache__ on its first
+    # run). A shell with PYTHONDONTWRITEBYTECODE=1 would otherwise have every one of
+    # Courier's modules compiled from source in every process (~0.1 s of start-up).
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
     header("send_series as a whole process vs storescu / dcmsend")
     work = Path(tempfile.mkdtemp(prefix="courier-bench-send-"))

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import statistics
@@ -163,6 +164,11 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--json", help="append the figures to this JSON-lines file")
     args = parser.parse_args()
+    # Courier's processes as an installation runs them: with its modules' bytecode
+    # cached (pip compiles site-packages; a checkout writes __pycache__ on its first
+    # run). A shell with PYTHONDONTWRITEBYTECODE=1 would otherwise have every one of
+    # Courier's modules compiled from source in every process (~0.1 s of start-up).
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
     header("start-up: send_series of one instance vs storescu of one")
     work = Path(tempfile.mkdtemp(prefix="courier-bench-startup-"))

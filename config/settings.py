@@ -80,8 +80,11 @@ INSTALLED_APPS = [
     "dispatch.routing",
     "dispatch.receiving",
     "querytool",
-    # After dispatch: its run_huey (preload, then huey's consumer) replaces huey's.
-    "huey.contrib.djhuey",
+    # Not huey.contrib.djhuey: the queue is imported by what sends a message or runs
+    # one (dispatch's run_huey is huey's command after a preload), never by
+    # django.setup(), so a command that queues nothing does not load huey and redis-py.
+    # Last: its ready() ends the start-up (the garbage collector, config/apps.py).
+    "config.apps.StartupConfig",
 ]
 
 MIDDLEWARE = [

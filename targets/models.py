@@ -26,13 +26,13 @@ from django.db.models.functions import Lower
 from django.utils.module_loading import import_string
 
 from .kinds.xnat.labels import DEFAULT_SESSION_TEMPLATE, DEFAULT_SUBJECT_TEMPLATE
-from .query import QuerySource, SourceError
 from .secrets import EncryptedTextField
 from .series import DEFAULT_LAYOUT
 from .validators import validate_ae_title, validate_globs, validate_host
 
 if TYPE_CHECKING:
     from .kinds.base import Handler
+    from .query import QuerySource
 
 
 class Kind(models.TextChoices):
@@ -409,6 +409,9 @@ class Target(models.Model):
         proxy = self.as_kind()
         path = proxy.query_source_path_for_settings()
         if path is None:
+            # The query contracts load with the first search, not with the models.
+            from .query import SourceError
+
             raise SourceError(f"{self.get_kind_display()} targets cannot be queried.")
         return import_string(path)(proxy)
 

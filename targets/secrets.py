@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from typing import TYPE_CHECKING
 
-from cryptography.fernet import Fernet, InvalidToken
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.db import models
+
+if TYPE_CHECKING:
+    from cryptography.fernet import Fernet
 
 PREFIX = "fernet:"
 
@@ -30,6 +33,10 @@ class SecretKeyMismatch(ImproperlyConfigured):
 
 
 def _fernet() -> Fernet:
+    # Imported on first use: a command whose targets hold no secret (a DICOM send)
+    # does not load cryptography's bindings at start-up.
+    from cryptography.fernet import Fernet
+
     key = settings.COURIER_ENCRYPTION_KEY
     if not key:
         raise ImproperlyConfigured(
@@ -48,6 +55,8 @@ def decrypt(token: str) -> Secret:
         return Secret("")
     if not token.startswith(PREFIX):
         raise SecretKeyMismatch("A stored secret is not in Courier's encrypted format.")
+    from cryptography.fernet import InvalidToken
+
     try:
         return Secret(_fernet().decrypt(token[len(PREFIX) :].encode()).decode())
     except InvalidToken:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -337,6 +338,10 @@ def _scan_slowly(series: Series, path: Path) -> None:
         series.instances.append(instance)
     except CorruptDataset as exc:
         series.corrupt.append((path, f"corrupt DICOM ({exc})"))
+    except struct.error as exc:
+        # pydicom ran out of bytes inside an element's header: a DICOM file cut
+        # short (the fast pass had found it corrupt already).
+        series.corrupt.append((path, f"corrupt DICOM (truncated element: {exc})"))
     except RecursionError:
         series.corrupt.append((path, TOO_DEEP))
     except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:

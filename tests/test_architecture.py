@@ -130,6 +130,7 @@ LAYERS = [
             "dispatch.jobs.spool",
             "dispatch.jobs.outcomes",
             "dispatch.jobs.engine",
+            "dispatch.jobs.running",
             "dispatch.jobs.status",
             "dispatch.jobs.growing",
         ),

@@ -12,6 +12,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from django.utils import timezone
@@ -21,11 +22,10 @@ from targets.models import Target
 from targets.series import Series, scan_folder
 from targets.validators import split_globs
 
-from . import engine, lease
+from . import engine, lease, running
 from .models import DispatchError, Job, JobOrigin, State
-from .services import create_jobs, other_files_for
+from .services import create_jobs, enqueue, other_files_for
 from .spool import take_into_spool
-from .tasks import kick_target, run_job
 
 
 @dataclass
@@ -40,6 +40,19 @@ class SendReport:
 
 
 WaitHook = Callable[[int, int], None]
+
+
+def _watch(job_id: int, expires: datetime) -> None:
+    """A worker's look at the job when its lease would run out (`tasks.watch`).
+
+    Sent from the lease's first renewal (`watch_late`), and the queue imported
+    then: a send done sooner (one file, or 500 small ones in about a second) never
+    loads huey and redis-py (~70 ms of CPU); should its process die first, the
+    sweep resumes the job once the lease has run out.
+    """
+    from .tasks import watch
+
+    watch(job_id, expires)
 
 
 def send_series(
@@ -87,13 +100,15 @@ def send_series(
     told = False
     try:
         while True:
-            result = run_job(
+            result = running.attempt_job(
                 job.pk,
+                watch=_watch,
                 worker=worker,
                 progress=progress,
                 retry=False,
                 held=True,
                 keeper=keeper,
+                watch_late=True,
             )
             if result is not None:
                 break
@@ -117,7 +132,9 @@ def send_series(
         raise
     finally:
         keeper.stop()
-    kick_target(target.pk)
+    # The slot it held is free: the target's next queued jobs may go now.
+    for job_id in running.due_jobs(target.pk):
+        enqueue(job_id)
     job.refresh_from_db()
     return SendReport(
         job=job, left_out=left_out, seconds=time.monotonic() - start, refused=refused

@@ -11,9 +11,12 @@ another instance, is gone, or is no longer intact DICOM fails by name.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from django.db import connection
+from django.utils import timezone
 
 from config.safetext import db_text
 from targets.series import Instance, OtherFile, Series, scan_paths
@@ -40,7 +43,58 @@ def rows_for(
     sent: its row is failed with the reason from the start, never sent or retried
     by an attempt (a damaged file does not mend itself).
     """
-    rows = []
+    return [
+        JobInstance(job=job, **values)
+        for values in _row_values(instances, others, corrupt)
+    ]
+
+
+def insert_rows(
+    job: Job,
+    instances: list[Instance],
+    others: list[OtherFile],
+    corrupt: Sequence[tuple[Path, str]] = (),
+) -> None:
+    """Write `rows_for`'s rows (the same values) with one `executemany`.
+
+    `bulk_create` made a model instance per file and prepared each of its fields
+    through the ORM: 42-48 ms of CPU for 500 instances where this takes 15-17 ms.
+    Values go as parameters, never into the SQL.
+    """
+    fields = [f for f in JobInstance._meta.concrete_fields if not f.primary_key]
+    defaults = {f.attname: _plain(f.get_default()) for f in fields}
+    defaults["job_id"] = job.pk
+    # auto_now, as save() would set it.
+    defaults["updated_at"] = connection.ops.adapt_datetimefield_value(timezone.now())
+    tags = JobInstance._meta.get_field("tags")
+    params = []
+    for values in _row_values(instances, others, corrupt):
+        row = {**defaults, **values}
+        row["tags"] = tags.get_db_prep_save(row["tags"], connection)
+        params.append([row[f.attname] for f in fields])
+    if not params:
+        return
+    quote = connection.ops.quote_name
+    sql = "INSERT INTO {} ({}) VALUES ({})".format(
+        quote(JobInstance._meta.db_table),
+        ", ".join(quote(f.column) for f in fields),
+        ", ".join(["%s"] * len(fields)),
+    )
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, params)
+
+
+def _plain(value):
+    """A choice's value as a plain string (every driver binds that)."""
+    return str(value) if isinstance(value, str) else value
+
+
+def _row_values(
+    instances: list[Instance],
+    others: list[OtherFile],
+    corrupt: Sequence[tuple[Path, str]],
+) -> Iterator[dict]:
+    """Each row's values but the job and the model's defaults."""
     for inst in instances:
         try:
             st = os.stat(inst.path)
@@ -48,35 +102,26 @@ def rows_for(
             seen, size = "", inst.size  # gone already: the attempt says so
         else:
             seen, size = stamp(st), st.st_size
-        rows.append(
-            JobInstance(
-                job=job,
-                path=str(inst.path),
-                sop_instance_uid=db_text(inst.sop_instance_uid, 64),
-                size=size,
-                stamp=seen,
-                sop_class_uid=db_text(inst.sop_class_uid, 64),
-                transfer_syntax=db_text(inst.transfer_syntax, 64),
-                # Values from the files: no NUL reaches the database.
-                tags={k: db_text(v) for k, v in inst.tags.items()},
-            )
-        )
+        yield {
+            "path": str(inst.path),
+            "sop_instance_uid": db_text(inst.sop_instance_uid, 64),
+            "size": size,
+            "stamp": seen,
+            "sop_class_uid": db_text(inst.sop_class_uid, 64),
+            "transfer_syntax": db_text(inst.transfer_syntax, 64),
+            # Values from the files: no NUL reaches the database.
+            "tags": {k: db_text(v) for k, v in inst.tags.items()},
+        }
     for other in others:
-        rows.append(
-            JobInstance(job=job, path=str(other.path), dicom=False, size=other.size)
-        )
+        yield {"path": str(other.path), "dicom": False, "size": other.size}
     for path, why in corrupt:
-        rows.append(
-            JobInstance(
-                job=job,
-                path=str(path),
-                state=InstanceState.FAILED,
-                # The reason quotes the file's bytes: fit for any database.
-                message=db_text(f"{why}: not sent", 2000),
-                size=_size(path),
-            )
-        )
-    return rows
+        yield {
+            "path": str(path),
+            "state": InstanceState.FAILED.value,
+            # The reason quotes the file's bytes: fit for any database.
+            "message": db_text(f"{why}: not sent", 2000),
+            "size": _size(path),
+        }
 
 
 def _size(path: Path) -> int:

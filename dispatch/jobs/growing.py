@@ -101,10 +101,9 @@ def add_files(job_ids: Iterable[int], folder: str | Path) -> list[int]:
                 for p, why in (*own.corrupt, *own.skipped)
                 if str(p) not in have
             ]
-            rows = files.rows_for(job, instances, [], corrupt)
-            if not rows:
+            if not instances and not corrupt:
                 continue
-            JobInstance.objects.bulk_create(rows)
+            files.insert_rows(job, instances, [], corrupt)
             _recount(job.pk)
             grown.append(job.pk)
     return wake(grown)

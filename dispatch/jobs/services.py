@@ -29,11 +29,26 @@ from .models import (
     DispatchError,
     InstanceState,
     Job,
-    JobInstance,
     JobOrigin,
     State,
 )
-from .tasks import enqueue, kick_target
+
+
+# Messages to the workers (`tasks`), imported with the first one: creating a job for
+# a direct send queues none, and huey's import (with redis-py) would be most of a
+# one-file `send_series`'s start-up.
+def enqueue(job: Job | int, *, eta=None) -> None:
+    """Ask a worker to look at the job (`tasks.enqueue`)."""
+    from .tasks import enqueue as send
+
+    send(job, eta=eta)
+
+
+def kick_target(target_id: int) -> int:
+    """Queue the target's jobs that may run now (`tasks.kick_target`)."""
+    from .tasks import kick_target as kick
+
+    return kick(target_id)
 
 
 def create_jobs(
@@ -94,9 +109,7 @@ def create_jobs(
             )
             # The headers read by the scan go with the rows: an attempt does not
             # read the folder again (`files.pending`).
-            JobInstance.objects.bulk_create(
-                files.rows_for(job, own.instances, others, own.corrupt)
-            )
+            files.insert_rows(job, own.instances, others, own.corrupt)
             jobs.append(job)
         if enqueue_now:
             for job in jobs:

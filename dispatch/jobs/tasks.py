@@ -26,7 +26,7 @@ from huey.contrib.djhuey import HUEY, db_periodic_task, db_task
 
 from targets.models import Target
 
-from . import batch, engine, growing, lease
+from . import batch, engine, growing, lease, running
 from .commitment import purge_commitments
 from .models import Job, State
 from .spool import expire_spool
@@ -95,16 +95,7 @@ def watch(job_id: int, expires) -> None:
 
 def kick_target(target_id: int, target: Target | None = None) -> int:
     """Queue the oldest jobs of a target that may run now, one per free slot."""
-    now = timezone.now()
-    if target is None:
-        target = Target.objects.filter(pk=target_id).first()
-    if target is None or engine.wait_reason(target):
-        return 0
-    free = engine.job_limit(target) - engine.slots_in_use(target_id, now)
-    if free <= 0:
-        return 0
-    due = Job.objects.filter(target_id=target_id).filter(engine.claimable_q(now))
-    ids = list(due.order_by("not_before", "id").values_list("id", flat=True)[:free])
+    ids = running.due_jobs(target_id, target)
     for job_id in ids:
         enqueue(job_id)
     return len(ids)
@@ -131,31 +122,18 @@ def run_job(
     watched: should this worker die, another resumes the job when it runs out (for
     a one-file job that died before its first renewal, the sweep does).
     """
-    worker = worker or lease.worker_id()
-    claimed = engine.claim(job_id, worker, respect_limit, held=held)
-    if claimed is None:
+    job = running.attempt_job(
+        job_id,
+        watch=watch,
+        worker=worker or lease.worker_id(),
+        progress=progress,
+        respect_limit=respect_limit,
+        retry=retry,
+        held=held,
+        keeper=keeper,
+    )
+    if job is None:
         return None
-    own_keeper = keeper is None
-    if keeper is None:
-        keeper = engine.keeper_for(job_id, worker).start()
-    # A watch for when the lease would end, should this worker die. A job of
-    # several files gets it at once (a crash costs one lease, whenever it comes). A
-    # one-file job, most of a busy queue and done well within a lease, gets it only
-    # if still sending at the lease's first renewal: one dying sooner is left to the
-    # sweep (each minute, and when a worker starts).
-    if claimed.job.total > 1:
-        watch(job_id, timezone.now() + lease.lease_length())
-    else:
-        keeper.then(lambda expires: watch(job_id, expires))
-    try:
-        if claimed.job.series_open:
-            # The series still arrives: the files landed since join the job
-            # here, on the worker, not on the receiver's threads.
-            growing.add_files([job_id], claimed.job.folder)
-        job = engine.attempt(claimed, worker, keeper, progress, retry)
-    finally:
-        if own_keeper:
-            keeper.stop()
     if job.state == State.RETRY_WAIT:
         enqueue(job, eta=job.not_before)
     elif job.state == State.FOLLOWING and growing.wake_if_due(job.pk):

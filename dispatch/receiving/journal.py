@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import itertools
+import logging
 import os
 import struct
 import threading
@@ -38,6 +40,10 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+
+from config.safetext import log_fields
+
+log = logging.getLogger("courier.receiver")
 
 JOURNAL_DIR = ".journal"
 SEGMENT_BYTES = 32 * 1024 * 1024
@@ -101,8 +107,12 @@ class Segment:
             for offset in range(0, SEGMENT_BYTES, len(zeros)):
                 os.pwrite(fd, zeros, offset)
             os.fsync(fd)
-        finally:
+        except BaseException:
+            # A full disk: the half-written segment must not keep its space.
             os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
         segment = cls(path)
@@ -134,26 +144,70 @@ class Segment:
         os.fdatasync(self.fd)
 
     def records(self) -> list[Record]:
-        """The valid records from the start (what a crash may have left unsynced)."""
+        """The valid records from the start (what a crash may have left unsynced).
+
+        A record with this generation that fails its CRC (or runs past the end of
+        a truncated file) is logged by its segment, offset and path: the last one
+        is torn by a crash (never acknowledged); one followed by a valid record was
+        damaged on disk after it was acknowledged, and the replay goes on past it.
+        """
         found, offset = [], self.start
         while offset + _RECORD.size <= SEGMENT_BYTES:
             raw = os.pread(self.fd, _RECORD.size, offset)
+            if len(raw) < _RECORD.size:  # the file was truncated
+                break
             magic, generation, sequence, path_len, size, crc = _RECORD.unpack(raw)
             if magic != _RECORD_MAGIC or generation != self.generation:
                 break
             total = _RECORD.size + path_len + size
-            if offset + total > SEGMENT_BYTES:
-                break
-            body = os.pread(self.fd, path_len + size, offset + _RECORD.size)
-            if zlib.crc32(body, zlib.crc32(raw[:-4])) != crc or len(body) != (
-                path_len + size
+            body = b""
+            if offset + total <= SEGMENT_BYTES:
+                body = os.pread(self.fd, path_len + size, offset + _RECORD.size)
+            if (
+                len(body) != path_len + size
+                or zlib.crc32(body, zlib.crc32(raw[:-4])) != crc
             ):
-                break
+                following = offset + _aligned(total)
+                damaged = self._valid_at(following, sequence)
+                log.log(
+                    logging.ERROR if damaged else logging.WARNING,
+                    "event=journal_record_ignored %s",
+                    log_fields(
+                        segment=self.path.name,
+                        offset=offset,
+                        path=body[:path_len].decode("utf-8", "replace"),
+                        reason="damaged on disk (a valid record follows)"
+                        if damaged
+                        else "torn (never acknowledged) or damaged",
+                    ),
+                )
+                if not damaged:
+                    break
+                offset = following
+                continue
             path = body[:path_len].decode("utf-8", "surrogateescape")
             found.append(Record(sequence, path, body[path_len:]))
             offset += _aligned(total)
         self.end = offset
         return found
+
+    def _valid_at(self, offset: int, after: int) -> bool:
+        """Whether a record of this generation, later than `after`, is whole at
+        `offset` (appends are sequential: then the one before was acknowledged)."""
+        if offset + _RECORD.size > SEGMENT_BYTES:
+            return False
+        raw = os.pread(self.fd, _RECORD.size, offset)
+        if len(raw) < _RECORD.size:
+            return False
+        magic, generation, sequence, path_len, size, crc = _RECORD.unpack(raw)
+        if magic != _RECORD_MAGIC or generation != self.generation:
+            return False
+        if sequence <= after or offset + _RECORD.size + path_len + size > SEGMENT_BYTES:
+            return False
+        body = os.pread(self.fd, path_len + size, offset + _RECORD.size)
+        return len(body) == path_len + size and (
+            zlib.crc32(body, zlib.crc32(raw[:-4])) == crc
+        )
 
     def rewind(self) -> None:
         """Everything in it is checkpointed: start again at the top, a new
@@ -193,6 +247,8 @@ class Journal:
         self._segments: list[Segment] = []
         self._creating = 0
         self._names = itertools.count()
+        # One checkpoint at a time (the bookkeeping thread's, a replacement's).
+        self._checkpointing = threading.Lock()
 
     def open(self) -> list[Record]:
         """Open the segments; return the records not yet checkpointed, oldest first
@@ -207,9 +263,24 @@ class Journal:
             try:
                 segment.read_header()
             except ValueError:
+                blank = not any(os.pread(segment.fd, 1024, 0))
                 segment.close()
-                path.unlink()
+                if blank:  # created, never used: a crash before its first header
+                    path.unlink()
+                    continue
+                # Both header slots damaged (never both written at once): which
+                # records count is unknown. Kept aside for a person, not replayed.
+                aside = path.with_name(f"damaged-{path.name}")
+                path.rename(aside)
+                log.error("event=journal_segment_damaged %s",
+                          log_fields(segment=path.name, kept_as=aside.name,
+                                     reason="no valid header"))  # fmt: skip
                 continue
+            if (size := os.fstat(segment.fd).st_size) != SEGMENT_BYTES:
+                log.error("event=journal_segment_damaged %s",
+                          log_fields(segment=path.name, size=size,
+                                     reason=f"not {SEGMENT_BYTES} bytes: truncated; "
+                                     "the records still whole are replayed"))  # fmt: skip
             records.extend(segment.records())
             self._segments.append(segment)
         numbers = [int(s.path.name.rsplit("-", 1)[1]) for s in self._segments]
@@ -232,7 +303,8 @@ class Journal:
         """Write one record (`path` relative to `incoming`, then `parts`) and flush it.
 
         Return None when the journal cannot take it (too large, every segment busy
-        or full): the caller makes the file durable itself.
+        or full, no room on the disk for a new segment): the caller makes the file
+        durable itself.
         """
         encoded = path.encode("utf-8", "surrogateescape")
         size = sum(len(p) for p in parts)
@@ -296,7 +368,14 @@ class Journal:
             name = f"segment-{next(self._names)}"
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
+            disk = os.statvfs(self.folder)
+            if disk.f_bavail * disk.f_frsize < 2 * SEGMENT_BYTES:
+                return None  # a small or nearly full spool disk: the classic path
             segment = Segment.create(self.folder / name)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            return None  # the instance itself may still fit: the classic path
         finally:
             with self._lock:
                 self._creating -= 1
@@ -321,6 +400,10 @@ class Journal:
         """Make the spool files of the records so far durable (one `syncfs`), then
         drop those records: move each segment's start past them, and rewind a
         segment with nothing newer."""
+        with self._checkpointing:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
         self._drop_removed()
         with self._lock:
             snapshot = [(s, s.end) for s in self._segments]

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import itertools
 import json
 import logging
@@ -254,6 +255,10 @@ class IncomingInstance:
             ticket = rx.journal.append(relative, self.file_meta, self.head)
         if ticket is None:
             os.fdatasync(self.fd)
+            if rx.journal is not None and os.path.exists(target):
+                # A replacement: an earlier copy's journal record, not yet
+                # checkpointed, would be replayed over this one after a crash.
+                rx.journal.checkpoint()
         try:
             os.replace(self.path, target)
             self.path = None
@@ -296,6 +301,29 @@ def _identity_problem(
                 f"C-STORE request ({requested!r})"
             )
     return None
+
+
+class SpoolInUse(RuntimeError):
+    """Another receiver runs on this spool."""
+
+
+def lock_spool(incoming: Path) -> int:
+    """Take the spool for this receiver (an exclusive `flock` on its folder, freed
+    when the process dies); raise `SpoolInUse` if another receiver has it.
+
+    Two receivers on one spool would write into the same journal segments, each
+    rewinding the other's, and adopt each other's open series.
+    """
+    fd = os.open(incoming, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SpoolInUse(
+            f"another receiver is running on the spool {incoming}: one receiver "
+            "per spool (COURIER_SPOOL_DIR)"
+        ) from None
+    return fd
 
 
 class Receiver:
@@ -347,6 +375,7 @@ class Receiver:
         self._server: StoreSCP | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._spool_lock = -1
         # Series whose row could not be written, logged once each.
         self._unsaved: set[tuple[str, str, str]] = set()
         # Counters shown in the heartbeat; changed and read under `_lock` only
@@ -370,6 +399,14 @@ class Receiver:
 
     def start(self) -> None:
         self.incoming.mkdir(parents=True, exist_ok=True)
+        self._spool_lock = lock_spool(self.incoming)
+        try:
+            self._start()
+        except BaseException:
+            self._release_spool()
+            raise
+
+    def _start(self) -> None:
         self.partial.mkdir(exist_ok=True)
         self._remove_stale_partials()
         if self.journal is not None:
@@ -419,7 +456,13 @@ class Receiver:
         restored = 0
         for record in records:
             parts = Path(record.path).parts
-            if len(parts) != 2 or any(p in ("", ".", "..") for p in parts):
+            # As the receiver names them: a series folder and a file in it, neither
+            # hidden (not `.journal` or `.partial`), nothing absolute.
+            if (
+                len(parts) != 2
+                or Path(record.path).is_absolute()
+                or any(not p or p.startswith(".") or "\x00" in p for p in parts)
+            ):
                 log.error("event=journal_record_ignored %s",
                           log_fields(path=record.path, reason="not a spool path"))  # fmt: skip
                 continue
@@ -471,6 +514,12 @@ class Receiver:
         self.tick(final=True)
         if self.journal is not None:
             self.journal.close()
+        self._release_spool()
+
+    def _release_spool(self) -> None:
+        if self._spool_lock >= 0:
+            os.close(self._spool_lock)
+            self._spool_lock = -1
 
     def request_stop(self) -> None:
         """Ask `wait_stopped()` to return (safe from a signal handler)."""

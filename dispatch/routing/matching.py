@@ -14,8 +14,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-import re2
-
 from config.safetext import log_fields
 
 log = logging.getLogger("courier.routing")
@@ -42,6 +40,10 @@ def compile_regex(pattern: str):
     pattern like `(a+)+$`). What only backtracking can do (backreferences,
     look-around) is refused with `RegexError`, shown as a form error.
     """
+    # Imported with the first pattern: the models import this module, and every
+    # management command (a script's send_series) would load RE2 for no rule.
+    import re2
+
     options = re2.Options()
     options.log_errors = False
     options.max_mem = 4 << 20  # per pattern; a rule's pattern is at most 200 chars

@@ -28,6 +28,7 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,12 +49,16 @@ if TYPE_CHECKING:
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 VERIFICATION = "1.2.840.10008.1.1"
 
-# A peer announcing 0 ("no limit") still gets PDUs no larger than this, so memory
-# per fragment stays bounded.
+# A peer announcing 0 ("no limit"), or more than this, still gets PDUs no larger
+# than this, so memory per fragment stays bounded (a fragment is read whole from
+# the file; dcmtk sends at most 128 KiB).
 UNLIMITED_PDU = 4 * 1024 * 1024
 
 # Larger PDUs than this from a peer are taken as garbage, not buffered.
 MAX_PDU_READ = 64 * 1024 * 1024
+
+# A response's command set is a few hundred bytes; more than this is not one.
+MAX_COMMAND = 64 * 1024
 
 # PDU types (PS3.8 9.3.1)
 ASSOCIATE_RQ = 0x01
@@ -358,7 +363,7 @@ class Association:
         self.rejected = rejected
         # What the peer announced (0: no limit) and what Courier then uses.
         self.announced_max_pdu = peer_max_pdu
-        self.peer_max_pdu = peer_max_pdu or UNLIMITED_PDU
+        self.peer_max_pdu = min(peer_max_pdu or UNLIMITED_PDU, UNLIMITED_PDU)
         self.dimse_timeout = dimse_timeout
         self.acse_timeout = acse_timeout
         self._msg_id = 0
@@ -442,9 +447,12 @@ class Association:
         except ValueError as exc:  # an AE title no peer could take
             raise LinkError(str(exc), permanent=True) from exc
         sock.settimeout(acse_timeout)
+        # What arrives with the answer (an A-ABORT right behind the A-ASSOCIATE-AC)
+        # is the association's next PDU, not to be dropped.
+        buffer = bytearray()
         try:
             sock.sendall(rq)
-            pdu_type, pdu = _read_pdu(sock, bytearray())
+            pdu_type, pdu = _read_pdu(sock, buffer)
         except TimeoutError as exc:
             raise LinkTimeout(
                 f"no answer to the association request from {where} within "
@@ -480,9 +488,11 @@ class Association:
                 accepted.append(Context(context_id, proposed.abstract_syntax, syntax))
             else:
                 rejected.append(proposed)
-        return cls(
+        association = cls(
             sock, accepted, rejected, answer.max_pdu, dimse_timeout, acse_timeout
         )
+        association._buffer = buffer
+        return association
 
     # -- DIMSE -----------------------------------------------------------------------
     def next_message_id(self) -> int:
@@ -651,11 +661,20 @@ class Association:
             raise LinkError(f"connection lost while sending: {exc}") from exc
 
     def _response(self, msg_id: int) -> dict[int, bytes]:
-        """Read P-DATA until a whole command set arrives; return its elements."""
-        self.sock.settimeout(self.dimse_timeout)
+        """Read P-DATA until a whole command set arrives; return its elements.
+
+        The DIMSE timeout bounds the whole response, not each read: a peer that
+        trickles fragments without ever ending the command cannot hold the
+        association (and the job) forever.
+        """
+        deadline = time.monotonic() + self.dimse_timeout
         command = bytearray()
         while True:
             try:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self.sock.settimeout(left)
                 pdu_type, pdu = _read_pdu(self.sock, self._buffer)
             except TimeoutError as exc:
                 raise LinkTimeout(
@@ -681,6 +700,11 @@ class Association:
                     command += pdu[pos + 6 : pos + 4 + item_length]
                     done = done or bool(control & LAST)
                 pos += 4 + item_length
+            if len(command) > MAX_COMMAND:
+                raise LinkError(
+                    f"the target's response is over {MAX_COMMAND} bytes without "
+                    "ending: not a DIMSE response"
+                )
             if done:
                 rsp = parse_command(bytes(command))
                 answered = rsp.get(0x0120)
@@ -700,14 +724,17 @@ class Association:
 
         A release collision (the peer's A-RELEASE-RQ crossing ours) is answered as
         the requestor does in PS3.8 9.2.6 / table 9-10 (AR-8, AR-9): send
-        A-RELEASE-RP, then wait for the peer's.
+        A-RELEASE-RP, then wait for the peer's. The ACSE timeout bounds the whole
+        wait (a peer sending other PDUs instead cannot prolong it).
         """
         if self._closed:
             return
+        deadline = time.monotonic() + self.acse_timeout
         try:
             self.sock.settimeout(self.acse_timeout)
             self.sock.sendall(struct.pack(">BBIxxxx", RELEASE_RQ, 0, 4))
             while True:
+                self.sock.settimeout(max(0.001, deadline - time.monotonic()))
                 pdu_type, _ = _read_pdu(self.sock, self._buffer)
                 if pdu_type == RELEASE_RQ:
                     self.sock.sendall(struct.pack(">BBIxxxx", RELEASE_RP, 0, 4))
@@ -758,8 +785,11 @@ def error_comment(rsp: dict[int, bytes]) -> str:
 def connect(host: str, port: int, timeout: float) -> socket.socket:
     """Open a TCP connection with TCP_NODELAY; raise `LinkError` in words."""
     where = f"{host}:{port}"
+    # An ASCII name or address as bytes: a str goes through the idna codec, whose
+    # import is a few ms of a one-file send_series; other names still do.
+    name: str | bytes = host.encode("ascii") if host.isascii() else host
     try:
-        sock = socket.create_connection((host, port), timeout=timeout)
+        sock = socket.create_connection((name, port), timeout=timeout)
     except socket.gaierror as exc:
         raise LinkError(f"cannot resolve host {host!r}: {exc.strerror}") from exc
     except ConnectionRefusedError as exc:

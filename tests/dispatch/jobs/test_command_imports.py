@@ -3,7 +3,9 @@
 A script calls `send_series` once per series, so the command's start-up is paid per
 series (README, "Performance"). A DICOM send walks files with Courier's own reader
 and speaks DICOM through its own PDUs (`targets.dicomnet.scu`): it must not import
-pydicom (with numpy) or pynetdicom, nor load the admin's pages. These run the real
+pydicom (with numpy) or pynetdicom, nor load the admin's pages; a one-file send
+queues no message, so it loads neither the queue (huey, and redis-py with it) nor,
+for a target without a secret, cryptography. These run the real
 command in a fresh process and look at what it imported; conversion, which does need
 pydicom, is covered by `tests/interop/test_corpus.py` through the same command.
 """
@@ -24,15 +26,23 @@ HEAVY = (
     "pynetdicom",
     "targets.admin",
     "dispatch.jobs.admin",
+    "huey",
+    "redis",
+    "dispatch.jobs.tasks",
+    "cryptography",
 )
 
 
 def run_and_list_loaded(site, code: str) -> tuple[subprocess.CompletedProcess, list]:
     """Run `code` in a fresh interpreter with the site's settings; return the
-    process and which of HEAVY it had imported by the end (its last stdout line)."""
+    process and which of HEAVY it had imported by the end (its last stdout line).
+
+    Also prints, the line before, whether the garbage collector was on at the end
+    and how many objects start-up had set aside from it (`config/apps.py`)."""
     program = (
-        "import json, sys\n"
+        "import gc, json, sys\n"
         "try:\n" + "".join(f"    {line}\n" for line in code.splitlines()) + "finally:\n"
+        "    print(json.dumps([gc.isenabled(), gc.get_freeze_count()]))\n"
         f"    print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\n"
     )
     done = subprocess.run(
@@ -55,11 +65,17 @@ def test_a_dicom_send_imports_neither_pydicom_nor_pynetdicom(
     series = make_series(tmp_path / "in", 1)
     done, loaded = run_and_list_loaded(
         site,
-        "from django.core.management import execute_from_command_line\n"
-        "execute_from_command_line("
-        f"['manage.py', 'send_series', 'pacs', {str(series.folder)!r}])",
+        # manage.py as an operator runs it (its main(), which starts with the
+        # garbage collector off).
+        f"sys.argv = ['manage.py', 'send_series', 'pacs', {str(series.folder)!r}]\n"
+        "import runpy\n"
+        "runpy.run_path('manage.py', run_name='__main__')",
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    # The collector is back on once Django is set up, with start-up's objects
+    # set aside for good.
+    enabled, frozen = json.loads(done.stdout.splitlines()[-2])
+    assert enabled and frozen > 10_000
     assert "1 sent" in done.stdout and "0 failed of 1 instances" in done.stdout
     (received,) = [
         f for f in storescp.files() if f.name.endswith(f".{series.sop_uids[0]}.dcm")
@@ -75,7 +91,8 @@ def test_django_setup_loads_no_admin_page_and_the_checks_still_see_them(courier_
         site,
         "import django\n"
         "django.setup()\n"
-        "print(json.dumps([m for m in ('targets.admin', 'numpy') if m in sys.modules]))",
+        "print(json.dumps([m for m in ('targets.admin', 'numpy', 'huey', 'redis') "
+        "if m in sys.modules]))",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.splitlines()[0]) == []

@@ -125,3 +125,15 @@ def test_a_corrupt_file_is_never_sent_to_a_dicom_target(storescp, tmp_path):
     names = [p.name for p in storescp.files()]
     assert any(good_uid in n for n in names)
     assert not any(bad_uid in n for n in names)
+
+
+def test_a_file_cut_inside_its_first_element_header_fails_by_name(tmp_path):
+    # The preamble, "DICM" and 9 bytes: pydicom's reader ran out of bytes with a
+    # struct.error, which stopped the whole scan (and with it send_series).
+    fresh_ct(tmp_path / "good.dcm")
+    cut_short = tmp_path / "cut.dcm"
+    cut_short.write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 9)
+    series = scan_folder(tmp_path)
+    assert [i.path.name for i in series.instances] == ["good.dcm"]
+    ((path, why),) = series.corrupt
+    assert path == cut_short and why.startswith("corrupt DICOM")

@@ -12,11 +12,19 @@ import pytest
 from django.db import OperationalError
 from django.utils import timezone
 
-from dispatch.jobs import direct, engine, outcomes, services, status, tasks
-from dispatch.jobs.models import Attempt, DispatchError, InstanceState, Job, State
+from dispatch.jobs import direct, engine, files, outcomes, services, status, tasks
+from dispatch.jobs.models import (
+    Attempt,
+    DispatchError,
+    InstanceState,
+    Job,
+    JobInstance,
+    State,
+)
 from dispatch.jobs.spool import expire_spool
 from targets.kinds.base import SendContext
 from targets.models import Direction, FolderTarget, Target
+from targets.series import scan_folder
 from tests.dicomgen import make_series
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -47,6 +55,40 @@ def test_a_queued_series_is_sent_and_recorded(tmp_path, immediate_huey):
     attempt = job.attempts.get()
     assert attempt.outcome == State.DONE and attempt.sent == 5 and attempt.ended_at
     assert not job.lease_owner
+
+
+def test_a_jobs_rows_written_at_once_hold_what_the_orm_would_write(tmp_path):
+    # files.insert_rows (one executemany) against the model instances of rows_for
+    # saved by the ORM: every column alike, for instances, other files and a
+    # corrupt file, header tags with a NUL included.
+    series = make_series(tmp_path / "in", 3, tags={"SeriesDescription": "Lung\x00 B"})
+    (tmp_path / "in" / "report.pdf").write_bytes(b"%PDF-1.4")
+    (tmp_path / "in" / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 9)
+    target = folder_target(tmp_path / "out")
+    scanned = scan_folder(series.folder)
+    assert len(scanned.instances) == 3 and scanned.others and scanned.corrupt
+    others, _ = services.other_files_for(target, scanned)
+    jobs = [Job.objects.create(target=target, folder=str(series.folder)) for _ in "ab"]
+    files.insert_rows(jobs[0], scanned.instances, others, scanned.corrupt)
+    JobInstance.objects.bulk_create(
+        files.rows_for(jobs[1], scanned.instances, others, scanned.corrupt)
+    )
+
+    def rows(job):
+        return [
+            {k: v for k, v in row.items() if k not in ("id", "job_id", "updated_at")}
+            for row in JobInstance.objects.filter(job=job).order_by("path").values()
+        ]
+
+    written, saved = rows(jobs[0]), rows(jobs[1])
+    assert len(written) == 5 and written == saved
+    assert {r["state"] for r in written} == {"pending", "failed"}
+    assert [r["dicom"] for r in written].count(False) == 1
+    assert written[0]["tags"]["SeriesDescription"] == "Lung B"
+    stamps = JobInstance.objects.filter(job=jobs[0]).values_list(
+        "updated_at", flat=True
+    )
+    assert all(stamps)
 
 
 def test_a_retry_sends_only_the_instances_not_yet_confirmed(tmp_path, immediate_huey):
@@ -512,3 +554,25 @@ def test_a_lease_keeper_gives_up_the_job_when_it_is_taken_or_cannot_renew(
     keeper = engine.keeper_for(job.pk, "worker-a").start()
     assert eventually_invalid(keeper)
     assert not keeper.lost.is_set()
+
+
+def test_a_direct_send_is_watched_from_its_first_lease_renewal(
+    tmp_path, settings, monkeypatch
+):
+    # A direct send queues the lease's watch (a message, and with it huey's
+    # import) only once it is still sending at a renewal; should its process die
+    # sooner, the sweep resumes the job when the lease has run out.
+    watched: list[int] = []
+    monkeypatch.setattr(tasks, "watch", lambda job_id, expires: watched.append(job_id))
+    target = folder_target(tmp_path / "out")
+    quick = direct.send_series(target, make_series(tmp_path / "quick", 3).folder)
+    assert quick.job.state == State.DONE and watched == []
+
+    settings.COURIER_JOB_LEASE = 1.0  # renewed every 0.2 s
+    slow = direct.send_series(
+        target,
+        make_series(tmp_path / "slow", 3).folder,
+        progress=lambda outcome: time.sleep(0.3),
+    )
+    assert slow.job.state == State.DONE and slow.job.sent == 3
+    assert watched == [slow.job.pk]

@@ -60,6 +60,15 @@ def test_two_workers_on_postgres_and_redis_drain_one_queue_exactly_once(
     )
     stored = orthanc.instance_uids()
     assert uids <= stored
+    # The jobs' file rows (one executemany per job, files.insert_rows) as the
+    # model has them on PostgreSQL: defaults, the scan's header tags as JSON.
+    rows = site.query(
+        "SELECT dicom, state, commitment, tags->>'SeriesInstanceUID', size > 0, "
+        "stamp <> '', updated_at IS NOT NULL FROM dispatch_jobinstance"
+    )
+    assert len(rows) == len(uids)
+    assert {r[3] for r in rows} == {s.series_uid for s in series}
+    assert all(r[:3] == (True, "sent", "") and all(r[4:]) for r in rows), rows[:3]
     worker_pids = {str(w.pid) for w in workers}
     for job_id in job_ids:
         # Each job ran exactly once: one attempt, by one of the two workers, that

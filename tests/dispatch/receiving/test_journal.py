@@ -54,6 +54,7 @@ def test_acknowledged_instances_lost_from_the_page_cache_are_written_again(
     files[3].unlink()
     rx._server.shutdown()  # dies: no final tick, no checkpoint
     rx._server = None
+    rx._release_spool()  # the process's lock on the spool dies with it
 
     again = receiver(spool_dir=spool)
     restored = stored_files(again)

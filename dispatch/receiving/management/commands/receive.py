@@ -10,7 +10,7 @@ from django.core.management.base import BaseCommand, CommandError
 from config.preload import preload_for_threads
 from dispatch.receiving.bookkeeping import DatabaseBookkeeper
 from dispatch.receiving.commitment import parse_peers
-from dispatch.receiving.receiver import Receiver
+from dispatch.receiving.receiver import Receiver, SpoolInUse
 from targets.dicomnet.scp import Limits
 
 
@@ -63,6 +63,8 @@ class Command(BaseCommand):
         preload_for_threads()
         try:
             receiver.start()
+        except SpoolInUse as exc:
+            raise CommandError(str(exc)) from exc
         except OSError as exc:
             raise CommandError(f"cannot listen on {host}:{port}: {exc}") from exc
         self.stdout.write(
