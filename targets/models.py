@@ -580,24 +580,8 @@ class DicomWebTarget(Target):
     }
     show_if = (
         # A file:// URL is a local folder (a query source): no HTTP settings.
-        ShowIf(
-            (
-                "qido_prefix",
-                "wado_prefix",
-                "stow_prefix",
-                "auth",
-                "username",
-                "password",
-                "token",
-                "verify_tls",
-                "ca_bundle",
-                "request_timeout",
-                "stow_batch_size",
-                "stow_max_bytes",
-            ),
-            when="url",
-            not_prefix="file://",
-        ),
+        # Every connection setting but the URL (the first).
+        ShowIf(connection_fields[1:], when="url", not_prefix="file://"),
         ShowIf(("username", "password"), when="auth", equals=("basic",)),
         ShowIf(("token",), when="auth", equals=("bearer",)),
     )

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from targets.dicomnet import load_pydicom
 from targets.dicomnet.check import CorruptDataset, FileHeader, NotPart10, read_file
 from targets.paths import clean_part, plain_name, uid_part
 
@@ -330,6 +331,7 @@ def _size(path: Path) -> int:
 
 def _scan_slowly(series: Series, path: Path) -> None:
     """Read one file with pydicom, then check it (files the fast pass cannot judge)."""
+    load_pydicom()  # the package first: threads may scan at once (load_pydicom)
     from pydicom.errors import InvalidDicomError
 
     try:

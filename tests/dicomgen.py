@@ -28,6 +28,17 @@ class GeneratedSeries:
         return sum(f.stat().st_size for f in self.files)
 
 
+def pydicom_test_files(pattern: str = "*") -> list[Path]:
+    """pydicom's bundled test files matching `pattern`, listed from disk.
+
+    The same list as `pydicom.data.get_testdata_files(pattern)` when the optional
+    pydicom-data set is not cached, without that function's attempt to download the
+    set first: about 80 failed requests, 10-15 s per call, without a network."""
+    from pydicom.data.data_manager import DATA_ROOT
+
+    return sorted(p for p in Path(DATA_ROOT, "test_files").glob(pattern))
+
+
 def _base(kind: str) -> Dataset:
     if kind == "ct":
         return examples.ct

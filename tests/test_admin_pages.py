@@ -34,6 +34,7 @@ from tests.targets.test_admin_form import Tags
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("fast_password_hashing")]
 
 N_TARGETS, N_JOBS, N_SERIES = 1_000, 5_000, 2_000
+VARIANT_ROWS = 10
 
 # Enough settings per kind for its pages to show something real.
 KIND_FIELDS = {
@@ -307,7 +308,7 @@ def is_column(model, name) -> bool:
         return False
 
 
-def test_no_admin_page_fails_on_a_realistic_database(admin_client):
+def test_no_admin_page_fails_on_a_realistic_database(admin_client, monkeypatch):
     samples = build_site()
     assert Target.objects.count() == N_TARGETS and Job.objects.count() == N_JOBS
     assert ReceivedSeries.objects.count() == N_SERIES
@@ -335,6 +336,11 @@ def test_no_admin_page_fails_on_a_realistic_database(admin_client):
         html = fetch(changelist)
         if html is None:
             continue
+        # The first page has every sort of row (the data cycles through them); each
+        # variant below runs its own query and renders its first rows, ten rather
+        # than a page of a hundred (most of this test's time was rows rendered
+        # again).
+        monkeypatch.setattr(model_admin, "list_per_page", VARIANT_ROWS)
         filters = (
             html.split('id="changelist-filter"', 1)[-1]
             if "changelist-filter" in html

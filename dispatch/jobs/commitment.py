@@ -52,17 +52,20 @@ def record_report(
         if failed_rows
         else StorageCommitment.Outcome.COMMITTED
     )
+    # As stored and as logged: a UID is at most 64 characters (PS3.5 9.1); a
+    # longer one from a peer would make a line as long as it.
+    uid = db_text(transaction_uid, 64)
     with transaction.atomic():
         row = (
             StorageCommitment.objects.select_for_update()
-            .filter(transaction_uid=db_text(transaction_uid, 64))
+            .filter(transaction_uid=uid)
             .first()
         )
         if row is None:
             log.warning(
                 "event=commitment_report_unsolicited %s",
                 log_fields(
-                    transaction=transaction_uid,
+                    transaction=uid,
                     calling_aet=reported_by,
                     peer=reported_from,
                     committed=len(committed_rows),
@@ -75,7 +78,7 @@ def record_report(
             log.warning(
                 "event=commitment_report_wrong_peer %s",
                 log_fields(
-                    transaction=transaction_uid,
+                    transaction=uid,
                     calling_aet=reported_by,
                     expected_aet=expected,
                     peer=reported_from,

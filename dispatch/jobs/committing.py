@@ -24,6 +24,7 @@ from django.db.models import Q
 from django.template.defaultfilters import pluralize
 
 from config.safetext import db_text
+from targets.dicomnet import load_pydicom
 from targets.dicomnet.commit_scu import failure_text
 from targets.dicomnet.commitment import Reference, Report
 from targets.kinds.base import SendContext, TargetError
@@ -95,6 +96,7 @@ def commit(
             _count(job)
             return
     references = [Reference(classes[path], uid) for _, path, uid in rows]
+    load_pydicom()  # the package first, worker threads race here (load_pydicom)
     from pydicom.uid import generate_uid  # here: the send path imports no pydicom
 
     transaction_uid = generate_uid(prefix=None)

@@ -93,15 +93,16 @@ class DatabaseBookkeeper(Bookkeeper):
             heartbeat_at=timezone.now(), info=info
         )
 
-    def commitment_report(self, report, calling_aet: str, address: str) -> None:
+    def commitment_report(self, report, calling_aet: str, address: str) -> bool:
         try:
-            record_report(
+            row = record_report(
                 report.transaction_uid,
                 [(r.sop_class, r.sop_instance) for r in report.committed],
                 [(r.sop_class, r.sop_instance, r.failure or 0) for r in report.failed],
                 reported_by=calling_aet,
                 reported_from=address,
             )
+            return row is not None
         finally:
             # An association's thread, not the bookkeeping one: no connection
             # left open behind it.

@@ -569,15 +569,27 @@ class Receiver:
 
     def handle_report(self, report: protocol.Report, calling: str, address: str) -> int:
         """A peer's answer to Courier's own commitment request: kept by the
-        bookkeeper; 0x0110 (the peer may send it again) if it cannot be."""
+        bookkeeper; 0x0110 (the peer may send it again) if it cannot be; 0x0115 if
+        it answers no transaction Courier asked that peer for (dropped)."""
         try:
-            self.bookkeeper.commitment_report(report, calling, address)
+            kept = self.bookkeeper.commitment_report(report, calling, address)
         except Exception:
             log.exception(
                 "event=commitment_report_not_kept %s",
                 log_fields(calling_aet=calling, transaction=report.transaction_uid),
             )
             return PROCESSING_FAILURE
+        if not kept:
+            # The bookkeeper logged the drop. PS3.4 J.3.3.1.3: the SCU answers
+            # "the status applicable to the request"; of PS3.7 10.1.1.1.8's, a
+            # Transaction UID that is not an active transaction of this AE title
+            # (never asked for, no longer active after its report, J.3.3.1.2, or
+            # another AE's) is "Invalid argument value" (0x0115): the event
+            # information is inappropriate. Not 0x0110 (a passing failure: the
+            # peer would send it again), and no "Refused: not authorized" exists
+            # for N-EVENT-REPORT. The same status for an unknown UID and another
+            # AE's: the answer does not tell a prober which UIDs exist.
+            return protocol.INVALID_ARGUMENT_VALUE
         log.info(
             "event=commitment_report_received %s",
             log_fields(

@@ -89,7 +89,10 @@ class Bookkeeper:
     def heartbeat(self, info: dict) -> None:
         """The receiver is alive (called every few seconds)."""
 
-    def commitment_report(self, report, calling_aet: str, address: str) -> None:
+    def commitment_report(self, report, calling_aet: str, address: str) -> bool:
         """A peer reported on a Storage Commitment transaction (a
-        `targets.dicomnet.commitment.Report`): keep it, or raise. Called from an
-        association's thread, before the peer is answered."""
+        `targets.dicomnet.commitment.Report`): keep it and return True; return
+        False if it answers no transaction Courier asked that peer for (dropped,
+        the drop logged); raise if it cannot be kept. Called from an association's
+        thread, before the peer is answered."""
+        return True

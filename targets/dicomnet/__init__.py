@@ -34,8 +34,13 @@ def load_pydicom() -> None:
     one-instance `send_series`); only converting a file or naming a UID in a
     message needs it, and that may happen first in two sender threads at once.
     pydicom's first import from two threads at once can wedge the import system
-    (config.preload), so these first imports take turns. Call it before any
-    `from pydicom... import` in code that threads run.
+    (config.preload) when a thread's first import is a submodule: `from pydicom.uid
+    import UID` takes the import lock of `pydicom.uid` before the package's, while
+    another thread inside the package's `__init__` waits for `pydicom.uid`. This
+    imports the package first, so threads only wait for each other (the import
+    system makes them take turns; the lock only keeps the list from being walked by
+    two at once). Call it before any `from pydicom... import` in code that threads
+    run (tests/targets/test_pydicom_loader.py).
     """
     global _loaded
     if _loaded:

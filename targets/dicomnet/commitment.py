@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 
+from targets.dicomnet import load_pydicom
 from targets.dicomnet.identity import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
@@ -126,6 +127,7 @@ class Request:
 
 
 def _read(data: bytes, transfer_syntax: str):
+    load_pydicom()  # the receiver's association threads and the sender's
     from pydicom.filereader import read_dataset
 
     if len(data) > MAX_DATASET:
@@ -198,6 +200,7 @@ def parse_report(data: bytes, transfer_syntax: str) -> Report:
 
 def encode_report(report: Report, transfer_syntax: str) -> bytes:
     """The N-EVENT-REPORT's Event Information for `report`."""
+    load_pydicom()
     from pydicom.dataset import Dataset
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset

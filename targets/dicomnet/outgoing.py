@@ -80,6 +80,7 @@ def prepare(path: Path) -> Outgoing:
 def reencode(path: Path, transfer_syntax: str, *, deep: bool) -> bytes:
     """The dataset of `path` written again by pydicom in its own syntax, checked."""
     import pydicom
+    import pynetdicom  # noqa: F401 (each package before its submodules: load_pydicom)
     from pydicom.dataelem import RawDataElement
     from pynetdicom.dsutils import encode
 

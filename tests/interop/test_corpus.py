@@ -29,6 +29,7 @@ import subprocess
 import tempfile
 import warnings
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ import pydicom
 import pytest
 from pydicom.uid import UID
 
+from targets.dicomnet.sockets import enable_tcp_nodelay
 from tests.fixtures.receive_peers import ReceiverProcess, responses_to_the_caller
 from tests.interop.corpus import CorpusFile, Source, build_corpus, sources
 from tests.peers import DCMTK_ENV, Orthanc, StoreSCP
@@ -371,35 +373,34 @@ def raw_send(
     truncated dataset: `timeout` is how long that costs."""
     from pynetdicom import AE, _config
 
+    # Without it every C-STORE waits ~80 ms for Nagle and the delayed ACK (PEERS.md).
+    enable_tcp_nodelay()
     ae = AE(ae_title="RAWSCU")
     ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = 10, timeout, timeout
     for cls, ts in sorted({(f.sop_class_uid, f.transfer_syntax) for f in corpus}):
         ae.add_requested_context(cls, [ts])
     named, assoc = {}, None
-    chunked = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        for f in corpus:
-            if assoc is None or not assoc.is_established:
-                assoc = ae.associate("127.0.0.1", port, ae_title=aet)
-                if not assoc.is_established:
-                    named[f.path.name] = f"{FAILED}|association not established"
-                    continue
-                responses_to_the_caller(assoc)
-            try:
-                status = assoc.send_c_store(f.path)
-            except Exception as exc:  # pynetdicom raises for unreadable files
-                named[f.path.name] = f"{NOT_OFFERED}|{type(exc).__name__}: {exc}"
+    # The file's bytes as they are, not pydicom's re-encoding of them.
+    assert _config.STORE_SEND_CHUNKED_DATASET, "set by the test (monkeypatch)"
+    for f in corpus:
+        if assoc is None or not assoc.is_established:
+            assoc = ae.associate("127.0.0.1", port, ae_title=aet)
+            if not assoc.is_established:
+                named[f.path.name] = f"{FAILED}|association not established"
                 continue
-            code = getattr(status, "Status", None)
-            if code is None:
-                named[f.path.name] = f"{FAILED}|no response (association lost)"
-            elif code != 0:
-                named[f.path.name] = f"{FAILED}|status {code:#06x}"
-        if assoc is not None and assoc.is_established:
-            assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = chunked
+            responses_to_the_caller(assoc)
+        try:
+            status = assoc.send_c_store(f.path)
+        except Exception as exc:  # pynetdicom raises for unreadable files
+            named[f.path.name] = f"{NOT_OFFERED}|{type(exc).__name__}: {exc}"
+            continue
+        code = getattr(status, "Status", None)
+        if code is None:
+            named[f.path.name] = f"{FAILED}|no response (association lost)"
+        elif code != 0:
+            named[f.path.name] = f"{FAILED}|status {code:#06x}"
+    if assoc is not None and assoc.is_established:
+        assoc.release()
     return named
 
 
@@ -653,39 +654,57 @@ def test_courier_to_an_uncompressed_only_storescp_converts_keeping_identity(
 
 
 def test_dcmtk_and_pynetdicom_into_courier_receiver(
-    courier_site, storescp, corpus_sources, tmp_path
+    courier_site, storescp, corpus_sources, tmp_path, monkeypatch
 ):
     """What dcmtk (and pynetdicom, sending the files' bytes unchanged) sends,
     Courier's receiver stores under its own UID with its pixel values; it takes at
     least what dcmtk's own storescp (all syntaxes) takes from the same sender."""
+    from pynetdicom import _config
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
     by_storescu = build_corpus(tmp_path / "storescu", corpus_sources)
     by_dcmsend = build_corpus(tmp_path / "dcmsend", corpus_sources)
     by_raw = build_corpus(tmp_path / "raw", corpus_sources)
-    # The reference: the same senders, the same files, into dcmtk's storescp.
-    ref_storescu = storescp_results(
-        storescp,
-        by_storescu,
-        storescu(storescp.port, storescp.aet, by_storescu, tmp_path),
-    )
-    ref_dcmsend = storescp_results(
-        storescp,
-        by_dcmsend,
-        dcmsend(storescp.port, storescp.aet, tmp_path / "dcmsend", tmp_path),
-    )
-    ref_raw = storescp_results(
-        storescp, by_raw, raw_send(storescp.port, storescp.aet, by_raw, timeout=3)
-    )
+    reference_dir = tmp_path / "reference"
+    reference_dir.mkdir()
 
-    site = courier_site(
-        env={"COURIER_SERIES_QUIET_SECONDS": "3600", "COURIER_MIN_FREE_BYTES": "0"}
-    ).migrate()
-    rx = ReceiverProcess(site).start()
-    try:
-        storescu_named = storescu(rx.port, "COURIER", by_storescu, tmp_path)
-        dcmsend_named = dcmsend(rx.port, "COURIER", tmp_path / "dcmsend", tmp_path)
-        raw_named = raw_send(rx.port, "COURIER", by_raw)
-    finally:
-        rx.stop()
+    def reference():
+        """The same senders, the same files, into dcmtk's storescp."""
+        return (
+            storescp_results(
+                storescp,
+                by_storescu,
+                storescu(storescp.port, storescp.aet, by_storescu, reference_dir),
+            ),
+            storescp_results(
+                storescp,
+                by_dcmsend,
+                dcmsend(
+                    storescp.port, storescp.aet, tmp_path / "dcmsend", reference_dir
+                ),
+            ),
+            storescp_results(
+                storescp,
+                by_raw,
+                raw_send(storescp.port, storescp.aet, by_raw, timeout=3),
+            ),
+        )
+
+    # The reference runs beside Courier's side: storescp keeps waiting (the 3 s
+    # timeout) for the rest of a few datasets, time Courier's side can use.
+    with ThreadPoolExecutor(1) as pool:
+        references = pool.submit(reference)
+        site = courier_site(
+            env={"COURIER_SERIES_QUIET_SECONDS": "3600", "COURIER_MIN_FREE_BYTES": "0"}
+        ).migrate()
+        rx = ReceiverProcess(site).start()
+        try:
+            storescu_named = storescu(rx.port, "COURIER", by_storescu, tmp_path)
+            dcmsend_named = dcmsend(rx.port, "COURIER", tmp_path / "dcmsend", tmp_path)
+            raw_named = raw_send(rx.port, "COURIER", by_raw)
+        finally:
+            rx.stop()
+        ref_storescu, ref_dcmsend, ref_raw = references.result()
     log = rx.log_path.read_text(errors="replace")
     likes = storescp_files(storescp)
     via_storescu = spool_results(

@@ -8,7 +8,27 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from django.contrib.auth.models import Permission
 from huey.contrib.djhuey import HUEY
+
+
+@pytest.fixture
+def staff(client, django_user_model, settings):
+    """A logged-in staff user who may search, retrieve and export, nothing more."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    user = django_user_model.objects.create_user("nurse", password="pw", is_staff=True)
+    user.user_permissions.add(
+        *Permission.objects.filter(
+            content_type__app_label="querytool",
+            codename__in=[
+                "search_sources",
+                "retrieve_studies",
+                "export_to_any_target",
+            ],
+        )
+    )
+    client.force_login(user)
+    return user
 
 
 @pytest.fixture

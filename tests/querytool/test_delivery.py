@@ -7,7 +7,6 @@ so connections are refused), started later.
 from __future__ import annotations
 
 import pytest
-from django.contrib.auth.models import Permission
 from django.urls import reverse
 
 from dispatch.jobs import tasks as dispatch
@@ -19,24 +18,6 @@ from targets.models import DicomTarget, DicomWebTarget
 from tests.peers import StoreSCP, held_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def staff(client, django_user_model, settings):
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-    user = django_user_model.objects.create_user("nurse", password="pw", is_staff=True)
-    user.user_permissions.add(
-        *Permission.objects.filter(
-            content_type__app_label="querytool",
-            codename__in=[
-                "search_sources",
-                "retrieve_studies",
-                "export_to_any_target",
-            ],
-        )
-    )
-    client.force_login(user)
-    return user
 
 
 def row(client, job_id: int) -> dict:

@@ -18,7 +18,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from django.contrib.auth.models import Permission
 from django.test import override_settings
 
 from querytool.models import AuditEntry
@@ -110,24 +109,6 @@ def refused_port() -> Iterator[int]:
     sock.bind(("127.0.0.1", 0))
     yield sock.getsockname()[1]
     sock.close()
-
-
-@pytest.fixture
-def staff(client, django_user_model, settings):
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-    user = django_user_model.objects.create_user("nurse", password="pw", is_staff=True)
-    user.user_permissions.add(
-        *Permission.objects.filter(
-            content_type__app_label="querytool",
-            codename__in=[
-                "search_sources",
-                "retrieve_studies",
-                "export_to_any_target",
-            ],
-        )
-    )
-    client.force_login(user)
-    return user
 
 
 def dicom(**fields) -> DicomTarget:

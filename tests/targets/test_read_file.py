@@ -6,7 +6,7 @@ import pydicom
 import pytest
 
 from targets.dicomnet import check
-from tests.dicomgen import make_series
+from tests.dicomgen import make_series, pydicom_test_files
 
 PATIENT_ID, MODALITY = 0x00100020, 0x00080060
 
@@ -35,9 +35,7 @@ def test_the_file_meta_alone_is_read_as_pydicom_reads_it_however_long(tmp_path):
     """`read_file_meta` (the receiver's Storage Commitment answers use it) gives
     pydicom's file meta for pydicom's own files, and reads on when the meta is
     longer than its first read (a big Private Information element)."""
-    from pydicom.data import get_testdata_files
-
-    files = [f for f in get_testdata_files("*.dcm") if "truncated" not in f]
+    files = [f for f in pydicom_test_files("*.dcm") if "truncated" not in f.name]
     checked = 0
     for name in files:
         try:

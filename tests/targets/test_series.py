@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file, get_testdata_files
+from pydicom.data import get_testdata_file
 from pydicom.datadict import tag_for_keyword
 
 from targets import series as series_module
 from targets.series import HEADER_TAG_NUMBERS, HEADER_TAGS, Series, scan_folder
+from tests.dicomgen import pydicom_test_files
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,9 +41,7 @@ def test_pydicoms_test_files_read_as_pydicom_reads_them(tmp_path):
     size and header tags as when pydicom reads it."""
     folder = tmp_path / "corpus"
     folder.mkdir()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        files = [Path(f) for f in get_testdata_files("*") if Path(f).is_file()]
+    files = [f for f in pydicom_test_files() if f.is_file()]
     for f in files:
         shutil.copy(f, folder / f.name)
     assert len(files) > 60

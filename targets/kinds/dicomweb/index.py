@@ -47,6 +47,7 @@ from pathlib import Path
 
 from django.conf import settings
 
+from targets.dicomnet import load_pydicom
 from targets.dicomnet.check import CorruptDataset, NotPart10, read_file
 from targets.paths import private_dir, private_sqlite
 
@@ -179,6 +180,7 @@ class ScanReport:
 def _text(value) -> str:
     if value is None:
         return ""
+    load_pydicom()  # the package first: index threads race here (load_pydicom)
     from pydicom.multival import MultiValue
 
     if isinstance(value, MultiValue):
@@ -226,6 +228,7 @@ def _wanted() -> tuple[dict[int, int], frozenset[int]]:
     Looked up on first use: this module loads with the URLconf, and pydicom (numpy
     with it) costs most of a second to processes that never index a folder.
     """
+    load_pydicom()  # the package first (load_pydicom)
     from pydicom.datadict import tag_for_keyword
 
     wanted = {int(tag_for_keyword(k)): i for i, (_, k) in enumerate(COLUMNS)}

@@ -31,7 +31,7 @@ from targets.dicomnet.commitment import (
 )
 from targets.dicomnet.identity import IMPLEMENTATION_CLASS_UID
 from tests.dicomgen import make_series
-from tests.fixtures.receive_peers import storescu
+from tests.fixtures.receive_peers import responses_to_the_caller, storescu
 from tests.peers import free_port
 from tests.rawdicom import COMMAND, EXPLICIT_LE, LAST, command_set, p_data
 
@@ -290,6 +290,77 @@ def test_a_report_sent_to_the_receiver_is_recorded_by_transaction_uid(receiver):
     assert row.failed == [[CT_IMAGE, failed, NO_SUCH_OBJECT]]
     assert row.reported_by == "ARCHIVE"
     assert row.reported_from.startswith("127.0.0.1")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_report_courier_drops_is_answered_invalid_argument_and_logged_once(
+    receiver, caplog
+):
+    """A report Courier drops is refused on the wire, not acknowledged: on a
+    transaction Courier never asked for, or from an AE title other than the
+    target's, the N-EVENT-REPORT-RSP carries 0x0115 (invalid argument value, PS3.7
+    10.1.1.1.8), the same for both, and the log has one line for the drop, its
+    values quoted (on main: 0x0000, and "received" logged before the drop). The
+    target's own report is still answered 0x0000 and kept."""
+    rx = receiver(bookkeeper=DatabaseBookkeeper("test"))
+    asked = generate_uid()
+    StorageCommitment.objects.create(transaction_uid=asked, reported_by="PACS")
+    forged = "1.2.3\nevent=commitment_report_received " + "9" * 100
+
+    def report(uid: str) -> Dataset:
+        ds = Dataset()
+        ds.TransactionUID = uid
+        item = Dataset()
+        item.ReferencedSOPClassUID = CT_IMAGE
+        item.ReferencedSOPInstanceUID = generate_uid()
+        ds.ReferencedSOPSequence = DicomSequence([item])
+        return ds
+
+    def statuses(aet: str, uids: list[str]) -> list[int]:
+        peer = AE(ae_title=aet)
+        peer.add_requested_context(StorageCommitmentPushModel)
+        role = build_role(StorageCommitmentPushModel, scp_role=True)
+        assoc = peer.associate("127.0.0.1", rx.port, ae_title="COURIER",
+                               ext_neg=[role])  # fmt: skip
+        assert assoc.is_established
+        responses_to_the_caller(assoc)
+        out = []
+        for uid in uids:
+            status, _ = assoc.send_n_event_report(
+                report(uid), 1, StorageCommitmentPushModel, STORAGE_COMMITMENT_INSTANCE
+            )
+            out.append(status.Status)
+        assoc.release()
+        return out
+
+    with pytest.warns(UserWarning):  # pydicom: the forged value is no valid UID
+        intruder = statuses("INTRUDER", [asked, generate_uid(), forged])
+    assert intruder == [0x0115, 0x0115, 0x0115]
+    assert statuses("PACS", [generate_uid(), asked]) == [0x0115, 0x0000]
+
+    lines = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("courier") and "commitment_report" in r.getMessage()
+    ]
+    assert [line.split()[0] for line in lines] == [
+        "event=commitment_report_wrong_peer",
+        "event=commitment_report_unsolicited",
+        "event=commitment_report_unsolicited",
+        "event=commitment_report_unsolicited",
+        "event=commitment_report_received",
+    ]
+    assert "calling_aet=PACS" in lines[-1] and f"transaction={asked}" in lines[-1]
+    # The forged UID: one quoted field of at most 64 characters, not a new line.
+    assert "\n" not in lines[2]
+    assert 'transaction="1.2.3\\nevent=commitment_report_received 9999' in lines[2]
+    assert "9" * 60 not in lines[2]
+    row = StorageCommitment.objects.get(transaction_uid=asked)
+    assert (row.outcome, row.reported_by) == (
+        StorageCommitment.Outcome.COMMITTED,
+        "PACS",
+    )
+    assert StorageCommitment.objects.count() == 1
 
 
 @pytest.mark.django_db(transaction=True)
