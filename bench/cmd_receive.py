@@ -2,7 +2,8 @@
 Courier in the middle of modality -> Orthanc.
 
     .venv/bin/python bench/cmd_receive.py [--rounds 5] [--count 2000] [--quiet 2]
-        [--only receive|e2e] [--before /work/main] [--json bench/results.jsonl]
+        [--only receive|e2e] [--mode stream|store] [--before /work/main]
+        [--json bench/results.jsonl]
 
 1. Receive: `/usr/bin/storescu +sd` (TCP_NODELAY=1, one association) sends `--count`
    ~39 KB CT instances to, in interleaved rounds,
@@ -17,10 +18,12 @@ Courier in the middle of modality -> Orthanc.
    fresh and empty before every run (untimed).
 2. End to end, until Orthanc holds every instance (polled every 20 ms):
    - modality -> Orthanc: storescu straight to Orthanc;
-   - modality -> Courier -> Orthanc: storescu to `manage.py receive`; the series is
-     complete after the quiet period (`--quiet` s; the default setting is 60 s),
-     routed by a rule to a DICOM target and sent by a plain `manage.py run_huey`
-     (SqliteHuey, the settings' 4 threads and huey's polling as users get them).
+   - modality -> Courier -> Orthanc: storescu to `manage.py receive`; a rule to a
+     DICOM target, sent by a plain `manage.py run_huey` (SqliteHuey, the settings'
+     4 threads and huey's polling as users get them). `--mode stream` (default):
+     the rule forwards as instances arrive (its job starts with the first
+     instance and grows); `--mode store`: the series is complete after the quiet
+     period (`--quiet` s; the default setting is 60 s) and routed then.
    The CPU column is every process involved: storescu, Orthanc, and for the second
    arm Courier's receiver and worker (printed apart too). Orthanc emptied per run.
 """
@@ -228,9 +231,10 @@ def end_to_end(args, work: Path, series) -> None:
         name="orthanc", kind="dicom", host="127.0.0.1", port=orthanc.dicom_port,
         called_aet=orthanc.aet,
     )  # fmt: skip
+    stream = args.mode == "stream"
     site.python(
         "from dispatch.routing.models import Rule\n"
-        "r = Rule.objects.create(name='all')\n"
+        f"r = Rule.objects.create(name='all', stream={stream})\n"
         f"r.targets.set([{target}])\nprint(1)\n"
     )
     rx = ReceiverProcess(site).start()
@@ -256,8 +260,10 @@ def end_to_end(args, work: Path, series) -> None:
             run.extra["courier_cpu"] = courier.stop().cpu
         run.extra["storescu_wall"] = sent.wall
         if pids:  # let the job finish its bookkeeping before the next run (untimed)
-            wait_until(lambda: not site.query(UNFINISHED), timeout=120, step=0.1)
-            run.extra["phases"] = phases(site, started_at, sent.wall, wall)
+            wait_until(
+                lambda: not site.query(UNFINISHED), timeout=120 + args.quiet, step=0.1
+            )
+            run.extra["phases"] = phases(site, started_at, sent.wall, wall, stream)
         return run
 
     try:
@@ -276,9 +282,12 @@ def end_to_end(args, work: Path, series) -> None:
     courier_cpu = sorted(r.extra["courier_cpu"] for r in via)[len(via) // 2]
     minus_quiet = sorted(r.wall - args.quiet for r in via)[len(via) // 2]
     direct = sorted(r.wall for r in runs["modality -> Orthanc"])[len(via) // 2]
+    names = STREAM_PHASES if stream else PHASES
     report(
         f"end to end, {n} x ~39 KB until Orthanc holds all (quiet period "
-        f"{args.quiet:g} s; CPU: every process involved)",
+        f"{args.quiet:g} s; the rule "
+        + ("forwards as instances arrive" if stream else "waits for the series")
+        + "; CPU: every process involved)",
         runs,
         reference="modality -> Orthanc",
         json_path=args.json,
@@ -286,13 +295,19 @@ def end_to_end(args, work: Path, series) -> None:
             "middle path, median seconds per phase: "
             + ", ".join(
                 f"{name} {sorted(r.extra['phases'][name] for r in via)[len(via) // 2]:.2f}"
-                for name in PHASES
+                for name in names
             ),
             f"Courier's receiver + worker CPU in the middle path, median: "
             f"{courier_cpu:.2f} s",
-            f"middle path without the {args.quiet:g} s quiet period, median: "
-            f"{minus_quiet:.2f} s ({minus_quiet / direct:.2f}x the direct path)",
-        ],
+        ]
+        + (
+            []
+            if stream
+            else [
+                f"middle path without the {args.quiet:g} s quiet period, median: "
+                f"{minus_quiet:.2f} s ({minus_quiet / direct:.2f}x the direct path)"
+            ]
+        ),
     )
 
 
@@ -305,8 +320,23 @@ def _at(value: str) -> float:
     return datetime.fromisoformat(value).replace(tzinfo=UTC).timestamp()
 
 
-def phases(site: CourierSite, started: float, storescu_wall: float, wall: float):
+STREAM_PHASES = ("receive (storescu)", "start -> first send starts",
+                 "storescu end -> Orthanc holds all (tail)",
+                 "start -> job done (quiet period, close)", "attempts")  # fmt: skip
+
+
+def phases(
+    site: CourierSite, started: float, storescu_wall: float, wall: float, stream: bool
+):
     """Where the middle path's time went, from the database's timestamps (s)."""
+    if stream:
+        ((begun, ended, count),) = site.query(
+            "SELECT MIN(a.started_at), MAX(a.ended_at), COUNT(*) FROM "
+            "dispatch_attempt a WHERE a.job_id = (SELECT MAX(id) FROM dispatch_job)"
+        )
+        values = (storescu_wall, _at(begun) - started, wall - storescu_wall,
+                  _at(ended) - started, count)  # fmt: skip
+        return dict(zip(STREAM_PHASES, values, strict=True))
     ((routed,),) = site.query(
         "SELECT routed_at FROM dispatch_receivedseries ORDER BY id DESC LIMIT 1"
     )
@@ -326,6 +356,13 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--quiet", type=float, default=2.0)
     parser.add_argument("--only", default="", help="receive or e2e")
+    parser.add_argument(
+        "--mode",
+        default="stream",
+        choices=["stream", "store"],
+        help="e2e: the rule forwards as instances arrive (stream) or waits for the "
+        "complete series (store)",
+    )
     parser.add_argument(
         "--before",
         help="another checkout (with its .venv) whose receiver runs as a third arm",

@@ -32,7 +32,9 @@ BATCH_JOBS = 32
 _SMALL = (
     "j.target_id = %(target)s AND j.state = 'queued' AND j.not_before <= %(now)s "
     "AND (j.lease_expires_at IS NULL OR j.lease_expires_at < %(now)s) "
-    "AND j.total + j.other_files <= 1"
+    "AND j.total + j.other_files <= 1 "
+    # An open job (its series still arriving) grows when claimed alone (`tasks`).
+    "AND NOT j.series_open"
 )
 _PICK = (
     "SELECT j.id, {used} FROM dispatch_job j WHERE " + _SMALL + " "
@@ -47,6 +49,8 @@ _BATCH = {
     "series_uid",
     "calling_aet",
     "called_aet",
+    # A series still arriving: its job's end is "following" (`growing`).
+    "series_open",
     *engine.RETURNED,
 }
 _TAKE = (

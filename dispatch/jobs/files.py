@@ -218,7 +218,9 @@ def pending(job: Job, exclude: list[str], rows: list[tuple] | None = None) -> Pe
         ids=ids,
         others=others,
         failed=failed,
-        fresh=len(rows) == job.total + job.other_files,
+        # A job of a series still arriving may get rows its total does not
+        # count yet: its end counts the rows (`growing`).
+        fresh=len(rows) == job.total + job.other_files and not job.series_open,
     )
 
 

@@ -18,6 +18,10 @@ class State(models.TextChoices):
     SENDING = "sending", "Sending"
     RETRY_WAIT = "retry-wait", "Waiting to retry"
     PAUSED = "paused", "Paused (target disabled or paused)"
+    # A job of a series still arriving (a rule that forwards as instances arrive)
+    # that sent what was there: it is queued again when more land, and a last
+    # time when the series is complete.
+    FOLLOWING = "following", "Waiting for the series' next instances"
     DONE = "done", "Done"
     DONE_WITH_WARNINGS = "done-with-warnings", "Done with warnings"
     FAILED = "failed", "Failed"
@@ -25,7 +29,13 @@ class State(models.TextChoices):
 
 
 # States a job can still leave by itself (the rest need an operator).
-ACTIVE_STATES = (State.QUEUED, State.SENDING, State.RETRY_WAIT, State.PAUSED)
+ACTIVE_STATES = (
+    State.QUEUED,
+    State.SENDING,
+    State.RETRY_WAIT,
+    State.PAUSED,
+    State.FOLLOWING,
+)
 FINISHED_STATES = (
     State.DONE,
     State.DONE_WITH_WARNINGS,
@@ -65,6 +75,9 @@ class Job(models.Model):
     # How the series arrived, for the pass-incoming switches of DICOM targets.
     calling_aet = models.CharField("incoming Source AET", max_length=16, blank=True)
     called_aet = models.CharField("incoming Target AET", max_length=16, blank=True)
+    # The series is still arriving: its instances join the job as they land
+    # (`growing`), and the job cannot be done before routing closes it.
+    series_open = models.BooleanField("series still arriving", default=False)
 
     state = models.CharField(
         max_length=20, choices=State.choices, default=State.QUEUED, db_index=True

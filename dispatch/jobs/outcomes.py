@@ -397,6 +397,12 @@ def finish(
                 ) + ("; ".join(f"{Path(p).name}: {m}" for p, m in warned))
             attempt.outcome = state
 
+        following = job.series_open and error is None
+        if following:
+            # The series is still arriving: what was there is sent (failures
+            # named); the job waits for the next instances instead of ending
+            # (`growing`), and a yield is no failed try of the retry budget.
+            state, attempt.outcome = State.FOLLOWING, "following"
         attempt.ended_at = now
         writer.save_attempt()
         fields = {
@@ -419,6 +425,8 @@ def finish(
             fields["finished_at"] = now
         if retry_at:
             fields["not_before"] = retry_at
+        if following:
+            fields["attempt_base"] = job.attempt_count
         owned = Job.objects.filter(pk=job.pk, lease_owner=worker, state=State.SENDING)
         updated = owned.update(**fields)
     if not updated:

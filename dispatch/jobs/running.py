@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from targets.models import Target
 
-from . import engine, lease
+from . import engine, growing, lease
 from .models import Job
 
 Watch = Callable[[int, datetime], None]
@@ -59,6 +59,10 @@ def attempt_job(
     else:
         keeper.then(lambda expires: watch(job_id, expires))
     try:
+        if claimed.job.series_open:
+            # The series still arrives: the files landed since join the job
+            # here, on the worker, not on the receiver's threads (`growing`).
+            growing.add_files([job_id], claimed.job.folder)
         return engine.attempt(claimed, worker, keeper, progress, retry)
     finally:
         if own_keeper:

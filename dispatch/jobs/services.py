@@ -21,7 +21,7 @@ from targets.models import Target
 from targets.series import OtherFile, Series, scan_folder
 from targets.validators import split_globs
 
-from . import files
+from . import files, growing
 from .engine import send_refusal
 from .models import (
     FINISHED_STATES,
@@ -60,6 +60,7 @@ def create_jobs(
     source: str = JobOrigin.ROUTE,
     series: Series | None = None,
     enqueue_now: bool = True,
+    growing: bool = False,
 ) -> list[Job]:
     """Create one queued job per target for the series in `folder` and queue them.
 
@@ -67,7 +68,8 @@ def create_jobs(
     is done (and kept for `COURIER_FAILED_RETENTION_DAYS` if one failed). Pass the
     already scanned `series` to avoid reading the folder again. Raise `DispatchError`
     for a missing folder or a query-only target; a disabled or paused target gets a
-    job that waits.
+    job that waits. `growing`: the series is still arriving; the jobs take its
+    next instances as they land and end only once routing closes them (`growing`).
     """
     folder = Path(folder).resolve()
     if not folder.is_dir():
@@ -97,6 +99,7 @@ def create_jobs(
                 series_description=db_text(first.get("SeriesDescription"), 200),
                 calling_aet=db_text(context.calling_aet),
                 called_aet=db_text(context.called_aet),
+                series_open=growing,
                 # A corrupt DICOM file is an instance of the series that failed:
                 # the job cannot be done without it.
                 total=len(own.instances) + len(own.corrupt),
@@ -112,6 +115,20 @@ def create_jobs(
             for job in jobs:
                 enqueue(job)
     return jobs
+
+
+def wake_jobs(job_ids: list[int]) -> None:
+    """New instances landed in a still-arriving series: queue its open jobs that
+    wait for them (the worker adds them, `growing`)."""
+    for pk in growing.wake(job_ids):
+        enqueue(pk)
+
+
+def close_jobs(job_ids: list[int], folder: str | Path) -> None:
+    """The series is complete: its open jobs take the last instances and end
+    (`growing.close`)."""
+    for pk in growing.close(job_ids, folder):
+        enqueue(pk)
 
 
 def other_files_for(
@@ -158,6 +175,8 @@ def retry_refusal(job: Job, now=None) -> str:
         return f"job {job.pk} is {job.get_state_display().lower()} already"
     if job.state == State.PAUSED:
         return f"job {job.pk} waits for its target: {job.last_error or 'resume it'}"
+    if job.state == State.FOLLOWING:
+        return f"job {job.pk} is waiting for its series' next instances"
     if (
         job.lease_owner
         and job.lease_expires_at

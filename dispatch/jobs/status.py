@@ -33,6 +33,11 @@ def waiting_note(job: Job) -> str:
     """What a job that is not sending waits for, in words ("" if it is not waiting)."""
     if job.state == State.QUEUED:
         return "queued: waiting for a worker (manage.py run_huey)"
+    if job.state == State.FOLLOWING:
+        return (
+            f"{job.done_count} of {job.total} sent so far; waiting for the "
+            "series' next instances (it is still arriving)"
+        )
     if job.state in (State.RETRY_WAIT, State.PAUSED):
         return f"{job.get_state_display().lower()}: {job.last_error}"
     return ""
@@ -69,6 +74,7 @@ def job_report(job: Job) -> dict:
         "attempt_count": job.attempt_count,
         "attempts": attempts,
         "last_error": job.last_error,
+        "waiting": waiting_note(job),
         "created_at": job.created_at.isoformat(),
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
     }
@@ -87,6 +93,7 @@ def status_summary(now=None) -> dict:
         "sending": by_state.get(State.SENDING, 0),
         "retry_wait": by_state.get(State.RETRY_WAIT, 0),
         "paused": by_state.get(State.PAUSED, 0),
+        "following": by_state.get(State.FOLLOWING, 0),
         "failed_24h": Job.objects.filter(
             state=State.FAILED, finished_at__gte=day_ago
         ).count(),

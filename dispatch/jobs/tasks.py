@@ -26,7 +26,7 @@ from huey.contrib.djhuey import HUEY, db_periodic_task, db_task
 
 from targets.models import Target
 
-from . import batch, engine, lease, running
+from . import batch, engine, growing, lease, running
 from .commitment import purge_commitments
 from .models import Job, State
 from .spool import expire_spool
@@ -136,6 +136,8 @@ def run_job(
         return None
     if job.state == State.RETRY_WAIT:
         enqueue(job, eta=job.not_before)
+    elif job.state == State.FOLLOWING and growing.wake_if_due(job.pk):
+        enqueue(job)
     return job
 
 
@@ -163,6 +165,8 @@ def run_batch(target_id: int, *, worker: str | None = None) -> list[Job] | None:
     for job in jobs:
         if job.state == State.RETRY_WAIT:
             enqueue(job, eta=job.not_before)
+        elif job.state == State.FOLLOWING and growing.wake_if_due(job.pk):
+            enqueue(job)
     return jobs
 
 
@@ -229,6 +233,10 @@ def sweep(now=None, *, at_startup: bool = False) -> int:
         Job.objects.filter(engine.claimable_q(now)).values_list("target_id", flat=True)
     )
     queued = sum(kick_target(tid) for tid in target_ids)
+    # Jobs of arriving series whose wake-up message was lost.
+    for job_id in growing.due_following():
+        enqueue(job_id)
+        queued += 1
     if at_startup:
         # A worker that starts may be replacing one that was killed: look at the
         # jobs it held right after their leases end, not at the next sweep.

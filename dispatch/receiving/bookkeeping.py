@@ -20,7 +20,7 @@ from django.utils import timezone
 from config.safetext import db_text, log_fields
 from dispatch.jobs.commitment import record_report
 from dispatch.routing.models import DESCRIPTION_SUFFIX, ReceivedSeries, count_instances
-from dispatch.routing.tasks import route_received
+from dispatch.routing.tasks import forward_received, route_received
 
 from .models import ReceiverStatus
 from .series import Bookkeeper, OpenSeries
@@ -34,6 +34,9 @@ class DatabaseBookkeeper(Bookkeeper):
 
     def __init__(self, name: str):
         self.name = name
+        # Series still arriving, by row pk: the jobs of rules that forward them
+        # as instances arrive (empty: none does).
+        self._streams: dict[int, list[int]] = {}
 
     def restore(self, spool_incoming: Path) -> list[OpenSeries]:
         ReceiverStatus.objects.update_or_create(
@@ -47,12 +50,35 @@ class DatabaseBookkeeper(Bookkeeper):
         return restore_open_series(spool_incoming)
 
     def save(self, series: list[OpenSeries]) -> list[OpenSeries]:
-        return save_open_series(series)
+        failed = save_open_series(series)
+        for s in series:
+            if s.pk is not None and s not in failed:
+                self._forward(s)
+        return failed
+
+    def _forward(self, series: OpenSeries) -> None:
+        """Start or grow the jobs of rules that forward as instances arrive.
+
+        A failure is logged; routing at completion catches up.
+        """
+        try:
+            self._streams[series.pk] = forward_received(
+                series.pk, self._streams.get(series.pk)
+            )
+        except Exception as exc:
+            # Tried again on the next tick (the series is saved again too: that
+            # is idempotent), whether or not another instance lands.
+            series.dirty = True
+            log.warning(
+                "event=series_forward_failed %s",
+                log_fields(series_uid=series.series_uid, error=exc),
+            )
 
     def close(self, series: OpenSeries) -> None:
         if series.pk is None and save_open_series([series]):
             raise RuntimeError("the series' row could not be written")
         if series.pk is not None:
+            self._streams.pop(series.pk, None)
             route_received(series.pk)
 
     def refused(self, reason: str, count: int) -> None:

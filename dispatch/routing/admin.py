@@ -33,6 +33,7 @@ class RuleAdmin(admin.ModelAdmin):
         "enabled",
         "order",
         "match",
+        "stream",
         "condition_list",
         "target_list",
     )
@@ -41,7 +42,7 @@ class RuleAdmin(admin.ModelAdmin):
     search_fields = ("name", "description")
     filter_horizontal = ("targets",)
     inlines = [RuleConditionInline]
-    fields = ("name", "enabled", "order", "match", "targets", "description")
+    fields = ("name", "enabled", "order", "match", "stream", "targets", "description")
 
     def get_queryset(self, request):
         return super().get_queryset(request).prefetch_related("conditions", "targets")

@@ -114,6 +114,14 @@ class Rule(models.Model):
         default=100, help_text="Rules are shown and evaluated in this order."
     )
     match = models.CharField(max_length=3, choices=Match.choices, default=Match.ALL)
+    stream = models.BooleanField(
+        "forward as instances arrive",
+        default=False,
+        help_text="Judge the rule on a series' first instance and send each "
+        "instance to the targets as soon as it is stored, instead of after the "
+        "series is complete (the quiet period). The conditions look at one "
+        "instance's header either way.",
+    )
     targets = models.ManyToManyField(
         "targets.Target",
         related_name="rules",

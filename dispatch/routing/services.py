@@ -4,6 +4,13 @@ The services move a `ReceivedSeries` through its states:
 
     receiving ─(quiet period)→ complete ─(route_series)→ routed | unrouted | failed
 
+A rule that forwards as instances arrive (`Rule.stream`) is judged earlier, when
+the series' first instance is stored (`streaming.start_streaming`, from the
+receiver's bookkeeping): its targets get their jobs then, open
+(`Job.series_open`), which take each instance as it lands (`dispatch.jobs.growing`).
+`route_series` closes those jobs when the series is complete and routes the other
+rules as before; a target with a job for the series gets no second one.
+
 `route_series` is idempotent: it locks the row, acts only on a complete series (or
 one being re-routed) and creates the jobs and the new state in one transaction, so a
 worker killed at any point either routed the series completely or not at all, and
@@ -30,7 +37,7 @@ from django.utils import timezone
 
 from config.safetext import db_text, log_fields
 from dispatch.jobs.models import ACTIVE_STATES, UNSUCCESSFUL_STATES, JobOrigin
-from dispatch.jobs.services import DispatchError, create_jobs
+from dispatch.jobs.services import DispatchError, close_jobs, create_jobs
 from targets.kinds.base import SendContext
 from targets.models import Target
 
@@ -70,8 +77,13 @@ def rule_spec(rule) -> RuleSpec:
     )
 
 
-def enabled_rule_specs() -> list[RuleSpec]:
-    rules = Rule.objects.filter(enabled=True).prefetch_related("conditions", "targets")
+def enabled_rule_specs(*, streaming: bool = False) -> list[RuleSpec]:
+    """The enabled rules in order; `streaming`: only those that forward as
+    instances arrive."""
+    rules = Rule.objects.filter(enabled=True)
+    if streaming:
+        rules = rules.filter(stream=True)
+    rules = rules.prefetch_related("conditions", "targets")
     return [rule_spec(r) for r in rules]
 
 
@@ -114,7 +126,7 @@ def tags_summary(path: str | Path) -> dict[str, str]:
     return summary
 
 
-def _first_dicom(folder: Path) -> Path | None:
+def first_dicom(folder: Path) -> Path | None:
     try:
         names = sorted(n for n in os.listdir(folder) if n.endswith(".dcm"))
     except OSError:
@@ -133,7 +145,7 @@ def complete_series(pk: int) -> bool:
     for part in folder.glob(".*.part"):
         part.unlink(missing_ok=True)
     count, size = count_instances(folder)
-    first = _first_dicom(folder)
+    first = first_dicom(folder)
     tags: dict[str, str] = {}
     note = ""
     if first is not None:
@@ -188,7 +200,11 @@ def contained(step, pk: int, what: str, **kwargs):
 
 
 def mark_failed(pk: int, note: str) -> None:
-    """Set a series failed with `note` (best effort: logged if even that fails)."""
+    """Set a series failed with `note` (best effort: logged if even that fails).
+
+    Jobs that forwarded its instances as they arrived are closed with what the
+    folder holds: they end instead of waiting for instances that will not come.
+    """
     try:
         ReceivedSeries.objects.filter(pk=pk).update(
             state=ReceivedSeries.State.FAILED,
@@ -197,6 +213,20 @@ def mark_failed(pk: int, note: str) -> None:
         )
     except Exception:
         log.exception("event=series_mark_failed_failed %s", log_fields(pk=pk))
+    try:
+        row = ReceivedSeries.objects.filter(pk=pk).first()
+        if row is not None:
+            _close_streams(row)
+    except Exception:
+        log.exception("event=series_close_jobs_failed %s", log_fields(pk=pk))
+
+
+def _close_streams(row: ReceivedSeries) -> list[int]:
+    """Close the series' open jobs (forwarding as instances arrive); their ids."""
+    ids = list(row.jobs.filter(series_open=True).values_list("pk", flat=True))
+    if ids:
+        close_jobs(ids, row.folder)
+    return ids
 
 
 @dataclass
@@ -235,21 +265,23 @@ def route_series(pk: int, *, reroute: bool = False) -> RouteResult | None:
         if row is None:
             return None
         now = timezone.now()
+        # Jobs that forwarded the series as it arrived take its last instances
+        # and may end now (one transaction with the rest of routing).
+        streamed = _close_streams(row)
         specs = enabled_rule_specs()
         matched = matching_rules(specs, row.facts())
         target_ids = targets_of(matched)
         note = ""
-        if not matched:
+        if not matched and not streamed:
             default = _default_target()
             if default is not None:
                 target_ids = [default.pk]
                 note = f"no rule matched: sent to the default target {default.name}"
-        if reroute and target_ids:
-            busy = set(
-                row.jobs.exclude(state__in=UNSUCCESSFUL_STATES).values_list(
-                    "target_id", flat=True
-                )
-            )
+        if (reroute or streamed) and target_ids:
+            jobs_now = row.jobs.all()
+            if reroute:
+                jobs_now = jobs_now.exclude(state__in=UNSUCCESSFUL_STATES)
+            busy = set(jobs_now.values_list("target_id", flat=True))
             target_ids = [t for t in target_ids if t not in busy]
         targets = list(Target.objects.filter(pk__in=target_ids))
         targets.sort(key=lambda t: target_ids.index(t.pk))
@@ -271,6 +303,8 @@ def route_series(pk: int, *, reroute: bool = False) -> RouteResult | None:
                 state = State.ROUTED
             except DispatchError as exc:
                 state, note = State.FAILED, f"jobs could not be created: {exc}"
+        elif streamed and not reroute:
+            state = State.ROUTED
         elif matched or (reroute and row.jobs.exists()):
             state = State.ROUTED
             note = note or (
@@ -293,7 +327,7 @@ def route_series(pk: int, *, reroute: bool = False) -> RouteResult | None:
             row.routed_at = now
         row.save(update_fields=["state", "state_changed_at", "note", "routed_at"])
         rules = Rule.objects.filter(pk__in=[r.pk for r in matched])
-        if reroute:
+        if reroute or streamed:
             row.matched_rules.add(*rules)
         else:
             row.matched_rules.set(rules)
@@ -307,6 +341,7 @@ def route_series(pk: int, *, reroute: bool = False) -> RouteResult | None:
             state=state,
             rules=",".join(r.name for r in matched) or "-",
             jobs=",".join(str(j.pk) for j in jobs) or "-",
+            streamed=",".join(str(pk) for pk in streamed) or "-",
             note=note,
         ),
     )

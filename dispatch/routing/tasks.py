@@ -19,7 +19,9 @@ import threading
 from huey import crontab
 from huey.contrib.djhuey import HUEY, db_periodic_task, db_task
 
-from . import services
+from dispatch.jobs.services import wake_jobs
+
+from . import services, streaming
 
 
 def route_received(pk: int) -> None:
@@ -31,6 +33,20 @@ def route_received(pk: int) -> None:
     """
     if services.contained(services.complete_series, pk, "complete"):
         route_series_task(pk)
+
+
+def forward_received(pk: int, job_ids: list[int] | None = None) -> list[int]:
+    """Take a series still arriving, once a second while instances land: the
+    first time (`job_ids` None), judge the rules that forward as instances arrive
+    (`streaming.start_streaming`); then queue their jobs that wait for the new
+    instances (`dispatch.jobs.services.wake_jobs`). Return the jobs' ids (empty:
+    nothing forwards this series), to pass back next time.
+    """
+    if job_ids is None:
+        return streaming.start_streaming(pk)
+    if job_ids:
+        wake_jobs(job_ids)
+    return job_ids
 
 
 @db_task()

@@ -30,6 +30,9 @@ HEAVY = (
     "redis",
     "dispatch.jobs.tasks",
     "cryptography",
+    # Django's debug page and its template engine, which Django's default logging
+    # loads for a mail handler (config/settings.py configures logging itself).
+    "django.views.debug",
 )
 
 
@@ -96,6 +99,8 @@ def test_django_setup_loads_no_admin_page_and_the_checks_still_see_them(courier_
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.splitlines()[0]) == []
+    assert json.loads(done.stdout.splitlines()[-1]) == []
+
     # The admin's system checks load the pages first, so they check every one.
     done, _ = run_and_list_loaded(
         site,
@@ -109,3 +114,40 @@ def test_django_setup_loads_no_admin_page_and_the_checks_still_see_them(courier_
     assert done.returncode == 0, done.stderr[-3000:]
     registered = json.loads(done.stdout.splitlines()[0])
     assert {"targets.Target", "dispatch.Job"} <= set(registered)
+
+
+def test_logging_is_django_s_default_and_courier_s_without_the_mail_handler(
+    courier_site,
+):
+    """settings.py configures logging itself (LOGGING_CONFIG = None): what is logged
+    and how stays Django's defaults plus Courier's lines; only the admins' mail
+    handler (no ADMINS, so it never sent anything) is gone."""
+    done, loaded = run_and_list_loaded(
+        courier_site(),
+        "import logging\n"
+        "import django\n"
+        "django.setup()\n"
+        "def handlers(name):\n"
+        "    logger = logging.getLogger(name)\n"
+        "    return [logger.level, logger.propagate, [[type(h).__name__, "
+        "type(h.formatter).__name__, [type(f).__name__ for f in h.filters]] "
+        "for h in logger.handlers]]\n"
+        "print(json.dumps({n: handlers(n) for n in "
+        "('root', 'django', 'django.server', 'huey', 'pynetdicom')}))\n"
+        "logging.getLogger('django.request').error('bad\\nline')\n"
+        "logging.getLogger('django.server').info('GET / 200')\n",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[0]) == {
+        "root": [20, True, [["StreamHandler", "SafeFormatter", []]]],
+        # Django's console handler (only with DEBUG on); no AdminEmailHandler.
+        "django": [20, True, [["StreamHandler", "NoneType", ["RequireDebugTrue"]]]],
+        "django.server": [20, False, [["StreamHandler", "ServerFormatter", []]]],
+        "huey": [20, False, [["StreamHandler", "SafeFormatter", []]]],
+        "pynetdicom": [30, True, []],
+    }
+    # A Django error goes through Courier's line format, its line break escaped;
+    # runserver's request lines keep Django's.
+    assert "level=ERROR logger=django.request bad\\nline" in done.stderr
+    assert "] GET / 200" in done.stderr
+    assert loaded == []

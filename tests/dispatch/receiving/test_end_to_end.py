@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from pathlib import Path
 
 import pydicom
 
@@ -28,11 +29,14 @@ def setup_site(courier_site, **env):
 
 
 def add_targets_and_rules(
-    site, targets: list[dict], rules: list[tuple[str, int, str]]
+    site,
+    targets: list[dict],
+    rules: list[tuple[str, int, str]],
+    streaming: tuple[str, ...] = (),
 ) -> list[int]:
     """Create `targets` (Target fields) and `rules` (name, index into `targets`,
-    Modality) in one site process, one Django start-up for all; return the target
-    ids."""
+    Modality; those named in `streaming` forward as instances arrive) in one site
+    process, one Django start-up for all; return the target ids."""
     return site.python(
         "import json\n"
         "from dispatch.routing.models import Rule, RuleCondition\n"
@@ -47,6 +51,7 @@ def add_targets_and_rules(
         "    r.targets.set([ids[index]])\n"
         "    RuleCondition.objects.create(rule=r, field='tag', keyword='Modality',"
         " value=modality)\n"
+        f"Rule.objects.filter(name__in={list(streaming)!r}).update(stream=True)\n"
         "print(json.dumps(ids))\n"
     )
 
@@ -133,6 +138,75 @@ def test_a_study_is_routed_ct_to_orthanc_and_mr_to_a_folder_passing_the_aets(
     finally:
         rx.stop()
     assert "event=association_rejected calling_aet=INTRUDER" in rx.log()
+
+
+def test_a_series_is_forwarded_while_it_arrives_through_a_killed_worker(
+    courier_site, orthanc, tmp_path
+):
+    """Two parts with a pause shorter than the quiet period; the first part is in
+    Orthanc while the series still arrives; the worker is SIGKILLed between the
+    parts and a new one goes on: every instance delivered, none sent twice."""
+    site = setup_site(courier_site, COURIER_SERIES_QUIET_SECONDS="5")
+    folder = tmp_path / "ct-out"
+    folder.mkdir()
+    add_targets_and_rules(
+        site,
+        [
+            dicom_target(orthanc, pass_incoming=True),
+            {"name": "ct-folder", "kind": "folder", "path": str(folder)},
+        ],
+        [("CT as it arrives", 0, "CT"), ("CT when complete", 1, "CT")],
+        streaming=("CT as it arrives",),
+    )
+    series = make_series(tmp_path / "ct", 12)
+    parts = [tmp_path / "part1", tmp_path / "part2"]
+    for i, part in enumerate(parts):
+        part.mkdir()
+        for f in series.files[i * 6 : i * 6 + 6]:
+            f.rename(part / f.name)
+    first, second = series.sop_uids[:6], series.sop_uids[6:]
+    worker = site.start_worker()
+    rx = ReceiverProcess(site).start()
+    try:
+        sent = storescu(rx.port, [parts[0]], calling="CT_1", called="ORTHANC_VIA",
+                        extra=["+sd"])  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+        site.wait_for(
+            lambda: all(orthanc.find_instance(s) for s in first),
+            what="the first part in Orthanc",
+        )
+        (row,) = received(site)
+        assert row["state"] == "receiving"  # before the series is complete
+        (job,) = site.jobs()
+        # It waits for the rest without holding a worker or a lease.
+        site.wait_for(
+            lambda: site.jobs()[0]["state"] == "following", what="the job waiting"
+        )
+        assert site.jobs()[0]["lease_owner"] == ""
+        ((spool_folder,),) = site.query("SELECT folder FROM dispatch_receivedseries")
+        site.kill_worker(worker)
+
+        sent = storescu(rx.port, [parts[1]], calling="CT_1", called="ORTHANC_VIA",
+                        extra=["+sd"])  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+        site.start_worker()
+        site.wait_for(lambda: all_jobs_done(site, 2), what="both jobs done")
+        site.wait_for(
+            lambda: not Path(spool_folder).exists(), what="the spool folder removed"
+        )
+    finally:
+        rx.stop()
+
+    (row,) = received(site)
+    assert row["state"] == "routed" and row["instance_count"] == 12
+    streamed = site.jobs()[0]
+    assert streamed["id"] == job["id"]
+    assert (streamed["total"], streamed["sent"], streamed["failed"]) == (12, 12, 0)
+    # Over several attempts (one per batch that landed), none sent twice.
+    assert sum(a["sent"] for a in site.attempts(job["id"])) == 12
+    for sop in first + second:
+        assert metadata(orthanc, sop)["RemoteAET"] == "CT_1"
+    assert len(list(folder.rglob("*.dcm"))) == 12
 
 
 def _drop_queued_messages(site) -> int:
