@@ -17,6 +17,7 @@ from targets.kinds.dicom.query import DicomQuery
 from targets.models import Target
 from targets.query import RetrieveRequest
 from tests.dicomgen import make_mixed_study, make_series
+from tests.dispatch.receiving.test_receiver import dataset_bytes
 from tests.fixtures.receive_peers import ReceiverProcess, echoscu, storescu
 from tests.peers import Orthanc, free_port
 
@@ -73,6 +74,15 @@ def metadata(orthanc: Orthanc, sop_uid: str) -> dict:
     oid = orthanc.find_instance(sop_uid)
     assert oid, f"{sop_uid} is not in Orthanc"
     return orthanc.rest(f"/instances/{oid}/metadata?expand")
+
+
+def sent_by_storescu(path: Path) -> bytes:
+    """The dataset dcmtk's storescu sends for a file of `make_series` (explicit VR
+    little endian): its encoded dataset without the trailing padding element
+    (FFFC,FFFC), which storescu drops."""
+    data = dataset_bytes(path)
+    padding = data.rfind(b"\xfc\xff\xfc\xffOB")
+    return data[:padding] if padding >= 0 else data
 
 
 def dicom_target(orthanc: Orthanc, *, pass_incoming: bool) -> dict:
@@ -207,6 +217,81 @@ def test_a_series_is_forwarded_while_it_arrives_through_a_killed_worker(
     for sop in first + second:
         assert metadata(orthanc, sop)["RemoteAET"] == "CT_1"
     assert len(list(folder.rglob("*.dcm"))) == 12
+
+
+def test_a_streamed_series_survives_a_killed_receiver_one_job_per_target(
+    courier_site, orthanc, tmp_path
+):
+    """The receiver is SIGKILLed while a series it forwards as it arrives is
+    half in; started again on the same spool, it takes the rest: each instance at
+    each target once (the Folder's byte for byte what storescu sent), one job per
+    target (the restarted receiver's rules make none), done, spool removed."""
+    site = setup_site(courier_site, COURIER_SERIES_QUIET_SECONDS="3")
+    folder = tmp_path / "ct-out"
+    folder.mkdir()
+    add_targets_and_rules(
+        site,
+        [
+            dicom_target(orthanc, pass_incoming=True),
+            {"name": "ct-folder", "kind": "folder", "path": str(folder)},
+        ],
+        [("CT to Orthanc", 0, "CT"), ("CT to folder", 1, "CT")],
+        streaming=("CT to Orthanc", "CT to folder"),
+    )
+    series = make_series(tmp_path / "ct", 10)
+    sent_bytes = dict(
+        zip(series.sop_uids, map(sent_by_storescu, series.files), strict=True)
+    )
+    parts = [tmp_path / "part1", tmp_path / "part2"]
+    for i, part in enumerate(parts):
+        part.mkdir()
+        for f in series.files[i * 5 : i * 5 + 5]:
+            f.rename(part / f.name)
+    first = series.sop_uids[:5]
+    site.start_worker()
+    rx = ReceiverProcess(site).start()
+    try:
+        sent = storescu(rx.port, [parts[0]], calling="CT_1", extra=["+sd"])
+        assert sent.returncode == 0, sent.stderr
+        site.wait_for(
+            lambda: (
+                all(orthanc.find_instance(s) for s in first)
+                and len(list(folder.rglob("*.dcm"))) == 5
+            ),
+            what="the first part at both targets",
+        )
+        (row,) = received(site)
+        assert row["state"] == "receiving"
+        jobs = site.jobs()
+        assert len(jobs) == 2 and not any(j["state"] == "done" for j in jobs)
+        ((spool_folder,),) = site.query("SELECT folder FROM dispatch_receivedseries")
+        rx.kill()  # SIGKILL, mid-series, its jobs open
+
+        rx = ReceiverProcess(site, port=rx.port).start()  # the same spool
+        sent = storescu(rx.port, [parts[1]], calling="CT_1", extra=["+sd"])
+        assert sent.returncode == 0, sent.stderr
+        site.wait_for(lambda: all_jobs_done(site, 2), what="both jobs done")
+        site.wait_for(
+            lambda: not Path(spool_folder).exists(), what="the spool folder removed"
+        )
+    finally:
+        rx.stop()
+
+    (row,) = received(site)
+    assert row["state"] == "routed" and row["instance_count"] == 10
+    done = site.jobs()
+    assert [j["id"] for j in done] == [j["id"] for j in jobs]
+    for job in done:
+        assert (job["total"], job["sent"], job["failed"]) == (10, 10, 0)
+        assert sum(a["sent"] for a in site.attempts(job["id"])) == 10
+    for sop in series.sop_uids:
+        assert metadata(orthanc, sop)["RemoteAET"] == "CT_1"
+    delivered = {}
+    for p in folder.rglob("*.dcm"):
+        sop = pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
+        assert sop not in delivered, f"{sop} delivered twice"
+        delivered[sop] = dataset_bytes(p)
+    assert delivered == sent_bytes  # the dataset storescu sent, byte for byte
 
 
 def _drop_queued_messages(site) -> int:
