@@ -78,6 +78,10 @@ class RecordingSCP:
         self.release = threading.Event()
         self.lock = threading.Lock()
         self.associations = 0  # accepted since the last reset
+        # C-STOREs wait for this many associations (up to 30 s) before they are
+        # taken: a test of how many a send opens does not race the send's end.
+        self.hold_until_associations = 0
+        self.accepted = threading.Condition(self.lock)
         ae = AE(ae_title="RECORDER")
         ae.maximum_pdu_size = 131072
         ae.maximum_associations = max_associations
@@ -99,9 +103,14 @@ class RecordingSCP:
     def on_accepted(self, event) -> None:
         with self.lock:
             self.associations += 1
+            self.accepted.notify_all()
 
     def on_store(self, event) -> int:
         uid = event.request.AffectedSOPInstanceUID
+        with self.lock:
+            self.accepted.wait_for(
+                lambda: self.associations >= self.hold_until_associations, 30
+            )
         if uid in self.abort_on:
             with self.lock:
                 self.aborted.append(uid)
@@ -131,6 +140,7 @@ class RecordingSCP:
             self.abort_on = set()
             self.aborted.clear()
             self.associations = 0
+            self.hold_until_associations = 0
 
     def stop(self) -> None:
         self.release.set()
@@ -280,8 +290,12 @@ def test_a_send_opens_as_many_associations_as_its_connections(
     fresh_recorder, tmp_path, connections, opened
 ):
     # The dispatcher passes a job's share of the target's limit as `connections`;
-    # without it (a script, a Test) the target's own limit holds.
+    # without it (a script, a Test) the target's own limit holds. The recorder answers
+    # no C-STORE before `opened` associations are up: the extra ones open while the
+    # first is still sending, and a quick send cannot end before they do (under load
+    # 12 instances once went over 8 associations before the ninth opened).
     generated = make_series(tmp_path, 12)
+    fresh_recorder.hold_until_associations = opened
     handler = target(fresh_recorder.port, "RECORDER", max_connections=4).handler
 
     result = handler.send(scan_folder(tmp_path), connections=connections)
