@@ -226,7 +226,9 @@ def test_a_streamed_series_survives_a_killed_receiver_one_job_per_target(
     half in; started again on the same spool, it takes the rest: each instance at
     each target once (the Folder's byte for byte what storescu sent), one job per
     target (the restarted receiver's rules make none), done, spool removed."""
-    site = setup_site(courier_site, COURIER_SERIES_QUIET_SECONDS="3")
+    # Quiet period: the gap (forwarding, the kill, a receiver start-up) must stay
+    # shorter, or part 2 is rightly a new series; generous for a loaded machine.
+    site = setup_site(courier_site, COURIER_SERIES_QUIET_SECONDS="5")
     folder = tmp_path / "ct-out"
     folder.mkdir()
     add_targets_and_rules(
