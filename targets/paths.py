@@ -148,3 +148,12 @@ def private_sqlite(path: str | Path) -> Path:
     for suffix in ("-wal", "-shm", "-journal"):
         _tighten(path.with_name(path.name + suffix), PRIVATE_FILE)
     return path
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a folder's entries (a rename, a new file) durable: fsync the folder."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -24,6 +24,7 @@ from targets.dicomnet.identity import (
     IMPLEMENTATION_VERSION_NAME,
 )
 from targets.dicomnet.vr import LONG_VRS
+from targets.paths import fsync_dir
 from targets.series import safe_path_part
 
 _VALID_UID = re.compile(r"[0-9.]{1,64}")
@@ -138,14 +139,6 @@ def file_meta_bytes(
     )
     group_length = _element(0x00020000, b"UL", struct.pack("<L", len(body)))
     return b"\x00" * 128 + b"DICM" + group_length + body
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_all(fd: int, *parts: bytes | memoryview) -> None:

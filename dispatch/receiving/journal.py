@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from config.safetext import log_fields
+from targets.paths import fsync_dir
 
 log = logging.getLogger("courier.receiver")
 
@@ -114,7 +115,7 @@ class Segment:
             raise
         os.close(fd)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         segment = cls(path)
         segment.write_header()
         return segment
@@ -219,14 +220,6 @@ class Segment:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self.fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass

@@ -38,7 +38,7 @@ from targets.kinds.base import (
     TargetError,
     instance_outcome,
 )
-from targets.paths import UnsafePath, inside
+from targets.paths import UnsafePath, fsync_dir, inside
 from targets.series import Instance, OtherFile, Series
 
 log = logging.getLogger(__name__)
@@ -57,14 +57,6 @@ STALE_TMP_SECONDS = 3600
 
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 _DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_file(path: Path) -> None:
@@ -163,7 +155,7 @@ def _merge_into(tmp: Path, dest: Path) -> None:
             folders.add(final.parent)
         os.replace(src, final)
     for folder in folders:
-        _fsync_dir(folder)
+        fsync_dir(folder)
 
 
 class FolderHandler(Handler):
@@ -256,8 +248,8 @@ class FolderHandler(Handler):
                 if self.target.write_complete_marker:
                     self._write_marker(tmp)
                 for sub in {(tmp / name).parent for _, name in to_write} - {tmp}:
-                    _fsync_dir(sub)
-                _fsync_dir(tmp)
+                    fsync_dir(sub)
+                fsync_dir(tmp)
                 self._move_into_place(tmp, dest)
             except OSError as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -270,7 +262,7 @@ class FolderHandler(Handler):
         ):
             try:
                 self._write_marker(dest)
-                _fsync_dir(dest)
+                fsync_dir(dest)
             except OSError as exc:
                 raise _error(exc, f"writing the marker into {dest}") from None
 
@@ -313,7 +305,7 @@ class FolderHandler(Handler):
             # the marker last so that it still means "complete".
             _merge_into(tmp, dest)
             shutil.rmtree(tmp, ignore_errors=True)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
 
     def _send_in_place(
         self,
@@ -347,7 +339,7 @@ class FolderHandler(Handler):
             report(instance_outcome(inst, SENT))
         try:
             for folder in folders:
-                _fsync_dir(folder)
+                fsync_dir(folder)
         except OSError as exc:
             raise _error(exc, f"writing into {dest}") from None
 
