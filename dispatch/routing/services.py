@@ -244,6 +244,13 @@ def _default_target():
     return Target.objects.filter(name__iexact=name).first()
 
 
+def targets_in_order(target_ids: list[int]) -> list[Target]:
+    """The targets of `target_ids` that still exist, in that order (rule order)."""
+    found = list(Target.objects.filter(pk__in=target_ids))
+    found.sort(key=lambda t: target_ids.index(t.pk))
+    return found
+
+
 def route_series(pk: int, *, reroute: bool = False) -> RouteResult | None:
     """Create the dispatch jobs of a complete series; None if it is not routable now.
 
@@ -283,8 +290,7 @@ def route_series(pk: int, *, reroute: bool = False) -> RouteResult | None:
                 jobs_now = jobs_now.exclude(state__in=UNSUCCESSFUL_STATES)
             busy = set(jobs_now.values_list("target_id", flat=True))
             target_ids = [t for t in target_ids if t not in busy]
-        targets = list(Target.objects.filter(pk__in=target_ids))
-        targets.sort(key=lambda t: target_ids.index(t.pk))
+        targets = targets_in_order(target_ids)
         jobs = []
         folder = Path(row.folder)
         if targets and not folder.is_dir():

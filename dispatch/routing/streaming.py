@@ -21,11 +21,10 @@ from config.safetext import log_fields
 from dispatch.jobs.models import JobOrigin
 from dispatch.jobs.services import create_jobs
 from targets.kinds.base import SendContext
-from targets.models import Target
 
 from .matching import matching_rules, targets_of
 from .models import ReceivedSeries, Rule
-from .services import enabled_rule_specs, first_dicom, tags_summary
+from .services import enabled_rule_specs, first_dicom, tags_summary, targets_in_order
 
 log = logging.getLogger("courier.routing")
 State = ReceivedSeries.State
@@ -61,9 +60,7 @@ def start_streaming(pk: int) -> list[int]:
         row.tags = tags_summary(first)
         row.save(update_fields=["tags"])
         matched = matching_rules(specs, row.facts())
-        targets = [t for t in targets_of(matched) if t not in have]
-        found = list(Target.objects.filter(pk__in=targets))
-        found.sort(key=lambda t: targets.index(t.pk))
+        found = targets_in_order([t for t in targets_of(matched) if t not in have])
         jobs = []
         if found:
             jobs = create_jobs(
